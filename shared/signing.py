@@ -1,0 +1,140 @@
+"""Ed25519 signatures over manifests (TUF-lite).
+
+The server signs the exact JSON text of a :class:`Manifest`; the agent checks the
+signature with keys it pins, then parses that same text, so what was verified is exactly
+what is acted on. Key ids are the SHA-256 of the raw public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from .errors import ExpiredError, ProtocolError, RollbackError, SignatureError
+from .messages import Manifest, Signature, SignedManifest, decode
+
+
+def keyid_of(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    private: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> SigningKey:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SignatureError("signing key is not an Ed25519 private key")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @property
+    def public(self) -> Ed25519PublicKey:
+        return self.private.public_key()
+
+    @property
+    def keyid(self) -> str:
+        return keyid_of(self.public)
+
+    def public_pem(self) -> bytes:
+        return self.public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, manifest: Manifest) -> SignedManifest:
+        payload = manifest.model_dump_json(by_alias=True)
+        sig = self.private.sign(payload.encode())
+        return SignedManifest(
+            payload=payload,
+            signatures=[Signature(keyid=self.keyid, sig=base64.b64encode(sig).decode())],
+        )
+
+
+def load_public_pem(pem: bytes) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as e:
+        raise SignatureError(f"not a PEM public key: {e}") from e
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError("public key is not Ed25519")
+    return key
+
+
+class TrustedKeys:
+    """The public keys an agent pins; more than one during a key rotation."""
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey]):
+        self._keys = {keyid_of(k): k for k in keys}
+        if not self._keys:
+            raise SignatureError("no trusted keys configured")
+
+    @property
+    def keyids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def verify(
+        self,
+        signed: SignedManifest,
+        *,
+        now: float | None = None,
+        min_version: int = 0,
+    ) -> Manifest:
+        """Return the manifest if a pinned key signed it, it is unexpired and newer.
+
+        ``min_version`` is the last version accepted: an equal version is allowed (the same
+        manifest seen again after a reconnect), a lower one is a rollback.
+        """
+        payload = signed.payload.encode()
+        for s in signed.signatures:
+            key = self._keys.get(s.keyid)
+            if key is None:
+                continue
+            try:
+                key.verify(base64.b64decode(s.sig, validate=True), payload)
+            except (InvalidSignature, ValueError):
+                continue
+            break
+        else:
+            known = any(s.keyid in self._keys for s in signed.signatures)
+            raise SignatureError(
+                "manifest signature does not verify" if known
+                else "manifest is signed by no trusted key"
+            )
+        try:
+            manifest = decode(Manifest, payload)
+        except ProtocolError as e:
+            raise SignatureError(f"signed payload is not a valid manifest: {e}") from e
+        now = time.time() if now is None else now
+        if manifest.expires_at <= now:
+            raise ExpiredError(
+                f"manifest version {manifest.version} expired "
+                f"{now - manifest.expires_at:.0f} s ago"
+            )
+        if manifest.version < min_version:
+            raise RollbackError(
+                f"manifest version {manifest.version} is older than accepted {min_version}"
+            )
+        return manifest
