@@ -1,0 +1,55 @@
+"""``prunefleet-agent``: run the device agent (normally under systemd)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from prunefleet.shared.errors import PrunefleetError
+
+from .config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="prunefleet-agent", description=__doc__)
+    p.add_argument("--config", type=Path, help="agent TOML file")
+    p.add_argument("--device-id")
+    p.add_argument("--broker-url")
+    p.add_argument("--state-dir", type=Path)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # The service imports onnxruntime; keep `--help` fast.
+    from .service import Agent
+    from .simapp import SimulatedApp
+
+    try:
+        cfg = load_config(
+            args.config, device_id=args.device_id, broker_url=args.broker_url,
+            state_dir=args.state_dir,
+        )
+        agent = Agent(cfg)
+    except PrunefleetError as e:
+        print(f"prunefleet-agent: {e}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    app = None
+    if cfg.workload is not None:
+        app = SimulatedApp(agent, cfg.workload)
+        app.start()
+    agent.run(until=stop, on_stop=app.stop if app is not None else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

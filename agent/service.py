@@ -1,0 +1,462 @@
+"""The agent's service loop: the one place that talks to the broker.
+
+Threads:
+- paho's network thread only enqueues (see ``transport``);
+- callers of :meth:`Agent.predict` (the local API, the simulated app) run inference on
+  the sessions the pool holds, and never wait for the loop;
+- the loop thread (:meth:`Agent.run`) drains the inbound queue, verifies manifests,
+  drives downloads and installs, reads sensors, cuts and sends telemetry, and publishes
+  reported state. It alone publishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prunefleet.shared import __version__
+from prunefleet.shared.errors import ProtocolError, TrustError
+from prunefleet.shared.messages import (
+    Command,
+    CommandKind,
+    Event,
+    EventKind,
+    InstalledVariant,
+    Manifest,
+    Reason,
+    ReportedState,
+    SignedManifest,
+    VariantSpec,
+    decode,
+)
+from prunefleet.shared.signing import TrustedKeys, load_public_pem
+from prunefleet.shared.topics import Topics
+
+from .complexity import Ewma, estimate_complexity
+from .config import AgentConfig
+from .downloader import Completed, Downloader, Failed
+from .errors import AgentConfigError, InstallError
+from .policy import PolicyState, VariantInfo, decide
+from .runtime import LoadedVariant, ModelPool, Served, load_session
+from .sensors import Readings, SimulatedBattery, SimulatedSensors, make_sensors
+from .store import VariantStore
+from .systemd import Notifier
+from .telemetry import Aggregator, DiskQueue, TelemetrySender
+from .transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    invalid_messages: int = 0
+    rejected_manifests: int = 0
+    installs: int = 0
+    install_failures: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        sensors=None,
+        notifier: Notifier | None = None,
+    ):
+        self.config = config
+        self.device_id = config.device_id
+        self.topics = Topics(config.fleet_prefix)
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = VariantStore(self.state_dir)
+        self.pool = ModelPool()
+        self.counters = Counters()
+        self.notifier = notifier or Notifier()
+        self.trusted = self._load_keys()
+        if sensors is None:
+            sensors = make_sensors(config.sensors.kind, **self._sensor_params())
+        self.sensors = sensors
+        self.battery: SimulatedBattery | None = getattr(sensors, "battery", None)
+        self._readings: Readings = sensors.read()
+
+        self._policy_lock = threading.Lock()
+        self._policy_state: PolicyState | None = None
+        self._active: str | None = None
+        self._pinned: str | None = None
+        self._ewma = Ewma(config.complexity_ewma_alpha)
+        self._latencies: collections.deque[float] = collections.deque(maxlen=64)
+        self._table_infos: tuple[int, list[VariantInfo]] = (0, [])
+
+        now = time.time()
+        self.agg = Aggregator(self.device_id, now)
+        self.tqueue = DiskQueue(self.state_dir / "telemetry", config.telemetry_queue_max_batches)
+        self.sender = TelemetrySender(self.tqueue, config.telemetry_max_in_flight)
+
+        desired = [self.topics.desired(self.device_id)]
+        if config.group:
+            desired.append(self.topics.group_desired(config.group))
+        self._desired_topics = set(desired)
+        self.transport = MqttTransport(
+            BrokerAddress.parse(config.broker_url),
+            TransportOptions(
+                client_id=f"pf-agent-{self.device_id}",
+                keepalive_s=config.keepalive_s,
+                reconnect_min_s=config.reconnect_min_s,
+                reconnect_max_s=config.reconnect_max_s,
+                ca_file=config.ca_file,
+                cert_file=config.cert_file,
+                key_file=config.key_file,
+                will_topic=self.topics.reported(self.device_id),
+                will_payload=ReportedState(device_id=self.device_id, online=False).encode(),
+                subscriptions={
+                    **{t: 1 for t in desired},
+                    self.topics.commands(self.device_id): 1,
+                },
+            ),
+        )
+        self.downloader = Downloader(
+            self.store,
+            self.topics,
+            lambda t: self.transport.subscribe(t, 1),
+            self.transport.unsubscribe,
+            window=config.download_window_chunks,
+            chunk_timeout_s=config.chunk_timeout_s,
+            max_chunk_failures=config.max_chunk_failures,
+        )
+        self._manifest: Manifest | None = None
+        self._failed: set[str] = set()
+        self._last_error: str | None = None
+        self._reported_dirty = True
+        self._stop = threading.Event()
+        self._load_installed()
+
+    # -- setup --------------------------------------------------------------------------
+    def _sensor_params(self) -> dict:
+        s = self.config.sensors
+        if s.kind == "system":
+            return {"sysfs_root": s.sysfs_root}
+        return {
+            "capacity_j": s.battery_capacity_j,
+            "initial_percent": s.battery_initial_percent,
+            "idle_watts": s.idle_watts,
+            "cpu_percent": s.cpu_percent,
+            "mem_available_percent": s.mem_available_percent,
+            "temperature_c": s.temperature_c,
+            "charging": s.charging,
+        }
+
+    def _load_keys(self) -> TrustedKeys:
+        keys = []
+        for p in self.config.trusted_keys:
+            try:
+                keys.append(load_public_pem(Path(p).read_bytes()))
+            except FileNotFoundError as e:
+                raise AgentConfigError(f"trusted key not found: {p}") from e
+        if not keys:
+            raise AgentConfigError("no trusted_keys configured: the agent would trust nothing")
+        return TrustedKeys(keys)
+
+    def _load_installed(self) -> None:
+        for name, spec in self.store.installed().items():
+            try:
+                self.pool.put(
+                    load_session(self.store.path_of(spec.sha256), spec,
+                                 self.config.intra_op_threads)
+                )
+            except InstallError as e:
+                log.error("installed variant %s no longer loads: %s", name, e)
+                self.store.forget(name)
+
+    # -- request path (any thread) -------------------------------------------------------
+    def predict(self, x: np.ndarray, label: int | None = None) -> Served:
+        served = self.pool.run(x, self._choose)
+        self._latencies.append(served.latency_ms)
+        correct = None if label is None else bool(served.label == int(label))
+        self.agg.record_request(served.variant, served.latency_ms, True, correct)
+        spec = self.pool.table.get(served.variant)
+        if spec is not None:
+            e = self.config.energy
+            joules = (e.base_j + e.joules_per_mac * spec.spec.macs) * served.logits.shape[0]
+            self.agg.record_energy(joules)
+            if self.battery is not None:
+                self.battery.consume(joules)
+        return served
+
+    def _infos(self, table: dict[str, LoadedVariant]) -> list[VariantInfo]:
+        key, infos = self._table_infos
+        if key != id(table):
+            infos = sorted(
+                (VariantInfo(lv.name, lv.spec.macs, lv.spec.accuracy, lv.spec.latency_ms)
+                 for lv in table.values()),
+                key=lambda v: (v.macs, v.name),
+            )
+            self._table_infos = (id(table), infos)
+        return infos
+
+    def _choose(self, x: np.ndarray, table: dict[str, LoadedVariant]) -> tuple[str, Reason]:
+        c = self._ewma.update(estimate_complexity(x))
+        infos = self._infos(table)
+        now = time.monotonic()
+        lat = float(np.median(self._latencies)) if self._latencies else None
+        with self._policy_lock:
+            d = decide(
+                self._readings, infos, c, lat, self._pinned, self._policy_state, now,
+                self.config.policy,
+            )
+            self._policy_state = d.state
+            if d.variant != self._active:
+                self.agg.record_switch(time.time(), self._active, d.variant, d.reason)
+                log.info("switch %s → %s (%s)", self._active, d.variant, d.reason.value)
+                self._active = d.variant
+                self._reported_dirty = True
+        return d.variant, d.reason
+
+    @property
+    def active_variant(self) -> str | None:
+        return self._active
+
+    # -- service loop -------------------------------------------------------------------
+    def start(self) -> None:
+        self.transport.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, until: threading.Event | None = None, on_stop=None) -> None:
+        """Serve until :meth:`stop` (or ``until``) is set; then flush and disconnect.
+
+        ``on_stop`` runs first on the way out (stop request sources), so what they served
+        lands in the last telemetry batch.
+        """
+        cfg = self.config
+        self.start()
+        self.notifier.ready(f"device {self.device_id}")
+        next_sensor = next_telemetry = next_tick = time.monotonic()
+        next_telemetry += cfg.telemetry_interval_s
+        wd = self.notifier.watchdog_s
+        next_wd = time.monotonic()
+        while not self._stop.is_set() and not (until is not None and until.is_set()):
+            self._drain(timeout=0.1)
+            now = time.monotonic()
+            if now >= next_sensor:
+                self._readings = self.sensors.read()
+                next_sensor = now + cfg.sensor_interval_s
+            if now >= next_tick:
+                self.downloader.tick(now)
+                next_tick = now + 1.0
+            if now >= next_telemetry:
+                self._cut_telemetry()
+                next_telemetry = now + cfg.telemetry_interval_s
+            self.sender.pump(self._publish_telemetry, self.transport.connected.is_set())
+            if self._reported_dirty and self.transport.connected.is_set():
+                self._publish_reported()
+            if wd and now >= next_wd:
+                self.notifier.watchdog()
+                next_wd = now + wd / 2
+        if on_stop is not None:
+            on_stop()
+        self._shutdown()
+
+    def _shutdown(self, flush_timeout_s: float = 5.0) -> None:
+        self.notifier.stopping()
+        self._cut_telemetry()
+        deadline = time.monotonic() + flush_timeout_s
+        while time.monotonic() < deadline and self.transport.connected.is_set():
+            self.sender.pump(self._publish_telemetry, True)
+            if not self.tqueue.pending():
+                break
+            self._drain(timeout=0.05)
+        if self.transport.connected.is_set():
+            self._publish(self.topics.reported(self.device_id),
+                          self._reported(online=False).encode(), retain=True)
+            self._drain(timeout=0.2)
+        self.transport.stop()
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.transport.inbound.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self.transport.inbound.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, item: Inbound) -> None:
+        if item.kind == "published":
+            self.sender.acked(item.mid)
+        elif item.kind == "connected":
+            log.info("connected to %s", self.transport.address.url)
+            self._reported_dirty = True
+        elif item.kind == "disconnected":
+            log.warning("disconnected from broker")
+            self.sender.disconnected()
+        elif item.kind == "message":
+            try:
+                self._on_message(item)
+            except ProtocolError as e:
+                self.counters.invalid_messages += 1
+                log.warning("dropped invalid message on %s: %s", item.topic, e)
+
+    def _on_message(self, item: Inbound) -> None:
+        now = time.monotonic()
+        if item.topic in self._desired_topics:
+            if not item.payload:
+                return  # retained state cleared
+            self._on_desired(decode(SignedManifest, item.payload))
+        elif item.topic == self.topics.commands(self.device_id):
+            self._on_command(decode(Command, item.payload))
+        else:
+            for result in self.downloader.handle(item.topic, item.payload, now):
+                if isinstance(result, Completed):
+                    self._install(result.spec)
+                elif isinstance(result, Failed):
+                    self._install_failed(result.spec, result.reason)
+
+    # -- desired state ------------------------------------------------------------------
+    def _on_desired(self, signed: SignedManifest) -> None:
+        try:
+            manifest = self.trusted.verify(signed, min_version=self.store.accepted_version())
+            if manifest.target not in (self.device_id, self.config.group):
+                raise TrustError(f"manifest is for {manifest.target!r}, not this device")
+        except TrustError as e:
+            self.counters.rejected_manifests += 1
+            self._last_error = f"manifest rejected: {e}"
+            self._event(EventKind.REJECTED, None, str(e))
+            log.warning("rejected manifest: %s", e)
+            return
+        if self._manifest is not None and manifest.version == self._manifest.version:
+            return
+        if self._manifest is not None and manifest.version < self._manifest.version:
+            return  # an older manifest for the group while the device one is newer
+        self.store.set_accepted_version(manifest.version)
+        self._manifest = manifest
+        self._failed.clear()
+        self._pinned = manifest.pinned_variant
+        log.info("accepted manifest v%d: %s", manifest.version,
+                 ", ".join(v.name for v in manifest.variants))
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        m = self._manifest
+        if m is None:
+            return
+        now = time.monotonic()
+        wanted = {v.sha256 for v in m.variants}
+        self.downloader.cancel_except(wanted)
+        for spec in m.variants:
+            if spec.sha256 in self._failed:
+                continue
+            if self.store.has(spec) and spec.name in self.pool.table:
+                continue
+            if self.store.have_blob(spec.sha256):
+                self._install(spec)
+            else:
+                self._event(EventKind.DOWNLOAD_STARTED, spec.name, f"{spec.size} bytes")
+                self.downloader.want(spec, now)
+        self._retire()
+        self._reported_dirty = True
+
+    def _retire(self) -> None:
+        """Drop variants the manifest no longer names, once one of its own serves."""
+        m = self._manifest
+        if m is None:
+            return
+        names = {v.name: v.sha256 for v in m.variants}
+        serving_new = any(
+            n in names and lv.spec.sha256 == names[n] for n, lv in self.pool.table.items()
+        )
+        if not serving_new:
+            return  # keep the last known good variants serving
+        for name, lv in list(self.pool.table.items()):
+            if names.get(name) != lv.spec.sha256:
+                self.pool.remove(name)
+                self.store.forget(name)
+
+    def _install(self, spec: VariantSpec) -> None:
+        path = self.store.path_of(spec.sha256)
+        try:
+            lv = load_session(path, spec, self.config.intra_op_threads)
+        except InstallError as e:
+            path.unlink(missing_ok=True)
+            self._install_failed(spec, str(e))
+            return
+        self.store.record(spec)
+        self.pool.put(lv)
+        self.counters.installs += 1
+        self._event(EventKind.INSTALLED, spec.name, spec.sha256)
+        log.info("installed %s (%s…)", spec.name, spec.sha256[:12])
+        self._retire()
+        self._reported_dirty = True
+
+    def _install_failed(self, spec: VariantSpec, why: str) -> None:
+        self.counters.install_failures += 1
+        self._failed.add(spec.sha256)
+        self._last_error = f"{spec.name}: {why}"
+        self._event(EventKind.INSTALL_FAILED, spec.name, why)
+        log.error("install of %s failed: %s", spec.name, why)
+        self._reported_dirty = True
+
+    def _on_command(self, cmd: Command) -> None:
+        if cmd.kind is CommandKind.PIN:
+            self._pinned = cmd.variant
+        elif cmd.kind is CommandKind.UNPIN:
+            self._pinned = None
+        self._reported_dirty = True
+
+    # -- outbound (loop thread only) ----------------------------------------------------
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> int:
+        return self.transport.publish(topic, payload, qos=1, retain=retain)
+
+    def _publish_telemetry(self, data: bytes) -> int:
+        return self._publish(self.topics.telemetry(self.device_id), data)
+
+    def _reported(self, online: bool = True) -> ReportedState:
+        installed = [
+            InstalledVariant(name=n, sha256=s.sha256, size=s.size)
+            for n, s in sorted(self.store.installed().items())
+        ]
+        return ReportedState(
+            device_id=self.device_id,
+            online=online,
+            ts=time.time(),
+            agent_version=__version__,
+            manifest_version=self._manifest.version if self._manifest else None,
+            active_variant=self._active,
+            installed=installed,
+            downloading=self.downloader.progress(),
+            last_error=self._last_error,
+        )
+
+    def _publish_reported(self) -> None:
+        self._publish(self.topics.reported(self.device_id), self._reported().encode(),
+                      retain=True)
+        self._reported_dirty = False
+
+    def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
+        ev = Event(device_id=self.device_id, ts=time.time(), kind=kind, variant=variant,
+                   detail=detail[:2048])
+        self._publish(self.topics.events(self.device_id), ev.encode())
+
+    def _cut_telemetry(self) -> None:
+        batch = self.agg.cut(
+            self.tqueue.next_seq(), time.time(), self._readings, self._active,
+            self.tqueue.take_dropped(),
+        )
+        self.tqueue.put(batch)
+
+    # -- for tests and the simulator ------------------------------------------------------
+    def readings(self) -> Readings:
+        return self._readings
+
+
+__all__ = ["Agent", "SimulatedSensors"]

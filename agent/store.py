@@ -1,0 +1,113 @@
+"""The variant store: installed ONNX files in the agent's state directory.
+
+Layout::
+
+    <state>/variants/<sha256>.onnx     content-addressed, immutable once installed
+    <state>/variants/.<sha256>.part    a download in progress (same dir: os.replace is atomic)
+    <state>/variants/.<sha256>.done    indexes of chunks already written and synced
+    <state>/installed.json             name → spec of every installed variant
+    <state>/trust.json                 highest manifest version accepted
+
+Every write of a small file goes through :func:`atomic_write`: temp file in the same
+directory, fsync, ``os.replace``, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from prunefleet.shared.messages import VariantSpec
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class VariantStore:
+    def __init__(self, state_dir: Path):
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / "variants"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index_path = self.state_dir / "installed.json"
+        self._trust_path = self.state_dir / "trust.json"
+        self._installed: dict[str, VariantSpec] = self._load_index()
+
+    def _load_index(self) -> dict[str, VariantSpec]:
+        if not self._index_path.exists():
+            return {}
+        try:
+            raw = json.loads(self._index_path.read_text())
+            out = {name: VariantSpec.model_validate(spec) for name, spec in raw.items()}
+        except (ValueError, TypeError) as e:
+            # A corrupt index must not stop the agent: it re-fetches what it needs.
+            log.error("installed.json unreadable (%s); starting with no variants", e)
+            return {}
+        return {n: s for n, s in out.items() if self.path_of(s.sha256).exists()}
+
+    def _save_index(self) -> None:
+        data = {n: s.model_dump(mode="json") for n, s in self._installed.items()}
+        atomic_write(self._index_path, json.dumps(data, indent=1).encode())
+
+    # -- queries ------------------------------------------------------------------------
+    def path_of(self, sha256: str) -> Path:
+        return self.dir / f"{sha256}.onnx"
+
+    def part_path(self, sha256: str) -> Path:
+        return self.dir / f".{sha256}.part"
+
+    def done_path(self, sha256: str) -> Path:
+        return self.dir / f".{sha256}.done"
+
+    def installed(self) -> dict[str, VariantSpec]:
+        return dict(self._installed)
+
+    def has(self, spec: VariantSpec) -> bool:
+        cur = self._installed.get(spec.name)
+        return cur is not None and cur.sha256 == spec.sha256
+
+    def have_blob(self, sha256: str) -> bool:
+        return self.path_of(sha256).exists()
+
+    # -- changes ------------------------------------------------------------------------
+    def record(self, spec: VariantSpec) -> None:
+        """Mark a verified blob as installed under ``spec.name``."""
+        self._installed[spec.name] = spec
+        self._save_index()
+
+    def forget(self, name: str) -> None:
+        spec = self._installed.pop(name, None)
+        if spec is None:
+            return
+        self._save_index()
+        if all(s.sha256 != spec.sha256 for s in self._installed.values()):
+            self.path_of(spec.sha256).unlink(missing_ok=True)
+
+    def accepted_version(self) -> int:
+        try:
+            return int(json.loads(self._trust_path.read_text())["version"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return 0
+
+    def set_accepted_version(self, version: int) -> None:
+        atomic_write(self._trust_path, json.dumps({"version": version}).encode())
