@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-__all__ = ["Ewma", "complexity", "complexity_per_sample"]
+__all__ = ["Ewma", "complexity_per_sample", "estimate_complexity"]
 
 # Roughness of 0.3 or less counts as smooth (0); 1.0 (white noise) counts as rough (1).
 _ROUGH_LO = 0.3
@@ -79,7 +79,7 @@ def complexity_per_sample(x: np.ndarray) -> np.ndarray:
     return np.where(span > _EPS, score, 0.0)
 
 
-def complexity(x: np.ndarray) -> float:
+def estimate_complexity(x: np.ndarray) -> float:
     """Mean score over the images in ``x``, in [0, 1]; higher means harder."""
     scores = complexity_per_sample(x)
     return float(scores.mean()) if scores.size else 0.0

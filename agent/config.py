@@ -28,7 +28,7 @@ class SensorConfig(_Strict):
     # simulated only
     battery_capacity_j: float = Field(default=200.0, gt=0)
     battery_initial_percent: float = Field(default=100.0, ge=0, le=100)
-    idle_watts: float = Field(default=0.0, ge=0)
+    idle_drain_w: float = Field(default=0.0, ge=0)
     cpu_percent: float = Field(default=10.0, ge=0, le=100)
     mem_available_percent: float = Field(default=60.0, ge=0, le=100)
     temperature_c: float = 45.0

@@ -47,13 +47,12 @@ direction.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from prunefleet.shared.messages import Reason
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from prunefleet.shared.messages import VariantSpec
@@ -187,11 +186,14 @@ class PolicyState:
     levels_at_switch: Levels
     # The pin requested on the previous call (installed or not).
     pinned: str | None = None
-    table: tuple[str, ...] = field(default=())
+    # Variant names (cheapest first) when the variant or reason last changed.
+    table_at_switch: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Decision:
+    """The variant to serve now, why, and the state to pass to the next call."""
+
     variant: str
     reason: Reason
     state: PolicyState
@@ -233,15 +235,12 @@ def decide(
     target = _target(levels, n)
 
     def choose(variant: str, reason: Reason) -> Decision:
-        if state is None or variant != state.variant:
-            since = now
-        else:
-            since = state.since
+        since = now if state is None or variant != state.variant else state.since
         if state is not None and variant == state.variant and reason == state.reason:
-            at_switch = state.levels_at_switch
+            at_switch, table_at_switch = state.levels_at_switch, state.table_at_switch
         else:
-            at_switch = levels
-        new = PolicyState(variant, reason, since, levels, at_switch, pinned, names)
+            at_switch, table_at_switch = levels, names
+        new = PolicyState(variant, reason, since, levels, at_switch, pinned, table_at_switch)
         return Decision(variant, reason, new, previous)
 
     if pinned is not None and pinned in names:
@@ -262,16 +261,14 @@ def decide(
         return choose(state.variant, state.reason)
     reason = _attribute(state.levels_at_switch, levels, current, target, n)
     if reason is None:
-        reason = Reason.INSTALLED if names != state.table else _explain(levels)
+        reason = Reason.INSTALLED if names != state.table_at_switch else _explain(levels)
     return choose(names[target], reason)
 
 
 # --- latching ---------------------------------------------------------------------------
 
 
-def _latch(
-    r: Readings, complexity: float | None, prev: Levels, cfg: PolicyConfig
-) -> Levels:
+def _latch(r: Readings, complexity: float | None, prev: Levels, cfg: PolicyConfig) -> Levels:
     """Every level except the SLO's, from the readings and the previous levels."""
     return Levels(
         battery=_battery_level(prev.battery, r.battery_percent, cfg),
@@ -279,9 +276,7 @@ def _latch(
         cpu_high=_above(
             prev.cpu_high, r.cpu_percent, cfg.cpu_high_percent, cfg.cpu_hysteresis_percent
         ),
-        hot=_above(
-            prev.hot, r.temperature_c, cfg.temperature_high_c, cfg.temperature_hysteresis_c
-        ),
+        hot=_above(prev.hot, r.temperature_c, cfg.temperature_high_c, cfg.temperature_hysteresis_c),
         memory_low=_below(
             prev.memory_low,
             r.mem_available_percent,
@@ -420,9 +415,7 @@ def _attribute(old: Levels, new: Levels, current: int, target: int, n: int) -> R
     """
     move = 1 if target > current else -1
     same_way = [
-        k
-        for k in _INPUTS
-        if _get(old, k) != _get(new, k) and _direction(k, old, new) == move
+        k for k in _INPUTS if _get(old, k) != _get(new, k) and _direction(k, old, new) == move
     ]
     decisive = [k for k in same_way if _target(_revert(new, old, k), n) != target]
     chosen = (decisive or same_way or [None])[0]

@@ -351,17 +351,18 @@ class SimulatedSensors:
 # --- factory ----------------------------------------------------------------------------
 
 _SYSTEM_PARAMS = frozenset({"sysfs_root", "clock"})
-_BATTERY_PARAMS = frozenset({"battery_percent", "idle_drain_w", "charging", "charge_w"})
+_BATTERY_PARAMS = frozenset({"initial_percent", "idle_drain_w", "charging", "charge_w"})
 _LOAD_PARAMS = frozenset({"cpu_percent", "mem_available_percent", "temperature_c"})
-_SIMULATED_PARAMS = _BATTERY_PARAMS | _LOAD_PARAMS | {"battery_capacity_j", "clock"}
+_SIMULATED_PARAMS = _BATTERY_PARAMS | _LOAD_PARAMS | {"capacity_j", "clock"}
 
 
 def make_sensors(kind: str, **params: Any) -> Sensors:
     """Build the sensors named in the config: ``"system"`` or ``"simulated"``.
 
-    ``system`` takes ``sysfs_root``. ``simulated`` takes ``battery_capacity_j`` (omit it
-    for no battery), ``battery_percent``, ``idle_drain_w``, ``charging``, ``charge_w``,
-    ``cpu_percent``, ``mem_available_percent`` and ``temperature_c``. Both take ``clock``.
+    ``system`` takes ``sysfs_root``. ``simulated`` takes the battery's ``capacity_j`` (omit
+    it for no battery), ``initial_percent``, ``idle_drain_w``, ``charging`` and ``charge_w``
+    (as :class:`SimulatedBattery`), and ``cpu_percent``, ``mem_available_percent`` and
+    ``temperature_c`` (as :class:`SimulatedSensors`). Both take ``clock``.
     Unknown kinds or parameters raise ``ValueError`` naming what is accepted.
     """
     if kind == "system":
@@ -371,10 +372,10 @@ def make_sensors(kind: str, **params: Any) -> Sensors:
         _check_params(kind, params, _SIMULATED_PARAMS)
         clock = params.get("clock")
         battery = None
-        if params.get("battery_capacity_j") is not None:
+        if params.get("capacity_j") is not None:
             battery = SimulatedBattery(
-                params["battery_capacity_j"],
-                params.get("battery_percent", 100.0),
+                params["capacity_j"],
+                params.get("initial_percent", 100.0),
                 idle_drain_w=params.get("idle_drain_w", 0.0),
                 charging=params.get("charging", False),
                 charge_w=params.get("charge_w", 0.0),
@@ -382,8 +383,7 @@ def make_sensors(kind: str, **params: Any) -> Sensors:
             )
         elif set(params) & _BATTERY_PARAMS:
             raise ValueError(
-                f"{', '.join(sorted(set(params) & _BATTERY_PARAMS))} given without "
-                "battery_capacity_j"
+                f"{', '.join(sorted(set(params) & _BATTERY_PARAMS))} given without capacity_j"
             )
         load = {k: params[k] for k in _LOAD_PARAMS if k in params}
         return SimulatedSensors(battery, clock=clock, **load)

@@ -145,7 +145,7 @@ class Agent:
         return {
             "capacity_j": s.battery_capacity_j,
             "initial_percent": s.battery_initial_percent,
-            "idle_watts": s.idle_watts,
+            "idle_drain_w": s.idle_drain_w,
             "cpu_percent": s.cpu_percent,
             "mem_available_percent": s.mem_available_percent,
             "temperature_c": s.temperature_c,

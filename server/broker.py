@@ -32,12 +32,33 @@ import threading
 from types import TracebackType
 from typing import Any, Self
 
+from amqtt.broker import Broker
+
 __all__ = ["EmbeddedBroker", "EmbeddedBrokerError"]
 
 log = logging.getLogger(__name__)
 
 # amqtt logs every connection, packet and state change at INFO/DEBUG.
 _NOISY_LOGGERS = ("amqtt", "transitions")
+
+
+class _QuietFilter(logging.Filter):
+    """Drop amqtt log records that are not errors for us.
+
+    * a TCP connection closed before any MQTT packet (a port probe or health check) is
+      logged at ERROR and WARNING;
+    * a failed start is logged with a traceback, and :meth:`EmbeddedBroker.start` raises
+      it anyway.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message == "Broker startup failed":
+            return False
+        return not (
+            message.startswith(("No data from ", "Failed to initialize client session"))
+            and "No data to decode MQTT packet fixed header" in message
+        )
 
 
 class EmbeddedBrokerError(RuntimeError):
@@ -219,9 +240,10 @@ class EmbeddedBroker:
         if self._log_level is not None:
             for name in _NOISY_LOGGERS:
                 logging.getLogger(name).setLevel(self._log_level)
-        from amqtt.broker import Broker  # imported here: keeps importing this module cheap
-
-        broker = Broker(self._config())
+            broker_logger = logging.getLogger("amqtt.broker")
+            if not any(isinstance(f, _QuietFilter) for f in broker_logger.filters):
+                broker_logger.addFilter(_QuietFilter())
+        broker = _ClosingBroker(self._config())
         await broker.start()
         try:
             if self._port == 0:
@@ -229,10 +251,49 @@ class EmbeddedBroker:
             self._ready.set()
             await stop_event.wait()
         finally:
-            await broker.shutdown()
+            try:
+                await broker.shutdown()
+            finally:
+                await broker.close_client_connections()
 
 
-def _bound_port(broker: Any) -> int:
+class _ClosingBroker(Broker):
+    """amqtt's broker, plus: every client connection it accepted is closed when done.
+
+    amqtt 0.12.1 leaves some client sockets open at shutdown (and when a CONNECT fails);
+    with the event loop closed afterwards they would surface as ResourceWarnings.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self._client_writers: set[asyncio.StreamWriter] = set()
+
+    async def stream_connected(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+    ) -> None:
+        self._client_writers.add(writer)
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._client_writers.discard(writer)
+            writer.close()
+
+    async def close_client_connections(self, timeout: float = 2.0) -> None:
+        writers = list(self._client_writers)
+        for writer in writers:
+            writer.close()
+        if writers:
+            await asyncio.wait(
+                [asyncio.ensure_future(_wait_closed(w)) for w in writers], timeout=timeout
+            )
+
+
+async def _wait_closed(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):  # a reset connection is closed too
+        await writer.wait_closed()
+
+
+def _bound_port(broker: Broker) -> int:
     server = broker._servers["default"].instance  # amqtt keeps no public handle on it
     return int(server.sockets[0].getsockname()[1])
 

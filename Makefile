@@ -1,0 +1,34 @@
+# Two entry points that work on a fresh Linux machine with Python 3.11:
+#   make demo   sets up .venv and runs `prunefleet demo`
+#   make test   sets up .venv and runs the test suite
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch 2.13.0 is pinned in pyproject: it is the CPU build (an open range pulls CUDA).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/prunefleet demo
+
+# pytest exits 5 when it collected nothing: that must not pass.
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .prunefleet build *.egg-info

@@ -1,0 +1,135 @@
+"""What a variant costs: parameters, MACs, bytes on the wire, latency in ONNX Runtime.
+
+Latency follows the field notes: ONNX Runtime on the CPU with ``intra_op_num_threads=1``,
+batch 1, a warm-up, then many timed runs reported as p50/p95. When several variants are
+compared, :func:`latency_many` interleaves them in rounds, so background noise on a busy
+machine lands on all of them alike and their ratio (speedup) stays meaningful.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Size:
+    params: int
+    macs: int
+    onnx_bytes: int
+    compressed_bytes: int
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    runs: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass over ``example_input`` (Torch-Pruning)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, example_input)
+    model.train(was_training)
+    return int(macs)
+
+
+def compressed_size(data: bytes, level: int = 9) -> int:
+    """Size after zlib, the compression artifacts travel with on the wire."""
+    return len(zlib.compress(data, level))
+
+
+def size_of(model: nn.Module, example_input: torch.Tensor, onnx_path: Path) -> Size:
+    data = Path(onnx_path).read_bytes()
+    return Size(
+        params=count_params(model),
+        macs=count_macs(model, example_input),
+        onnx_bytes=len(data),
+        compressed_bytes=compressed_size(data),
+    )
+
+
+def session(model: bytes | str | Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and no inter-op parallelism."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_batched(sess: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    name = sess.get_inputs()[0].name
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    outs = [sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(outs)
+
+
+def _stats(samples_s: list[float]) -> Latency:
+    ms = np.asarray(samples_s) * 1e3
+    return Latency(
+        p50_ms=float(np.percentile(ms, 50)),
+        p95_ms=float(np.percentile(ms, 95)),
+        mean_ms=float(ms.mean()),
+        runs=len(ms),
+    )
+
+
+def latency_many(
+    sessions: dict[str, ort.InferenceSession],
+    x1: np.ndarray,
+    *,
+    warmup: int = 50,
+    runs: int = 500,
+    rounds: int = 10,
+) -> dict[str, Latency]:
+    """Batch-1 latency of each session; runs are interleaved over ``rounds`` rounds."""
+    x1 = np.ascontiguousarray(x1, dtype=np.float32)
+    if x1.shape[0] != 1:
+        raise ValueError(f"latency is measured at batch 1, got shape {x1.shape}")
+    feeds = {k: {s.get_inputs()[0].name: x1} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.run(None, feeds[k])
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    per_round = max(1, runs // max(1, rounds))
+    clock = time.perf_counter
+    order = list(sessions)
+    for r in range(max(1, rounds)):
+        # Alternate the order, so no variant always runs right after the same neighbour.
+        for k in order if r % 2 == 0 else order[::-1]:
+            s, feed, out = sessions[k], feeds[k], samples[k]
+            for _ in range(per_round):
+                t0 = clock()
+                s.run(None, feed)
+                out.append(clock() - t0)
+    return {k: _stats(v) for k, v in samples.items()}
+
+
+def latency(
+    model: bytes | str | Path, x1: np.ndarray, *, warmup: int = 50, runs: int = 500
+) -> Latency:
+    """Batch-1 latency of one ONNX model with one intra-op thread."""
+    return latency_many({"m": session(model, threads=1)}, x1, warmup=warmup, runs=runs)["m"]

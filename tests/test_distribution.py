@@ -1,0 +1,93 @@
+"""Distribution on real mosquitto with an in-process agent: chunks, integrity, fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fleet_helpers import make_server, wait_for
+from onnx_models import mlp_spec
+from prunefleet.agent.config import load_config
+from prunefleet.agent.service import Agent
+from prunefleet.shared.chunks import encode_frame
+
+
+def _agent(tmp_path, url, device="dev-1", **extra) -> Agent:
+    cfg = load_config(
+        None,
+        env={},
+        device_id=device,
+        broker_url=url,
+        state_dir=tmp_path / device,
+        trusted_keys=[tmp_path / "keys" / "public.pem"],
+        chunk_timeout_s=1.0,
+        max_chunk_failures=2,
+        sensors={"kind": "simulated"},
+        **extra,
+    )
+    return Agent(cfg)
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    import threading
+
+    srv = make_server(tmp_path, mosquitto.url)
+    agent = _agent(tmp_path, mosquitto.url)
+    stop = threading.Event()
+    t = threading.Thread(target=agent.run, kwargs={"until": stop}, daemon=True)
+    t.start()
+    yield srv, agent
+    stop.set()
+    t.join(10)
+    srv.stop()
+
+
+def _x():
+    return np.random.default_rng(0).normal(0, 1, (1, 1, 8, 8)).astype(np.float32)
+
+
+def test_variant_arrives_in_chunks_and_serves(tmp_path, fleet):
+    srv, agent = fleet
+    spec = mlp_spec(tmp_path / "v1.onnx", "v1", hidden=64, chunk_bytes=2048)
+    assert len(spec.chunk_sha256) >= 8
+    srv.publish_artifact(spec, (tmp_path / "v1.onnx").read_bytes())
+    srv.deploy("dev-1", [spec])
+    wait_for(lambda: "v1" in agent.pool.table, 20, what="v1 installed")
+    out = agent.predict(_x())
+    assert out.variant == "v1" and out.logits.shape == (1, 10)
+    assert agent.downloader.rejected_chunks == 0
+
+
+def test_corrupted_chunk_is_rejected_and_old_variant_keeps_serving(tmp_path, fleet):
+    srv, agent = fleet
+    v1 = mlp_spec(tmp_path / "v1.onnx", "v1", hidden=32, seed=1, chunk_bytes=2048)
+    srv.publish_artifact(v1, (tmp_path / "v1.onnx").read_bytes())
+    srv.deploy("dev-1", [v1])
+    wait_for(lambda: "v1" in agent.pool.table, 20, what="v1 installed")
+    before = agent.predict(_x()).logits.copy()
+
+    v2 = mlp_spec(tmp_path / "v2.onnx", "v2", hidden=96, seed=2, chunk_bytes=2048)
+    srv.publish_artifact(v2, (tmp_path / "v2.onnx").read_bytes())
+    # A hostile network flips bytes in chunk 3: same length, valid frame, wrong content.
+    topic = srv.topics.chunk(v2.sha256, 3)
+    data = (tmp_path / "v2.onnx").read_bytes()
+    raw = bytearray(data[3 * 2048 : 4 * 2048])
+    raw[100] ^= 0xFF
+    srv.publish_raw(topic, encode_frame(v2.sha256, 3, len(v2.chunk_sha256), bytes(raw)),
+                    retain=True)
+    srv.deploy("dev-1", [v2])
+
+    wait_for(lambda: agent.counters.install_failures >= 1, 30, what="install failure")
+    assert agent.downloader.rejected_chunks >= 2
+    assert "v2" not in agent.pool.table
+    assert "v1" in agent.pool.table, "the last known good variant keeps serving"
+    after = agent.predict(_x())
+    assert after.variant == "v1"
+    np.testing.assert_allclose(after.logits, before)
+    assert not agent.store.path_of(v2.sha256).exists(), "nothing of v2 was installed"
+    wait_for(
+        lambda: any(e.kind == "install_failed" and "chunk 3" in e.detail
+                    for e in srv.store.events("dev-1")),
+        10, what="the failure reported to the server",
+    )

@@ -1,0 +1,68 @@
+"""End to end on real parts: mosquitto, a server, two agent processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fleet_helpers import agent_toml, make_server, spawn_agent, stop_agent, wait_for
+from onnx_models import mlp_spec, workload
+
+
+@pytest.mark.timeout(120)
+def test_two_agents_fetch_install_serve_and_report(tmp_path, mosquitto):
+    srv = make_server(tmp_path, mosquitto.url)
+    procs = []
+    try:
+        small = mlp_spec(tmp_path / "small.onnx", "small", hidden=16, seed=1)
+        large = mlp_spec(tmp_path / "large.onnx", "large", hidden=128, seed=2)
+        assert len(large.chunk_sha256) > 5  # it really travels in several chunks
+        for spec, path in ((small, "small.onnx"), (large, "large.onnx")):
+            srv.publish_artifact(spec, (tmp_path / path).read_bytes())
+        srv.deploy("e2e", [small, large], group=True)
+
+        data = workload(tmp_path / "workload.npz")
+        for dev in ("e2e-a", "e2e-b"):
+            state = tmp_path / dev
+            state.mkdir()
+            cfg = state / "agent.toml"
+            cfg.write_text(agent_toml(dev, mosquitto.url, state, tmp_path / "keys/public.pem",
+                                      group="e2e", workload=data))
+            procs.append(spawn_agent(cfg, state / "agent.log"))
+
+        def both_installed():
+            devs = {d.device_id: d for d in srv.store.devices()}
+            return all(
+                d in devs and {v["name"] for v in devs[d].installed} == {"small", "large"}
+                for d in ("e2e-a", "e2e-b")
+            )
+
+        wait_for(both_installed, 60, what="both agents to report both variants installed",
+                 procs=procs)
+
+        def served():
+            return all(
+                sum(u["requests"] for u in srv.store.usage(d).values()) > 20
+                for d in ("e2e-a", "e2e-b")
+            )
+
+        wait_for(served, 60, what="telemetry of served requests from both agents",
+                 procs=procs)
+    finally:
+        codes = [stop_agent(p) for p in procs]
+        time.sleep(0.5)
+        srv.stop()
+    assert codes == [0, 0], "agents must exit cleanly on SIGTERM"
+    for dev in ("e2e-a", "e2e-b"):
+        state = tmp_path / dev
+        # the installed files are the verified artifacts, named by their digest
+        assert (state / "variants" / f"{small.sha256}.onnx").exists()
+        assert (state / "variants" / f"{large.sha256}.onnx").exists()
+        assert not list((state / "variants").glob(".*.part"))
+        seqs = srv.store.telemetry_seqs(dev)
+        assert seqs and seqs == sorted(set(seqs))
+    installed = [e for e in srv.store.events() if e.kind == "installed"]
+    assert {(e.device_id, e.variant) for e in installed} >= {
+        ("e2e-a", "small"), ("e2e-a", "large"), ("e2e-b", "small"), ("e2e-b", "large")
+    }
