@@ -51,8 +51,9 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from prunefleet.shared.messages import Reason
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from prunefleet.shared.messages import Reason
 
 if TYPE_CHECKING:
     from prunefleet.shared.messages import VariantSpec

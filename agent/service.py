@@ -215,6 +215,7 @@ class Agent:
                 self.agg.record_switch(time.time(), self._active, d.variant, d.reason)
                 log.info("switch %s → %s (%s)", self._active, d.variant, d.reason.value)
                 self._active = d.variant
+                self._latencies.clear()  # the SLO check wants the new variant's latency
                 self._reported_dirty = True
         return d.variant, d.reason
 

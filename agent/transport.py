@@ -8,6 +8,7 @@ in ``on_connect`` so they survive reconnects. paho's ``OSError``s become
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -182,10 +183,8 @@ class MqttTransport:
         if not self._started:
             return
         if disconnect:
-            try:
+            with contextlib.suppress(OSError):
                 self._client.disconnect()
-            except OSError:
-                pass
         self._client.loop_stop()
         self._started = False
 
@@ -194,10 +193,8 @@ class MqttTransport:
         sock = self._client.socket()
         self._client.loop_stop()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
         self._started = False
 
     def subscribe(self, topic: str, qos: int = 1) -> None:

@@ -155,12 +155,12 @@ def run_demo(
             cfg = state / "agent.toml"
             cfg.write_text(_agent_toml(dev, broker_url, state, work_dir / "keys" / "public.pem",
                                        prepared.workload_path, capacity_j))
-            log = open(state / "agent.log", "wb")
-            p = subprocess.Popen(
-                [sys.executable, "-m", "prunefleet.agent.cli", "--config", str(cfg)],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-            log.close()
+            with open(state / "agent.log", "wb") as log:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "prunefleet.agent.cli", "--config", str(cfg)],
+                    stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
             procs.append((dev, p, state))
             out(f"  {dev.device_id}: battery {dev.battery_percent:.0f}%, CPU load "
                 f"{dev.cpu_percent:.0f}%, {dev.rate_hz:.0f} requests/s  (pid {p.pid})")

@@ -21,7 +21,7 @@ from .topics import check_name, check_sha256
 MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
 MAX_VARIANTS = 16
 
-Name = Annotated[str, Field(min_length=1, max_length=64)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Sha256 = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
 Timestamp = Annotated[float, Field(ge=0)]
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from prunefleet.server.broker import EmbeddedBroker
 
 REPO = Path(__file__).resolve().parent.parent

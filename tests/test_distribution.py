@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fleet_helpers import make_server, wait_for
 from onnx_models import mlp_spec
+
 from prunefleet.agent.config import load_config
 from prunefleet.agent.service import Agent
 from prunefleet.shared.chunks import encode_frame

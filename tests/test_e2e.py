@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from fleet_helpers import agent_toml, make_server, spawn_agent, stop_agent, wait_for
 from onnx_models import mlp_spec, workload
 

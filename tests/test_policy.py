@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
+
 from prunefleet.agent.complexity import Ewma, complexity_per_sample, estimate_complexity
 from prunefleet.agent.policy import (
     BatteryLevel,
@@ -19,7 +21,6 @@ from prunefleet.agent.policy import (
 )
 from prunefleet.agent.sensors import Readings
 from prunefleet.shared.messages import Reason
-from pydantic import ValidationError
 
 SMALL = VariantInfo("small", 1_000_000, accuracy=0.95, latency_ms=1.0)
 MEDIUM = VariantInfo("medium", 4_000_000, accuracy=0.98, latency_ms=2.0)
