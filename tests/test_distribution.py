@@ -91,3 +91,29 @@ def test_corrupted_chunk_is_rejected_and_old_variant_keeps_serving(tmp_path, fle
                     for e in srv.store.events("dev-1")),
         10, what="the failure reported to the server",
     )
+
+
+def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
+    srv, agent = fleet
+    v1 = mlp_spec(tmp_path / "v1.onnx", "v1", hidden=16, chunk_bytes=2048)
+    srv.publish_artifact(v1, (tmp_path / "v1.onnx").read_bytes())
+    srv.deploy("dev-1", [v1])
+    wait_for(lambda: "v1" in agent.pool.table, 20, what="v1 installed")
+    wait_for(lambda: srv.store.devices(), 10, what="device known to the server")
+    t = srv.topics
+    agent_invalid = agent.counters.invalid_messages
+    for payload in (b"", b"\x00\xff", b"{}", b'{"schema": 1}', b"[1,2]", b"x" * 100_000):
+        if payload:
+            srv.publish_raw(t.desired("dev-1"), payload)
+        srv.publish_raw(t.commands("dev-1"), payload or b"null")
+        srv.publish_raw(t.telemetry("dev-1"), payload or b"null")
+        srv.publish_raw(t.reported("dev-1"), payload or b"null")
+    # a well-formed batch that claims to come from another device
+    srv.publish_raw(t.telemetry("dev-1"), b'{"schema":1,"device_id":"dev-2","seq":1,'
+                    b'"interval_start":1,"interval_end":2}')
+    wait_for(lambda: agent.counters.invalid_messages >= agent_invalid + 10, 10,
+             what="the agent to count the invalid messages")
+    wait_for(lambda: srv.counters.invalid >= 13, 10, what="the server to count them")
+    assert "v1" in agent.pool.table and agent.predict(_x()).variant == "v1"
+    assert srv.store.telemetry_count("dev-2") == 0
+    assert agent.store.accepted_version() == 1
