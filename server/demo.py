@@ -131,8 +131,7 @@ def run_demo(
             spec = spec_from_file(
                 v.path, name=v.name, input_shape=v.input_shape, num_classes=v.num_classes,
                 params=v.params, macs=v.macs, accuracy=v.accuracy, latency_ms=v.latency_ms_p50,
-                technique=v.technique, golden_input_b64=v.golden_input_b64,
-                golden_output_b64=v.golden_output_b64, chunk_bytes=16 * 1024,
+                technique=v.technique, golden=v.golden_spec(), chunk_bytes=16 * 1024,
             )
             store.add_variant(v.name, spec.sha256, str(v.path), spec.model_dump(mode="json"), {})
             sent += server.publish_artifact(spec, Path(v.path).read_bytes())

@@ -59,16 +59,12 @@ def spec_from_file(
     accuracy: float | None = None,
     latency_ms: float | None = None,
     technique: str = "none",
-    golden_input_b64: str | None = None,
-    golden_output_b64: str | None = None,
+    golden: Golden | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compression: str = "zlib",
 ) -> VariantSpec:
     data = Path(path).read_bytes()
     p = plan(data, chunk_bytes)
-    golden = None
-    if golden_input_b64 and golden_output_b64:
-        golden = Golden(input_b64=golden_input_b64, output_b64=golden_output_b64)
     return VariantSpec(
         name=name, sha256=p.sha256, size=p.size, chunk_bytes=chunk_bytes,
         chunk_sha256=list(p.chunk_sha256), compression=compression,

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from prunefleet.server.fleet import spec_from_file
-from prunefleet.shared.messages import VariantSpec
+from prunefleet.shared.messages import Golden, VariantSpec
 
 
 def make_mlp(path: Path, hidden: int, seed: int = 0, nan: bool = False) -> Path:
@@ -52,11 +52,14 @@ def mlp_spec(
     golden: bool = True,
 ) -> VariantSpec:
     make_mlp(path, hidden, seed)
-    gi, go = golden_for(path) if golden else (None, None)
+    g = None
+    if golden:
+        gi, go = golden_for(path)
+        g = Golden(input_b64=gi, output_b64=go)
     return spec_from_file(
         path, name=name, input_shape=[1, 1, 8, 8], num_classes=10,
         params=64 * hidden + hidden * 10, macs=64 * hidden + hidden * 10,
-        golden_input_b64=gi, golden_output_b64=go, chunk_bytes=chunk_bytes,
+        golden=g, chunk_bytes=chunk_bytes,
     )
 
 
