@@ -54,7 +54,7 @@ class WorkloadConfig(_Strict):
     rate_hz: float = Field(default=50.0, gt=0, le=10000)
     phases: list[WorkloadPhase] = Field(
         default_factory=lambda: [WorkloadPhase(duration_s=8), WorkloadPhase(duration_s=8,
-                                                                              noise_sigma=0.8)]
+                                                                              noise_sigma=0.6)]
     )
     seed: int = 0
 

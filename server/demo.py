@@ -79,7 +79,7 @@ cpu_percent = {dev.cpu_percent}
 data = "{workload}"
 rate_hz = {dev.rate_hz}
 seed = {abs(hash(dev.device_id)) % 1000}
-phases = [{{ duration_s = 5.0 }}, {{ duration_s = 5.0, noise_sigma = 0.9 }}]
+phases = [{{ duration_s = 5.0 }}, {{ duration_s = 5.0, noise_sigma = 0.6 }}]
 """
 
 
@@ -243,7 +243,9 @@ def _report(store: Store, procs, out) -> bool:
             acc = f"{100 * u['correct'] / u['labeled']:.1f}%" if u["labeled"] else "n/a"
             out(f"    {name:<9} {u['requests']:>6} requests, accuracy {acc}")
         rows = store.telemetry_seqs(dev.device_id)
-        out(f"  telemetry batches stored: {len(rows)}")
+        trace = store.battery_trace(dev.device_id)
+        battery = f", battery {trace[0]:.0f}% → {trace[-1]:.0f}%" if trace else ""
+        out(f"  telemetry batches stored: {len(rows)}{battery}")
         reasons = {s.reason for s in switches}
         has_b = bool(reasons & BATTERY_REASONS)
         has_c = bool(reasons & COMPLEXITY_REASONS)

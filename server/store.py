@@ -307,6 +307,14 @@ class Store:
                 q = q.where(EventRow.device_id == device_id)
             return list(s.scalars(q))
 
+    def battery_trace(self, device_id: str) -> list[float]:
+        """Battery percent of each stored batch, in interval order."""
+        with self.session() as s:
+            return [b for b in s.scalars(
+                select(Telemetry.battery_percent).where(Telemetry.device_id == device_id)
+                .order_by(Telemetry.interval_start)
+            ) if b is not None]
+
     def telemetry_seqs(self, device_id: str) -> list[int]:
         with self.session() as s:
             return list(s.scalars(

@@ -29,6 +29,8 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        os.chmod(tmp, _default_mode(target))
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -38,6 +40,13 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
         raise
     _fsync_dir(target.parent)
+
+
+def _default_mode(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o777  # keep the mode of the file being replaced
+    except FileNotFoundError:
+        return 0o644
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:

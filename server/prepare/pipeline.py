@@ -35,7 +35,7 @@ from .errors import PrepareError
 from .export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from .models import digits_cnn
 from .prune import channel_widths, prune_structured
-from .train import FINETUNE, TrainConfig, fit
+from .train import FINETUNE, TrainConfig, accuracy, finetune, fit, recalibrate_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ REPORT_NAME = "report.json"
 WORKLOAD_NAME = "workload.npz"
 
 MODEL_WIDTHS = (32, 64, 128)
-DENSE_TRAIN = TrainConfig(epochs=15, lr=3e-3, shift_prob=0.5)
+DENSE_TRAIN = TrainConfig(epochs=15, lr=3e-3, shift_prob=0.5, noise_prob=0.5, noise_std=0.5)
 STRUCT_FINETUNE = replace(FINETUNE, shift_prob=0.5)
 ROUND_TO = 8
 IMPORTANCE = "magnitude"
@@ -269,14 +269,15 @@ def _structured(
     name = variant_name(ratio)
     example = torch.from_numpy(data.val.x[:1])
     model = prune_structured(dense, example, ratio, round_to=ROUND_TO, importance=IMPORTANCE)
-    val_acc = 0.0
     if finetune_epochs > 0:
-        s = _derived_seed(seed, name)
-        result = fit(
+        result = finetune(
             model, data.train, data.val, replace(STRUCT_FINETUNE, epochs=finetune_epochs),
-            seed=s, teacher=dense, progress=progress, desc=name,
+            seed=_derived_seed(seed, name), teacher=dense, progress=progress, desc=name,
         )
         val_acc = result.val_accuracy
+    else:
+        recalibrate_batchnorm(model, data.train.x)
+        val_acc = accuracy(model, data.val)
     return _Candidate(name, "structured", ratio, model, val_acc, time.perf_counter() - t0)
 
 
