@@ -32,6 +32,8 @@ from prunefleet.shared.messages import (
     Manifest,
     Reason,
     ReportedState,
+    RolloutPhase,
+    RolloutReport,
     SignedManifest,
     VariantSpec,
     decode,
@@ -131,6 +133,7 @@ class Agent:
             max_chunk_failures=config.max_chunk_failures,
         )
         self._manifest: Manifest | None = None
+        self._verifying: str | None = None
         self._failed: set[str] = set()
         self._last_error: str | None = None
         self._reported_dirty = True
@@ -251,6 +254,8 @@ class Agent:
                 next_sensor = now + cfg.sensor_interval_s
             if now >= next_tick:
                 self.downloader.tick(now)
+                if self.downloader.active():
+                    self._reported_dirty = True  # progress
                 next_tick = now + 1.0
             if now >= next_telemetry:
                 self._cut_telemetry()
@@ -385,12 +390,17 @@ class Agent:
 
     def _install(self, spec: VariantSpec) -> None:
         path = self.store.path_of(spec.sha256)
+        self._verifying = spec.name
+        if self.transport.connected.is_set():
+            self._publish_reported()
         try:
             lv = load_session(path, spec, self.config.intra_op_threads)
         except InstallError as e:
             path.unlink(missing_ok=True)
             self._install_failed(spec, str(e))
             return
+        finally:
+            self._verifying = None
         self.store.record(spec)
         self.pool.put(lv)
         self.counters.installs += 1
@@ -436,7 +446,35 @@ class Agent:
             installed=installed,
             downloading=self.downloader.progress(),
             last_error=self._last_error,
+            rollout=self._rollout_report(),
         )
+
+    def _rollout_report(self) -> RolloutReport | None:
+        """The phase of the current manifest on this device (what a rollout tracks)."""
+        m = self._manifest
+        if m is None:
+            return None
+        failed = [v for v in m.variants if v.sha256 in self._failed]
+        if failed:
+            return RolloutReport(manifest_version=m.version, phase=RolloutPhase.FAILED,
+                                 reason=(self._last_error or "install failed")[:1024])
+        table = self.pool.table
+        ready = [v for v in m.variants
+                 if v.name in table and table[v.name].spec.sha256 == v.sha256]
+        if self._verifying is not None:
+            phase = RolloutPhase.VERIFYING
+        elif len(ready) == len(m.variants):
+            active = self._active is not None and any(v.name == self._active for v in ready)
+            phase = RolloutPhase.ACTIVE if active else RolloutPhase.INSTALLED
+        elif self.downloader.active():
+            phase = RolloutPhase.DOWNLOADING
+        else:
+            phase = RolloutPhase.OFFERED
+        total = sum(v.size for v in m.variants)
+        prog = self.downloader.progress()
+        done = sum(v.size * (1.0 if v in ready else prog.get(v.name, 0.0)) for v in m.variants)
+        return RolloutReport(manifest_version=m.version, phase=phase,
+                             progress=round(min(1.0, done / total), 3))
 
     def _publish_reported(self) -> None:
         self._publish(self.topics.reported(self.device_id), self._reported().encode(),

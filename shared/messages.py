@@ -195,6 +195,26 @@ class InstalledVariant(BaseModel):
     size: int = Field(ge=0)
 
 
+class RolloutPhase(StrEnum):
+    """Where a device stands with the manifest it was last offered."""
+
+    OFFERED = "offered"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLED = "installed"
+    ACTIVE = "active"
+    FAILED = "failed"
+
+
+class RolloutReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest_version: int = Field(ge=1)
+    phase: RolloutPhase
+    progress: float = Field(default=0.0, ge=0, le=1)
+    reason: str | None = Field(default=None, max_length=1024)
+
+
 class ReportedState(WireModel):
     """What a device says about itself; retained, and its Last Will says ``online=False``."""
 
@@ -207,6 +227,7 @@ class ReportedState(WireModel):
     installed: list[InstalledVariant] = Field(default_factory=list, max_length=MAX_VARIANTS)
     downloading: dict[Name, float] = Field(default_factory=dict, max_length=MAX_VARIANTS)
     last_error: str | None = Field(default=None, max_length=1024)
+    rollout: RolloutReport | None = None
 
 
 class VariantStats(BaseModel):
