@@ -42,6 +42,13 @@ class EnergyConfig(_Strict):
     joules_per_mac: float = Field(default=2e-8, ge=0)
 
 
+class CascadeConfig(_Strict):
+    """Input complexity by cascade: the cheapest variant first, a larger one when unsure."""
+
+    enabled: bool = False
+    confidence: float = Field(default=0.9, gt=0, le=1)
+
+
 class WorkloadPhase(_Strict):
     duration_s: float = Field(gt=0)
     noise_sigma: float = Field(default=0.0, ge=0)
@@ -82,10 +89,14 @@ class AgentConfig(_Strict):
     max_chunk_failures: int = Field(default=3, ge=1)
     complexity_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+    # 0 keeps every installed variant loaded; N > 0 unloads the least recently used.
+    max_loaded_variants: int = Field(default=0, ge=0, le=64)
+    api_socket: Path | None = None
 
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     sensors: SensorConfig = Field(default_factory=SensorConfig)
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig)
     workload: WorkloadConfig | None = None
 
     @field_validator("device_id")

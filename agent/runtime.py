@@ -95,31 +95,94 @@ class Served:
         return int(np.argmax(self.logits[0]))
 
 
-Chooser = Callable[[np.ndarray, dict[str, LoadedVariant]], tuple[str, Reason]]
+Chooser = Callable[[np.ndarray, dict[str, VariantSpec]], tuple[str, Reason]]
 
 
 class ModelPool:
-    """The loaded variants and the request path through them."""
+    """Installed variants, and ONNX Runtime sessions for as many as memory allows.
 
-    def __init__(self) -> None:
+    ``specs`` holds every installed variant; ``table`` the loaded ones. Both are replaced,
+    never mutated, so a request that read them keeps a consistent view while a switch,
+    an install or an unload happens. With ``max_loaded`` > 0 the least recently used
+    sessions are unloaded; a request for an unloaded variant is served by the nearest
+    loaded one while the loop thread loads it (session creation never blocks a request).
+    """
+
+    def __init__(self, loader: Callable[[VariantSpec], LoadedVariant] | None = None,
+                 max_loaded: int = 0) -> None:
+        self._specs: dict[str, VariantSpec] = {}
         self._table: dict[str, LoadedVariant] = {}
+        self._used: dict[str, float] = {}
         self._swap = threading.Lock()
+        self.loader = loader
+        self.max_loaded = max_loaded
+        self.wanted: set[str] = set()  # unloaded variants requests asked for
+        self.unloads = 0
 
     @property
     def table(self) -> dict[str, LoadedVariant]:
         return self._table
 
+    @property
+    def specs(self) -> dict[str, VariantSpec]:
+        return self._specs
+
+    def serving(self, spec: VariantSpec) -> bool:
+        """Installed under its name with this exact digest."""
+        cur = self._specs.get(spec.name)
+        return cur is not None and cur.sha256 == spec.sha256
+
     def put(self, lv: LoadedVariant) -> None:
         with self._swap:
-            table = dict(self._table)
-            table[lv.name] = lv
-            self._table = table
+            self._specs = {**self._specs, lv.name: lv.spec}
+            self._table = {**self._table, lv.name: lv}
+            self._used[lv.name] = time.monotonic()
+            self.wanted.discard(lv.name)
+        self.shrink_to(self.max_loaded, keep={lv.name})
 
     def remove(self, name: str) -> None:
         with self._swap:
-            table = dict(self._table)
-            table.pop(name, None)
-            self._table = table
+            self._specs = {k: v for k, v in self._specs.items() if k != name}
+            self._table = {k: v for k, v in self._table.items() if k != name}
+            self._used.pop(name, None)
+            self.wanted.discard(name)
+
+    def unload(self, name: str) -> None:
+        """Drop the session, keep the variant installed."""
+        with self._swap:
+            if name in self._table:
+                self._table = {k: v for k, v in self._table.items() if k != name}
+                self.unloads += 1
+
+    def shrink_to(self, n: int, keep: set[str] = frozenset()) -> list[str]:
+        """Unload least recently used sessions until at most ``n`` are loaded (0: no cap)."""
+        dropped: list[str] = []
+        if n <= 0:
+            return dropped
+        while len(self._table) > max(n, 1):
+            victims = sorted((t, k) for k, t in self._used.items()
+                             if k in self._table and k not in keep)
+            if not victims:
+                break
+            self.unload(victims[0][1])
+            dropped.append(victims[0][1])
+        return dropped
+
+    def load_wanted(self) -> list[str]:
+        """Create sessions requests asked for (loop thread); returns the names loaded."""
+        loaded = []
+        for name in list(self.wanted):
+            spec = self._specs.get(name)
+            self.wanted.discard(name)
+            if spec is None or name in self._table or self.loader is None:
+                continue
+            try:
+                self.put(self.loader(spec))
+            except InstallError as e:
+                log.error("cannot load %s: %s", name, e)
+                continue
+            loaded.append(name)
+        return loaded
 
     def check_input(self, x: np.ndarray, spec: VariantSpec) -> np.ndarray:
         if not isinstance(x, np.ndarray):
@@ -135,14 +198,34 @@ class ModelPool:
             )
         return x
 
-    def run(self, x: np.ndarray, choose: Chooser) -> Served:
-        table = self._table  # one read: a concurrent swap cannot change it under us
+    def resolve(self, name: str) -> LoadedVariant:
+        """The session for ``name``, or the loaded variant nearest in cost."""
+        table = self._table
+        lv = table.get(name)
+        if lv is not None:
+            self._used[name] = time.monotonic()
+            return lv
         if not table:
-            raise NoVariantError("no variant installed yet")
-        any_spec = next(iter(table.values())).spec
-        x = self.check_input(x, any_spec)
-        name, reason = choose(x, table)
-        lv = table.get(name) or next(iter(table.values()))
+            raise NoVariantError("no variant loaded")
+        self.wanted.add(name)
+        want = self._specs[name].macs if name in self._specs else 0
+        lv = min(table.values(), key=lambda v: (abs(v.spec.macs - want), v.spec.macs))
+        self._used[lv.name] = time.monotonic()
+        return lv
+
+    def infer(self, lv: LoadedVariant, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         (y,) = lv.session.run(None, {lv.input_name: x})[:1]
-        return Served(lv.name, reason, y, (time.perf_counter() - t0) * 1000.0)
+        return y, (time.perf_counter() - t0) * 1000.0
+
+    def run(self, x: np.ndarray, choose: Chooser) -> Served:
+        specs = self._specs  # one read: a concurrent swap cannot change it under us
+        if not specs or not self._table:
+            raise NoVariantError("no variant installed yet")
+        x = self.check_input(x, next(iter(specs.values())))
+        name, reason = choose(x, specs)
+        lv = self.resolve(name)
+        if lv.name != name:
+            reason = Reason.FALLBACK
+        y, ms = self.infer(lv, x)
+        return Served(lv.name, reason, y, ms)

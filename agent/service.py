@@ -16,13 +16,14 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from prunefleet.shared import __version__
-from prunefleet.shared.errors import ProtocolError, TrustError
+from prunefleet.shared.errors import ProtocolError, PrunefleetError, TrustError
 from prunefleet.shared.messages import (
     Command,
     CommandKind,
@@ -44,9 +45,9 @@ from prunefleet.shared.topics import Topics
 from .complexity import Ewma, estimate_complexity
 from .config import AgentConfig
 from .downloader import Completed, Downloader, Failed
-from .errors import AgentConfigError, InstallError
-from .policy import PolicyState, VariantInfo, decide
-from .runtime import LoadedVariant, ModelPool, Served, load_session
+from .errors import AgentConfigError, InstallError, NoVariantError
+from .policy import PolicyConfig, PolicyState, VariantInfo, decide
+from .runtime import ModelPool, Served, load_session
 from .sensors import Readings, SimulatedBattery, SimulatedSensors, make_sensors
 from .store import VariantStore
 from .systemd import Notifier
@@ -78,7 +79,11 @@ class Agent:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = VariantStore(self.state_dir)
-        self.pool = ModelPool()
+        self.pool = ModelPool(
+            lambda spec: load_session(self.store.path_of(spec.sha256), spec,
+                                      config.intra_op_threads),
+            max_loaded=config.max_loaded_variants,
+        )
         self.counters = Counters()
         self.notifier = notifier or Notifier()
         self.trusted = self._load_keys()
@@ -93,6 +98,8 @@ class Agent:
         self._active: str | None = None
         self._pinned: str | None = None
         self._ewma = Ewma(config.complexity_ewma_alpha)
+        self._policy_cfg: PolicyConfig = config.policy
+        self._reload_requested = threading.Event()
         self._latencies: collections.deque[float] = collections.deque(maxlen=64)
         self._table_infos: tuple[int, list[VariantInfo]] = (0, [])
 
@@ -138,6 +145,7 @@ class Agent:
         self._last_error: str | None = None
         self._reported_dirty = True
         self._stop = threading.Event()
+        self.reload_source: Callable[[], AgentConfig] | None = None
         self._load_installed()
 
     # -- setup --------------------------------------------------------------------------
@@ -179,39 +187,69 @@ class Agent:
 
     # -- request path (any thread) -------------------------------------------------------
     def predict(self, x: np.ndarray, label: int | None = None) -> Served:
-        served = self.pool.run(x, self._choose)
+        """Serve one request (N inputs) on the variant the policy picks; thread-safe."""
+        cas = self.config.cascade
+        if cas.enabled and len(self.pool.specs) > 1:
+            served, used = self._predict_cascade(x, cas.confidence)
+        else:
+            served = self.pool.run(x, self._choose)
+            used = [served.variant]
         self._latencies.append(served.latency_ms)
         correct = None if label is None else bool(served.label == int(label))
         self.agg.record_request(served.variant, served.latency_ms, True, correct)
-        spec = self.pool.table.get(served.variant)
-        if spec is not None:
-            e = self.config.energy
-            joules = (e.base_j + e.joules_per_mac * spec.spec.macs) * served.logits.shape[0]
-            self.agg.record_energy(joules)
-            if self.battery is not None:
-                self.battery.consume(joules)
+        e = self.config.energy
+        joules = 0.0
+        for name in used:
+            spec = self.pool.specs.get(name)
+            if spec is not None:
+                joules += (e.base_j + e.joules_per_mac * spec.macs) * served.logits.shape[0]
+        self.agg.record_energy(joules)
+        if self.battery is not None:
+            self.battery.consume(joules)
         return served
 
-    def _infos(self, table: dict[str, LoadedVariant]) -> list[VariantInfo]:
+    def _predict_cascade(self, x: np.ndarray, threshold: float) -> tuple[Served, list[str]]:
+        """Run the cheapest variant; escalate when it is unsure and the budget allows.
+
+        The budget (the largest variant the policy allows now) is decided as for a hard
+        input; the first stage is the cheapest installed variant. A batch escalates when
+        any of its inputs has a top-class probability below ``threshold``.
+        """
+        specs = self.pool.specs
+        if not specs or not self.pool.table:
+            raise NoVariantError("no variant installed yet")
+        x = self.pool.check_input(x, next(iter(specs.values())))
+        budget, _ = self._choose(x, specs, complexity=1.0)
+        first = self.pool.resolve(self._infos(specs)[0].name)
+        y, ms = self.pool.infer(first, x)
+        top = self.pool.resolve(budget)
+        if top.name == first.name or _min_confidence(y) >= threshold:
+            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [first.name]
+        y2, ms2 = self.pool.infer(top, x)
+        return Served(top.name, Reason.CASCADE, y2, ms + ms2), [first.name, top.name]
+
+    def _infos(self, specs: dict[str, VariantSpec]) -> list[VariantInfo]:
         key, infos = self._table_infos
-        if key != id(table):
+        if key != id(specs):
             infos = sorted(
-                (VariantInfo(lv.name, lv.spec.macs, lv.spec.accuracy, lv.spec.latency_ms)
-                 for lv in table.values()),
+                (VariantInfo(s.name, s.macs, s.accuracy, s.latency_ms) for s in specs.values()),
                 key=lambda v: (v.macs, v.name),
             )
-            self._table_infos = (id(table), infos)
+            self._table_infos = (id(specs), infos)
         return infos
 
-    def _choose(self, x: np.ndarray, table: dict[str, LoadedVariant]) -> tuple[str, Reason]:
-        c = self._ewma.update(estimate_complexity(x))
-        infos = self._infos(table)
+    def _choose(
+        self, x: np.ndarray, specs: dict[str, VariantSpec], complexity: float | None = None
+    ) -> tuple[str, Reason]:
+        if complexity is None:
+            complexity = self._ewma.update(estimate_complexity(x))
+        infos = self._infos(specs)
         now = time.monotonic()
         lat = float(np.median(self._latencies)) if self._latencies else None
         with self._policy_lock:
             d = decide(
-                self._readings, infos, c, lat, self._pinned, self._policy_state, now,
-                self.config.policy,
+                self._readings, infos, complexity, lat, self._pinned, self._policy_state, now,
+                self._policy_cfg,
             )
             self._policy_state = d.state
             if d.variant != self._active:
@@ -233,6 +271,48 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_reload(self) -> None:
+        """Re-read the policy configuration (SIGHUP); done on the loop thread."""
+        self._reload_requested.set()
+
+    def _reload(self) -> None:
+        if self.reload_source is None:
+            return
+        try:
+            fresh = self.reload_source()
+            policy = self._effective_policy(fresh.policy, self._manifest)
+            with self._policy_lock:
+                self._policy_cfg = policy
+        except (PrunefleetError, ValueError) as e:
+            log.error("reload failed, keeping the current policy: %s", e)
+            self.notifier.status(f"reload failed: {e}"[:200])
+            return
+        self.config = self.config.model_copy(update={"policy": fresh.policy,
+                                                     "energy": fresh.energy,
+                                                     "cascade": fresh.cascade})
+        log.info("policy reloaded")
+        self.notifier.status("policy reloaded")
+
+    @staticmethod
+    def _effective_policy(base: PolicyConfig, manifest: Manifest | None) -> PolicyConfig:
+        """The local policy config, overridden by the manifest's ``policy``."""
+        if manifest is None or not manifest.policy:
+            return base
+        return PolicyConfig.model_validate({**base.model_dump(), **manifest.policy})
+
+    @property
+    def policy(self) -> PolicyConfig:
+        return self._policy_cfg
+
+    def _memory_pressure(self) -> None:
+        """Under memory pressure keep only the active variant's session loaded."""
+        free = self._readings.mem_available_percent
+        if free is not None and free < self._policy_cfg.mem_low_percent:
+            keep = {self._active} if self._active else set()
+            dropped = self.pool.shrink_to(1, keep=keep)
+            if dropped:
+                log.warning("memory low (%.0f%% free): unloaded %s", free, ", ".join(dropped))
+
     def run(self, until: threading.Event | None = None, on_stop=None) -> None:
         """Serve until :meth:`stop` (or ``until``) is set; then flush and disconnect.
 
@@ -252,6 +332,12 @@ class Agent:
             if now >= next_sensor:
                 self._readings = self.sensors.read()
                 next_sensor = now + cfg.sensor_interval_s
+                self._memory_pressure()
+            if self.pool.wanted:
+                self.pool.load_wanted()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload()
             if now >= next_tick:
                 self.downloader.tick(now)
                 if self.downloader.active():
@@ -334,6 +420,10 @@ class Agent:
             manifest = self.trusted.verify(signed, min_version=self.store.accepted_version())
             if manifest.target not in (self.device_id, self.config.group):
                 raise TrustError(f"manifest is for {manifest.target!r}, not this device")
+            try:
+                policy = self._effective_policy(self.config.policy, manifest)
+            except ValueError as e:
+                raise TrustError(f"manifest policy is invalid: {e}") from e
         except TrustError as e:
             self.counters.rejected_manifests += 1
             self._last_error = f"manifest rejected: {e}"
@@ -346,6 +436,8 @@ class Agent:
             return  # an older manifest for the group while the device one is newer
         self.store.set_accepted_version(manifest.version)
         self._manifest = manifest
+        with self._policy_lock:
+            self._policy_cfg = policy
         self._failed.clear()
         self._pinned = manifest.pinned_variant
         log.info("accepted manifest v%d: %s", manifest.version,
@@ -362,7 +454,7 @@ class Agent:
         for spec in m.variants:
             if spec.sha256 in self._failed:
                 continue
-            if self.store.has(spec) and spec.name in self.pool.table:
+            if self.store.has(spec) and self.pool.serving(spec):
                 continue
             if self.store.have_blob(spec.sha256):
                 self._install(spec)
@@ -379,12 +471,12 @@ class Agent:
             return
         names = {v.name: v.sha256 for v in m.variants}
         serving_new = any(
-            n in names and lv.spec.sha256 == names[n] for n, lv in self.pool.table.items()
+            n in names and spec.sha256 == names[n] for n, spec in self.pool.specs.items()
         )
         if not serving_new:
             return  # keep the last known good variants serving
-        for name, lv in list(self.pool.table.items()):
-            if names.get(name) != lv.spec.sha256:
+        for name, spec in list(self.pool.specs.items()):
+            if names.get(name) != spec.sha256:
                 self.pool.remove(name)
                 self.store.forget(name)
 
@@ -458,9 +550,7 @@ class Agent:
         if failed:
             return RolloutReport(manifest_version=m.version, phase=RolloutPhase.FAILED,
                                  reason=(self._last_error or "install failed")[:1024])
-        table = self.pool.table
-        ready = [v for v in m.variants
-                 if v.name in table and table[v.name].spec.sha256 == v.sha256]
+        ready = [v for v in m.variants if self.pool.serving(v)]
         if self._verifying is not None:
             phase = RolloutPhase.VERIFYING
         elif len(ready) == len(m.variants):
@@ -499,3 +589,10 @@ class Agent:
 
 
 __all__ = ["Agent", "SimulatedSensors"]
+
+
+def _min_confidence(logits: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    return float(p.max(axis=1).min())

@@ -14,6 +14,7 @@ import queue
 import random
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote, urlparse
@@ -24,6 +25,39 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .errors import TransportError
 
 log = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random.
+
+    A fleet that lost its broker must not reconnect in one burst; the random half spreads
+    the retries of N devices over the whole window.
+    """
+    cap = min(max_s, min_s * (2 ** min(attempt, 30)))
+    return cap / 2 + rng.uniform(0, cap / 2)
+
+
+class _JitterClient(mqtt.Client):
+    """paho's client with jittered reconnect backoff (paho's own has no jitter)."""
+
+    def __init__(self, *args, min_s: float, max_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pf_min_s = min_s
+        self._pf_max_s = max_s
+        self._pf_rng = random.Random()
+        self.reconnect_attempts = 0
+
+    def _reconnect_wait(self) -> None:  # overrides paho's private hook
+        if self._reconnect_delay is None:
+            self.reconnect_attempts = 0
+            self._reconnect_delay = self._pf_min_s
+        else:
+            self.reconnect_attempts += 1
+        delay = backoff_delay(self.reconnect_attempts, self._pf_min_s, self._pf_max_s,
+                              self._pf_rng)
+        end = time.monotonic() + delay
+        while not self._thread_terminate and (remaining := end - time.monotonic()) > 0:
+            time.sleep(min(remaining, 0.25))
 
 
 @dataclass(frozen=True)
@@ -100,21 +134,18 @@ class MqttTransport:
         self.connected = threading.Event()
         self._subs: dict[str, int] = dict(options.subscriptions)
         self._lock = threading.Lock()
-        self._client = mqtt.Client(
+        self._client = _JitterClient(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,
             clean_session=options.clean_session,
             protocol=mqtt.MQTTv311,
+            min_s=options.reconnect_min_s,
+            max_s=options.reconnect_max_s,
         )
         c = self._client
         # paho raises if these are set after connect().
         c.max_inflight_messages_set(options.max_inflight_messages)
         c.max_queued_messages_set(options.max_queued_messages)
-        # paho's own backoff has no jitter; the first delay is jittered in start(), and
-        # the range is randomised per client so a fleet does not reconnect in lockstep.
-        lo = max(1, int(options.reconnect_min_s))
-        hi = max(lo, int(options.reconnect_max_s * random.uniform(0.8, 1.0)))
-        c.reconnect_delay_set(lo, hi)
         if address.username:
             c.username_pw_set(address.username, address.password)
         if address.tls:

@@ -155,6 +155,11 @@ class Manifest(WireModel):
     expires_at: Timestamp
     variants: list[VariantSpec] = Field(min_length=1, max_length=MAX_VARIANTS)
     pinned_variant: Name | None = None
+    # Overrides of the agent's policy settings (PolicyConfig field → value), per device
+    # or group; the agent rejects the manifest when they do not validate.
+    policy: dict[Annotated[str, Field(max_length=64)], float | int | bool | None] | None = (
+        Field(default=None, max_length=64)
+    )
 
     def model_post_init(self, __context: Any) -> None:
         names = [v.name for v in self.variants]
