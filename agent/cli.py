@@ -43,11 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # SIGHUP re-reads the policy settings from the same file and environment.
+    agent.reload_source = lambda: load_config(
+        args.config, device_id=args.device_id, broker_url=args.broker_url,
+        state_dir=args.state_dir,
+    )
+    signal.signal(signal.SIGHUP, lambda *_: agent.request_reload())
     app = None
     if cfg.workload is not None:
         app = SimulatedApp(agent, cfg.workload)
         app.start()
     agent.run(until=stop, on_stop=app.stop if app is not None else None)
+    if app is not None:
+        logging.getLogger("prunefleet.agent").info(
+            "simulated app served %d requests (%d errors)", app.served, app.errors)
     return 0
 
 

@@ -213,6 +213,8 @@ class Downloader:
         os.replace(part, self.store.path_of(dl.spec.sha256))
         fsync_dir(self.store.dir)
         self.store.done_path(dl.spec.sha256).unlink(missing_ok=True)
+        log.info("%s verified: fetched %d of %d chunks in this process",
+                 dl.spec.name, dl.fetched, dl.plan.count)
         return Completed(dl.spec)
 
     def _drop(self, dl: _Download, delete: bool = False) -> None:

@@ -237,3 +237,17 @@ def _brokers_running(request: pytest.FixtureRequest) -> None:
             broker = request.getfixturevalue(name)
             if not broker.running:
                 broker.start()
+
+
+# -- a server and an in-process agent on the session mosquitto -------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    """``(server, agent)``: a FleetServer and an in-process Agent running its loop."""
+    from fleet_helpers import make_server, run_agent
+
+    srv = make_server(tmp_path, mosquitto.url)
+    with run_agent(tmp_path, mosquitto.url) as agent:
+        yield srv, agent
+    srv.stop()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,3 +85,27 @@ def stop_agent(p: subprocess.Popen, timeout_s: float = 15.0) -> int:
     except subprocess.TimeoutExpired:
         p.kill()
         return p.wait()
+
+
+@contextlib.contextmanager
+def run_agent(tmp: Path, url: str, device: str = "dev-1", **overrides):
+    """An in-process Agent with simulated sensors, its loop on a thread."""
+    from prunefleet.agent.config import load_config
+    from prunefleet.agent.service import Agent
+
+    fields = {
+        "device_id": device, "broker_url": url, "state_dir": tmp / device,
+        "trusted_keys": [tmp / "keys" / "public.pem"], "chunk_timeout_s": 1.0,
+        "max_chunk_failures": 2, "sensors": {"kind": "simulated"},
+        "reconnect_max_s": 2.0,
+    }
+    fields.update(overrides)
+    agent = Agent(load_config(None, env={}, **fields))
+    stop = threading.Event()
+    t = threading.Thread(target=agent.run, kwargs={"until": stop}, daemon=True)
+    t.start()
+    try:
+        yield agent
+    finally:
+        stop.set()
+        t.join(15)

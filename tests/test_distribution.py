@@ -3,44 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from fleet_helpers import make_server, wait_for
+from fleet_helpers import wait_for
 from onnx_models import mlp_spec
 
-from prunefleet.agent.config import load_config
-from prunefleet.agent.service import Agent
 from prunefleet.shared.chunks import encode_frame
-
-
-def _agent(tmp_path, url, device="dev-1", **extra) -> Agent:
-    cfg = load_config(
-        None,
-        env={},
-        device_id=device,
-        broker_url=url,
-        state_dir=tmp_path / device,
-        trusted_keys=[tmp_path / "keys" / "public.pem"],
-        chunk_timeout_s=1.0,
-        max_chunk_failures=2,
-        sensors={"kind": "simulated"},
-        **extra,
-    )
-    return Agent(cfg)
-
-
-@pytest.fixture
-def fleet(tmp_path, mosquitto):
-    import threading
-
-    srv = make_server(tmp_path, mosquitto.url)
-    agent = _agent(tmp_path, mosquitto.url)
-    stop = threading.Event()
-    t = threading.Thread(target=agent.run, kwargs={"until": stop}, daemon=True)
-    t.start()
-    yield srv, agent
-    stop.set()
-    t.join(10)
-    srv.stop()
 
 
 def _x():
