@@ -28,6 +28,50 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from .keys import rotate
+
+    ring = rotate(args.dir)
+    print(f"new signing key {ring.current.keyid}; previous {ring.previous.keyid} kept")
+    print(f"1. give agents the new public key too: trusted_keys = [old, "
+          f"\"{args.dir / 'public.pem'}\"]")
+    print("2. a running `prunefleet serve` picks the change up and signs with both keys")
+    print("3. once every agent pins the new key: prunefleet keys retire")
+    return 0
+
+
+def _cmd_keys_retire(args: argparse.Namespace) -> int:
+    from .keys import retire_previous
+
+    old = retire_previous(args.dir)
+    if old is None:
+        print("no previous key: no rotation in progress")
+        return 1
+    print(f"retired previous key {old.keyid}; manifests carry the current key only")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import check_recipe, load_recipe, prepare
+
+    recipe = load_recipe(args.recipe)
+    resolved = check_recipe(recipe)  # fails fast: factory, checkpoint, shape, data, export
+    result = prepare(recipe, args.out, force=args.force, progress=sys.stderr.isatty(),
+                     resolved=resolved)
+    if result.cached:
+        print(f"{args.out}: up to date (same recipe, files verified); --force to redo")
+    print(f"{'variant':<16} {'technique':<11} {'params':>10} {'MACs':>12} {'zlib KiB':>9} "
+          f"{'p50 ms':>8} {'speedup':>8} {'acc %':>6} {'pareto':>6}")
+    for v in result.variants:
+        acc = "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}"
+        tech = v.technique + ("+int8" if v.quantize else "")
+        print(f"{v.name:<16} {tech:<11} {v.params:>10} {v.macs:>12} "
+              f"{v.compressed_bytes / 1024:>9.1f} {v.latency_ms_p50:>8.3f} "
+              f"{v.speedup:>7.2f}x {acc:>6} {'*' if v.pareto else '':>6}")
+    print(f"report: {result.report_path} (and report.md, report.png)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prunefleet",
@@ -46,11 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the fleet may run before the demo gives up (default 90)")
     d.set_defaults(func=_cmd_demo)
 
+    pr = sub.add_parser("prepare", help="prepare measured variants from a TOML recipe")
+    pr.add_argument("recipe", type=Path, metavar="RECIPE.toml")
+    pr.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="where the ONNX variants and report.json go")
+    pr.add_argument("--force", action="store_true",
+                    help="prepare again even if DIR is up to date, and replace another "
+                         "recipe's variants")
+    pr.set_defaults(func=_cmd_prepare)
+
     k = sub.add_parser("keys", help="manage the manifest signing key")
     ks = k.add_subparsers(dest="keys_command", required=True)
     ki = ks.add_parser("init", help="create the signing key if it does not exist")
     ki.add_argument("--dir", type=Path, default=Path(".prunefleet/keys"))
     ki.set_defaults(func=_cmd_keys_init)
+    kr = ks.add_parser("rotate", help="new signing key; the old one signs too until retired")
+    kr.add_argument("--dir", type=Path, default=Path(".prunefleet/keys"))
+    kr.set_defaults(func=_cmd_keys_rotate)
+    kt = ks.add_parser("retire", help="end a rotation: stop signing with the previous key")
+    kt.add_argument("--dir", type=Path, default=Path(".prunefleet/keys"))
+    kt.set_defaults(func=_cmd_keys_retire)
+
+    from .admin import add_commands
+
+    add_commands(sub)  # serve, devices, variants, rollout, telemetry
     return p
 
 

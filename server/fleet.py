@@ -34,6 +34,7 @@ from prunefleet.shared.signing import SigningKey
 from prunefleet.shared.topics import Topics
 
 from .errors import DistributionError, StoreError
+from .keys import KeyRing
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class FleetServer:
         self,
         broker_url: str,
         store: Store,
-        key: SigningKey,
+        key: SigningKey | KeyRing,
         *,
         prefix: str = "prunefleet",
         client_id: str = "pf-server",
@@ -86,6 +87,7 @@ class FleetServer:
         manifest_ttl_s: float = 7 * 24 * 3600,
     ):
         self.store = store
+        # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
         self.topics = Topics(prefix)
         self.manifest_ttl_s = manifest_ttl_s
@@ -206,6 +208,8 @@ class FleetServer:
                 r = decode(ReportedState, item.payload)
                 self._same_device(device_id, r.device_id)
                 self.store.set_reported(r)
+                if r.rollout is not None:
+                    self.store.record_rollout_report(r.device_id, r.rollout, r.ts or time.time())
                 self.counters.reported += 1
             elif channel == "events":
                 e = decode(Event, item.payload)

@@ -1,29 +1,148 @@
-"""The server's Ed25519 signing key on disk (``<dir>/signing.pem``, ``<dir>/public.pem``)."""
+"""The server's Ed25519 signing keys on disk, and their rotation.
+
+Files in the key directory::
+
+    signing.pem            current private key (0600)
+    public.pem             its public key: what agents pin
+    previous.pem           the key before the last rotation (0600), while it is kept
+    previous-public.pem    its public key
+
+A rotation (:func:`rotate`) keeps the old key as "previous" and makes a new current one.
+While a previous key exists, :class:`KeyRing` signs every manifest with both, so agents
+that pin the old key, the new key, or both accept it (``TrustedKeys.verify`` needs one
+valid trusted signature). Once every agent pins the new key, :func:`retire_previous`
+removes the old one and manifests carry the new signature only.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from prunefleet.shared.messages import Manifest, SignedManifest
 from prunefleet.shared.signing import SigningKey
+
+from .errors import KeyringError
+
+SIGNING = "signing.pem"
+PUBLIC = "public.pem"
+PREVIOUS = "previous.pem"
+PREVIOUS_PUBLIC = "previous-public.pem"
+
+
+def _write_private(path: Path, pem: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, pem: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(pem)
+    os.replace(tmp, path)
 
 
 def load_or_create(directory: Path) -> SigningKey:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    priv = directory / "signing.pem"
+    priv = directory / SIGNING
     if priv.exists():
         key = SigningKey.from_pem(priv.read_bytes())
     else:
         key = SigningKey.generate()
-        tmp = directory / ".signing.pem.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.to_pem())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, priv)
-    pub = directory / "public.pem"
+        _write_private(priv, key.to_pem())
+    pub = directory / PUBLIC
     if not pub.exists() or pub.read_bytes() != key.public_pem():
         pub.write_bytes(key.public_pem())
     return key
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """The key that signs, plus the previous one during a rotation."""
+
+    current: SigningKey
+    previous: SigningKey | None = None
+
+    @property
+    def keyid(self) -> str:
+        return self.current.keyid
+
+    @property
+    def keyids(self) -> list[str]:
+        return [k.keyid for k in self.keys]
+
+    @property
+    def keys(self) -> list[SigningKey]:
+        return [self.current] if self.previous is None else [self.current, self.previous]
+
+    def sign(self, manifest: Manifest) -> SignedManifest:
+        """One payload, one signature per key (current first)."""
+        signed = [k.sign(manifest) for k in self.keys]
+        return SignedManifest(
+            payload=signed[0].payload,
+            signatures=[s for sm in signed for s in sm.signatures],
+        )
+
+
+def load_keyring(directory: Path) -> KeyRing:
+    """The current key (created if missing) and the previous one if it is kept."""
+    directory = Path(directory)
+    current = load_or_create(directory)
+    prev_path = directory / PREVIOUS
+    previous = SigningKey.from_pem(prev_path.read_bytes()) if prev_path.exists() else None
+    return KeyRing(current, previous)
+
+
+def rotate(directory: Path) -> KeyRing:
+    """Make a new current key; the current one becomes "previous".
+
+    Refused while a previous key is still kept: two rotations in a row would drop a key
+    that agents may still pin alone. Retire the previous key first.
+    """
+    directory = Path(directory)
+    if not (directory / SIGNING).exists():
+        raise KeyringError(f"no signing key in {directory}: run `prunefleet keys init` first")
+    if (directory / PREVIOUS).exists():
+        raise KeyringError(
+            f"a rotation is already in progress in {directory} (previous.pem exists); "
+            "run `prunefleet keys retire` once every agent pins the new key"
+        )
+    old = SigningKey.from_pem((directory / SIGNING).read_bytes())
+    new = SigningKey.generate()
+    # previous first: a crash between the two steps leaves the old key in both places,
+    # never lost.
+    _write_private(directory / PREVIOUS, old.to_pem())
+    _write_public(directory / PREVIOUS_PUBLIC, old.public_pem())
+    _write_private(directory / SIGNING, new.to_pem())
+    _write_public(directory / PUBLIC, new.public_pem())
+    return KeyRing(new, old)
+
+
+def retire_previous(directory: Path) -> SigningKey | None:
+    """Stop signing with the previous key; returns it, or None when there was none."""
+    directory = Path(directory)
+    path = directory / PREVIOUS
+    if not path.exists():
+        return None
+    old = SigningKey.from_pem(path.read_bytes())
+    path.unlink()
+    (directory / PREVIOUS_PUBLIC).unlink(missing_ok=True)
+    return old
+
+
+def fingerprint(directory: Path) -> tuple[float, ...]:
+    """Changes whenever a key file changes (a running server reloads on it)."""
+    out = []
+    for name in (SIGNING, PREVIOUS):
+        try:
+            st = (Path(directory) / name).stat()
+            out += [st.st_mtime_ns, st.st_ino]
+        except FileNotFoundError:
+            out += [0, 0]
+    return tuple(out)

@@ -27,7 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from prunefleet.shared.messages import Event, ReportedState, TelemetryBatch
+from prunefleet.shared.messages import Event, ReportedState, RolloutReport, TelemetryBatch
 
 from .errors import StoreError
 
@@ -122,6 +122,65 @@ class ManifestRow(Base):
     target: Mapped[str] = mapped_column(String(64), index=True)
     signed: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class DeviceGroup(Base):
+    """A device's membership of a group (server-side labels that rollouts can target)."""
+
+    __tablename__ = "device_groups"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class DeviceRolloutReport(Base):
+    """The last rollout report of each device (``ReportedState.rollout``)."""
+
+    __tablename__ = "device_rollout_reports"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    manifest_version: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    """A rollout: what it offers, to whom, how it stages, and where it stands."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    target_kind: Mapped[str] = mapped_column(String(16))
+    target: Mapped[dict] = mapped_column(JSON)
+    variants: Mapped[list] = mapped_column(JSON)  # VariantSpec dicts, as offered
+    pinned_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    stage_started_at: Mapped[float] = mapped_column(Float)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    history: Mapped[list] = mapped_column(JSON, default=list)  # [{"ts", "note"}], oldest first
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RolloutDevice(Base):
+    """One device of one rollout: its stage, the manifest it was offered, its report."""
+
+    __tablename__ = "rollout_devices"
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    stage: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    offered_version: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    offered_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The manifest the device was on before this rollout (what a rollback restores).
+    previous_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    phase: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    acknowledged: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 def sqlite_url(path: Path) -> str:
@@ -321,3 +380,224 @@ class Store:
                 select(Telemetry.seq).where(Telemetry.device_id == device_id)
                 .order_by(Telemetry.seq)
             ))
+
+    # -- groups ---------------------------------------------------------------------------
+    def set_device_groups(self, device_id: str, groups: list[str]) -> None:
+        """Replace the groups of ``device_id``; an unknown device is registered (offline)."""
+        with self.session() as s:
+            if s.get(Device, device_id) is None:
+                s.add(Device(device_id=device_id, installed=[], online=False, last_seen=0.0))
+            for row in s.scalars(select(DeviceGroup).where(DeviceGroup.device_id == device_id)):
+                s.delete(row)
+            s.flush()
+            for g in sorted(set(groups)):
+                s.add(DeviceGroup(device_id=device_id, group_name=g))
+
+    def device_groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        with self.session() as s:
+            for row in s.scalars(select(DeviceGroup).order_by(DeviceGroup.group_name)):
+                out.setdefault(row.device_id, []).append(row.group_name)
+        return out
+
+    def group_members(self, group: str) -> list[str]:
+        with self.session() as s:
+            return list(s.scalars(
+                select(DeviceGroup.device_id).where(DeviceGroup.group_name == group)
+                .order_by(DeviceGroup.device_id)
+            ))
+
+    def device(self, device_id: str) -> Device | None:
+        with self.session() as s:
+            return s.get(Device, device_id)
+
+    # -- rollouts -------------------------------------------------------------------------
+    def record_rollout_report(self, device_id: str, report: RolloutReport, ts: float) -> None:
+        """Keep the device's last rollout report; update the rollout that offered it."""
+        for _ in range(2):
+            try:
+                with self.session() as s:
+                    row = s.get(DeviceRolloutReport, device_id)
+                    if row is None:
+                        row = DeviceRolloutReport(device_id=device_id)
+                        s.add(row)
+                    row.manifest_version = report.manifest_version
+                    row.phase = report.phase.value
+                    row.progress = report.progress
+                    row.reason = report.reason
+                    row.ts = ts
+                    for rd in s.scalars(select(RolloutDevice).where(
+                        RolloutDevice.device_id == device_id,
+                        RolloutDevice.offered_version == report.manifest_version,
+                    )):
+                        _apply_report(rd, row)
+                return
+            except IntegrityError:
+                continue  # a concurrent first report of the same device
+
+    def rollout_report(self, device_id: str) -> DeviceRolloutReport | None:
+        with self.session() as s:
+            return s.get(DeviceRolloutReport, device_id)
+
+    def create_rollout(
+        self, *, target_kind: str, target: dict, variants: list[dict],
+        pinned_variant: str | None, config: dict, status: str, stage: str,
+        devices: list[str], now: float | None = None,
+    ) -> int:
+        now = time.time() if now is None else now
+        with self.session() as s:
+            row = RolloutRow(
+                target_kind=target_kind, target=target, variants=variants,
+                pinned_variant=pinned_variant, config=config, status=status, stage=stage,
+                stage_started_at=now, reason="", created_at=now, updated_at=now,
+                history=[{"ts": now, "note": f"created for {len(devices)} devices"}],
+            )
+            s.add(row)
+            s.flush()
+            for d in devices:
+                s.add(RolloutDevice(rollout_id=row.id, device_id=d, updated_at=now))
+            return int(row.id)
+
+    def rollout(self, rollout_id: int) -> RolloutRow | None:
+        with self.session() as s:
+            return s.get(RolloutRow, rollout_id)
+
+    def rollouts(self, statuses: list[str] | None = None) -> list[RolloutRow]:
+        with self.session() as s:
+            q = select(RolloutRow).order_by(RolloutRow.id)
+            if statuses:
+                q = q.where(RolloutRow.status.in_(statuses))
+            return list(s.scalars(q))
+
+    def update_rollout(self, rollout_id: int, note: str | None = None, **fields) -> None:
+        """Set ``fields`` of a rollout; ``note`` is appended to its history."""
+        now = time.time()
+        with self.session() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise StoreError(f"no rollout {rollout_id}")
+            for k, v in fields.items():
+                setattr(row, k, v)
+            if note:
+                row.history = [*(row.history or []), {"ts": now, "note": note}][-200:]
+            row.updated_at = now
+
+    def rollout_devices(self, rollout_id: int) -> list[RolloutDevice]:
+        with self.session() as s:
+            return list(s.scalars(
+                select(RolloutDevice).where(RolloutDevice.rollout_id == rollout_id)
+                .order_by(RolloutDevice.device_id)
+            ))
+
+    def add_rollout_devices(self, rollout_id: int, device_ids: list[str]) -> None:
+        now = time.time()
+        with self.session() as s:
+            for d in device_ids:
+                if s.get(RolloutDevice, (rollout_id, d)) is None:
+                    s.add(RolloutDevice(rollout_id=rollout_id, device_id=d, updated_at=now))
+
+    def mark_offered(
+        self, rollout_id: int, device_id: str, *, stage: str | None, version: int,
+        previous_version: int | None, now: float | None = None,
+    ) -> None:
+        """Record the manifest a device was offered (``stage`` None keeps the stage)."""
+        now = time.time() if now is None else now
+        with self.session() as s:
+            rd = s.get(RolloutDevice, (rollout_id, device_id))
+            if rd is None:
+                rd = RolloutDevice(rollout_id=rollout_id, device_id=device_id)
+                s.add(rd)
+            if stage is not None:
+                rd.stage = stage
+            rd.offered_version = version
+            rd.offered_at = now
+            rd.previous_version = previous_version
+            rd.phase, rd.progress, rd.reason, rd.updated_at = None, 0.0, None, now
+            rd.acknowledged = False
+            # The device may have reported on this manifest before this row was written.
+            last = s.get(DeviceRolloutReport, device_id)
+            if last is not None and last.manifest_version == version:
+                _apply_report(rd, last)
+
+    def acknowledge_failures(self, rollout_id: int) -> int:
+        with self.session() as s:
+            rows = list(s.scalars(select(RolloutDevice).where(
+                RolloutDevice.rollout_id == rollout_id, RolloutDevice.phase == "failed",
+                RolloutDevice.acknowledged.is_(False),
+            )))
+            for rd in rows:
+                rd.acknowledged = True
+            return len(rows)
+
+    def manifest(self, version: int) -> ManifestRow | None:
+        with self.session() as s:
+            return s.get(ManifestRow, version)
+
+    def latest_manifest(self, target: str) -> ManifestRow | None:
+        with self.session() as s:
+            return s.scalar(
+                select(ManifestRow).where(ManifestRow.target == target)
+                .order_by(ManifestRow.version.desc()).limit(1)
+            )
+
+    def variant(self, ref: str) -> VariantRow | None:
+        """A registered variant by sha256, or the newest one registered under a name."""
+        with self.session() as s:
+            if len(ref) == 64:
+                row = s.get(VariantRow, ref)
+                if row is not None:
+                    return row
+            return s.scalar(
+                select(VariantRow).where(VariantRow.name == ref)
+                .order_by(VariantRow.created_at.desc()).limit(1)
+            )
+
+    def telemetry_summary(self, since: float = 0.0) -> dict:
+        """Fleet-wide aggregates: devices, batches, and requests and accuracy per variant."""
+        with self.session() as s:
+            devices = int(s.scalar(select(func.count(Device.device_id))) or 0)
+            online = int(s.scalar(
+                select(func.count(Device.device_id)).where(Device.online.is_(True))
+            ) or 0)
+            batches = int(s.scalar(
+                select(func.count(Telemetry.id)).where(Telemetry.interval_end >= since)
+            ) or 0)
+            rows = s.execute(
+                select(
+                    VariantUsage.variant,
+                    func.count(func.distinct(VariantUsage.device_id)),
+                    func.sum(VariantUsage.requests),
+                    func.sum(VariantUsage.errors),
+                    func.sum(VariantUsage.labeled),
+                    func.sum(VariantUsage.correct),
+                    func.avg(VariantUsage.latency_ms_p50),
+                )
+                .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
+                .where(Telemetry.interval_end >= since)
+                .group_by(VariantUsage.variant)
+                .order_by(VariantUsage.variant)
+            ).all()
+            switches = s.execute(
+                select(Switch.reason, func.count(Switch.id))
+                .where(Switch.ts >= since).group_by(Switch.reason).order_by(Switch.reason)
+            ).all()
+        variants = {}
+        for name, devs, req, err, lab, cor, p50 in rows:
+            lab = int(lab or 0)
+            variants[name] = {
+                "devices": int(devs or 0), "requests": int(req or 0), "errors": int(err or 0),
+                "labeled": lab, "correct": int(cor or 0),
+                "accuracy": (int(cor or 0) / lab) if lab else None,
+                "latency_ms_p50_mean": float(p50) if p50 is not None else None,
+            }
+        return {
+            "devices": devices, "online": online, "batches": batches, "variants": variants,
+            "switches": {r: int(n) for r, n in switches},
+        }
+
+
+def _apply_report(rd: RolloutDevice, report: DeviceRolloutReport) -> None:
+    rd.phase = report.phase
+    rd.progress = report.progress
+    rd.reason = report.reason
+    rd.updated_at = report.ts

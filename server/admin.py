@@ -1,0 +1,309 @@
+"""The CLI's server and admin subcommands: ``serve``, ``devices``, ``variants``,
+``rollout`` and ``telemetry``. Everything but ``serve`` talks to a running server through
+its HTTP API (:mod:`.adminclient`), so that server stays the single writer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from .adminclient import DEFAULT_SERVER, AdminClient, resolve_token
+
+
+def _client(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(args.server, resolve_token(args.token, args.token_file))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    s = max(0.0, time.time() - ts)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else \
+        f"{s / 3600:.0f}h ago"
+
+
+def _table(rows: list[list], header: list[str]) -> None:
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# -- serve --------------------------------------------------------------------------------------
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeOptions, serve
+
+    return serve(ServeOptions(
+        state_dir=args.state_dir, broker_url=args.broker, db_url=args.db, listen=args.listen,
+        key_dir=args.keys, prefix=args.prefix, share_group=args.share_group,
+    ))
+
+
+# -- devices ------------------------------------------------------------------------------------
+def _cmd_devices(args: argparse.Namespace) -> int:
+    devs = _client(args).devices(args.group)
+    if args.json:
+        _print_json(devs)
+        return 0
+    rows = []
+    for d in devs:
+        r = d["rollout"]
+        phase = "-" if r is None else f"v{r['manifest_version']} {r['phase']}" + (
+            f" {100 * r['progress']:.0f}%" if r["phase"] == "downloading" else "")
+        rows.append([d["device_id"], "online" if d["online"] else "offline",
+                     ",".join(d["groups"]) or "-", d["manifest_version"] or "-",
+                     d["active_variant"] or "-", len(d["installed"]), phase,
+                     _ago(d["last_seen"])])
+    _table(rows, ["DEVICE", "STATE", "GROUPS", "MANIFEST", "ACTIVE", "INSTALLED", "ROLLOUT",
+                  "SEEN"])
+    return 0
+
+
+def _cmd_devices_groups(args: argparse.Namespace) -> int:
+    out = _client(args).set_groups(args.device, args.groups)
+    print(f"{out['device_id']}: groups {', '.join(out['groups']) or '(none)'}")
+    return 0
+
+
+# -- variants -----------------------------------------------------------------------------------
+def _cmd_variants_list(args: argparse.Namespace) -> int:
+    vs = _client(args).variants()
+    if args.json:
+        _print_json(vs)
+        return 0
+    _table([[v["name"], v["sha256"][:12], v["size"], v["chunks"], v["params"], v["macs"],
+             "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}",
+             v["technique"]] for v in vs],
+           ["NAME", "SHA256", "BYTES", "CHUNKS", "PARAMS", "MACS", "ACC %", "TECHNIQUE"])
+    return 0
+
+
+def _cmd_variants_register(args: argparse.Namespace) -> int:
+    meta: dict = {"name": args.name, "macs": args.macs, "technique": args.technique}
+    if args.params is not None:
+        meta["params"] = args.params
+    if args.input_shape:
+        meta["input_shape"] = [int(x) for x in args.input_shape.split(",")]
+    if args.num_classes is not None:
+        meta["num_classes"] = args.num_classes
+    if args.accuracy is not None:
+        meta["accuracy"] = args.accuracy
+    if args.latency_ms is not None:
+        meta["latency_ms"] = args.latency_ms
+    if args.chunk_bytes is not None:
+        meta["chunk_bytes"] = args.chunk_bytes
+    v = _client(args).register_variant(args.file, **meta)
+    if args.json:
+        _print_json(v)
+    else:
+        print(f"registered {v['name']} ({v['sha256'][:12]}…, {v['size']} bytes, "
+              f"{v['chunks']} chunks published)")
+    return 0
+
+
+# -- rollouts -----------------------------------------------------------------------------------
+def _rollout_line(r: dict) -> list:
+    c = r["counts"]
+    t = r["target"]
+    target = {"devices": lambda: ",".join(t["devices"][:3]) + ("…" if len(t["devices"]) > 3
+                                                                  else ""),
+              "group": lambda: f"group {t['group']}", "fleet": lambda: "fleet"}[t["kind"]]()
+    return [f"#{r['id']}", r["status"], r["stage"], target,
+            ",".join(v["name"] for v in r["variants"]),
+            f"{c['succeeded']}/{c['total']}", c["failed"], c["pending"] + c["waiting"]]
+
+
+_HEADER = ["ID", "STATUS", "STAGE", "TARGET", "VARIANTS", "OK", "FAILED", "PENDING"]
+
+
+def _print_rollout(r: dict) -> None:
+    _table([_rollout_line(r)], _HEADER)
+    if r.get("reason"):
+        print(f"\n{r['reason']}")
+    devices = r.get("devices") or []
+    if devices:
+        print()
+        _table([[d["device_id"], "online" if d["online"] else "offline", d["stage"] or "-",
+                 d["offered_version"] or "-", d["phase"] or "-",
+                 f"{100 * d['progress']:.0f}%", (d["reason"] or "")[:60]] for d in devices],
+               ["DEVICE", "STATE", "STAGE", "MANIFEST", "PHASE", "PROGRESS", "REASON"])
+
+
+def _cmd_rollout_create(args: argparse.Namespace) -> int:
+    if args.device:
+        target = {"kind": "devices", "devices": args.device}
+    elif args.group:
+        target = {"kind": "group", "group": args.group}
+    else:
+        target = {"kind": "fleet"}
+    config = {k: v for k, v in {
+        "canary_percent": args.canary_percent, "canary_min_devices": args.canary_min,
+        "success_threshold": args.success_threshold,
+        "failure_threshold": args.failure_threshold, "success_phase": args.success_phase,
+        "canary_timeout_s": args.canary_timeout, "device_timeout_s": args.device_timeout,
+    }.items() if v is not None}
+    body = {"target": target, "variants": args.variant, "config": config,
+            "supersede": args.supersede}
+    if args.pin:
+        body["pinned_variant"] = args.pin
+    r = _client(args).create_rollout(body)
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"created rollout #{r['id']}")
+        _print_rollout(r)
+    return 0
+
+
+def _cmd_rollout_list(args: argparse.Namespace) -> int:
+    rs = _client(args).rollouts()
+    if args.json:
+        _print_json(rs)
+    else:
+        _table([_rollout_line(r) for r in rs], _HEADER)
+    return 0
+
+
+def _cmd_rollout_status(args: argparse.Namespace) -> int:
+    r = _client(args).rollout(args.id)
+    if args.json:
+        _print_json(r)
+    else:
+        _print_rollout(r)
+    return 0
+
+
+def _cmd_rollout_action(args: argparse.Namespace) -> int:
+    r = _client(args).rollout_action(args.id, args.action)
+    if args.json:
+        _print_json(r)
+    else:
+        _print_rollout(r)
+    return 0
+
+
+def _cmd_telemetry(args: argparse.Namespace) -> int:
+    since = time.time() - args.since_s if args.since_s else 0.0
+    s = _client(args).telemetry_summary(since)
+    if args.json:
+        _print_json(s)
+        return 0
+    print(f"{s['devices']} devices, {s['online']} online, {s['batches']} telemetry batches")
+    _table([[n, v["devices"], v["requests"], v["errors"],
+             "-" if v["accuracy"] is None else f"{100 * v['accuracy']:.2f}",
+             "-" if v["latency_ms_p50_mean"] is None else f"{v['latency_ms_p50_mean']:.3f}"]
+            for n, v in s["variants"].items()],
+           ["VARIANT", "DEVICES", "REQUESTS", "ERRORS", "ACC %", "P50 MS"])
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=os.environ.get("PRUNEFLEET_SERVER", DEFAULT_SERVER),
+                   help="API base URL (default $PRUNEFLEET_SERVER or %(default)s)")
+    p.add_argument("--token", help="API bearer token (default $PRUNEFLEET_TOKEN)")
+    p.add_argument("--token-file", type=Path,
+                   help="file holding the token (default .prunefleet/server/api-token)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the server: MQTT distribution, rollouts, HTTP API")
+    s.add_argument("--broker", metavar="URL",
+                   help="mqtt://host:port of the broker (default: embedded amqtt on loopback)")
+    s.add_argument("--db", metavar="URL",
+                   help="SQLAlchemy URL, e.g. postgresql://user@host/db "
+                   "(default: SQLite in the state directory)")
+    s.add_argument("--state-dir", type=Path, default=Path(".prunefleet/server"),
+                   help="API token, keys, uploaded models, SQLite store (default %(default)s)")
+    s.add_argument("--listen", default="127.0.0.1:8080", help="HTTP HOST:PORT (%(default)s)")
+    s.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"),
+                   help="signing key directory, as for `keys init` (default %(default)s)")
+    s.add_argument("--prefix", default="prunefleet", help="MQTT topic prefix (%(default)s)")
+    s.add_argument("--share-group", help="ingest through $share/GROUP/… (several servers)")
+    s.set_defaults(func=_cmd_serve)
+
+    d = sub.add_parser("devices", help="list devices (or set their groups)")
+    # `prunefleet devices` alone lists, with the client defaults of `devices list`.
+    d.set_defaults(func=_cmd_devices, server=os.environ.get("PRUNEFLEET_SERVER",
+                   DEFAULT_SERVER), token=None, token_file=None, json=False, group=None)
+    ds = d.add_subparsers(dest="devices_command")
+    dl = ds.add_parser("list", help="list devices (the default)")
+    _client_args(dl)
+    dl.add_argument("--group", help="only devices in this group")
+    dl.set_defaults(func=_cmd_devices)
+    dg = ds.add_parser("set-groups", help="set the groups of a device (registers it if new)")
+    _client_args(dg)
+    dg.add_argument("device")
+    dg.add_argument("groups", nargs="*", help="group names (none: remove from all)")
+    dg.set_defaults(func=_cmd_devices_groups)
+
+    v = sub.add_parser("variants", help="list or register model variants")
+    vs = v.add_subparsers(dest="variants_command", required=True)
+    vl = vs.add_parser("list", help="registered variants")
+    _client_args(vl)
+    vl.set_defaults(func=_cmd_variants_list)
+    vr = vs.add_parser("register", help="upload an ONNX file and publish it as a variant")
+    _client_args(vr)
+    vr.add_argument("file", type=Path)
+    vr.add_argument("--name", required=True)
+    vr.add_argument("--macs", type=int, required=True, help="multiply-accumulates per input")
+    vr.add_argument("--params", type=int, help="parameters (default: counted from the file)")
+    vr.add_argument("--input-shape", help="e.g. 1,1,8,8 (default: read from the file)")
+    vr.add_argument("--num-classes", type=int, help="(default: read from the file)")
+    vr.add_argument("--accuracy", type=float, help="measured top-1 accuracy, 0..1")
+    vr.add_argument("--latency-ms", type=float, help="measured latency")
+    vr.add_argument("--technique", default="none", help="e.g. structured, int8")
+    vr.add_argument("--chunk-bytes", type=int, help="chunk size on the wire (default 64 KiB)")
+    vr.set_defaults(func=_cmd_variants_register)
+
+    r = sub.add_parser("rollout", help="staged rollouts of variants to devices")
+    rs = r.add_subparsers(dest="rollout_command", required=True)
+    rc = rs.add_parser("create", help="offer variants to devices, a group, or the fleet")
+    _client_args(rc)
+    rc.add_argument("--variant", action="append", required=True,
+                    help="registered variant name or sha256 (repeat for several)")
+    tg = rc.add_mutually_exclusive_group(required=True)
+    tg.add_argument("--device", action="append", help="a device id (repeat for several)")
+    tg.add_argument("--group", help="every device in this group")
+    tg.add_argument("--fleet", action="store_true", help="every device the server knows")
+    rc.add_argument("--pin", metavar="VARIANT", help="pin devices to this variant")
+    rc.add_argument("--canary-percent", type=float, help="share offered first (default 10)")
+    rc.add_argument("--canary-min", type=int, help="at least this many canaries (default 1)")
+    rc.add_argument("--success-threshold", type=float,
+                    help="share of canaries that must succeed to promote (default 1.0)")
+    rc.add_argument("--failure-threshold", type=float,
+                    help="halt once the failed share of offered devices is above (default 0.1)")
+    rc.add_argument("--success-phase", choices=["installed", "active"],
+                    help="what counts as success (default installed)")
+    rc.add_argument("--canary-timeout", type=float, help="seconds (default 900)")
+    rc.add_argument("--device-timeout", type=float, help="seconds (default 1800)")
+    rc.add_argument("--supersede", action="store_true",
+                    help="take devices over from unfinished rollouts")
+    rc.set_defaults(func=_cmd_rollout_create)
+    rl = rs.add_parser("list", help="all rollouts")
+    _client_args(rl)
+    rl.set_defaults(func=_cmd_rollout_list)
+    rst = rs.add_parser("status", help="one rollout, per device")
+    _client_args(rst)
+    rst.add_argument("id", type=int)
+    rst.set_defaults(func=_cmd_rollout_status)
+    for action, helptext in (("pause", "stop offering to more devices"),
+                             ("resume", "continue a paused or halted rollout"),
+                             ("rollback", "give devices their previous desired state")):
+        ra = rs.add_parser(action, help=helptext)
+        _client_args(ra)
+        ra.add_argument("id", type=int)
+        ra.set_defaults(func=_cmd_rollout_action, action=action)
+
+    t = sub.add_parser("telemetry", help="fleet-wide telemetry summary")
+    _client_args(t)
+    t.add_argument("--since-s", type=float, help="only the last N seconds")
+    t.set_defaults(func=_cmd_telemetry)

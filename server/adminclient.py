@@ -1,0 +1,136 @@
+"""The admin CLI's client of the server's HTTP API (stdlib only: urllib).
+
+Where the token comes from, first found wins: ``--token``, ``$PRUNEFLEET_TOKEN``, the
+file given by ``--token-file``, ``<state dir>/api-token`` of a local ``prunefleet serve``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .errors import ServerError
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+DEFAULT_TOKEN_FILE = Path(".prunefleet/server/api-token")
+
+
+class ApiError(ServerError):
+    """The server refused a request (``status`` > 0) or could not be reached (0)."""
+
+    def __init__(self, message: str, status: int = 0, details: list | None = None):
+        super().__init__(message)
+        self.status = status
+        self.details = details or []
+
+
+def resolve_token(token: str | None, token_file: Path | None) -> str:
+    if token:
+        return token
+    env = os.environ.get("PRUNEFLEET_TOKEN")
+    if env:
+        return env
+    path = Path(token_file) if token_file else DEFAULT_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError as e:
+        raise ApiError(
+            f"no API token: pass --token, set PRUNEFLEET_TOKEN, or point --token-file at the "
+            f"server's api-token ({path} does not exist)"
+        ) from e
+
+
+class AdminClient:
+    def __init__(self, base_url: str, token: str, timeout_s: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout_s = timeout_s
+
+    def request(self, method: str, path: str, body: Any = None, *, data=None,
+                length: int | None = None, content_type: str = "application/json") -> Any:
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if body is not None:
+            data = json.dumps(body).encode()
+            length = len(data)
+        if data is not None:
+            headers["Content-Type"] = content_type
+            if length is not None:
+                headers["Content-Length"] = str(length)
+        req = urllib.request.Request(self.base_url + path, data=data, method=method,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                err = json.loads(raw)["error"]
+                raise ApiError(f"{err['message']} (HTTP {e.code})", e.code,
+                               err.get("details")) from None
+            except (ValueError, KeyError, TypeError):
+                raise ApiError(f"HTTP {e.code}: {raw[:200]!r}", e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ApiError(f"cannot reach the server at {self.base_url}: {reason}") from e
+        return json.loads(raw) if raw else None
+
+    # -- endpoints ------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self.request("GET", "/healthz")
+
+    def devices(self, group: str | None = None) -> list[dict]:
+        return self.request("GET", "/v1/devices" + (f"?group={group}" if group else ""))
+
+    def set_groups(self, device_id: str, groups: list[str]) -> dict:
+        return self.request("PUT", f"/v1/devices/{device_id}/groups", {"groups": groups})
+
+    def variants(self) -> list[dict]:
+        return self.request("GET", "/v1/variants")
+
+    def upload(self, path: Path, progress: bool | None = None) -> dict:
+        """PUT a file to /v1/blobs/<its sha256>, streamed (with a progress bar on a TTY)."""
+        path = Path(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while buf := f.read(1 << 20):
+                h.update(buf)
+        size = path.stat().st_size
+        progress = sys.stderr.isatty() if progress is None else progress
+        url = f"/v1/blobs/{h.hexdigest()}"
+        with open(path, "rb") as f:
+            if not progress:
+                return self.request("PUT", url, data=f, length=size,
+                                    content_type="application/octet-stream")
+            from tqdm import tqdm
+
+            with tqdm.wrapattr(f, "read", total=size, desc=f"upload {path.name}", unit="B",
+                               unit_scale=True, file=sys.stderr) as body:
+                return self.request("PUT", url, data=body, length=size,
+                                    content_type="application/octet-stream")
+
+    def register_variant(self, path: Path, **meta) -> dict:
+        blob = self.upload(path)
+        return self.request("POST", "/v1/variants", {"sha256": blob["sha256"], **meta})
+
+    def rollouts(self) -> list[dict]:
+        return self.request("GET", "/v1/rollouts")
+
+    def rollout(self, rollout_id: int) -> dict:
+        return self.request("GET", f"/v1/rollouts/{int(rollout_id)}")
+
+    def create_rollout(self, body: dict) -> dict:
+        return self.request("POST", "/v1/rollouts", body)
+
+    def rollout_action(self, rollout_id: int, action: str) -> dict:
+        if action not in ("pause", "resume", "rollback"):
+            raise ValueError(action)
+        return self.request("POST", f"/v1/rollouts/{int(rollout_id)}/{action}")
+
+    def telemetry_summary(self, since: float = 0.0) -> dict:
+        return self.request("GET", f"/v1/telemetry/summary?since={since}")

@@ -1,0 +1,235 @@
+"""``prunefleet serve``: the long-running server process.
+
+It wires together the MQTT side (:class:`FleetServer`: distribution, desired state, ingest),
+the rollout controller (ticking once a second), the variant registry and the HTTP API
+(uvicorn), over one store. It is the single writer of fleet state: the admin CLI goes
+through its API.
+
+State directory layout (``--state-dir``, default ``.prunefleet/server``)::
+
+    api-token         bearer token of the API (0600, created on first start)
+    keys/             signing keys (see keys.py; ``keys rotate`` is picked up live)
+    blobs/            uploaded ONNX files by sha256
+    fleet.db          the SQLite store, unless --db names another
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from .api import ApiContext, create_app, load_or_create_token
+from .controller import RolloutController
+from .errors import DistributionError, ServerError
+from .fleet import FleetServer
+from .keys import fingerprint, load_keyring
+from .registry import Registry
+from .store import Store, sqlite_url
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = "api-token"
+
+
+@dataclass
+class ServeOptions:
+    state_dir: Path = Path(".prunefleet/server")
+    broker_url: str | None = None  # None: an embedded amqtt broker on loopback
+    db_url: str | None = None  # None: SQLite in the state directory
+    listen: str = "127.0.0.1:8080"
+    key_dir: Path | None = None  # None: <state_dir>/keys
+    prefix: str = "prunefleet"
+    share_group: str | None = None
+    tick_s: float = 1.0
+    client_id: str | None = None
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``:port`` (loopback)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ServerError(f"bad --listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+def db_url_for(url: str | None, state_dir: Path) -> str:
+    if url is None:
+        return sqlite_url(state_dir / "fleet.db")
+    # SQLAlchemy's default PostgreSQL driver is psycopg2; prunefleet ships psycopg 3.
+    for plain in ("postgresql://", "postgres://"):
+        if url.startswith(plain):
+            return "postgresql+psycopg://" + url[len(plain):]
+    return url
+
+
+class FleetService:
+    """Everything ``prunefleet serve`` runs; tests start it in-process."""
+
+    def __init__(self, opts: ServeOptions):
+        self.opts = opts
+        self.state_dir = Path(opts.state_dir)
+        self.key_dir = Path(opts.key_dir) if opts.key_dir else self.state_dir / "keys"
+        self.token_path = self.state_dir / TOKEN_FILE
+        self.broker = None
+        self.store: Store | None = None
+        self.fleet: FleetServer | None = None
+        self.controller: RolloutController | None = None
+        self.registry: Registry | None = None
+        self.host, self.port = parse_listen(opts.listen)
+        self._sock: socket.socket | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._keys_fp: tuple = ()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def token(self) -> str:
+        return load_or_create_token(self.token_path)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, http_in_thread: bool = True) -> FleetService:
+        """Start everything; the HTTP server too unless ``http_in_thread`` is False, in
+        which case :meth:`serve_http` runs it on the calling thread."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        token = load_or_create_token(self.token_path)
+        try:
+            broker_url = self.opts.broker_url
+            if broker_url is None:
+                from .broker import EmbeddedBroker
+
+                self.broker = EmbeddedBroker().start()
+                broker_url = self.broker.url
+            self.store = Store(db_url_for(self.opts.db_url, self.state_dir))
+            keyring = load_keyring(self.key_dir)
+            self._keys_fp = fingerprint(self.key_dir)
+            self.fleet = FleetServer(
+                broker_url, self.store, keyring, prefix=self.opts.prefix,
+                client_id=self.opts.client_id or f"pf-server-{socket.gethostname()[:20]}-"
+                f"{os.getpid()}",
+                share_group=self.opts.share_group,
+            )
+            self.fleet.start()
+            self.registry = Registry(self.store, self.fleet, self.state_dir / "blobs")
+            self.controller = RolloutController(self.fleet, self.store)
+            self._republish_artifacts()
+            self.controller.tick()  # continue unfinished rollouts at once
+            self._ticker = threading.Thread(target=self._tick_loop, name="rollouts",
+                                            daemon=True)
+            self._ticker.start()
+            app = create_app(ApiContext(self.store, self.fleet, self.controller,
+                                        self.registry, token))
+            self._sock = socket.socket(
+                socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM
+            )
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((self.host, self.port))
+            self.port = self._sock.getsockname()[1]
+            self._http = uvicorn.Server(uvicorn.Config(
+                app, log_level="warning", access_log=False, lifespan="off",
+                timeout_graceful_shutdown=5,
+            ))
+            if http_in_thread:
+                self._http_thread = threading.Thread(
+                    target=self._http.run, kwargs={"sockets": [self._sock]},
+                    name="http", daemon=True,
+                )
+                self._http_thread.start()
+                deadline = time.monotonic() + 10
+                while not self._http.started and time.monotonic() < deadline:
+                    if not self._http_thread.is_alive():
+                        raise ServerError("the HTTP server did not start")
+                    time.sleep(0.02)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("prunefleet server: API on %s, broker %s", self.url, broker_url)
+        return self
+
+    def serve_http(self) -> None:
+        """Run the HTTP server on this thread until SIGINT/SIGTERM."""
+        assert self._http is not None and self._sock is not None
+        self._http.run(sockets=[self._sock])
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._http is not None and self._http_thread is not None:
+            self._http.should_exit = True
+            self._http_thread.join(10)
+        if self._ticker is not None:
+            self._ticker.join(10)
+        if self._sock is not None:
+            self._sock.close()
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.store is not None:
+            self.store.close()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> FleetService:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.opts.tick_s):
+            try:
+                self._reload_keys()
+                self.controller.tick()
+            except Exception:  # the loop must survive anything one tick meets
+                log.exception("rollout tick failed")
+
+    def _reload_keys(self) -> None:
+        fp = fingerprint(self.key_dir)
+        if fp != self._keys_fp:
+            self._keys_fp = fp
+            ring = load_keyring(self.key_dir)
+            self.fleet.key = ring
+            log.warning("signing keys changed on disk: now signing with %s",
+                        ", ".join(k[:12] for k in ring.keyids))
+
+    def _republish_artifacts(self) -> None:
+        """Publish every registered variant's chunks again (retained; idempotent), so a
+        broker that lost its retained messages serves them again."""
+        from prunefleet.shared.messages import VariantSpec
+
+        for row in self.store.variants():
+            path = Path(row.path)
+            if not path.exists():
+                log.warning("variant %s: file %s is gone; not republished", row.name, path)
+                continue
+            try:
+                self.fleet.publish_artifact(VariantSpec.model_validate(row.spec),
+                                            path.read_bytes())
+            except DistributionError as e:
+                log.error("variant %s not republished: %s", row.name, e)
+
+
+def serve(opts: ServeOptions, out=print) -> int:
+    svc = FleetService(opts)
+    svc.start(http_in_thread=False)
+    try:
+        out(f"prunefleet server: API {svc.url} (token in {svc.token_path}), "
+            f"broker {svc.fleet.transport.address.url}, "
+            f"store {make_url(svc.store.url).render_as_string(hide_password=True)}")
+        svc.serve_http()
+    finally:
+        svc.stop()
+    return 0
