@@ -1,4 +1,6 @@
-"""The digits data set (scikit-learn's bundled copy: nothing is downloaded).
+"""Data for preparation: scikit-learn's bundled digits (nothing is downloaded), ``.npz`` arrays,
+or a callable returning torch datasets, all turned into in-memory train/val/test splits.
+
 
 1,797 grey 8x8 images with values 0..16, ten classes. :func:`load_digits_splits` returns a
 stratified train/validation/test split with a fixed seed, normalised as the models expect:
@@ -51,8 +53,8 @@ class Dataset:
     train: Split
     val: Split
     test: Split
-    normalization: Normalization
-    split_seed: int
+    normalization: Normalization | None
+    split_seed: int | None
     input_shape: tuple[int, ...] = INPUT_SHAPE
     num_classes: int = NUM_CLASSES
 
@@ -63,8 +65,13 @@ class Dataset:
             "train": len(self.train),
             "val": len(self.val),
             "test": len(self.test),
-            "normalization": self.normalization.to_dict(),
+            "normalization": self.normalization.to_dict() if self.normalization else None,
         }
+
+    @property
+    def eval_split(self) -> Split:
+        """Where accuracy is measured: the test split (the validation split when none)."""
+        return self.test if len(self.test) else self.val
 
 
 def load_digits_splits(
@@ -103,3 +110,99 @@ def load_digits_splits(
         normalization=norm,
         split_seed=seed,
     )
+
+
+# --------------------------------------------------------------------------- recipe data
+
+
+def _as_split(x, y, what: str, input_shape: tuple[int, ...]) -> Split:
+    from .errors import RecipeError
+
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    y = np.ascontiguousarray(np.asarray(y).astype(np.int64))
+    if x.ndim != 1 + len(input_shape) or tuple(x.shape[1:]) != tuple(input_shape):
+        raise RecipeError(f"data {what}: inputs of shape {tuple(x.shape[1:])} do not match "
+                          f"input_shape {list(input_shape)} (batch dimension removed)")
+    if y.ndim != 1 or len(y) != len(x):
+        raise RecipeError(f"data {what}: {len(x)} inputs but labels of shape {y.shape}")
+    return Split(x, y)
+
+
+def _materialize(ds, what: str, input_shape: tuple[int, ...]) -> Split:
+    """A torch dataset of ``(input, label)`` pairs, read into arrays."""
+    import torch
+
+    from .errors import RecipeError
+
+    xs, ys = [], []
+    try:
+        for i in range(len(ds)):
+            x, y = ds[i]
+            xs.append(torch.as_tensor(x, dtype=torch.float32).numpy())
+            ys.append(int(y))
+    except Exception as e:
+        raise RecipeError(f"data {what}: cannot read item {len(xs)}: {e}") from e
+    return _as_split(np.stack(xs) if xs else np.zeros((0, *input_shape), np.float32),
+                     np.asarray(ys, np.int64), what, input_shape)
+
+
+def load_recipe_data(source: str, input_shape: tuple[int, ...], base_dir: str = ".") -> Dataset:
+    """Load the data a recipe names; ``input_shape`` excludes the batch dimension.
+
+    * ``"digits"``: :func:`load_digits_splits` (train / val / test);
+    * ``*.npz``: arrays ``x_train``, ``y_train``, ``x_val``, ``y_val`` (``x_test``,
+      ``y_test`` optional);
+    * ``"package.module:callable"``: returns ``(train, val)`` or ``(train, val, test)``
+      torch datasets of ``(input, label)`` pairs.
+    """
+    from pathlib import Path
+
+    from .errors import RecipeError
+    from .recipe import import_callable
+
+    empty = Split(np.zeros((0, *input_shape), np.float32), np.zeros(0, np.int64))
+    if source == "digits":
+        data = load_digits_splits()
+        if tuple(input_shape) != data.input_shape:
+            raise RecipeError(f"data 'digits' has inputs of shape {list(data.input_shape)}, "
+                              f"the recipe's input_shape is {list(input_shape)}")
+        return data
+    if source.endswith(".npz"):
+        path = Path(source).expanduser()
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except FileNotFoundError as e:
+            raise RecipeError(f"data {str(path)!r} does not exist") from e
+        except Exception as e:
+            raise RecipeError(f"data {str(path)!r} does not load: {e}") from e
+        missing = [k for k in ("x_train", "y_train", "x_val", "y_val") if k not in arrays]
+        if missing:
+            raise RecipeError(f"data {str(path)!r} lacks {', '.join(missing)}")
+        train = _as_split(arrays["x_train"], arrays["y_train"], "x_train", input_shape)
+        val = _as_split(arrays["x_val"], arrays["y_val"], "x_val", input_shape)
+        test = (_as_split(arrays["x_test"], arrays["y_test"], "x_test", input_shape)
+                if "x_test" in arrays and "y_test" in arrays else empty)
+        name = path.name
+    elif ":" in source:
+        fn = import_callable(source, Path(base_dir), what="data")
+        try:
+            parts = fn()
+        except Exception as e:
+            raise RecipeError(f"data {source!r} failed: {e}") from e
+        if not isinstance(parts, tuple | list) or len(parts) not in (2, 3):
+            raise RecipeError(f"data {source!r} must return (train, val) or (train, val, test)")
+        train = _materialize(parts[0], "train", input_shape)
+        val = _materialize(parts[1], "val", input_shape)
+        test = _materialize(parts[2], "test", input_shape) if len(parts) == 3 else empty
+        name = source
+    else:
+        raise RecipeError(f"data source {source!r}: use 'digits', a .npz path or "
+                          "'package.module:callable'")
+    if len(train) == 0 or len(val) == 0:
+        raise RecipeError(f"data {source!r}: the train and validation splits must not be empty")
+    classes = int(max(train.y.max(), val.y.max(), test.y.max() if len(test) else 0)) + 1
+    return Dataset(name=name, train=train, val=val, test=test, normalization=None,
+                   split_seed=None, input_shape=tuple(input_shape), num_classes=classes)

@@ -127,6 +127,30 @@ def to_onnx_bytes(
     return program.model_proto.SerializeToString(), "dynamo", op
 
 
+def inline_constant_identities(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Identity(initializer)`` nodes by initializers of their own.
+
+    The TorchScript exporter's constant folding shares equal tensors (for example the zero
+    biases of freshly initialised BatchNorms) through Identity nodes; the INT8 quantizer then
+    finds convolution biases that are not initializers and leaves those convolutions in FP32.
+    """
+    inits = {t.name: t for t in proto.graph.initializer}
+    kept = []
+    for node in proto.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[node.input[0]])
+            t.name = node.output[0]
+            proto.graph.initializer.append(t)
+            inits[t.name] = t
+        else:
+            kept.append(node)
+    if len(kept) != len(proto.graph.node):
+        del proto.graph.node[:]
+        proto.graph.node.extend(kept)
+    return proto
+
+
 def onnx_logits(onnx_bytes_or_path: bytes | str | Path, x: np.ndarray, batch: int = 256):
     """Run an ONNX classifier in ONNX Runtime (one thread) and return its logits."""
     from .measure import run_batched, session
@@ -190,7 +214,8 @@ def export_onnx(
     """
     example = torch.from_numpy(np.ascontiguousarray(check_inputs[:1], dtype=np.float32))
     data, used, op = to_onnx_bytes(model, example, exporter=exporter, opset=opset)
-    proto = onnx.load_from_string(data)
+    proto = inline_constant_identities(onnx.load_from_string(data))
+    data = proto.SerializeToString()
     if metadata:
         for key, value in sorted(metadata.items()):
             entry = proto.metadata_props.add()

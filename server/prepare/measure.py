@@ -8,6 +8,7 @@ machine lands on all of them alike and their ratio (speedup) stays meaningful.
 
 from __future__ import annotations
 
+import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -104,6 +105,7 @@ def latency_many(
     warmup: int = 50,
     runs: int = 500,
     rounds: int = 10,
+    progress: bool = False,
 ) -> dict[str, Latency]:
     """Batch-1 latency of each session; runs are interleaved over ``rounds`` rounds."""
     x1 = np.ascontiguousarray(x1, dtype=np.float32)
@@ -117,7 +119,11 @@ def latency_many(
     per_round = max(1, runs // max(1, rounds))
     clock = time.perf_counter
     order = list(sessions)
-    for r in range(max(1, rounds)):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(max(1, rounds)), desc="latency", unit="round", disable=not progress,
+               file=sys.stderr, leave=False, dynamic_ncols=True)
+    for r in bar:
         # Alternate the order, so no variant always runs right after the same neighbour.
         for k in order if r % 2 == 0 else order[::-1]:
             s, feed, out = sessions[k], feeds[k], samples[k]

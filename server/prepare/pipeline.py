@@ -1,11 +1,20 @@
-"""The digits preparation pipeline: train, prune, fine-tune, export, measure, report.
+"""The preparation pipeline: recipe in, measured variants out.
 
-:func:`prepare_digits` turns a freshly trained reference CNN into a set of variants (the
-dense model and one structurally pruned model per ratio), exports each to ONNX, measures
-them side by side and writes ``report.json`` plus ``workload.npz`` (the held-out test split)
-into ``out_dir``. Every file is written atomically and ``report.json`` last, so an
-interrupted run leaves either the previous consistent set or no report at all; a report
-whose parameter hash and file hashes all match is reused without training again.
+:func:`prepare` checks the recipe (imports the factory, loads checkpoint and data, runs and
+exports the model once) before any long work, trains the model when the recipe asks for it,
+makes every variant (:mod:`.techniques`), exports each to ONNX with a parity check, quantizes
+to INT8 where asked (:mod:`.quantize`), measures all of them side by side (latency
+interleaved, one ONNX Runtime thread, batch 1) and writes ``report.json``, ``report.md``,
+``report.png``, the ONNX files and ``workload.npz`` (the evaluation split, when there is
+data) into the output directory.
+
+Everything is built in a hidden staging directory inside the output directory and moved in
+only when the whole set is done, ``report.json`` last: an interrupted run (Ctrl-C included)
+leaves the previous set or nothing, never a half-written variant. A report whose parameter
+hash and file hashes all match is reused without work unless ``force``.
+
+:func:`prepare_digits` is the demo's recipe (a CNN trained on digits, structured 50% and 75%)
+built in code.
 """
 
 from __future__ import annotations
@@ -15,46 +24,49 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from prunefleet.shared.chunks import sha256_file
 from prunefleet.shared.messages import Golden
 
 from . import measure
-from .atomic import atomic_path, atomic_write_text
-from .data import Dataset, load_digits_splits
-from .errors import PrepareError
-from .export import INPUT_NAME, OUTPUT_NAME, export_onnx
-from .models import digits_cnn
-from .prune import channel_widths, prune_structured
-from .train import FINETUNE, TrainConfig, accuracy, finetune, fit, recalibrate_batchnorm
+from .atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from .data import Dataset, Split, load_recipe_data
+from .errors import OutputExistsError, PrepareError, RecipeError
+from .export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_onnx_bytes
+from .prune import channel_widths, weight_sparsity
+from .quantize import check_int8, quantize_int8
+from .recipe import Recipe, VariantSpec, build_model, file_digest, parse_recipe
+from .report import UNSTRUCTURED_NOTE, markdown, pareto_front, plot_png
+from .techniques import Context, generated_inputs, make_variant
+from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
 # Bump when a change to this pipeline changes what it produces: old reports stop matching.
-PIPELINE_VERSION = 1
-REPORT_FORMAT = "prunefleet.prepare.report/1"
+PIPELINE_VERSION = 2
+REPORT_FORMAT = "prunefleet.prepare.report/2"
 REPORT_NAME = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
 WORKLOAD_NAME = "workload.npz"
-
-MODEL_WIDTHS = (32, 64, 128)
-DENSE_TRAIN = TrainConfig(epochs=15, lr=3e-3, shift_prob=0.5, noise_prob=0.5, noise_std=0.5)
-STRUCT_FINETUNE = replace(FINETUNE, shift_prob=0.5)
-ROUND_TO = 8
-IMPORTANCE = "magnitude"
-PARITY_ATOL = 1e-3
 GOLDEN_ATOL = 1e-3
-LATENCY_WARMUP = 50
-LATENCY_RUNS = 500
 MAX_TORCH_THREADS = 2
+GENERATED_INPUTS = 64  # parity / agreement inputs for a recipe without data
+PARITY_MAX = 512  # inputs of the parity check at most
 
 
 @dataclass(frozen=True)
@@ -62,24 +74,37 @@ class PreparedVariant:
     """One exported variant and what it measured; the fields of its report entry + ``path``."""
 
     name: str
-    technique: str  # "none" (dense) or "structured"
-    ratio: float  # share of channels removed per layer; 0.0 for dense
+    technique: str  # "none", "magnitude", "structured", "sensitivity", "random"
+    ratio: float | None  # share of channels (or weights, magnitude) removed; 0.0 for dense
+    macs_ratio: float | None  # share of dense MACs asked to keep, when the target was MACs
+    quantize: str | None  # "int8" or None
+    finetune_epochs: int
+    distill: bool
+    iterative_steps: int
     params: int
+    nonzero_params: int
+    sparsity: float  # share of conv/linear weights that are zero
     macs: int
+    ideal_speedup: float  # dense MACs / these MACs
     onnx_bytes: int
     compressed_bytes: int  # zlib level 9
     latency_ms_p50: float  # ONNX Runtime, batch 1, one intra-op thread
     latency_ms_p95: float
     speedup: float  # dense p50 / this p50, measured in the same run
-    accuracy: float  # test split, computed with ONNX Runtime
-    top1_agreement: float  # share of test inputs where the top-1 class equals dense's
-    max_abs_diff: float  # ONNX vs PyTorch logits on the validation split
+    accuracy: float | None  # evaluation split, computed with ONNX Runtime; None without data
+    val_accuracy: float | None  # PyTorch, validation split, after fine-tuning
+    top1_agreement: float  # share of evaluation inputs where the top-1 class equals dense's
+    max_abs_diff: float  # ONNX vs PyTorch logits on the parity inputs
+    max_abs_diff_fp32: float | None  # INT8 only: vs the FP32 ONNX model
     sha256: str
     file: str  # relative to the report's directory
     input_shape: list[int]
     num_classes: int
     channels: dict[str, int]  # output width of every conv/linear layer
     golden: dict[str, Any]  # prunefleet.shared.messages.Golden fields
+    pareto: bool
+    note: str | None
+    details: dict[str, Any]  # technique specifics (sensitivity scan, layer ratios, ...)
     path: Path
 
     def to_report(self) -> dict[str, Any]:
@@ -109,7 +134,7 @@ class PreparedVariant:
 class PreparedSet:
     out_dir: Path
     variants: list[PreparedVariant]
-    workload_path: Path
+    workload_path: Path | None  # None without data
     report_path: Path
     cached: bool = False  # True when an existing, verified report was returned as is
     report: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -129,15 +154,10 @@ class PreparedSet:
 
 
 def variant_name(ratio: float) -> str:
-    """``0.5 -> "struct50"``; ``0.125 -> "struct12.5"`` style names stay distinct."""
+    """``0.5 -> "struct50"``; ``0.125 -> "struct12_5"`` style names stay distinct."""
     pct = ratio * 100
     text = f"{pct:.0f}" if abs(pct - round(pct)) < 1e-9 else f"{pct:g}".replace(".", "_")
     return f"struct{text}"
-
-
-def _derived_seed(seed: int, label: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{label}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _b64(a: np.ndarray) -> str:
@@ -157,43 +177,39 @@ def _torch_session(seed: int) -> Iterator[None]:
         torch.set_num_threads(prev_threads)
 
 
-def _params(
-    seed: int, epochs: int, finetune_epochs: int, ratios: Sequence[float]
-) -> dict[str, Any]:
-    return {
-        "pipeline_version": PIPELINE_VERSION,
-        "model": {"name": "digits_cnn", "widths": list(MODEL_WIDTHS)},
-        "dataset": "sklearn.digits",
-        "seed": seed,
-        "epochs": epochs,
-        "finetune_epochs": finetune_epochs,
-        "ratios": [float(r) for r in ratios],
-        "train": asdict(replace(DENSE_TRAIN, epochs=epochs)),
-        "finetune": asdict(replace(STRUCT_FINETUNE, epochs=finetune_epochs)),
-        "round_to": ROUND_TO,
-        "importance": IMPORTANCE,
-        "torch": torch.__version__.split("+")[0],
-    }
-
-
 def params_hash(params: dict[str, Any]) -> str:
     canon = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def _check_args(epochs: int, finetune_epochs: int, ratios: Sequence[float]) -> list[float]:
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if finetune_epochs < 0:
-        raise ValueError(f"finetune_epochs must be 0 or more, got {finetune_epochs}")
-    out = [float(r) for r in ratios]
-    for r in out:
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"pruning ratios must be in (0, 1), got {r}")
-    names = [variant_name(r) for r in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"pruning ratios give duplicate variant names: {names}")
-    return out
+def _versions() -> dict[str, str]:
+    import onnxruntime
+    import torch_pruning
+
+    return {"torch": torch.__version__, "torch_pruning": torch_pruning.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def _with_dense(recipe: Recipe) -> list[VariantSpec]:
+    """The recipe's variants, with a dense reference first when the recipe has none."""
+    dense = recipe.dense_name()
+    if any(v.name == dense for v in recipe.variant):
+        return list(recipe.variant)
+    return [VariantSpec(name=dense, technique="none"), *recipe.variant]
+
+
+def _params(recipe: Recipe) -> dict[str, Any]:
+    p: dict[str, Any] = {"pipeline_version": PIPELINE_VERSION, "recipe": recipe.canonical(),
+                         "torch": torch.__version__.split("+")[0]}
+    if recipe.model.checkpoint:
+        path = recipe.resolve_path(recipe.model.checkpoint)
+        if path.is_file():
+            p["checkpoint_sha256"] = file_digest(path)
+    if recipe.data and recipe.data.source.endswith(".npz"):
+        path = recipe.resolve_path(recipe.data.source)
+        if path.is_file():
+            p["data_sha256"] = file_digest(path)
+    return p
 
 
 # --------------------------------------------------------------------------- cache
@@ -219,16 +235,18 @@ def load_report(out_dir: Path, expected_hash: str | None = None) -> PreparedSet 
             log.info("ignoring %s: format %r", report_path, report.get("format"))
             return None
         if expected_hash is not None and report.get("params_hash") != expected_hash:
-            log.info("%s was made with other parameters; preparing again", report_path)
+            log.info("%s was made with other parameters", report_path)
             return None
         variants = [PreparedVariant.from_report(e, out_dir) for e in report["variants"]]
-        workload = report["workload"]
-        workload_path = out_dir / workload["file"]
-        for path, digest in [(v.path, v.sha256) for v in variants] + [
-            (workload_path, workload["sha256"])
-        ]:
+        checks = [(v.path, v.sha256) for v in variants]
+        workload = report.get("workload")
+        workload_path = None
+        if workload is not None:
+            workload_path = out_dir / workload["file"]
+            checks.append((workload_path, workload["sha256"]))
+        for path, digest in checks:
             if not path.is_file() or sha256_file(path) != digest:
-                log.info("%s does not match %s; preparing again", path, report_path)
+                log.info("%s does not match %s", path, report_path)
                 return None
     except (KeyError, TypeError, PrepareError) as e:
         log.info("ignoring malformed %s: %s", report_path, e)
@@ -236,68 +254,362 @@ def load_report(out_dir: Path, expected_hash: str | None = None) -> PreparedSet 
     return PreparedSet(out_dir, variants, workload_path, report_path, cached=True, report=report)
 
 
-# --------------------------------------------------------------------------- stages
+# --------------------------------------------------------------------------- checking
 
 
 @dataclass
-class _Candidate:
-    name: str
-    technique: str
-    ratio: float
+class Resolved:
+    """A recipe whose model, data and export were tried: ready for the long work."""
+
+    recipe: Recipe
     model: nn.Module
-    val_accuracy: float = 0.0
-    train_s: float = 0.0
+    data: Dataset | None
+    example: torch.Tensor
+    num_classes: int
+    variants: list[VariantSpec]
 
 
-def _train_dense(data: Dataset, seed: int, epochs: int, progress: bool) -> _Candidate:
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    model = digits_cnn(MODEL_WIDTHS, data.num_classes)
-    result = fit(
-        model, data.train, data.val, replace(DENSE_TRAIN, epochs=epochs),
-        seed=seed, progress=progress, desc="dense",
-    )
-    return _Candidate("dense", "none", 0.0, model, result.val_accuracy,
-                      time.perf_counter() - t0)
+def check_recipe(recipe: Recipe) -> Resolved:
+    """Everything that can fail fast: factory, checkpoint, input shape, data, ONNX export."""
+    model = build_model(recipe)
+    shape = recipe.model.input_shape
+    example = torch.zeros(shape)
+    with torch.no_grad():
+        num_classes = int(model(example).shape[1])
+    data = None
+    if recipe.data is not None:
+        data = load_recipe_data(recipe.data.source, tuple(shape[1:]), recipe.base_dir)
+        if data.num_classes > num_classes:
+            raise RecipeError(f"data has {data.num_classes} classes, the model outputs "
+                              f"{num_classes} logits")
+    try:
+        to_onnx_bytes(model, example)
+    except PrepareError as e:
+        raise RecipeError(f"the model does not export to ONNX: {e}") from e
+    return Resolved(recipe, model, data, example, num_classes, _with_dense(recipe))
 
 
-def _structured(
-    dense: nn.Module, data: Dataset, ratio: float, seed: int, finetune_epochs: int,
-    progress: bool,
-) -> _Candidate:
-    t0 = time.perf_counter()
-    name = variant_name(ratio)
-    example = torch.from_numpy(data.val.x[:1])
-    model = prune_structured(dense, example, ratio, round_to=ROUND_TO, importance=IMPORTANCE)
-    if finetune_epochs > 0:
-        result = finetune(
-            model, data.train, data.val, replace(STRUCT_FINETUNE, epochs=finetune_epochs),
-            seed=_derived_seed(seed, name), teacher=dense, progress=progress, desc=name,
-        )
-        val_acc = result.val_accuracy
-    else:
-        recalibrate_batchnorm(model, data.train.x)
-        val_acc = accuracy(model, data.val)
-    return _Candidate(name, "structured", ratio, model, val_acc, time.perf_counter() - t0)
+# --------------------------------------------------------------------------- the pipeline
 
 
-def _pick_golden(logits: dict[str, np.ndarray], y: np.ndarray) -> int:
-    """The test sample every variant classifies right with the widest top-1 margin."""
-    worst_margin = np.full(len(y), np.inf)
+def _train_dense(res: Resolved, progress: bool) -> float | None:
+    spec, data = res.recipe.train, res.data
+    if spec is None or data is None:
+        return None
+    cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                      noise_prob=spec.noise_prob, noise_std=spec.noise_std,
+                      shift_prob=spec.shift_prob)
+    result = fit(res.model, data.train, data.val, cfg, seed=res.recipe.prepare.seed,
+                 progress=progress, desc="train dense")
+    return result.val_accuracy
+
+
+def _pick_golden(logits: dict[str, np.ndarray], y: np.ndarray | None) -> int:
+    """The input every variant classifies right (or like dense) with the widest margin."""
+    first = next(iter(logits.values()))
+    target = y if y is not None else first.argmax(1)
+    worst_margin = np.full(len(target), np.inf)
     for out in logits.values():
         top2 = np.sort(out, axis=1)[:, -2:]
-        margin = np.where(out.argmax(1) == y, top2[:, 1] - top2[:, 0], -np.inf)
+        margin = np.where(out.argmax(1) == target, top2[:, 1] - top2[:, 0], -np.inf)
         worst_margin = np.minimum(worst_margin, margin)
     return int(np.argmax(worst_margin))
 
 
 def _write_workload(path: Path, data: Dataset) -> str:
+    split = data.eval_split
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, x=data.test.x.astype(np.float32), y=data.test.y.astype(np.int64))
+        np.savez(f, x=split.x.astype(np.float32), y=split.y.astype(np.int64))
     return sha256_file(path)
 
 
-# --------------------------------------------------------------------------- entry point
+def _cap(split: Split, n: int) -> Split:
+    return split if len(split) <= n else Split(split.x[:n], split.y[:n])
+
+
+@dataclass
+class _Built:
+    spec: VariantSpec
+    model: nn.Module
+    onnx: bytes
+    max_abs_diff: float
+    max_abs_diff_fp32: float | None
+    info: dict[str, Any]
+    seconds: float
+
+
+def _commit(stage: Path, out_dir: Path, names: list[str]) -> None:
+    """Move the staged set into ``out_dir``; ``report.json`` goes last."""
+    old = load_report(out_dir)
+    old_files = {v.file for v in old.variants} if old else set()
+    (out_dir / REPORT_NAME).unlink(missing_ok=True)  # no report while files are swapped
+    for name in names:
+        os.replace(stage / name, out_dir / name)
+    for name in old_files - set(names):
+        (out_dir / name).unlink(missing_ok=True)
+    os.replace(stage / REPORT_NAME, out_dir / REPORT_NAME)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def prepare(
+    recipe: Recipe,
+    out_dir: Path,
+    *,
+    force: bool = False,
+    replace_other: bool = False,
+    progress: bool = True,
+    resolved: Resolved | None = None,
+) -> PreparedSet:
+    """Prepare, measure and write the variants a recipe asks for (see the module doc).
+
+    Returns the existing set when ``out_dir`` holds a report of the same recipe whose files
+    all match, unless ``force``. A report of another recipe is replaced only with ``force``
+    or ``replace_other``; otherwise :class:`OutputExistsError`.
+    """
+    out_dir = Path(out_dir)
+    params = _params(recipe)
+    phash = params_hash(params)
+    if not force:
+        cached = load_report(out_dir, phash)
+        if cached is not None:
+            log.info("using prepared variants in %s", out_dir)
+            return cached
+        if (out_dir / REPORT_NAME).exists() and not replace_other:
+            raise OutputExistsError(f"{out_dir} holds variants of another recipe (or changed "
+                                    "files); use --force to replace them")
+    res = resolved or check_recipe(recipe)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    try:
+        with _torch_session(recipe.prepare.seed):
+            report = _run(res, stage, phash, params, progress)
+        names = [v["file"] for v in report["variants"]] + [REPORT_MD, REPORT_PNG]
+        if report.get("workload"):
+            names.append(WORKLOAD_NAME)
+        _commit(stage, out_dir, names)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    result = load_report(out_dir, phash)
+    if result is None:
+        raise PrepareError(f"{out_dir / REPORT_NAME} did not verify after writing")
+    return PreparedSet(result.out_dir, result.variants, result.workload_path,
+                       result.report_path, cached=False, report=result.report)
+
+
+def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progress: bool
+         ) -> dict[str, Any]:
+    recipe, data, settings = res.recipe, res.data, res.recipe.prepare
+    shape = recipe.model.input_shape
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    dense_val = _train_dense(res, progress)
+    timings["train_s"] = time.perf_counter() - t_start
+    dense_model = res.model.eval()
+
+    if data is not None:
+        parity_x = _cap(data.val, min(PARITY_MAX, recipe.data.max_eval)).x  # type: ignore[union-attr]
+        eval_split = _cap(data.eval_split, recipe.data.max_eval)  # type: ignore[union-attr]
+        eval_x, eval_y = eval_split.x, eval_split.y
+        calib = data.train.x[:settings.calibration_samples]
+    else:
+        parity_x = generated_inputs(shape, GENERATED_INPUTS, settings.seed)
+        eval_x, eval_y = parity_x, None
+        calib = generated_inputs(shape, settings.calibration_samples, settings.seed + 1)
+
+    ctx = Context(example=res.example, settings=settings, finetune=recipe.finetune, data=data,
+                  progress=progress, seed=settings.seed,
+                  dense_macs=measure.count_macs(dense_model, res.example))
+    t0 = time.perf_counter()
+    built: dict[str, _Built] = {}
+    fp32_cache: dict[str, _Built] = {}
+    bar = tqdm(res.variants, desc="variants", unit="variant", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    for spec in bar:
+        bar.set_postfix_str(spec.name)
+        ts = time.perf_counter()
+        key = json.dumps(spec.model_dump(exclude={"name", "quantize"}), sort_keys=True)
+        base = fp32_cache.get(key)
+        if base is None:
+            made = make_variant(dense_model, spec, ctx)
+            exported = export_onnx(
+                made.model, stage / f".{spec.name}.fp32.onnx", check_inputs=parity_x,
+                atol=settings.parity_atol,
+                metadata={"prunefleet.variant": spec.name,
+                          "prunefleet.technique": spec.technique,
+                          "prunefleet.params_hash": phash},
+            )
+            (stage / f".{spec.name}.fp32.onnx").unlink()
+            base = _Built(spec, made.model, exported.onnx_bytes, exported.parity.max_abs_diff,
+                          None, made.info, 0.0)
+            fp32_cache[key] = base
+        if spec.quantize == "int8":
+            q = quantize_int8(base.onnx, calib)
+            parity = check_int8(q, base.onnx, parity_x, rel_tol=settings.int8_rel_tol,
+                                min_top1=settings.int8_min_top1)
+            with torch.no_grad():
+                ref = base.model(torch.from_numpy(parity_x)).numpy()
+            vs_torch = float(np.abs(measure.run_batched(measure.session(q), parity_x)
+                                    - ref).max())
+            b = _Built(spec, base.model, q, vs_torch, parity.max_abs_diff, base.info, 0.0)
+        else:
+            b = _Built(spec, base.model, base.onnx, base.max_abs_diff, None, base.info, 0.0)
+        b.seconds = time.perf_counter() - ts
+        atomic_write_bytes(stage / f"{spec.name}.onnx", b.onnx)
+        built[spec.name] = b
+        log.info("%s: made in %.1f s", spec.name, b.seconds)
+    timings["variants_s"] = time.perf_counter() - t0
+
+    # Measure all variants side by side.
+    t0 = time.perf_counter()
+    dense_name = recipe.dense_name()
+    sessions = {n: measure.session(b.onnx, threads=1) for n, b in built.items()}
+    logits = {n: measure.run_batched(s, eval_x) for n, s in sessions.items()}
+    g = _pick_golden(logits, eval_y)
+    golden_x = eval_x[g : g + 1]
+    lat = measure.latency_many(
+        sessions, golden_x, warmup=settings.latency_warmup, runs=settings.latency_runs,
+        rounds=settings.latency_rounds, progress=progress,
+    )
+    timings["measure_s"] = time.perf_counter() - t0
+    dense_pred = logits[dense_name].argmax(1)
+    dense_p50 = lat[dense_name].p50_ms
+
+    entries = []
+    for name, b in built.items():
+        spec, model = b.spec, b.model
+        macs = measure.count_macs(model, res.example)
+        params_n = measure.count_params(model)
+        zeros = sum(int((p.detach() == 0).sum()) for p in model.parameters())
+        golden_y = sessions[name].run(None, {INPUT_NAME: golden_x})[0]
+        pred = logits[name].argmax(1)
+        note = UNSTRUCTURED_NOTE if spec.technique == "magnitude" else None
+        entries.append({
+            "name": name,
+            "technique": spec.technique,
+            "ratio": 0.0 if spec.technique == "none" else spec.ratio,
+            "macs_ratio": spec.macs_ratio,
+            "quantize": spec.quantize,
+            "finetune_epochs": spec.finetune_epochs,
+            "distill": spec.distill,
+            "iterative_steps": spec.iterative_steps,
+            "params": params_n,
+            "nonzero_params": params_n - zeros,
+            "sparsity": round(weight_sparsity(model), 6),
+            "macs": macs,
+            "ideal_speedup": round(ctx.dense_macs / macs, 4) if macs else None,
+            "onnx_bytes": len(b.onnx),
+            "compressed_bytes": measure.compressed_size(b.onnx),
+            "latency_ms_p50": round(lat[name].p50_ms, 5),
+            "latency_ms_p95": round(lat[name].p95_ms, 5),
+            "speedup": round(dense_p50 / lat[name].p50_ms, 4),
+            "accuracy": None if eval_y is None else float((pred == eval_y).mean()),
+            "val_accuracy": (b.info.get("val_accuracy") if spec.technique != "none"
+                             else (b.info.get("val_accuracy") or dense_val)),
+            "top1_agreement": float((pred == dense_pred).mean()),
+            "max_abs_diff": b.max_abs_diff,
+            "max_abs_diff_fp32": b.max_abs_diff_fp32,
+            "sha256": hashlib.sha256(b.onnx).hexdigest(),
+            "file": f"{name}.onnx",
+            "input_shape": list(shape),
+            "num_classes": res.num_classes,
+            "channels": channel_widths(model),
+            "golden": Golden(input_b64=_b64(golden_x), output_b64=_b64(golden_y),
+                             atol=GOLDEN_ATOL).model_dump(),
+            "pareto": False,
+            "note": note,
+            "details": {k: v for k, v in b.info.items() if k != "val_accuracy"}
+                       | {"seconds": round(b.seconds, 3)},
+        })
+    metric = "accuracy" if eval_y is not None else "top1_agreement"
+    front = pareto_front([(e["name"], e["latency_ms_p50"], e[metric]) for e in entries])
+    for e in entries:
+        e["pareto"] = e["name"] in front
+
+    workload = None
+    if data is not None:
+        sha = _write_workload(stage / WORKLOAD_NAME, data)
+        workload = {"file": WORKLOAD_NAME, "sha256": sha, "n": len(data.eval_split),
+                    "split": "test" if len(data.test) else "val"}
+    timings["total_s"] = time.perf_counter() - t_start
+    exporter = "torchscript"
+    report = {
+        "format": REPORT_FORMAT,
+        "params_hash": phash,
+        "params": params,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "model": recipe.model.model_dump(mode="json"),
+        "dataset": data.describe() if data is not None else None,
+        "input_name": INPUT_NAME,
+        "output_name": OUTPUT_NAME,
+        "input_shape": list(shape),
+        "num_classes": res.num_classes,
+        "dense": dense_name,
+        "dense_macs": ctx.dense_macs,
+        "golden_index": g,
+        "golden_label": int(eval_y[g]) if eval_y is not None else None,
+        "workload": workload,
+        "export": {"exporter": exporter, "parity_inputs": "val" if data else "generated",
+                   "parity_atol": settings.parity_atol,
+                   "int8": {"format": "QDQ", "per_channel": True, "activations": "uint8",
+                            "weights": "int8", "calibration": "MinMax",
+                            "calibration_samples": len(calib),
+                            "checked_against": "fp32 onnx",
+                            "rel_tol": settings.int8_rel_tol,
+                            "min_top1": settings.int8_min_top1}},
+        "latency": {"runtime": "onnxruntime", "provider": "CPUExecutionProvider",
+                    "intra_op_num_threads": 1, "batch": 1, "warmup": settings.latency_warmup,
+                    "runs": settings.latency_runs, "rounds": settings.latency_rounds,
+                    "interleaved": True},
+        "pareto_metric": metric,
+        "pareto": front,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "variants": entries,
+    }
+    atomic_write_bytes(stage / REPORT_PNG, plot_png(report))
+    atomic_write_text(stage / REPORT_MD, markdown(report, REPORT_PNG))
+    atomic_write_text(stage / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# --------------------------------------------------------------------------- digits (demo)
+
+
+def digits_recipe(
+    *, seed: int = 0, epochs: int = 15, finetune_epochs: int = 5,
+    ratios: Sequence[float] = (0.5, 0.75),
+) -> Recipe:
+    """The demo's recipe: a 3-conv CNN trained on digits, structured variants with KD."""
+    variants: list[dict[str, Any]] = [{"name": "dense", "technique": "none"}]
+    for r in ratios:
+        variants.append({"name": variant_name(r), "technique": "structured", "ratio": r,
+                         "finetune_epochs": finetune_epochs, "distill": finetune_epochs > 0})
+    return parse_recipe({
+        "model": {"factory": "prunefleet.server.prepare.models:digits_cnn",
+                  "input_shape": [1, 1, 8, 8]},
+        "data": {"source": "digits"},
+        "train": {"epochs": epochs, "lr": 3e-3, "noise_prob": 0.5, "noise_std": 0.5,
+                  "shift_prob": 0.5},
+        "finetune": {"lr": 1e-2, "noise_prob": 0.5, "noise_std": 0.5, "shift_prob": 0.5},
+        "prepare": {"seed": seed, "latency_warmup": 50, "latency_runs": 500},
+        "variant": variants,
+    }, source="digits recipe")
+
+
+def _check_args(epochs: int, finetune_epochs: int, ratios: Sequence[float]) -> list[float]:
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be 0 or more, got {finetune_epochs}")
+    out = [float(r) for r in ratios]
+    for r in out:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"pruning ratios must be in (0, 1), got {r}")
+    names = [variant_name(r) for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"pruning ratios give duplicate variant names: {names}")
+    return out
 
 
 def prepare_digits(
@@ -317,128 +629,7 @@ def prepare_digits(
     the existing set without training when ``report.json`` was made with the same
     parameters and all its files still match their hashes, unless ``force``.
     """
-    out_dir = Path(out_dir)
     ratio_list = _check_args(epochs, finetune_epochs, ratios)
-    params = _params(seed, epochs, finetune_epochs, ratio_list)
-    phash = params_hash(params)
-    if not force:
-        cached = load_report(out_dir, phash)
-        if cached is not None:
-            log.info("using prepared variants in %s", out_dir)
-            return cached
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    with _torch_session(seed):
-        data = load_digits_splits()
-        dense = _train_dense(data, seed, epochs, progress)
-        log.info("dense: val accuracy %.4f in %.1f s", dense.val_accuracy, dense.train_s)
-        candidates = [dense]
-        for r in ratio_list:
-            cand = _structured(dense.model, data, r, seed, finetune_epochs, progress)
-            log.info("%s: val accuracy %.4f in %.1f s", cand.name, cand.val_accuracy,
-                     cand.train_s)
-            candidates.append(cand)
-        timings["train_s"] = time.perf_counter() - t_start
-
-        # Export (parity-checked on the validation split) and measure.
-        t0 = time.perf_counter()
-        example = torch.from_numpy(data.val.x[:1])
-        exported, sizes, sessions = {}, {}, {}
-        for c in candidates:
-            path = out_dir / f"{c.name}.onnx"
-            exported[c.name] = export_onnx(
-                c.model, path, check_inputs=data.val.x, atol=PARITY_ATOL,
-                metadata={"prunefleet.variant": c.name, "prunefleet.technique": c.technique,
-                          "prunefleet.params_hash": phash},
-            )
-            sizes[c.name] = measure.size_of(c.model, example, path)
-            sessions[c.name] = measure.session(exported[c.name].onnx_bytes, threads=1)
-        timings["export_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    test_logits = {k: measure.run_batched(s, data.test.x) for k, s in sessions.items()}
-    dense_pred = test_logits["dense"].argmax(1)
-    g = _pick_golden(test_logits, data.test.y)
-    golden_x = data.test.x[g : g + 1]
-    lat = measure.latency_many(sessions, golden_x, warmup=LATENCY_WARMUP, runs=LATENCY_RUNS)
-    timings["measure_s"] = time.perf_counter() - t0
-
-    input_shape = [1, *data.input_shape]
-    variants = []
-    for c in candidates:
-        e, sz, lt = exported[c.name], sizes[c.name], lat[c.name]
-        golden_y = sessions[c.name].run(None, {INPUT_NAME: golden_x})[0]
-        golden = Golden(input_b64=_b64(golden_x), output_b64=_b64(golden_y), atol=GOLDEN_ATOL)
-        pred = test_logits[c.name].argmax(1)
-        variants.append(PreparedVariant(
-            name=c.name,
-            technique=c.technique,
-            ratio=c.ratio,
-            params=sz.params,
-            macs=sz.macs,
-            onnx_bytes=sz.onnx_bytes,
-            compressed_bytes=sz.compressed_bytes,
-            latency_ms_p50=round(lt.p50_ms, 5),
-            latency_ms_p95=round(lt.p95_ms, 5),
-            speedup=round(lat["dense"].p50_ms / lt.p50_ms, 4),
-            accuracy=float((pred == data.test.y).mean()),
-            top1_agreement=float((pred == dense_pred).mean()),
-            max_abs_diff=e.parity.max_abs_diff,
-            sha256=hashlib.sha256(e.onnx_bytes).hexdigest(),
-            file=e.path.name,
-            input_shape=input_shape,
-            num_classes=data.num_classes,
-            channels=channel_widths(c.model),
-            golden=golden.model_dump(),
-            path=e.path,
-        ))
-
-    workload_path = out_dir / WORKLOAD_NAME
-    workload_sha = _write_workload(workload_path, data)
-    timings["total_s"] = time.perf_counter() - t_start
-    import onnxruntime
-    import torch_pruning
-
-    report = {
-        "format": REPORT_FORMAT,
-        "params_hash": phash,
-        "params": params,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": {
-            "torch": torch.__version__,
-            "torch_pruning": torch_pruning.__version__,
-            "onnxruntime": onnxruntime.__version__,
-        },
-        "dataset": data.describe(),
-        "input_name": INPUT_NAME,
-        "output_name": OUTPUT_NAME,
-        "input_shape": input_shape,
-        "num_classes": data.num_classes,
-        "golden_index": g,
-        "golden_label": int(data.test.y[g]),
-        "workload": {"file": WORKLOAD_NAME, "sha256": workload_sha, "n": len(data.test)},
-        "export": {
-            "exporter": exported["dense"].exporter,
-            "opset": exported["dense"].opset,
-            "parity_inputs": "val",
-            "parity_atol": PARITY_ATOL,
-        },
-        "latency": {
-            "runtime": "onnxruntime",
-            "provider": "CPUExecutionProvider",
-            "intra_op_num_threads": 1,
-            "batch": 1,
-            "warmup": LATENCY_WARMUP,
-            "runs": LATENCY_RUNS,
-            "interleaved": True,
-        },
-        "training": {c.name: {"val_accuracy": c.val_accuracy, "seconds": round(c.train_s, 3)}
-                     for c in candidates},
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "variants": [v.to_report() for v in variants],
-    }
-    report_path = out_dir / REPORT_NAME
-    atomic_write_text(report_path, json.dumps(report, indent=2) + "\n")
-    return PreparedSet(out_dir, variants, workload_path, report_path, cached=False, report=report)
+    recipe = digits_recipe(seed=seed, epochs=epochs, finetune_epochs=finetune_epochs,
+                           ratios=ratio_list)
+    return prepare(recipe, Path(out_dir), force=force, replace_other=True, progress=progress)

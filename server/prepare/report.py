@@ -1,0 +1,107 @@
+"""The human side of a report: Pareto selection, a Markdown table and an accuracy/latency plot.
+
+The Pareto front keeps each variant that no other variant beats on both latency (p50, lower
+is better) and accuracy (higher is better): another one at least as good on both and better
+on one. Without data the score is the top-1 agreement with the dense model instead.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+UNSTRUCTURED_NOTE = (
+    "unstructured sparsity: ONNX Runtime runs it no faster than dense (zeros are still "
+    "multiplied); its gain is the compressed size"
+)
+
+
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """Names of the non-dominated ``(name, latency, score)`` points, fastest first."""
+    front = []
+    for name, lat, score in points:
+        dominated = any(
+            (lat2 <= lat and s2 >= score) and (lat2 < lat or s2 > score)
+            for n2, lat2, s2 in points if n2 != name
+        )
+        if not dominated:
+            front.append((lat, name))
+    return [n for _, n in sorted(front)]
+
+
+def _fmt(v: Any, spec: str, none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def markdown(report: dict[str, Any], plot_name: str | None) -> str:
+    """``report.md``: what was prepared, one row per variant, the Pareto front, the plot."""
+    lat = report["latency"]
+    lines = [
+        f"# Variants of `{report['model']['factory']}`",
+        "",
+        f"Input shape {report['input_shape']}; data: {report['dataset']['name'] if report.get('dataset') else 'none (accuracy not measured)'}. "  # noqa: E501
+        f"Latency: ONNX Runtime {report['versions']['onnxruntime']}, CPU, "
+        f"{lat['intra_op_num_threads']} intra-op thread, batch {lat['batch']}, "
+        f"{lat['runs']} runs interleaved over {lat['rounds']} rounds; "
+        f"speedup against `{report['dense']}` in the same run.",
+        "",
+        "| variant | technique | ratio | int8 | params | MACs | ONNX KiB | zlib KiB | "
+        "p50 ms | p95 ms | speedup | accuracy % | top-1 agree % | Pareto |",
+        "|---|---|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+    ]
+    for v in report["variants"]:
+        ratio = (f"{v['ratio']:.2f}" if v["ratio"] is not None
+                 else f"MACs {v['macs_ratio']:.2f}" if v["macs_ratio"] is not None else "—")
+        acc = _fmt(None if v["accuracy"] is None else 100 * v["accuracy"], ".2f")
+        lines.append(
+            f"| {v['name']} | {v['technique']} | {ratio} | {'yes' if v['quantize'] else ''} | "
+            f"{v['params']:,} | {v['macs']:,} | {v['onnx_bytes'] / 1024:.1f} | "
+            f"{v['compressed_bytes'] / 1024:.1f} | {v['latency_ms_p50']:.3f} | "
+            f"{v['latency_ms_p95']:.3f} | {v['speedup']:.2f}x | {acc} | "
+            f"{100 * v['top1_agreement']:.2f} | {'★' if v['pareto'] else ''} |"
+        )
+    lines += ["", f"Pareto front ({report['pareto_metric']} vs p50 latency): "
+              + ", ".join(f"`{n}`" for n in report["pareto"]) + "."]
+    notes = [f"- `{v['name']}`: {v['note']}" for v in report["variants"] if v.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    if plot_name:
+        lines += ["", f"![{report['pareto_metric']} vs latency]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """Accuracy (or top-1 agreement) against p50 latency; the Pareto front joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    metric = report["pareto_metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    try:
+        pts = {v["name"]: (v["latency_ms_p50"], 100 * v[metric]) for v in report["variants"]
+               if v[metric] is not None}
+        for v in report["variants"]:
+            if v["name"] not in pts:
+                continue
+            x, y = pts[v["name"]]
+            marker = "s" if v["quantize"] else "o"
+            ax.scatter([x], [y], marker=marker, s=40,
+                       color="C1" if v["pareto"] else "C0", zorder=3)
+            ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+        front = [pts[n] for n in report["pareto"] if n in pts]
+        if len(front) > 1:
+            ax.plot(*zip(*sorted(front), strict=True), color="C1", lw=1, zorder=2)
+        ax.set_xlabel("p50 latency, ms (ONNX Runtime, 1 thread, batch 1)")
+        ax.set_ylabel("accuracy, %" if metric == "accuracy" else "top-1 agreement with dense, %")
+        ax.set_title("variants (orange: Pareto front; squares: INT8)")
+        ax.grid(True, alpha=0.3)
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
