@@ -12,6 +12,7 @@ import contextlib
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -176,6 +177,12 @@ class MqttTransport:
         if reason_code.is_failure:
             log.warning("broker refused connection: %s", reason_code)
             return
+        # paho leaves Nagle on: an UNSUBSCRIBE followed by a SUBSCRIBE (the chunk window)
+        # would then wait for the broker's delayed ACK, ~40 ms per chunk.
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
             subs = list(self._subs.items())
         if subs:
