@@ -85,7 +85,11 @@ class FleetServer:
         client_id: str = "pf-server",
         share_group: str | None = None,
         manifest_ttl_s: float = 7 * 24 * 3600,
+        persistent_session: bool = True,
     ):
+        """``persistent_session`` keeps the ingest subscription at the broker while this
+        server is away (MQTT clean session off, stable ``client_id``), so telemetry that
+        agents publish meanwhile is queued, not lost. Give each server its own id."""
         self.store = store
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
@@ -100,7 +104,8 @@ class FleetServer:
         self.transport = MqttTransport(
             BrokerAddress.parse(broker_url),
             TransportOptions(client_id=client_id, subscriptions=subs, inbound_queue_size=10000,
-                             max_inflight_messages=100),
+                             max_inflight_messages=100,
+                             clean_session=not persistent_session),
         )
         self._publish_lock = threading.Lock()
         self._stop = threading.Event()
