@@ -121,7 +121,8 @@ def run_demo(
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     store = Store(sqlite_url(db))
     key = load_or_create(work_dir / "keys")
-    server = FleetServer(broker_url, store, key, client_id=f"pf-demo-server-{os.getpid()}")
+    server = FleetServer(broker_url, store, key, client_id=f"pf-demo-server-{os.getpid()}",
+                         persistent_session=False)
     procs: list[tuple[DemoDevice, subprocess.Popen, Path]] = []
     try:
         server.start()

@@ -251,3 +251,23 @@ def fleet(tmp_path, mosquitto):
     with run_agent(tmp_path, mosquitto.url) as agent:
         yield srv, agent
     srv.stop()
+
+
+@pytest.fixture
+def durable_mosquitto(tmp_path):
+    """A mosquitto of its own that keeps sessions and queued messages across restarts,
+    as the production config does (``persistence true``)."""
+    workdir = tmp_path / "durable-mosquitto"
+    workdir.mkdir()
+    template = workdir / "template.conf"
+    text = MOSQUITTO_TEST_CONF.read_text()
+    assert "persistence false" in text
+    # As root mosquitto drops to user `mosquitto`, which cannot write a test's 0700 dir.
+    template.write_text(text.replace(
+        "persistence false",
+        f"persistence true\npersistence_location {workdir}/\nuser root",
+    ))
+    broker = MosquittoProcess(find_mosquitto(), workdir, template=template)
+    broker.start()
+    yield broker
+    broker.stop()

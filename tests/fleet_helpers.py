@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,10 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 20.0, every_s: float
 def make_server(tmp: Path, broker_url: str, name: str = "server") -> FleetServer:
     store = Store(sqlite_url(tmp / f"{name}.db"))
     key = load_or_create(tmp / "keys")
-    srv = FleetServer(broker_url, store, key, client_id=f"pf-test-{name}-{os.getpid()}")
+    # A unique id: the server's MQTT session is persistent, and must not inherit the
+    # queue of another test's server.
+    srv = FleetServer(broker_url, store, key,
+                      client_id=f"pf-test-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     srv.start()
     return srv
 

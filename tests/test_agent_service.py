@@ -1,0 +1,209 @@
+"""The agent as a service: systemd notifications, signals, telemetry that survives
+broker and agent restarts, the cascade, session unloading, policy from the server."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from fleet_helpers import (
+    agent_toml,
+    make_server,
+    run_agent,
+    spawn_agent,
+    stop_agent,
+    wait_for,
+)
+from onnx_models import mlp_spec, workload
+
+from prunefleet.shared.messages import Manifest
+
+
+def _x(seed=0, n=1):
+    return np.random.default_rng(seed).normal(0, 1, (n, 1, 8, 8)).astype(np.float32)
+
+
+class NotifySocket:
+    """Stands in for systemd: a datagram socket that records what the agent says."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def poll(self) -> list[str]:
+        while True:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                return self.messages
+
+    def saw(self, text: str) -> bool:
+        return any(text in m for m in self.poll())
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.timeout(90)
+def test_sd_notify_watchdog_sighup_and_sigterm(tmp_path, mosquitto):
+    srv = make_server(tmp_path, mosquitto.url)
+    spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+    srv.publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+    srv.deploy("dev-n", [spec])
+    state = tmp_path / "dev-n"
+    state.mkdir()
+    cfg = state / "agent.toml"
+    base = agent_toml("dev-n", mosquitto.url, state, tmp_path / "keys/public.pem")
+    cfg.write_text(base + "[policy]\nbattery_low_percent = 30\n")
+    ns = NotifySocket(tmp_path / "notify.sock")
+    env = {"NOTIFY_SOCKET": ns.path, "WATCHDOG_USEC": "400000"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        p = spawn_agent(cfg, state / "agent.log")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    try:
+        wait_for(lambda: ns.saw("READY=1"), 20, what="READY=1", procs=[p])
+        time.sleep(1.0)
+        assert sum(m == "WATCHDOG=1" for m in ns.poll()) >= 3, ns.messages
+        # SIGHUP with a changed policy: reloaded; with a broken one: kept, and said so.
+        cfg.write_text(base + "[policy]\nbattery_low_percent = 45\n")
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: ns.saw("STATUS=policy reloaded"), 10, what="reload", procs=[p])
+        cfg.write_text(base + "[policy]\nbattery_low_percent = 'many'\n")
+        p.send_signal(signal.SIGHUP)
+        wait_for(lambda: ns.saw("STATUS=reload failed"), 10, what="failed reload", procs=[p])
+        assert p.poll() is None, "a bad config on SIGHUP must not stop the agent"
+        assert stop_agent(p) == 0
+        assert ns.saw("STOPPING=1")
+    finally:
+        stop_agent(p)
+        ns.close()
+        srv.stop()
+    assert "policy reloaded" in (state / "agent.log").read_text()
+
+
+@pytest.mark.timeout(150)
+def test_telemetry_survives_broker_and_agent_restarts(tmp_path, durable_mosquitto):
+    mosquitto = durable_mosquitto
+    srv = make_server(tmp_path, mosquitto.url)
+    spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+    srv.publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+    srv.deploy("dev-t", [spec])
+    state = tmp_path / "dev-t"
+    state.mkdir()
+    cfg = state / "agent.toml"
+    cfg.write_text(agent_toml("dev-t", mosquitto.url, state, tmp_path / "keys/public.pem",
+                              workload=workload(tmp_path / "w.npz"), rate_hz=100))
+    logs = [state / "run1.log", state / "run2.log"]
+    try:
+        p = spawn_agent(cfg, logs[0])
+        wait_for(lambda: srv.store.telemetry_count("dev-t") >= 3, 30, what="telemetry",
+                 procs=[p])
+        mosquitto.stop()  # the broker goes away while the agent keeps serving
+        time.sleep(2.0)
+        mosquitto.start()
+        n = srv.store.telemetry_count("dev-t")
+        wait_for(lambda: srv.store.telemetry_count("dev-t") >= n + 3, 30,
+                 what="telemetry after the broker came back", procs=[p])
+        assert stop_agent(p) == 0
+        p = spawn_agent(cfg, logs[1])  # the agent restarts with its queue and sequence
+        n = srv.store.telemetry_count("dev-t")
+        wait_for(lambda: srv.store.telemetry_count("dev-t") >= n + 3, 30,
+                 what="telemetry after the agent restarted", procs=[p])
+        assert stop_agent(p) == 0
+        wait_for(lambda: not list((state / "telemetry").glob("*.json")), 10,
+                 what="the queue to drain")
+        time.sleep(1.0)
+    finally:
+        srv.stop()
+    served = sum(int(re.search(r"simulated app served (\d+) requests", lg.read_text())[1])
+                 for lg in logs)
+    seqs = srv.store.telemetry_seqs("dev-t")
+    assert seqs == list(range(len(seqs))), "no batch lost, none stored twice"
+    stored = sum(u["requests"] for u in srv.store.usage("dev-t").values())
+    assert served > 200 and stored == served
+
+
+def test_cascade_escalates_only_when_the_small_variant_is_unsure(tmp_path, fleet):
+    srv, agent = fleet
+    small = mlp_spec(tmp_path / "s.onnx", "small", hidden=8, seed=1)
+    large = mlp_spec(tmp_path / "l.onnx", "large", hidden=64, seed=2)
+    for spec, f in ((small, "s.onnx"), (large, "l.onnx")):
+        srv.publish_artifact(spec, (tmp_path / f).read_bytes())
+    srv.deploy("dev-1", [small, large])
+    wait_for(lambda: len(agent.pool.table) == 2, 20, what="both variants")
+    agent.config = agent.config.model_copy(
+        update={"cascade": agent.config.cascade.model_copy(update={"enabled": True,
+                                                                    "confidence": 0.999999})})
+    sure_never = [agent.predict(_x(i)) for i in range(5)]
+    assert {s.variant for s in sure_never} == {"large"}
+    assert {s.reason.value for s in sure_never} == {"cascade"}
+    agent.config = agent.config.model_copy(
+        update={"cascade": agent.config.cascade.model_copy(update={"confidence": 0.01})})
+    sure_always = [agent.predict(_x(i)) for i in range(5)]
+    assert {s.variant for s in sure_always} == {"small"}
+    # the small variant's answer is the one returned, batch and all
+    direct = agent.pool.table["small"].session.run(None, {"input": _x(3, 4)})[0]
+    np.testing.assert_allclose(agent.predict(_x(3, 4)).logits, direct, rtol=1e-5)
+
+
+def test_sessions_beyond_the_cap_are_unloaded_and_reloaded_off_the_request_path(
+    tmp_path, mosquitto
+):
+    srv = make_server(tmp_path, mosquitto.url)
+    try:
+        with run_agent(tmp_path, mosquitto.url, device="dev-l", max_loaded_variants=1) as agent:
+            a = mlp_spec(tmp_path / "a.onnx", "a", hidden=8, seed=1)
+            b = mlp_spec(tmp_path / "b.onnx", "b", hidden=64, seed=2)
+            for spec, f in ((a, "a.onnx"), (b, "b.onnx")):
+                srv.publish_artifact(spec, (tmp_path / f).read_bytes())
+            srv.deploy("dev-l", [a, b], pinned="a")
+            wait_for(lambda: len(agent.pool.specs) == 2, 20, what="both installed")
+            assert len(agent.pool.table) == 1, "only one session may stay loaded"
+            for want, other in (("a", "b"), ("b", "a"), ("a", "b")):
+                agent._pinned = want
+                if want not in agent.pool.table:
+                    # not loaded: served at once by what is loaded, marked as a fallback...
+                    out = agent.predict(_x())
+                    assert (out.variant, out.reason.value) == (other, "fallback")
+                # ...while the loop creates the session off the request path.
+                wait_for(lambda w=want: w in agent.pool.table, 10, what=f"{want} loaded")
+                assert agent.predict(_x()).variant == want
+                assert list(agent.pool.table) == [want]
+            assert agent.pool.unloads >= 3
+    finally:
+        srv.stop()
+
+
+def test_policy_set_by_the_server_per_device(tmp_path, fleet):
+    srv, agent = fleet
+    spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+    srv.publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+
+    def publish(version, policy):
+        now = time.time()
+        m = Manifest(target="dev-1", version=version, issued_at=now, expires_at=now + 600,
+                     variants=[spec], policy=policy)
+        srv.publish_raw(srv.topics.desired("dev-1"), srv.key.sign(m).encode(), retain=True)
+
+    publish(1, {"battery_low_percent": 55, "min_dwell_s": 0.5})
+    wait_for(lambda: agent.policy.battery_low_percent == 55, 10, what="policy applied")
+    assert agent.policy.min_dwell_s == 0.5
+    before = agent.counters.rejected_manifests
+    publish(2, {"battery_critical_percent": 90})  # above the low threshold: invalid
+    wait_for(lambda: agent.counters.rejected_manifests > before, 10, what="rejection")
+    publish(3, {"no_such_setting": 1})
+    wait_for(lambda: agent.counters.rejected_manifests > before + 1, 10, what="rejection")
+    assert agent.policy.battery_low_percent == 55, "an invalid policy changes nothing"
+    assert agent.store.accepted_version() == 1
