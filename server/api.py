@@ -113,6 +113,18 @@ def _variant_json(row) -> dict[str, Any]:
     }
 
 
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_token(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    token: str = request.app.state.token
+    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise ApiProblem(401, "missing or wrong bearer token")
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(
         title="prunefleet server",
@@ -122,15 +134,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    bearer = HTTPBearer(auto_error=False)
-
-    def require_token(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        if creds is None or not hmac.compare_digest(
-            creds.credentials.encode(), ctx.token.encode()
-        ):
-            raise ApiProblem(401, "missing or wrong bearer token")
+    app.state.token = ctx.token
 
     @app.exception_handler(ApiProblem)
     async def _api_problem(_req: Request, e: ApiProblem) -> JSONResponse:

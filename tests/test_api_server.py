@@ -1,0 +1,222 @@
+"""The server's HTTP API: authentication, refusals that change nothing, the admin CLI,
+and a live key rotation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import urllib.error
+import urllib.request
+
+import pytest
+from fleet_helpers import wait_for
+from onnx_models import make_mlp
+from rollout_helpers import Fleet
+
+from prunefleet.server import cli
+from prunefleet.server.adminclient import AdminClient, ApiError
+from prunefleet.shared.messages import SignedManifest, decode
+from prunefleet.shared.signing import TrustedKeys, load_public_pem
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    yield f
+    f.close()
+
+
+def _raw(url: str, method: str = "GET", token: str | None = None, body: bytes | None = None):
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read())
+
+
+def test_token_is_required_and_created_private(fleet):
+    url = fleet.svc.url
+    mode = stat.S_IMODE(os.stat(fleet.svc.token_path).st_mode)
+    assert mode == 0o600
+    status, _, body = _raw(url + "/healthz")
+    assert status == 200 and body["broker_connected"] is True
+    for token in (None, "wrong-token-of-some-length"):
+        for method, path in (("GET", "/v1/devices"), ("GET", "/v1/rollouts"),
+                             ("POST", "/v1/rollouts"), ("PUT", "/v1/devices/x/groups")):
+            status, headers, body = _raw(url + path, method, token, b"{}")
+            assert status == 401, (method, path, token)
+            assert headers.get("www-authenticate") == "Bearer"
+            assert body["error"]["message"] == "missing or wrong bearer token"
+    status, _, _ = _raw(url + "/v1/devices", token=fleet.svc.token)
+    assert status == 200
+    status, _, spec = _raw(url + "/openapi.json")
+    assert status == 200 and "/v1/rollouts/{rollout_id}/rollback" in spec["paths"]
+
+
+def test_bad_input_is_refused_with_a_clear_error_and_changes_nothing(fleet, tmp_path):
+    api = fleet.api
+    api.set_groups("known-1", ["lab"])  # registers a device the server has not seen yet
+    v1 = fleet.register_mlp("v1", hidden=16)
+    before_rollouts = api.rollouts()
+    before_variants = api.variants()
+    before_devices = api.devices()
+    fleet_target = {"kind": "fleet"}
+
+    bad = [
+        ({"target": fleet_target, "variants": ["v1"], "surprise": 1}, 422, "surprise"),
+        ({"target": fleet_target, "variants": []}, 422, "variants"),
+        ({"target": {"kind": "devices"}, "variants": ["v1"]}, 422, "at least one device"),
+        ({"target": {"kind": "group"}, "variants": ["v1"]}, 422, "group name"),
+        ({"target": {"kind": "moon"}, "variants": ["v1"]}, 422, "target.kind"),
+        ({"target": fleet_target, "variants": ["v1"], "config": {"canary_percent": 150}},
+         422, "canary_percent"),
+        ({"target": fleet_target, "variants": ["v1"], "config": {"failure_threshold": 1}},
+         422, "failure_threshold"),
+        ({"target": fleet_target, "variants": ["nope"]}, 404, "no registered variant 'nope'"),
+        ({"target": fleet_target, "variants": ["v1", "v1"]}, 422, "unique"),
+        ({"target": fleet_target, "variants": ["v1"], "pinned_variant": "other"}, 422,
+         "pinned variant"),
+        ({"target": {"kind": "devices", "devices": ["ghost"]}, "variants": ["v1"]}, 404,
+         "unknown device(s): ghost"),
+        ({"target": {"kind": "group", "group": "empty"}, "variants": ["v1"]}, 422,
+         "group 'empty' has no devices"),
+        ({"target": {"kind": "devices", "devices": ["../x"]}, "variants": ["v1"]}, 422,
+         "target.devices"),
+    ]
+    for body, status, words in bad:
+        with pytest.raises(ApiError) as e:
+            api.create_rollout(body)
+        assert e.value.status == status, (body, e.value)
+        assert words in str(e.value), (body, e.value)
+
+    status, _, body = _raw(fleet.svc.url + "/v1/rollouts", "POST", fleet.svc.token,
+                           b"{not json")
+    assert status == 422 and body["error"]["message"]
+
+    for rid, action, status in ((99, "pause", 404), (99, "rollback", 404)):
+        with pytest.raises(ApiError) as e:
+            api.rollout_action(rid, action)
+        assert e.value.status == status
+    with pytest.raises(ApiError) as e:
+        api.rollout(0)
+    assert e.value.status == 422
+
+    # Uploads: the digest in the URL must match the bytes; nothing is kept otherwise.
+    path = make_mlp(tmp_path / "x.onnx", 8)
+    data = path.read_bytes()
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(ApiError) as e:
+        api.request("PUT", f"/v1/blobs/{wrong}", data=data, length=len(data),
+                    content_type="application/octet-stream")
+    assert e.value.status == 422 and "not " + wrong in str(e.value)
+    assert not list((fleet.state_dir / "blobs").glob(f"{wrong}*"))
+    assert not list((fleet.state_dir / "blobs").glob(".upload-*"))
+    not_onnx = b"definitely not a model"
+    digest = hashlib.sha256(not_onnx).hexdigest()
+    api.request("PUT", f"/v1/blobs/{digest}", data=not_onnx, length=len(not_onnx),
+                content_type="application/octet-stream")
+    for meta, status, words in (
+        ({"name": "x", "sha256": digest, "macs": 1}, 422, "not an ONNX model"),
+        ({"name": "x", "sha256": "0" * 64, "macs": 1}, 404, "no uploaded file"),
+        ({"name": "x y", "sha256": v1["sha256"], "macs": 1}, 422, "name"),
+        ({"name": "x", "sha256": v1["sha256"]}, 422, "macs"),
+        ({"name": "x", "sha256": v1["sha256"], "macs": 1, "chunk_bytes": 10}, 422,
+         "chunk_bytes"),
+    ):
+        with pytest.raises(ApiError) as e:
+            api.request("POST", "/v1/variants", meta)
+        assert e.value.status == status and words in str(e.value), (meta, e.value)
+    with pytest.raises(ApiError) as e:
+        api.set_groups("known-1", ["no spaces allowed"])
+    assert e.value.status == 422
+
+    assert api.rollouts() == before_rollouts == []
+    assert api.variants() == before_variants
+    assert api.devices() == before_devices
+
+    # Two unfinished rollouts may not fight over a device, unless one supersedes.
+    r1 = api.create_rollout({"target": {"kind": "group", "group": "lab"}, "variants": ["v1"]})
+    with pytest.raises(ApiError) as e:
+        api.create_rollout({"target": fleet_target, "variants": ["v1"]})
+    assert e.value.status == 409 and f"#{r1['id']}" in str(e.value)
+    with pytest.raises(ApiError) as e:
+        api.rollout_action(r1["id"], "resume")
+    assert e.value.status == 409 and "only a paused or halted" in str(e.value)
+    r2 = api.create_rollout({"target": fleet_target, "variants": ["v1"], "supersede": True})
+    assert api.rollout(r1["id"])["status"] == "superseded"
+    assert [r["id"] for r in api.rollouts()] == [r1["id"], r2["id"]]
+
+
+def test_admin_cli_talks_to_the_server(fleet, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEFLEET_SERVER", fleet.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", fleet.svc.token)
+    fleet.start_agent("cli-0")
+    fleet.wait_known(["cli-0"])
+    path = make_mlp(fleet.tmp / "m.onnx", 16)
+    assert cli.main(["variants", "register", str(path), "--name", "m16", "--macs", "1184",
+                     "--chunk-bytes", "4096"]) == 0
+    assert "registered m16" in capsys.readouterr().out
+    assert cli.main(["devices", "set-groups", "cli-0", "lab"]) == 0
+    assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab"]) == 0
+    out = capsys.readouterr().out
+    assert "created rollout #1" in out
+    wait_for(lambda: "m16" in fleet.agent("cli-0").pool.table, 20, what="install")
+    fleet.wait_rollout(1, "completed")
+    assert cli.main(["rollout", "status", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and "cli-0" in out
+    assert cli.main(["devices"]) == 0
+    assert "cli-0" in capsys.readouterr().out
+    assert cli.main(["rollout", "list", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["status"] == "completed"
+    assert cli.main(["rollout", "pause", "1"]) == 1
+    assert "is completed, not active (HTTP 409)" in capsys.readouterr().err
+    assert cli.main(["rollout", "status", "1", "--token", "wrong-token-wrong-token"]) == 1
+    assert "missing or wrong bearer token (HTTP 401)" in capsys.readouterr().err
+    assert cli.main(["telemetry"]) == 0
+    assert "devices" in capsys.readouterr().out
+
+
+def test_key_rotation_signs_with_both_keys_until_retired(fleet, capsys):
+    keys = fleet.state_dir / "keys"
+    old_pub = load_public_pem((keys / "public.pem").read_bytes())
+    old_agent = fleet.start_agent("k-old")  # pins the old key only
+    fleet.wait_known(["k-old"])
+    fleet.register_mlp("v1", hidden=16)
+
+    assert cli.main(["keys", "rotate", "--dir", str(keys)]) == 0
+    assert "previous" in capsys.readouterr().out
+    assert cli.main(["keys", "rotate", "--dir", str(keys)]) == 1, "one rotation at a time"
+    assert "already in progress" in capsys.readouterr().err
+    new_pub = load_public_pem((keys / "public.pem").read_bytes())
+    wait_for(lambda: fleet.api.request("GET", "/v1/keys")["previous"] is not None, 10,
+             what="the running server to pick up the rotation")
+    new_agent = fleet.start_agent("k-new", trusted=[keys / "public.pem"])  # new key only
+    fleet.wait_known(["k-new"])
+
+    r = fleet.api.create_rollout({"target": {"kind": "fleet"}, "variants": ["v1"],
+                                  "config": {"canary_percent": 100}})
+    fleet.wait_rollout(r["id"], "completed")
+    assert "v1" in old_agent.pool.table and "v1" in new_agent.pool.table
+    row = fleet.svc.store.latest_manifest("k-old")
+    signed = decode(SignedManifest, row.signed)
+    assert len(signed.signatures) == 2
+    TrustedKeys([old_pub]).verify(signed)
+    TrustedKeys([new_pub]).verify(signed)
+
+    assert cli.main(["keys", "retire", "--dir", str(keys)]) == 0
+    wait_for(lambda: fleet.api.request("GET", "/v1/keys")["previous"] is None, 10,
+             what="the running server to drop the previous key")
+    assert not (keys / "previous.pem").exists()
+
+
+def test_client_reports_an_unreachable_server():
+    with pytest.raises(ApiError, match="cannot reach the server"):
+        AdminClient("http://127.0.0.1:9", "t" * 20, timeout_s=2).rollouts()

@@ -1,0 +1,123 @@
+"""Rollout state in the store, on SQLite and on PostgreSQL (its own schema per test)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from rollout_helpers import pg_schema_url
+
+from prunefleet.server.store import Store, sqlite_url
+from prunefleet.shared.messages import (
+    InstalledVariant,
+    ReportedState,
+    RolloutPhase,
+    RolloutReport,
+    SwitchEvent,
+    TelemetryBatch,
+    VariantStats,
+)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = Store(sqlite_url(tmp_path / "fleet.db"))
+        yield s
+        s.close()
+        return
+    gen = pg_schema_url()
+    url = next(gen)
+    s = Store(url)
+    try:
+        assert s.engine.dialect.name == "postgresql"
+        yield s
+    finally:
+        s.close()
+        gen.close()
+
+
+def _report(device: str, version: int, phase: RolloutPhase, **kw) -> ReportedState:
+    return ReportedState(
+        device_id=device, online=True, ts=100.0, manifest_version=version,
+        installed=[InstalledVariant(name="v", sha256="a" * 64, size=1)],
+        rollout=RolloutReport(manifest_version=version, phase=phase, **kw),
+    )
+
+
+def test_rollout_rows_follow_reports_in_either_order(store):
+    for d in ("d1", "d2", "d3"):
+        store.set_reported(ReportedState(device_id=d, online=True, ts=1.0))
+    store.set_device_groups("d1", ["lab", "all"])
+    store.set_device_groups("d2", ["lab"])
+    store.set_device_groups("new", ["field"])  # registers an unseen device, offline
+    assert store.group_members("lab") == ["d1", "d2"]
+    assert store.device_groups()["d1"] == ["all", "lab"]
+    assert store.device("new") is not None and not store.device("new").online
+
+    rid = store.create_rollout(
+        target_kind="group", target={"kind": "group", "group": "lab"}, variants=[],
+        pinned_variant=None, config={}, status="active", stage="canary",
+        devices=["d1", "d2"], now=50.0,
+    )
+    # d1: offered first, then reports. d2: reports before its offer is recorded.
+    store.mark_offered(rid, "d1", stage="canary", version=7, previous_version=3, now=60.0)
+    for r in (_report("d1", 7, RolloutPhase.DOWNLOADING, progress=0.5),
+              _report("d2", 8, RolloutPhase.FAILED, reason="golden mismatch"),
+              _report("d1", 6, RolloutPhase.ACTIVE)):  # an older manifest: not this rollout
+        store.set_reported(r)
+        store.record_rollout_report(r.device_id, r.rollout, r.ts)
+    store.mark_offered(rid, "d2", stage="rest", version=8, previous_version=None, now=61.0)
+    rows = {rd.device_id: rd for rd in store.rollout_devices(rid)}
+    assert (rows["d1"].phase, rows["d1"].progress) == ("downloading", 0.5)
+    assert (rows["d2"].phase, rows["d2"].reason, rows["d2"].stage) == (
+        "failed", "golden mismatch", "rest")
+    assert rows["d1"].previous_version == 3
+
+    store.record_rollout_report("d1", RolloutReport(manifest_version=7,
+                                                    phase=RolloutPhase.INSTALLED), 101.0)
+    assert {rd.device_id: rd.phase for rd in store.rollout_devices(rid)}["d1"] == "installed"
+    assert store.acknowledge_failures(rid) == 1
+    assert store.acknowledge_failures(rid) == 0
+    assert store.rollout_report("d2").phase == "failed"
+
+    store.update_rollout(rid, status="halted", reason="x", note="halted: x")
+    row = store.rollout(rid)
+    assert row.status == "halted" and row.history[-1]["note"] == "halted: x"
+    assert [r.id for r in store.rollouts(["halted"])] == [rid]
+    assert store.rollouts(["active"]) == []
+    store.add_rollout_devices(rid, ["d2", "d3"])
+    assert [rd.device_id for rd in store.rollout_devices(rid)] == ["d1", "d2", "d3"]
+
+
+def test_manifests_and_variant_lookup(store):
+    store.save_manifest(1, "d1", "{}")
+    store.save_manifest(2, "grp", "{}")
+    store.save_manifest(3, "d1", '{"x": 1}')
+    assert store.latest_manifest("d1").version == 3
+    assert store.manifest(2).target == "grp"
+    assert store.latest_manifest("nobody") is None
+    store.add_variant("v", "b" * 64, "/p1", {"name": "v"}, {})
+    store.add_variant("v", "c" * 64, "/p2", {"name": "v"}, {})
+    assert store.variant("v").sha256 == "c" * 64, "a name means the newest registered"
+    assert store.variant("b" * 64).path == "/p1"
+    assert store.variant("w") is None
+
+
+def test_telemetry_summary(store):
+    store.set_reported(ReportedState(device_id="d1", online=True))
+    for seq, dev in ((0, "d1"), (1, "d1"), (0, "d2")):
+        store.add_telemetry(TelemetryBatch(
+            device_id=dev, seq=seq, interval_start=10.0 * seq, interval_end=10.0 * seq + 5,
+            variants={"small": VariantStats(requests=10, labeled=10, correct=9,
+                                            latency_ms_p50=1.0)},
+            switches=[SwitchEvent(ts=10.0 * seq + 1, from_variant=None, to_variant="small",
+                                  reason="initial")],
+        ))
+    s = store.telemetry_summary()
+    assert s["devices"] == 2 and s["batches"] == 3
+    assert s["variants"]["small"]["requests"] == 30
+    assert s["variants"]["small"]["devices"] == 2
+    assert s["variants"]["small"]["accuracy"] == pytest.approx(0.9)
+    assert s["switches"] == {"initial": 3}
+    assert store.telemetry_summary(since=12.0)["batches"] == 1
