@@ -439,10 +439,15 @@ def _reason(key: str, old: Levels, new: Levels) -> Reason:
         if new.complexity == ComplexityLevel.HIGH:
             return Reason.COMPLEXITY_HIGH
         return Reason.COMPLEXITY_LOW
-    return _REASON_OF[key]
+    on, off = _REASON_OF[key]
+    return on if getattr(new, key) else off
 
 
-_REASON_OF = {"hot": Reason.THERMAL, "memory_low": Reason.MEMORY_LOW, "slo_violated": Reason.SLO}
+_REASON_OF = {
+    "hot": (Reason.THERMAL, Reason.THERMAL_RECOVERED),
+    "memory_low": (Reason.MEMORY_LOW, Reason.MEMORY_RECOVERED),
+    "slo_violated": (Reason.SLO, Reason.SLO_RECOVERED),
+}
 
 
 def _explain(levels: Levels) -> Reason:

@@ -158,8 +158,8 @@ def test_table_order_does_not_matter() -> None:
         ({"battery": 25.0}, {"battery": 25.0, "charging": True}, "large", Reason.CHARGING),
         ({"battery": 10.0}, {"battery": 10.0, "charging": True}, "large", Reason.CHARGING),
         ({"cpu": 90.0}, {"cpu": 30.0}, "large", Reason.CPU_RECOVERED),
-        ({"temp": 85.0}, {"temp": 60.0}, "large", Reason.THERMAL),
-        ({"mem": 5.0}, {"mem": 40.0}, "large", Reason.MEMORY_LOW),
+        ({"temp": 85.0}, {"temp": 60.0}, "large", Reason.THERMAL_RECOVERED),
+        ({"mem": 5.0}, {"mem": 40.0}, "large", Reason.MEMORY_RECOVERED),
         ({"complexity": EASY}, {"complexity": HARD}, "large", Reason.COMPLEXITY_HIGH),
         # unplugging a low battery
         (
@@ -194,7 +194,7 @@ def test_slo_steps_down_and_returns_only_when_the_dearer_variant_would_meet_it()
     # medium at 9 ms predicts large (twice the latency in the table) at 18 ms: stay.
     assert p.at(20.0, latency_ms=9.0).variant == "medium"
     assert p.at(30.0, latency_ms=7.9).variant == "large"
-    assert p.state is not None and p.state.reason == Reason.SLO
+    assert p.state is not None and p.state.reason == Reason.SLO_RECOVERED
 
 
 def test_slo_release_uses_macs_when_the_table_has_no_latencies() -> None:
