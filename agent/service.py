@@ -327,28 +327,35 @@ class Agent:
         wd = self.notifier.watchdog_s
         next_wd = time.monotonic()
         while not self._stop.is_set() and not (until is not None and until.is_set()):
-            self._drain(timeout=0.1)
+            try:
+                self._drain(timeout=0.1)
+                now = time.monotonic()
+                if now >= next_sensor:
+                    self._readings = self.sensors.read()
+                    next_sensor = now + cfg.sensor_interval_s
+                    self._memory_pressure()
+                if self.pool.wanted:
+                    self.pool.load_wanted()
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._reload()
+                if now >= next_tick:
+                    self.downloader.tick(now)
+                    if self.downloader.active():
+                        self._reported_dirty = True  # progress
+                    next_tick = now + 1.0
+                if now >= next_telemetry:
+                    self._cut_telemetry()
+                    next_telemetry = now + cfg.telemetry_interval_s
+                self.sender.pump(self._publish_telemetry, self.transport.connected.is_set())
+                if self._reported_dirty and self.transport.connected.is_set():
+                    self._publish_reported()
+            except (PrunefleetError, OSError) as e:
+                # A broker that vanished mid-publish or a full disk must not stop serving;
+                # the next pass retries (telemetry stays queued on disk).
+                log.error("service loop: %s", e)
+                self._stop.wait(0.5)
             now = time.monotonic()
-            if now >= next_sensor:
-                self._readings = self.sensors.read()
-                next_sensor = now + cfg.sensor_interval_s
-                self._memory_pressure()
-            if self.pool.wanted:
-                self.pool.load_wanted()
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
-                self._reload()
-            if now >= next_tick:
-                self.downloader.tick(now)
-                if self.downloader.active():
-                    self._reported_dirty = True  # progress
-                next_tick = now + 1.0
-            if now >= next_telemetry:
-                self._cut_telemetry()
-                next_telemetry = now + cfg.telemetry_interval_s
-            self.sender.pump(self._publish_telemetry, self.transport.connected.is_set())
-            if self._reported_dirty and self.transport.connected.is_set():
-                self._publish_reported()
             if wd and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd / 2

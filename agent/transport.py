@@ -259,6 +259,8 @@ class MqttTransport:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         except (OSError, ValueError) as e:
             raise TransportError(f"publish to {topic} failed: {e}") from e
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+        # While disconnected paho keeps QoS 1 messages and sends them after reconnecting.
+        queued = (mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST) if qos > 0 else ()
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc not in queued:
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         return info

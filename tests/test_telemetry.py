@@ -1,0 +1,109 @@
+"""Telemetry aggregation, the bounded on-disk queue, acknowledgements, birth and death."""
+
+from __future__ import annotations
+
+import json
+import random
+
+from fleet_helpers import make_server, run_agent, wait_for
+
+from prunefleet.agent.sensors import Readings
+from prunefleet.agent.telemetry import Aggregator, DiskQueue, TelemetrySender
+from prunefleet.agent.transport import backoff_delay
+from prunefleet.shared.messages import Reason, TelemetryBatch, decode
+
+
+def _batch(agg: Aggregator, q: DiskQueue, end: float) -> TelemetryBatch:
+    r = Readings(battery_percent=50.0, charging=False, cpu_percent=20.0,
+                 mem_available_percent=70.0, temperature_c=40.0, ts=end)
+    return agg.cut(q.next_seq(), end, r, "dense", q.take_dropped())
+
+
+def test_interval_batch_has_percentiles_switches_and_accuracy(tmp_path):
+    agg = Aggregator("d1", start=100.0)
+    for i in range(100):
+        agg.record_request("dense", latency_ms=float(i + 1), correct=i % 10 != 0)
+    agg.record_request("small", 0.5)
+    agg.record_switch(101.0, "dense", "small", Reason.BATTERY_LOW)
+    agg.record_energy(1.25)
+    q = DiskQueue(tmp_path)
+    b = _batch(agg, q, 110.0)
+    d = b.variants["dense"]
+    assert (d.requests, d.labeled, d.correct) == (100, 100, 90)
+    assert 49 <= d.latency_ms_p50 <= 52 and 94 <= d.latency_ms_p95 <= 96
+    assert b.variants["small"].labeled == 0
+    assert [s.reason for s in b.switches] == [Reason.BATTERY_LOW]
+    assert b.energy_j == 1.25 and b.mem_percent == 30.0
+    assert decode(TelemetryBatch, b.encode()) == b
+    nxt = _batch(agg, q, 120.0)  # the next interval starts empty
+    assert nxt.variants == {} and nxt.interval_start == 110.0 and nxt.seq == b.seq + 1
+
+
+def test_queue_drops_oldest_when_full_and_reports_the_loss(tmp_path):
+    q = DiskQueue(tmp_path, max_batches=3)
+    agg = Aggregator("d1", 0.0)
+    batches = []
+    for i in range(5):
+        batches.append(_batch(agg, q, float(i + 1)))
+        q.put(batches[-1])
+    assert q.pending() == [2, 3, 4]
+    assert q.dropped_total == 2
+    batches.append(_batch(agg, q, 10.0))
+    # each loss travels with the next batch cut, so the server can count it
+    assert sum(b.batches_dropped for b in batches) == 2
+    assert _batch(agg, q, 11.0).batches_dropped == 0
+
+
+def test_sequence_numbers_survive_a_restart(tmp_path):
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(3):
+        q.put(_batch(agg, q, float(i)))
+    again = DiskQueue(tmp_path)
+    assert again.pending() == [0, 1, 2]
+    assert again.next_seq() == 3
+
+
+def test_batches_are_deleted_only_when_acknowledged(tmp_path):
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(4):
+        q.put(_batch(agg, q, float(i)))
+    sent: list[bytes] = []
+
+    def publish(data: bytes) -> int:
+        sent.append(data)
+        return 100 + len(sent)
+
+    s = TelemetrySender(q, max_in_flight=3)
+    assert s.pump(publish, connected=False) == 0
+    assert s.pump(publish, connected=True) == 3  # bounded in flight
+    assert s.pump(publish, connected=True) == 0
+    s.acked(101)
+    assert q.pending() == [1, 2, 3]
+    s.disconnected()  # unacknowledged ones are sent again after a reconnect
+    assert s.pump(publish, connected=True) == 3
+    assert [json.loads(d)["seq"] for d in sent] == [0, 1, 2, 1, 2, 3]
+
+
+def test_reconnect_backoff_grows_and_is_jittered():
+    rng = random.Random(1)
+    delays = [[backoff_delay(a, 1.0, 60.0, rng) for _ in range(200)] for a in range(8)]
+    for a, ds in enumerate(delays):
+        cap = min(60.0, 2.0 ** a)
+        assert all(cap / 2 <= d <= cap for d in ds)
+        assert max(ds) - min(ds) > cap / 4, "retries of a fleet must spread out"
+    assert max(delays[-1]) <= 60.0
+
+
+def test_last_will_marks_a_vanished_device_offline(tmp_path, mosquitto):
+    srv = make_server(tmp_path, mosquitto.url)
+    try:
+        with run_agent(tmp_path, mosquitto.url, device="dev-w") as agent:
+            wait_for(lambda: (d := srv.store.devices()) and d[0].online, 15,
+                     what="the device online")
+            agent.transport.kill()  # power cut: no DISCONNECT, the broker sends the will
+            wait_for(lambda: not srv.store.devices()[0].online, 15,
+                     what="the device marked offline by its Last Will")
+    finally:
+        srv.stop()
