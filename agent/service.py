@@ -320,6 +320,12 @@ class Agent:
         lands in the last telemetry batch.
         """
         cfg = self.config
+        api = None
+        if cfg.api_socket is not None:
+            from .api import ApiServer
+
+            api = ApiServer.for_agent(self, cfg.api_socket)
+            api.start()
         self.start()
         self.notifier.ready(f"device {self.device_id}")
         next_sensor = next_telemetry = next_tick = time.monotonic()
@@ -359,6 +365,9 @@ class Agent:
             if wd and now >= next_wd:
                 self.notifier.watchdog()
                 next_wd = now + wd / 2
+        # Stop the request sources first, so what they served is in the last batch.
+        if api is not None:
+            api.stop()
         if on_stop is not None:
             on_stop()
         self._shutdown()

@@ -207,3 +207,39 @@ def test_policy_set_by_the_server_per_device(tmp_path, fleet):
     wait_for(lambda: agent.counters.rejected_manifests > before + 1, 10, what="rejection")
     assert agent.policy.battery_low_percent == 55, "an invalid policy changes nothing"
     assert agent.store.accepted_version() == 1
+
+
+@pytest.mark.timeout(60)
+def test_agent_process_serves_applications_on_its_socket(tmp_path, mosquitto):
+    from prunefleet.agent.client import Client
+
+    srv = make_server(tmp_path, mosquitto.url)
+    spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+    srv.publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+    srv.deploy("dev-s", [spec])
+    state = tmp_path / "dev-s"
+    state.mkdir()
+    sock = tmp_path / "run" / "agent.sock"
+    cfg = state / "agent.toml"
+    cfg.write_text(agent_toml("dev-s", mosquitto.url, state, tmp_path / "keys/public.pem",
+                              extra=f'api_socket = "{sock}"'))
+    p = spawn_agent(cfg, state / "agent.log")
+    try:
+        wait_for(sock.exists, 20, what="the socket", procs=[p])
+
+        def answer():
+            try:
+                with Client(sock) as c:
+                    return c.predict(_x(n=3))
+            except Exception:
+                return None
+
+        out = wait_for(answer, 20, what="a prediction over the socket", procs=[p])
+        assert out.variant == "v" and out.logits.shape == (3, 10)
+        assert stop_agent(p) == 0
+        assert not sock.exists(), "the socket file is removed on SIGTERM"
+        wait_for(lambda: sum(u["requests"] for u in srv.store.usage("dev-s").values()) >= 1,
+                 10, what="the request in telemetry")
+    finally:
+        stop_agent(p)
+        srv.stop()
