@@ -108,6 +108,7 @@ class FleetServer:
                              clean_session=not persistent_session),
         )
         self._publish_lock = threading.Lock()
+        self._deploy_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._published_artifacts: set[str] = set()
@@ -160,18 +161,32 @@ class FleetServer:
         *,
         group: bool = False,
         pinned: str | None = None,
+        policy: dict[str, float | int | bool | None] | None = None,
         timeout_s: float = 30.0,
     ) -> Manifest:
-        """Sign a manifest naming ``variants`` and publish it as the target's desired state."""
-        now = time.time()
-        version = self.store.next_manifest_version()
-        manifest = Manifest(
-            target=target, version=version, issued_at=now, expires_at=now + self.manifest_ttl_s,
-            variants=variants, pinned_variant=pinned,
-        )
-        signed = self.key.sign(manifest)
-        data = signed.encode()
-        self.store.save_manifest(version, target, data.decode())
+        """Sign a manifest naming ``variants`` and publish it as the target's desired state.
+
+        ``policy`` overrides the agents' policy settings (see ``PolicyConfig``); it is
+        checked here first, so a bad value is refused before anything is published.
+        """
+        if policy:
+            from prunefleet.agent.policy import PolicyConfig
+
+            try:
+                PolicyConfig.model_validate({**PolicyConfig().model_dump(), **policy})
+            except ValueError as e:
+                raise DistributionError(f"invalid policy override: {e}") from e
+        with self._deploy_lock:  # versions only increase, one manifest at a time
+            now = time.time()
+            version = self.store.next_manifest_version()
+            manifest = Manifest(
+                target=target, version=version, issued_at=now,
+                expires_at=now + self.manifest_ttl_s, variants=variants,
+                pinned_variant=pinned, policy=policy,
+            )
+            signed = self.key.sign(manifest)
+            data = signed.encode()
+            self.store.save_manifest(version, target, data.decode())
         topic = self.topics.group_desired(target) if group else self.topics.desired(target)
         with self._publish_lock:
             info = self.transport.publish_info(topic, data, qos=1, retain=True)

@@ -21,6 +21,7 @@ from fleet_helpers import (
 )
 from onnx_models import mlp_spec, workload
 
+from prunefleet.server.errors import DistributionError
 from prunefleet.shared.messages import Manifest
 
 
@@ -197,10 +198,14 @@ def test_policy_set_by_the_server_per_device(tmp_path, fleet):
                      variants=[spec], policy=policy)
         srv.publish_raw(srv.topics.desired("dev-1"), srv.key.sign(m).encode(), retain=True)
 
-    publish(1, {"battery_low_percent": 55, "min_dwell_s": 0.5})
+    srv.deploy("dev-1", [spec], policy={"battery_low_percent": 55, "min_dwell_s": 0.5})
     wait_for(lambda: agent.policy.battery_low_percent == 55, 10, what="policy applied")
+    with pytest.raises(DistributionError, match="invalid policy"):
+        srv.deploy("dev-1", [spec], policy={"battery_critical_percent": 90})
+    assert srv.store.next_manifest_version() == 2, "a refused deploy publishes nothing"
     assert agent.policy.min_dwell_s == 0.5
     before = agent.counters.rejected_manifests
+    # A hostile or buggy publisher bypassing the server's check: the agent refuses it too.
     publish(2, {"battery_critical_percent": 90})  # above the low threshold: invalid
     wait_for(lambda: agent.counters.rejected_manifests > before, 10, what="rejection")
     publish(3, {"no_such_setting": 1})
