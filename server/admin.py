@@ -205,13 +205,21 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", default=os.environ.get("PRUNEFLEET_SERVER", DEFAULT_SERVER),
-                   help="API base URL (default $PRUNEFLEET_SERVER or %(default)s)")
-    p.add_argument("--token", help="API bearer token (default $PRUNEFLEET_TOKEN)")
-    p.add_argument("--token-file", type=Path,
+def _client_args(p: argparse.ArgumentParser, nested: bool = False) -> None:
+    """The options every API command takes. ``nested``: a subcommand of a command that has
+    them too; SUPPRESS keeps its defaults from overwriting what was given before it."""
+
+    def d(value):
+        return argparse.SUPPRESS if nested else value
+
+    p.add_argument("--server", default=d(os.environ.get("PRUNEFLEET_SERVER", DEFAULT_SERVER)),
+                   help=f"API base URL (default $PRUNEFLEET_SERVER or {DEFAULT_SERVER})")
+    p.add_argument("--token", default=d(None),
+                   help="API bearer token (default $PRUNEFLEET_TOKEN)")
+    p.add_argument("--token-file", type=Path, default=d(None),
                    help="file holding the token (default .prunefleet/server/api-token)")
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="print the API's JSON")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -231,16 +239,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("devices", help="list devices (or set their groups)")
-    # `prunefleet devices` alone lists, with the client defaults of `devices list`.
-    d.set_defaults(func=_cmd_devices, server=os.environ.get("PRUNEFLEET_SERVER",
-                   DEFAULT_SERVER), token=None, token_file=None, json=False, group=None)
+    _client_args(d)
+    d.add_argument("--group", help="only devices in this group")
+    d.set_defaults(func=_cmd_devices)  # `prunefleet devices` alone lists
     ds = d.add_subparsers(dest="devices_command")
     dl = ds.add_parser("list", help="list devices (the default)")
-    _client_args(dl)
-    dl.add_argument("--group", help="only devices in this group")
+    _client_args(dl, nested=True)
+    dl.add_argument("--group", default=argparse.SUPPRESS, help="only devices in this group")
     dl.set_defaults(func=_cmd_devices)
     dg = ds.add_parser("set-groups", help="set the groups of a device (registers it if new)")
-    _client_args(dg)
+    _client_args(dg, nested=True)
     dg.add_argument("device")
     dg.add_argument("groups", nargs="*", help="group names (none: remove from all)")
     dg.set_defaults(func=_cmd_devices_groups)

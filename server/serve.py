@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -225,6 +226,9 @@ class FleetService:
 def serve(opts: ServeOptions, out=print) -> int:
     svc = FleetService(opts)
     svc.start(http_in_thread=False)
+    # uvicorn handles SIGTERM (graceful shutdown) and then re-raises it to the handler it
+    # found; a no-op one lets the process clean up and exit 0, as systemd expects.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         out(f"prunefleet server: API {svc.url} (token in {svc.token_path}), "
             f"broker {svc.fleet.transport.address.url}, "
@@ -232,4 +236,5 @@ def serve(opts: ServeOptions, out=print) -> int:
         svc.serve_http()
     finally:
         svc.stop()
+        signal.signal(signal.SIGTERM, previous)
     return 0

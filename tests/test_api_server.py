@@ -6,11 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
+from conftest import free_port, wait_for_port
 from fleet_helpers import wait_for
 from onnx_models import make_mlp
 from rollout_helpers import Fleet
@@ -220,3 +225,30 @@ def test_key_rotation_signs_with_both_keys_until_retired(fleet, capsys):
 def test_client_reports_an_unreachable_server():
     with pytest.raises(ApiError, match="cannot reach the server"):
         AdminClient("http://127.0.0.1:9", "t" * 20, timeout_s=2).rollouts()
+
+
+@pytest.mark.timeout(60)
+def test_serve_process_starts_answers_and_stops_on_sigterm(tmp_path, mosquitto):
+    port = free_port()
+    state = tmp_path / "srv"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunefleet.server.cli", "serve", "--broker", mosquitto.url,
+         "--state-dir", str(state), "--keys", str(state / "keys"),
+         "--listen", f"127.0.0.1:{port}", "--prefix", f"t{uuid.uuid4().hex[:8]}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: (state / "api-token").exists() and wait_for_port("127.0.0.1", port,
+                                                                          0.2),
+                 30, what="the server to listen", procs=[proc])
+        token = (state / "api-token").read_text().strip()
+        assert AdminClient(url, token).health()["broker_connected"] is True
+        assert AdminClient(url, token).devices() == []
+        assert (state / "keys" / "public.pem").exists()
+        assert (state / "fleet.db").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out.decode()
+    assert f"API {url}" in out.decode()
