@@ -222,6 +222,36 @@ class RolloutController:
             log.info("rollout #%d: %s", rollout_id, note)
             return {"restored": restored, "skipped": skipped}
 
+    def refresh_desired(self, older_than_s: float | None = None) -> int:
+        """Re-sign each device's current desired state under a new version, same contents.
+
+        After a key change (so retained states carry the current signatures) and before
+        manifests expire (so a device that was offline for long still accepts its state).
+        ``older_than_s``: only manifests issued at least that long ago. Rollouts follow the
+        new version. Returns how many were republished.
+        """
+        with self._lock:
+            now = self.clock()
+            count = 0
+            for dev in self.store.devices():
+                row = self.store.latest_manifest(dev.device_id)
+                if row is None:
+                    continue
+                m = self._manifest(row.version)
+                if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
+                    continue
+                try:
+                    new = self.fleet.deploy(dev.device_id, list(m.variants),
+                                            pinned=m.pinned_variant)
+                except _PUBLISH_ERRORS as e:
+                    log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
+                    return count
+                self.store.retarget_offers(dev.device_id, row.version, new.version)
+                count += 1
+            if count:
+                log.info("re-signed the desired state of %d device(s)", count)
+            return count
+
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:
         """Advance every unfinished rollout (the serve loop calls this every second)."""

@@ -50,6 +50,7 @@ class ServeOptions:
     prefix: str = "prunefleet"
     share_group: str | None = None
     tick_s: float = 1.0
+    refresh_check_s: float = 600.0
     client_id: str | None = None
 
 
@@ -190,10 +191,16 @@ class FleetService:
 
     # -- internals ----------------------------------------------------------------------------
     def _tick_loop(self) -> None:
+        next_refresh = 0.0
         while not self._stop.wait(self.opts.tick_s):
             try:
                 self._reload_keys()
                 self.controller.tick()
+                now = time.monotonic()
+                if now >= next_refresh:
+                    # Re-sign desired states past half their lifetime, well before expiry.
+                    self.controller.refresh_desired(older_than_s=self.fleet.manifest_ttl_s / 2)
+                    next_refresh = now + self.opts.refresh_check_s
             except Exception:  # the loop must survive anything one tick meets
                 log.exception("rollout tick failed")
 
@@ -205,6 +212,8 @@ class FleetService:
             self.fleet.key = ring
             log.warning("signing keys changed on disk: now signing with %s",
                         ", ".join(k[:12] for k in ring.keyids))
+            # Retained desired states carry the new set of signatures from now on.
+            self.controller.refresh_desired()
 
     def _republish_artifacts(self) -> None:
         """Publish every registered variant's chunks again (retained; idempotent), so a

@@ -519,6 +519,22 @@ class Store:
             if last is not None and last.manifest_version == version:
                 _apply_report(rd, last)
 
+    def retarget_offers(self, device_id: str, old_version: int, new_version: int) -> None:
+        """The same desired state was re-signed as ``new_version``: rollouts follow it."""
+        with self.session() as s:
+            for rd in s.scalars(select(RolloutDevice).where(
+                RolloutDevice.device_id == device_id,
+                RolloutDevice.offered_version == old_version,
+            )):
+                rd.offered_version = new_version
+            last = s.get(DeviceRolloutReport, device_id)
+            if last is not None and last.manifest_version == new_version:
+                for rd in s.scalars(select(RolloutDevice).where(
+                    RolloutDevice.device_id == device_id,
+                    RolloutDevice.offered_version == new_version,
+                )):
+                    _apply_report(rd, last)
+
     def acknowledge_failures(self, rollout_id: int) -> int:
         with self.session() as s:
             rows = list(s.scalars(select(RolloutDevice).where(

@@ -195,31 +195,52 @@ def test_key_rotation_signs_with_both_keys_until_retired(fleet, capsys):
     old_agent = fleet.start_agent("k-old")  # pins the old key only
     fleet.wait_known(["k-old"])
     fleet.register_mlp("v1", hidden=16)
+    r = fleet.api.create_rollout({"target": {"kind": "devices", "devices": ["k-old"]},
+                                  "variants": ["v1"]})
+    fleet.wait_rollout(r["id"], "completed")
 
+    def signatures(device: str) -> tuple[int, SignedManifest]:
+        row = fleet.svc.store.latest_manifest(device)
+        return row.version, decode(SignedManifest, row.signed)
+
+    before, _ = signatures("k-old")
     assert cli.main(["keys", "rotate", "--dir", str(keys)]) == 0
     assert "previous" in capsys.readouterr().out
     assert cli.main(["keys", "rotate", "--dir", str(keys)]) == 1, "one rotation at a time"
     assert "already in progress" in capsys.readouterr().err
     new_pub = load_public_pem((keys / "public.pem").read_bytes())
-    wait_for(lambda: fleet.api.request("GET", "/v1/keys")["previous"] is not None, 10,
-             what="the running server to pick up the rotation")
-    new_agent = fleet.start_agent("k-new", trusted=[keys / "public.pem"])  # new key only
-    fleet.wait_known(["k-new"])
-
-    r = fleet.api.create_rollout({"target": {"kind": "fleet"}, "variants": ["v1"],
-                                  "config": {"canary_percent": 100}})
-    fleet.wait_rollout(r["id"], "completed")
-    assert "v1" in old_agent.pool.table and "v1" in new_agent.pool.table
-    row = fleet.svc.store.latest_manifest("k-old")
-    signed = decode(SignedManifest, row.signed)
-    assert len(signed.signatures) == 2
+    # The running server picks the rotation up and re-signs the retained desired state.
+    wait_for(lambda: len(signatures("k-old")[1].signatures) == 2, 10,
+             what="the desired state re-signed with both keys")
+    version, signed = signatures("k-old")
+    assert version > before
     TrustedKeys([old_pub]).verify(signed)
     TrustedKeys([new_pub]).verify(signed)
+    wait_for(lambda: old_agent.store.accepted_version() == version, 10,
+             what="the old-key agent to accept the re-signed state")
+    keys_now = fleet.api.request("GET", "/v1/keys")
+    assert keys_now["previous"] is not None and keys_now["current"] != keys_now["previous"]
+
+    new_agent = fleet.start_agent("k-new", trusted=[keys / "public.pem"])  # new key only
+    fleet.wait_known(["k-new"])
+    r = fleet.api.create_rollout({"target": {"kind": "devices", "devices": ["k-new"]},
+                                  "variants": ["v1"]})
+    fleet.wait_rollout(r["id"], "completed")
+    assert "v1" in new_agent.pool.table
 
     assert cli.main(["keys", "retire", "--dir", str(keys)]) == 0
-    wait_for(lambda: fleet.api.request("GET", "/v1/keys")["previous"] is None, 10,
-             what="the running server to drop the previous key")
+    wait_for(lambda: len(signatures("k-new")[1].signatures) == 1, 10,
+             what="the desired state re-signed with the new key only")
+    assert fleet.api.request("GET", "/v1/keys")["previous"] is None
     assert not (keys / "previous.pem").exists()
+    version, signed = signatures("k-new")
+    TrustedKeys([new_pub]).verify(signed)
+    wait_for(lambda: new_agent.store.accepted_version() == version, 10,
+             what="the new-key agent to accept it")
+    # An agent that still pins only the retired key refuses, and keeps serving.
+    wait_for(lambda: old_agent.counters.rejected_manifests >= 1, 10,
+             what="the old-key agent to refuse a manifest it cannot verify")
+    assert "v1" in old_agent.pool.table
 
 
 def test_client_reports_an_unreachable_server():
