@@ -229,7 +229,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- rollouts ---------------------------------------------------------------------------
     @v1.get("/rollouts", tags=["rollouts"])
     def list_rollouts() -> list[dict]:
-        return ctx.controller.list()
+        return ctx.controller.summaries()
 
     @v1.post("/rollouts", status_code=201, tags=["rollouts"])
     def create_rollout(body: RolloutRequest) -> dict:

@@ -284,7 +284,7 @@ class RolloutController:
         row = self._get(rollout_id)
         return self._describe(row, with_devices)
 
-    def list(self) -> list[dict]:
+    def summaries(self) -> list[dict]:
         return [self._describe(r, False) for r in self.store.rollouts()]
 
     def _describe(self, row: RolloutRow, with_devices: bool) -> dict:

@@ -19,10 +19,11 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from prunefleet.agent.errors import TransportError
 from prunefleet.shared.chunks import DEFAULT_CHUNK_BYTES
 from prunefleet.shared.messages import MAX_ARTIFACT_BYTES, Golden, Name, Sha256, VariantSpec
 
-from .errors import ServerError
+from .errors import DistributionError, ServerError
 from .fleet import FleetServer, spec_from_file
 from .store import Store
 
@@ -99,7 +100,10 @@ class Registry:
             )
         except ValidationError as e:
             raise RegistryError(f"variant {reg.name}: {e.errors()[0]['msg']}") from e
-        self.fleet.publish_artifact(spec, path.read_bytes())
+        try:
+            self.fleet.publish_artifact(spec, path.read_bytes())
+        except (TransportError, RuntimeError, ValueError) as e:  # paho: not connected
+            raise DistributionError(f"{spec.name}: chunks not published: {e}") from e
         self.store.add_variant(spec.name, spec.sha256, str(path), spec.model_dump(mode="json"),
                                reg.report)
         return spec
