@@ -58,6 +58,7 @@ __all__ = [
     "ApiCounters",
     "ApiServer",
     "ErrorCode",
+    "FrameReader",
     "agent_info",
 ]
 
@@ -70,6 +71,7 @@ MAX_HEADER_BYTES = 64 * 1024
 DISCARD_MAX_BYTES = 64 * 1024 * 1024
 # Headers and bodies at most this big go out in one write (one copy, one syscall).
 _COALESCE_BYTES = 64 * 1024
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 # sun_path holds 108 bytes, terminating NUL included.
 _SUN_PATH_MAX = 107
 
@@ -104,7 +106,7 @@ def encode_frame(
     header: dict[str, Any], body: bytes | memoryview = b""
 ) -> list[bytes | memoryview]:
     """The buffers of one frame, to be written in order."""
-    h = json.dumps(header, separators=(",", ":")).encode()
+    h = _ENCODER.encode(header).encode()
     head = PREFIX.pack(MAGIC, len(h), len(body)) + h
     if len(body) <= _COALESCE_BYTES:
         return [head + bytes(body)]
@@ -116,33 +118,78 @@ def send_frame(sock: socket.socket, header: dict[str, Any], body: bytes | memory
         sock.sendall(buf)
 
 
-def recv_exact(sock: socket.socket, n: int, into: bytearray | None = None) -> bytearray:
-    """Exactly ``n`` bytes; ``EOFError`` if the peer closes first."""
-    buf = into if into is not None else bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:n])
-        if k == 0:
-            raise EOFError(f"connection closed after {got} of {n} bytes")
-        got += k
-    return buf
+class FrameReader:
+    """Buffered reads from a stream socket: a small frame costs one ``recv``.
+
+    What arrives beyond the current frame stays buffered for the next one (pipelining).
+    Bodies much larger than the buffer are received straight into their own buffer.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = 64 * 1024):
+        self.sock = sock
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._lo = 0
+        self._hi = 0
+
+    @property
+    def buffered(self) -> int:
+        return self._hi - self._lo
+
+    def fill(self) -> int:
+        """Receive once into the buffer; the number of bytes, 0 at end of stream."""
+        if self._lo == self._hi:
+            self._lo = self._hi = 0
+        elif self._hi == len(self._buf):
+            n = self._hi - self._lo
+            self._buf[:n] = self._view[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+        k = self.sock.recv_into(self._view[self._hi :])
+        self._hi += k
+        return k
+
+    def read_prefix(self) -> tuple[int, int]:
+        """The next frame's ``(header_len, body_len)``; :class:`FrameError` if not a frame."""
+        while self._hi - self._lo < PREFIX.size:
+            if self.fill() == 0:
+                raise EOFError("connection closed inside a frame prefix")
+        prefix = PREFIX.unpack_from(self._buf, self._lo)
+        self._lo += PREFIX.size
+        return check_prefix(*prefix)
+
+    def read(self, n: int) -> bytearray:
+        """Exactly ``n`` bytes; ``EOFError`` if the stream ends first."""
+        out = bytearray(n)
+        have = min(n, self._hi - self._lo)
+        out[:have] = self._view[self._lo : self._lo + have]
+        self._lo += have
+        view = memoryview(out)
+        while have < n:
+            if n - have >= len(self._buf) // 2:
+                k = self.sock.recv_into(view[have:])
+                if k == 0:
+                    raise EOFError(f"connection closed after {have} of {n} bytes")
+                have += k
+                continue
+            if self.fill() == 0:
+                raise EOFError(f"connection closed after {have} of {n} bytes")
+            take = min(n - have, self._hi - self._lo)
+            view[have : have + take] = self._view[self._lo : self._lo + take]
+            self._lo += take
+            have += take
+        return out
+
+    def skip(self, n: int) -> None:
+        """Drop ``n`` bytes in bounded memory."""
+        while n > 0:
+            if self._lo == self._hi and self.fill() == 0:
+                raise EOFError("connection closed while discarding a body")
+            take = min(n, self._hi - self._lo)
+            self._lo += take
+            n -= take
 
 
-def discard(sock: socket.socket, n: int) -> None:
-    """Read and drop ``n`` bytes in bounded memory."""
-    scratch = bytearray(min(n, 1 << 20))
-    view = memoryview(scratch)
-    while n > 0:
-        k = sock.recv_into(view[: min(n, len(scratch))])
-        if k == 0:
-            raise EOFError("connection closed while discarding a body")
-        n -= k
-
-
-def parse_prefix(prefix: bytes | bytearray) -> tuple[int, int]:
-    """``(header_len, body_len)`` of a frame prefix; :class:`FrameError` if it is not one."""
-    magic, hlen, blen = PREFIX.unpack(bytes(prefix))
+def check_prefix(magic: bytes, hlen: int, blen: int) -> tuple[int, int]:
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}: not a prunefleet API frame (expected {MAGIC!r})")
     if not 0 < hlen <= MAX_HEADER_BYTES:
@@ -265,7 +312,7 @@ class ApiServer:
             socket_path,
             agent.predict,
             lambda: agent_info(agent),
-            input_shape=lambda: _table_input_shape(agent.pool.table),
+            input_shape=lambda: _input_shape_of(agent.pool.specs),
             **limits,
         )
 
@@ -409,21 +456,22 @@ class ApiServer:
 
     # -- one connection -------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
-        prefix = bytearray(PREFIX.size)
+        reader = FrameReader(conn)
+        # One timeout for every read: a stall mid-frame ends the connection after
+        # io_timeout_s; between frames, waits add up to idle_timeout_s.
+        conn.settimeout(min(self.io_timeout_s, self.idle_timeout_s))
         try:
             while not self._stopping.is_set():
-                conn.settimeout(self.idle_timeout_s)
-                try:
-                    first = conn.recv_into(prefix, PREFIX.size)
-                except TimeoutError:
-                    log.debug("closing idle API connection")
-                    return
-                if first == 0:
-                    return  # the client closed between requests
-                conn.settimeout(self.io_timeout_s)
-                if first < PREFIX.size:
-                    recv_exact(conn, PREFIX.size - first, memoryview(prefix)[first:])
-                if not self._one_request(conn, prefix):
+                idle_since = time.monotonic()
+                while reader.buffered == 0:
+                    try:
+                        if reader.fill() == 0:
+                            return  # the client closed between requests
+                    except TimeoutError:
+                        if time.monotonic() - idle_since >= self.idle_timeout_s:
+                            log.debug("closing idle API connection")
+                            return
+                if not self._one_request(conn, reader):
                     return
         except (EOFError, TimeoutError, OSError) as e:
             # The client vanished or stalled mid-frame: nothing to answer.
@@ -434,15 +482,15 @@ class ApiServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _one_request(self, conn: socket.socket, prefix: bytearray) -> bool:
+    def _one_request(self, conn: socket.socket, reader: FrameReader) -> bool:
         """Read the rest of one frame, answer it; False when the connection must close."""
         rid: object = None
         try:
             try:
-                hlen, blen = parse_prefix(prefix)
+                hlen, blen = reader.read_prefix()
             except FrameError as e:
                 raise _Reply(ErrorCode.BAD_FRAME, str(e), close=True) from e
-            header_raw = recv_exact(conn, hlen)
+            header_raw = reader.read(hlen)
             header: dict[str, Any] | None = None
             bad_header: FrameError | None = None
             try:
@@ -453,11 +501,11 @@ class ApiServer:
             if blen > self.max_request_bytes:
                 close = blen > DISCARD_MAX_BYTES
                 if not close:
-                    discard(conn, blen)
+                    reader.skip(blen)
                 raise _Reply(ErrorCode.TOO_LARGE,
                              f"request body of {blen} bytes exceeds max_request_bytes "
                              f"({self.max_request_bytes})", close=close)
-            body = recv_exact(conn, blen) if blen else bytearray()
+            body = reader.read(blen) if blen else bytearray()
             if bad_header is not None or header is None:
                 raise _Reply(ErrorCode.BAD_REQUEST, str(bad_header))
             reply, out = self._dispatch(header, body)
@@ -635,35 +683,37 @@ def _clear_stale(path: Path) -> None:
 # -- wiring to the agent -----------------------------------------------------------------
 
 
-def _table_input_shape(table: dict[str, Any]) -> list[int] | None:
-    for lv in table.values():
-        return list(lv.spec.input_shape)
+def _input_shape_of(specs: dict[str, Any]) -> list[int] | None:
+    for spec in specs.values():
+        return list(spec.input_shape)
     return None
 
 
 def agent_info(agent: Any) -> dict[str, Any]:
-    """What ``info`` answers for an Agent: device, active variant, the installed table."""
-    table = agent.pool.table
+    """What ``info`` answers for an Agent: device, active variant, the installed variants."""
+    pool = agent.pool
+    specs, table = pool.specs, pool.table
     variants = sorted(
         (
             {
-                "name": lv.spec.name,
-                "macs": lv.spec.macs,
-                "params": lv.spec.params,
-                "accuracy": lv.spec.accuracy,
-                "latency_ms": lv.spec.latency_ms,
-                "technique": lv.spec.technique,
-                "sha256": lv.spec.sha256,
+                "name": spec.name,
+                "macs": spec.macs,
+                "params": spec.params,
+                "accuracy": spec.accuracy,
+                "latency_ms": spec.latency_ms,
+                "technique": spec.technique,
+                "sha256": spec.sha256,
+                "loaded": spec.name in table,
             }
-            for lv in table.values()
+            for spec in specs.values()
         ),
         key=lambda v: (v["macs"], v["name"]),
     )
-    first = next(iter(table.values()), None)
+    first = next(iter(specs.values()), None)
     return {
         "device_id": agent.device_id,
         "active_variant": agent.active_variant,
-        "input_shape": None if first is None else list(first.spec.input_shape),
-        "num_classes": None if first is None else first.spec.num_classes,
+        "input_shape": None if first is None else list(first.input_shape),
+        "num_classes": None if first is None else first.num_classes,
         "variants": variants,
     }

@@ -26,6 +26,7 @@ After an error the connection is kept when the server keeps it (all but ``bad_fr
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 from dataclasses import dataclass
@@ -34,15 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .api import (
-    PREFIX,
-    ErrorCode,
-    FrameError,
-    parse_header,
-    parse_prefix,
-    recv_exact,
-    send_frame,
-)
+from .api import ErrorCode, FrameError, FrameReader, parse_header, send_frame
 from .errors import AgentError, BadInputError, InferenceError, NoVariantError
 
 __all__ = [
@@ -61,6 +54,7 @@ __all__ = [
     "TooLargeError",
 ]
 
+_F32 = np.dtype("<f4")
 # A response body the client accepts at most (logits of a large batch fit easily).
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 
@@ -159,6 +153,7 @@ class Client:
         self.socket_path = Path(socket_path)
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
         self._lock = threading.Lock()
         self._next_id = 1
 
@@ -194,12 +189,14 @@ class Client:
             sock.close()
             raise ApiConnectionError(f"cannot connect to {self.socket_path}: {e}") from e
         self._sock = sock
+        self._reader = FrameReader(sock, 16 * 1024)
         return sock
 
     def _drop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._reader = None
 
     # -- calls ----------------------------------------------------------------------------
     def predict(self, x: np.ndarray, label: int | None = None) -> Prediction:
@@ -213,15 +210,15 @@ class Client:
             raise BadDtypeError(f"input dtype {a.dtype} cannot be sent; expected float32",
                                 ErrorCode.BAD_DTYPE)
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        header: dict[str, Any] = {"op": "predict", "dtype": a.dtype.name,
-                                  "shape": list(a.shape)}
+        dtype = "float32" if a.dtype == _F32 else a.dtype.name
+        header: dict[str, Any] = {"op": "predict", "dtype": dtype, "shape": list(a.shape)}
         if label is not None:
             header["label"] = int(label)
         resp, body = self._call(header, memoryview(a).cast("B") if a.size else b"")
         try:
             shape = tuple(int(d) for d in resp["shape"])
-            if resp.get("dtype") != "float32" or len(shape) != 2 or len(body) != 4 * int(
-                np.prod(shape)
+            if resp.get("dtype") != "float32" or len(shape) != 2 or len(body) != 4 * math.prod(
+                shape
             ):
                 raise ValueError(f"logits {resp.get('dtype')} {shape} in {len(body)} bytes")
             logits = np.frombuffer(body, dtype="<f4").reshape(shape)
@@ -255,7 +252,8 @@ class Client:
                 # The server may have answered before closing (busy, too large): read it.
                 send_error = e
             try:
-                resp, rbody = self._read(sock)
+                assert self._reader is not None
+                resp, rbody = self._read(self._reader)
             except TimeoutError as e:
                 self._drop()
                 raise ApiConnectionError(
@@ -283,10 +281,10 @@ class Client:
             return resp, rbody
 
     @staticmethod
-    def _read(sock: socket.socket) -> tuple[dict, bytearray]:
-        hlen, blen = parse_prefix(recv_exact(sock, PREFIX.size))
+    def _read(reader: FrameReader) -> tuple[dict, bytearray]:
+        hlen, blen = reader.read_prefix()
         if blen > MAX_RESPONSE_BYTES:
             raise FrameError(f"response body of {blen} bytes")
-        header = parse_header(recv_exact(sock, hlen))
-        body = recv_exact(sock, blen) if blen else bytearray()
+        header = parse_header(reader.read(hlen))
+        body = reader.read(blen) if blen else bytearray()
         return header, body
