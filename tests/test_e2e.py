@@ -65,3 +65,51 @@ def test_two_agents_fetch_install_serve_and_report(tmp_path, mosquitto):
     assert {(e.device_id, e.variant) for e in installed} >= {
         ("e2e-a", "small"), ("e2e-a", "large"), ("e2e-b", "small"), ("e2e-b", "large")
     }
+
+
+@pytest.mark.timeout(60)
+def test_two_servers_share_the_ingest_load_through_a_shared_subscription(tmp_path, mosquitto):
+    import os
+    import uuid
+
+    from prunefleet.server.fleet import FleetServer
+    from prunefleet.server.keys import load_or_create
+    from prunefleet.server.store import Store, sqlite_url
+
+    key = load_or_create(tmp_path / "keys")
+    store_url = sqlite_url(tmp_path / "shared.db")
+    servers = [
+        FleetServer(mosquitto.url, Store(store_url), key, share_group="ingest",
+                    client_id=f"pf-share-{i}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        for i in range(2)
+    ]
+    for s in servers:
+        s.start()
+    procs = []
+    try:
+        spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+        servers[0].publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+        servers[0].deploy("share", [spec], group=True)
+        data = workload(tmp_path / "w.npz")
+        for dev in ("sh-a", "sh-b", "sh-c"):
+            state = tmp_path / dev
+            state.mkdir()
+            cfg = state / "agent.toml"
+            cfg.write_text(agent_toml(dev, mosquitto.url, state, tmp_path / "keys/public.pem",
+                                      group="share", workload=data))
+            procs.append(spawn_agent(cfg, state / "agent.log"))
+        wait_for(lambda: sum(s.counters.telemetry for s in servers) >= 30, 40,
+                 what="30 batches ingested", procs=procs)
+    finally:
+        for p in procs:
+            stop_agent(p)
+        time.sleep(1.0)
+        for s in servers:
+            s.stop()
+    counts = [s.counters.telemetry for s in servers]
+    assert min(counts) > 0, f"both servers must take a share of the load: {counts}"
+    assert sum(s.counters.duplicates for s in servers) == 0, "each batch went to one server"
+    store = Store(store_url)
+    for dev in ("sh-a", "sh-b", "sh-c"):
+        seqs = store.telemetry_seqs(dev)
+        assert seqs == list(range(len(seqs)))
