@@ -13,11 +13,12 @@ pre-installed in its state directory (as if delivered) and ``api_socket`` set.
    Runtime sessions and nothing else. ``/proc/PID/maps`` says whether torch is loaded.
 2. **Added latency**: a second agent (simulated sensors with a full battery, so the policy
    keeps serving the dense variant for a noisy digit) and a separate "application"
-   process, as on a device, sending the same input in rounds that interleave two paths on
-   the same model: ONNX Runtime called directly in the application (1 intra-op thread,
-   batch 1) and ``Client.predict`` through the socket. Added per request = p50(socket) -
-   p50(direct). ``Agent.predict`` called in-process (no socket) splits the cost between
-   the agent's request path (complexity, policy, telemetry) and the API.
+   process, as on a device, sending the same input in rounds that interleave three paths
+   on the same model: ONNX Runtime called directly in the application (1 intra-op thread,
+   batch 1), ``Client.predict`` to the agent, and ``Client.predict`` to a bare
+   :class:`ApiServer` process in front of ONNX Runtime alone. Added per request =
+   p50(agent) - p50(direct); the bare server splits it between the API itself and the
+   agent's request path (complexity estimate, policy, telemetry, battery).
 
 Targets (issue #5): <= 0.2 ms added per request; idle CPU < 1% of a core; no torch.
 """
@@ -39,9 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from prunefleet.agent.config import load_config
-from prunefleet.agent.runtime import load_session
-from prunefleet.agent.service import Agent
 from prunefleet.agent.store import VariantStore
 from prunefleet.server.keys import load_or_create
 from prunefleet.shared.messages import ReportedState, decode
@@ -57,31 +55,36 @@ APP = textwrap.dedent("""
     import json, sys, time
     import numpy as np, onnxruntime as ort
     from prunefleet.agent.client import Client
-    sock, xfile, n, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    files = dict(a.split("=", 1) for a in sys.argv[5:])
+    agent_sock, bare_sock, xfile = sys.argv[1:4]
+    n, rounds = int(sys.argv[4]), int(sys.argv[5])
+    files = dict(a.split("=", 1) for a in sys.argv[6:])
     x = np.load(xfile)
-    client = Client(sock)
-    variant = client.predict(x).variant
+    agent, bare = Client(agent_sock), Client(bare_sock)
+    variant = agent.predict(x).variant
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(files[variant], opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    assert np.allclose(client.predict(x).logits, sess.run(None, {name: x[None]})[0],
-                       rtol=1e-5, atol=1e-6)
+    want = sess.run(None, {name: x[None]})[0]
+    for c in (agent, bare):
+        assert np.allclose(c.predict(x).logits, want, rtol=1e-5, atol=1e-6)
     for _ in range(300):
-        sess.run(None, {name: x[None]}); client.predict(x)
-    direct, api, other = [], [], 0
+        sess.run(None, {name: x[None]}); agent.predict(x); bare.predict(x)
+    lat = {"direct": [], "agent": [], "bare": []}
+    other = 0
     for _ in range(rounds):
         for _ in range(n):
             t0 = time.perf_counter(); sess.run(None, {name: x[None]})
-            direct.append((time.perf_counter() - t0) * 1000)
+            lat["direct"].append((time.perf_counter() - t0) * 1000)
         for _ in range(n):
-            t0 = time.perf_counter(); p = client.predict(x)
-            api.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter(); p = agent.predict(x)
+            lat["agent"].append((time.perf_counter() - t0) * 1000)
             other += p.variant != variant
-    client.close()
-    print(json.dumps({"variant": variant, "direct": direct, "api": api, "other": other}))
+        for _ in range(n):
+            t0 = time.perf_counter(); bare.predict(x)
+            lat["bare"].append((time.perf_counter() - t0) * 1000)
+    print(json.dumps({"variant": variant, "other": other, **lat}))
 """)
 
 # A bare process holding the same sessions: the floor for the agent's memory.
@@ -298,21 +301,42 @@ def idle_agent(vs, work: Path, broker: Broker, seconds: float) -> dict:
 # -- 2. added latency --------------------------------------------------------------------
 
 
-def in_process_path(vs, work: Path, x: np.ndarray, n: int) -> list[float]:
-    """Agent.predict without a socket: the agent's request path on the dense variant."""
-    cfg = load_config(None, env={}, device_id="bench-inproc", broker_url="mqtt://127.0.0.1:1",
-                      state_dir=work / "inproc", trusted_keys=[work / "keys" / "public.pem"],
-                      sensors={"kind": "simulated", "battery_capacity_j": 1e12})
-    agent = Agent(cfg)
-    agent.pool.put(load_session(vs.paths["dense"], vs.specs["dense"], 1))
-    for _ in range(300):
-        agent.predict(x)
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        agent.predict(x)
-        lat.append((time.perf_counter() - t0) * 1000)
-    return lat
+class BareApi:
+    """The socket API in front of ONNX Runtime alone (no policy, no telemetry): what the API
+    itself costs, in its own process like the agent."""
+
+    SCRIPT = textwrap.dedent("""
+        import sys, threading
+        from pathlib import Path
+        import onnxruntime as ort
+        from prunefleet.agent.api import ApiServer
+        from prunefleet.agent.runtime import Served
+        from prunefleet.shared.messages import Reason
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(sys.argv[2], opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        def predict(x, label):
+            return Served("dense", Reason.INITIAL, sess.run(None, {name: x})[0], 0.0)
+        with ApiServer(Path(sys.argv[1]), predict, dict, input_shape=lambda: [1, 1, 8, 8]):
+            print("ready", flush=True)
+            sys.stdin.read()
+    """)
+
+    def __init__(self, socket_path: Path, model: Path) -> None:
+        self.socket = socket_path
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT, str(socket_path),
+                                      str(model)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("bare API process did not start")
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 def added_latency(vs, work: Path, broker: Broker, n: int, rounds: int) -> dict:
@@ -321,13 +345,15 @@ def added_latency(vs, work: Path, broker: Broker, n: int, rounds: int) -> dict:
         kind = "simulated"
         battery_capacity_j = 1e12
         """))
+    bare = BareApi(work / "bare.sock", vs.paths["dense"])
     x = vs.x[0]  # a noisy digit, (1, 8, 8): the full battery and its complexity get dense
     np.save(work / "x.npy", x)
     try:
         rss_before = rss_mb(agent.pid)
         p = subprocess.run(
-            [sys.executable, "-c", APP, str(agent.socket), str(work / "x.npy"), str(n),
-             str(rounds), *(f"{k}={v}" for k, v in vs.paths.items())],
+            [sys.executable, "-c", APP, str(agent.socket), str(bare.socket),
+             str(work / "x.npy"), str(n), str(rounds),
+             *(f"{k}={v}" for k, v in vs.paths.items())],
             capture_output=True, text=True, timeout=600,
         )
         if p.returncode != 0:
@@ -335,25 +361,26 @@ def added_latency(vs, work: Path, broker: Broker, n: int, rounds: int) -> dict:
         lat = json.loads(p.stdout)
         rss_after = rss_mb(agent.pid)
     finally:
+        bare.stop()
         agent.stop()
-    inproc = in_process_path(vs, work, x, n * rounds)
 
     print(f"\n2. latency per request, {lat['variant']} digits variant, batch 1: {rounds} rounds "
           f"of {n} per path, interleaved, from an application process")
-    print(f"{'path':<50} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+    print(f"{'path':<52} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
     rows = [("ONNX Runtime called directly in the application", lat["direct"]),
-            ("Agent.predict in-process (no socket)", inproc),
-            ("Client.predict through the agent's socket API", lat["api"])]
+            ("socket API -> ONNX Runtime alone (API's own cost)", lat["bare"]),
+            ("socket API -> the agent (policy, telemetry, ...)", lat["agent"])]
     for label, v in rows:
-        print(f"{label:<50} {pct(v, 50):>8.4f} {pct(v, 90):>8.4f} {pct(v, 99):>8.4f}")
-    added = pct(lat["api"], 50) - pct(lat["direct"], 50)
-    path = pct(inproc, 50) - pct(lat["direct"], 50)
-    print(f"added per request (p50): {added:.4f} ms = the agent's request path {path:.4f} ms "
-          f"+ socket, framing, client and a second process {added - path:.4f} ms; "
-          f"requests served by another variant: {lat['other']}")
+        print(f"{label:<52} {pct(v, 50):>8.4f} {pct(v, 90):>8.4f} {pct(v, 99):>8.4f}")
+    direct = pct(lat["direct"], 50)
+    added = pct(lat["agent"], 50) - direct
+    api = pct(lat["bare"], 50) - direct
+    print(f"added per request (p50): {added:.4f} ms = socket API (framing, two processes, "
+          f"client) {api:.4f} ms + the agent's request path {added - api:.4f} ms; requests "
+          f"served by another variant: {lat['other']}")
     print(f"agent RSS: {rss_before:.1f} MB before, {rss_after:.1f} MB after "
-          f"{len(lat['api']) + 300} requests")
-    return {"added": added, "agent_path": path}
+          f"{len(lat['agent']) + 302} requests")
+    return {"added": added, "api": api}
 
 
 def main(argv: list[str] | None = None) -> int:
