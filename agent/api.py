@@ -127,6 +127,8 @@ class FrameReader:
 
     def __init__(self, sock: socket.socket, size: int = 64 * 1024):
         self.sock = sock
+        # time.monotonic() after which a read raises TimeoutError (a trickling sender).
+        self.deadline: float | None = None
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._lo = 0
@@ -136,8 +138,13 @@ class FrameReader:
     def buffered(self) -> int:
         return self._hi - self._lo
 
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError("frame not complete in time")
+
     def fill(self) -> int:
         """Receive once into the buffer; the number of bytes, 0 at end of stream."""
+        self._check_deadline()
         if self._lo == self._hi:
             self._lo = self._hi = 0
         elif self._hi == len(self._buf):
@@ -166,6 +173,7 @@ class FrameReader:
         view = memoryview(out)
         while have < n:
             if n - have >= len(self._buf) // 2:
+                self._check_deadline()
                 k = self.sock.recv_into(view[have:])
                 if k == 0:
                     raise EOFError(f"connection closed after {have} of {n} bytes")
@@ -463,6 +471,7 @@ class ApiServer:
         try:
             while not self._stopping.is_set():
                 idle_since = time.monotonic()
+                reader.deadline = None
                 while reader.buffered == 0:
                     try:
                         if reader.fill() == 0:
@@ -471,6 +480,8 @@ class ApiServer:
                         if time.monotonic() - idle_since >= self.idle_timeout_s:
                             log.debug("closing idle API connection")
                             return
+                # The whole frame must arrive within io_timeout_s of its first bytes.
+                reader.deadline = time.monotonic() + self.io_timeout_s
                 if not self._one_request(conn, reader):
                     return
         except (EOFError, TimeoutError, OSError) as e:

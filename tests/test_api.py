@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +169,10 @@ def _answer(s: socket.socket) -> tuple[dict, bytes] | None:
     """One frame from the server, or None if it closed the connection."""
     data = b""
     while len(data) < 12 or len(data) < 12 + sum(struct.unpack(">II", data[4:12])):
-        chunk = s.recv(65536)
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            chunk = b""  # closed with our bytes unread: as good as closed
         if not chunk:
             return None
         data += chunk
@@ -222,10 +227,17 @@ def test_garbage_bytes_are_answered_and_never_stop_the_server(served):
             head, _ = _answer(s)
             assert head["error"] == code
             assert _answer(s) is None
-    # A client that stalls mid-frame is dropped after io_timeout_s.
+    # A client that stalls mid-frame, or trickles a frame in, is dropped after io_timeout_s.
     with _raw(path) as s:
         s.sendall(_frame({"op": "info"}, blen=100)[:20])
         assert _answer(s) is None
+    with _raw(path) as s:
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            for b in _frame({"op": "info"}, blen=100)[:30]:
+                s.sendall(bytes([b]))
+                time.sleep(0.1)
+        assert _answer(s) is None and time.monotonic() - t0 < 2.5
     with Client(path) as c:
         assert c.predict(_inputs(1)).logits.shape == (1, 10)
     assert server.counters.bad_frames == 4  # three random prefixes, one huge header
