@@ -64,7 +64,6 @@ REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 WORKLOAD_NAME = "workload.npz"
 GOLDEN_ATOL = 1e-3
-MAX_TORCH_THREADS = 2
 GENERATED_INPUTS = 64  # parity / agreement inputs for a recipe without data
 PARITY_MAX = 512  # inputs of the parity check at most
 
@@ -165,10 +164,10 @@ def _b64(a: np.ndarray) -> str:
 
 
 @contextlib.contextmanager
-def _torch_session(seed: int) -> Iterator[None]:
+def _torch_session(seed: int, threads: int) -> Iterator[None]:
     """Few threads, seeded RNG; the caller's thread count and RNG state come back after."""
     prev_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(MAX_TORCH_THREADS, prev_threads)))
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -271,7 +270,9 @@ class Resolved:
 
 def check_recipe(recipe: Recipe) -> Resolved:
     """Everything that can fail fast: factory, checkpoint, input shape, data, ONNX export."""
-    model = build_model(recipe)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.prepare.seed)  # the factory's initial weights are seeded
+        model = build_model(recipe)
     shape = recipe.model.input_shape
     example = torch.zeros(shape)
     with torch.no_grad():
@@ -381,7 +382,7 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     try:
-        with _torch_session(recipe.prepare.seed):
+        with _torch_session(recipe.prepare.seed, recipe.prepare.torch_threads):
             report = _run(res, stage, phash, params, progress)
         names = [v["file"] for v in report["variants"]] + [REPORT_MD, REPORT_PNG]
         if report.get("workload"):
