@@ -237,6 +237,8 @@ class RolloutController:
                 row = self.store.latest_manifest(dev.device_id)
                 if row is None:
                     continue
+                if dev.manifest_version is not None and dev.manifest_version > row.version:
+                    continue  # it follows a newer (group) manifest: leave that in charge
                 m = self._manifest(row.version)
                 if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
                     continue
