@@ -548,6 +548,7 @@ class Agent:
             device_id=self.device_id,
             online=online,
             ts=time.time(),
+            group=self.config.group,
             agent_version=__version__,
             manifest_version=self._manifest.version if self._manifest else None,
             active_variant=self._active,

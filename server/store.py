@@ -262,7 +262,9 @@ class Store:
                         from_variant=sw.from_variant, to_variant=sw.to_variant,
                         reason=sw.reason.value,
                     ))
-                self._touch(s, b.device_id, online=True)
+                # Only reported state (and its Last Will) says online or offline: a batch
+                # may have waited in a queue and arrive after the will.
+                self._touch(s, b.device_id)
             return True
         except IntegrityError:
             return False  # another ingester stored it first
@@ -288,6 +290,13 @@ class Store:
                         d.active_variant = r.active_variant
                         d.installed = [v.model_dump() for v in r.installed]
                         d.last_error = r.last_error
+                    if r.group is not None:
+                        # The group an agent is configured with joins the labels the
+                        # operator set (`devices set-groups`); none is removed here.
+                        known = {g.group_name for g in s.scalars(
+                            select(DeviceGroup).where(DeviceGroup.device_id == r.device_id))}
+                        if r.group not in known:
+                            s.add(DeviceGroup(device_id=r.device_id, group_name=r.group))
                 return
             except IntegrityError:
                 continue  # a concurrent insert of the same new device; update it instead

@@ -229,6 +229,7 @@ class ReportedState(WireModel):
     device_id: Name
     online: bool
     ts: Timestamp = 0.0
+    group: Name | None = None  # the group in the agent's own configuration
     agent_version: str | None = Field(default=None, max_length=32)
     manifest_version: int | None = None
     active_variant: Name | None = None
