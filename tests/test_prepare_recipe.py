@@ -149,3 +149,30 @@ def test_prepare_without_data_measures_size_and_speed(tmp_path, capsys):
     rc, _, err = _run(capsys, str(other), "--out", str(out), "--force")
     assert rc == 0, err
     assert json.loads((out / "report.json").read_text())["variants"][1]["ratio"] == 0.25
+
+
+DATA_MODULE = '''
+import torch
+from torch.utils.data import TensorDataset
+
+
+def load():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 8, 8, generator=g)
+    y = torch.arange(40) % 10
+    return TensorDataset(x[:30], y[:30]), TensorDataset(x[30:], y[30:])
+'''
+
+
+def test_data_from_a_callable_returning_torch_datasets(tmp_path):
+    from prunefleet.server.prepare.data import load_recipe_data
+
+    (tmp_path / "mydata_for_prepare.py").write_text(DATA_MODULE)
+    recipe = load_recipe(_write(tmp_path, NO_DATA.replace(
+        "[prepare]", '[data]\nsource = "mydata_for_prepare:load"\n\n[prepare]')))
+    data = load_recipe_data(recipe.data.source, (1, 8, 8), recipe.base_dir)
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 0)
+    assert data.train.x.shape == (30, 1, 8, 8) and data.num_classes == 10
+    assert data.eval_split is data.val  # no test split: accuracy on validation
+    with pytest.raises(RecipeError, match="do not match input_shape"):
+        load_recipe_data(recipe.data.source, (1, 4, 4), recipe.base_dir)

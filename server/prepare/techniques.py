@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,7 +63,6 @@ class Context:
     progress: bool = False
     seed: int = 0
     dense_macs: int = 0
-    _groups: list[ChannelGroup] | None = field(default=None, repr=False)
 
 
 @dataclass
