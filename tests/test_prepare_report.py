@@ -148,3 +148,15 @@ def test_ctrl_c_leaves_no_half_written_variant(tmp_path, monkeypatch):
     assert [v.name for v in done.variants] == ["dense", "s50", "s50-int8"]
     assert (out / REPORT_NAME).is_file()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_a_killed_runs_staging_directory_is_cleaned_up(tmp_path):
+    out = tmp_path / "out"
+    stale = out / ".prepare-999999999-abc"  # no such process
+    stale.mkdir(parents=True)
+    (stale / "half.onnx").write_bytes(b"\x08")
+    prepare(_recipe(tmp_path, [{"name": "s50", "technique": "structured", "ratio": 0.5}]), out,
+            progress=False)
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []

@@ -63,6 +63,7 @@ REPORT_NAME = "report.json"
 REPORT_MD = "report.md"
 REPORT_PNG = "report.png"
 WORKLOAD_NAME = "workload.npz"
+STAGE_PREFIX = ".prepare-"
 GOLDEN_ATOL = 1e-3
 # INT8 kernels differ between CPUs (VNNI or not, saturation): a device may round otherwise.
 GOLDEN_INT8_REL = 0.02  # of the largest golden logit
@@ -341,6 +342,21 @@ class _Built:
     seconds: float
 
 
+def _remove_stale_stages(out_dir: Path) -> None:
+    """Staging directories of runs that were killed outright (SIGKILL, power loss)."""
+    for p in out_dir.glob(f"{STAGE_PREFIX}*"):
+        try:
+            pid = int(p.name[len(STAGE_PREFIX):].split("-", 1)[0])
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+            alive = True
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def _commit(stage: Path, out_dir: Path, names: list[str]) -> None:
     """Move the staged set into ``out_dir``; ``report.json`` goes last."""
     old = load_report(out_dir)
@@ -382,7 +398,8 @@ def prepare(
                                     "files); use --force to replace them")
     res = resolved or check_recipe(recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    _remove_stale_stages(out_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
         with _torch_session(recipe.prepare.seed, recipe.prepare.torch_threads):
             report = _run(res, stage, phash, params, progress)
