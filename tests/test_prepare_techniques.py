@@ -196,3 +196,9 @@ def test_int8_that_disagrees_is_refused(trained, digits):
     q = quantize_int8(other, digits.train.x[:16])
     with pytest.raises(ParityError, match="INT8"):
         check_int8(q, fp32, digits.val.x, rel_tol=0.25, min_top1=0.9)
+
+
+def test_sensitivity_says_when_its_scan_cannot_reach_the_target(trained, digits):
+    spec = VariantSpec(name="s", technique="sensitivity", macs_ratio=0.05)
+    with pytest.raises(PruningError, match="add larger sensitivity_ratios"):
+        make_variant(trained, spec, _ctx(digits, trained, sensitivity_ratios=[0.25]))

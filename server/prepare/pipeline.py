@@ -308,10 +308,9 @@ def _train_dense(res: Resolved, progress: bool) -> float | None:
     return result.val_accuracy
 
 
-def _pick_golden(logits: dict[str, np.ndarray], y: np.ndarray | None) -> int:
+def _pick_golden(logits: dict[str, np.ndarray], y: np.ndarray | None, dense: str) -> int:
     """The input every variant classifies right (or like dense) with the widest margin."""
-    first = next(iter(logits.values()))
-    target = y if y is not None else first.argmax(1)
+    target = y if y is not None else logits[dense].argmax(1)
     worst_margin = np.full(len(target), np.inf)
     for out in logits.values():
         top2 = np.sort(out, axis=1)[:, -2:]
@@ -485,7 +484,7 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
     dense_name = recipe.dense_name()
     sessions = {n: measure.session(b.onnx, threads=1) for n, b in built.items()}
     logits = {n: measure.run_batched(s, eval_x) for n, s in sessions.items()}
-    g = _pick_golden(logits, eval_y)
+    g = _pick_golden(logits, eval_y, dense_name)
     golden_x = eval_x[g : g + 1]
     lat = measure.latency_many(
         sessions, golden_x, warmup=settings.latency_warmup, runs=settings.latency_runs,

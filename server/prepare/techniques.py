@@ -199,7 +199,8 @@ def plan_sensitivity(
         if not step_once():
             break
     # Savings do not add up exactly (neighbouring layers share MACs): check the real model.
-    for _ in range(100):
+    # Each failed check raises one level, and there are finitely many levels.
+    while True:
         pruned = prune_structured(dense, ctx.example, ratios(), round_to=round_to)
         macs_kept = measure.count_macs(pruned, ctx.example) / ctx.dense_macs
         removed_share = 1 - sum(channel_widths(pruned)[g.root] for g in groups) / total_channels
@@ -207,9 +208,9 @@ def plan_sensitivity(
             break
         if not step_once():
             raise PruningError(
-                f"sensitivity: the largest scanned ratios "
-                f"({ctx.settings.sensitivity_ratios[-1]}) do not reach the target; add larger "
-                "sensitivity_ratios")
+                f"sensitivity: the largest scanned ratio "
+                f"({ctx.settings.sensitivity_ratios[-1]}) does not reach the target; add "
+                "larger sensitivity_ratios")
     scan = {root: [{"ratio": r, "accuracy_loss": round(loss, 5), "macs_saved": s,
                     "channels_removed": c} for r, loss, s, c in entries]
             for root, entries in table.items()}
