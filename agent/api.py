@@ -70,7 +70,7 @@ MAX_HEADER_BYTES = 64 * 1024
 # past it the server answers and closes rather than read that much.
 DISCARD_MAX_BYTES = 64 * 1024 * 1024
 # Headers and bodies at most this big go out in one write (one copy, one syscall).
-_COALESCE_BYTES = 64 * 1024
+COALESCE_BYTES = 64 * 1024
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 # sun_path holds 108 bytes, terminating NUL included.
 _SUN_PATH_MAX = 107
@@ -108,7 +108,7 @@ def encode_frame(
     """The buffers of one frame, to be written in order."""
     h = _ENCODER.encode(header).encode()
     head = PREFIX.pack(MAGIC, len(h), len(body)) + h
-    if len(body) <= _COALESCE_BYTES:
+    if len(body) <= COALESCE_BYTES:
         return [head + bytes(body)]
     return [head, body]
 
@@ -164,8 +164,23 @@ class FrameReader:
         self._lo += PREFIX.size
         return check_prefix(*prefix)
 
+    def read_frame(self, max_body: int) -> tuple[dict[str, Any], bytearray]:
+        """The next whole frame: its header (parsed) and body."""
+        hlen, blen = self.read_prefix()
+        if blen > max_body:
+            raise FrameError(f"body of {blen} bytes, more than {max_body}")
+        lo = self._lo
+        if self._hi - lo >= hlen + blen:  # all here already: no extra calls
+            self._lo = lo + hlen + blen
+            return parse_header(self._buf[lo : lo + hlen]), self._buf[lo + hlen : self._lo]
+        return parse_header(self.read(hlen)), self.read(blen)
+
     def read(self, n: int) -> bytearray:
         """Exactly ``n`` bytes; ``EOFError`` if the stream ends first."""
+        lo = self._lo
+        if self._hi - lo >= n:
+            self._lo = lo + n
+            return self._buf[lo : lo + n]
         out = bytearray(n)
         have = min(n, self._hi - self._lo)
         out[:have] = self._view[self._lo : self._lo + have]
