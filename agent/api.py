@@ -95,11 +95,7 @@ class ErrorCode:
 
 
 class FrameError(Exception):
-    """The bytes on the socket do not follow the framing; ``fatal``: cannot resynchronise."""
-
-    def __init__(self, message: str, fatal: bool = True):
-        super().__init__(message)
-        self.fatal = fatal
+    """Bytes on the socket that do not follow the framing, or a header we cannot read."""
 
 
 def encode_frame(
@@ -223,10 +219,10 @@ def check_prefix(magic: bytes, hlen: int, blen: int) -> tuple[int, int]:
 def parse_header(raw: bytes | bytearray) -> dict[str, Any]:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrameError(f"header is not UTF-8 JSON: {e}", fatal=False) from e
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested too deep
+        raise FrameError(f"header is not UTF-8 JSON: {e}") from e
     if not isinstance(header, dict):
-        raise FrameError("header is not a JSON object", fatal=False)
+        raise FrameError("header is not a JSON object")
     return header
 
 
@@ -237,8 +233,7 @@ def check_shape(shape: object) -> tuple[int, ...]:
         or len(shape) > 32
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise FrameError("shape must be a list of at most 32 non-negative integers",
-                         fatal=False)
+        raise FrameError("shape must be a list of at most 32 non-negative integers")
     return tuple(shape)
 
 
@@ -502,6 +497,9 @@ class ApiServer:
         except (EOFError, TimeoutError, OSError) as e:
             # The client vanished or stalled mid-frame: nothing to answer.
             log.debug("API connection ended: %s", e)
+        except Exception:
+            # A bug of ours must cost one connection, never the server.
+            log.exception("API connection failed")
         finally:
             with self._lock:
                 self._conns.pop(conn, None)

@@ -199,6 +199,7 @@ def test_garbage_bytes_are_answered_and_never_stop_the_server(served):
         bad = [
             (_frame(b"\xff\xfe not json"), "bad_request"),
             (_frame(b"[1, 2]"), "bad_request"),
+            (_frame(b"[" * 60_000), "bad_request"),  # nested deeper than json can parse
             (_frame({"op": "explode", "id": 1}), "bad_request"),
             (_frame({"op": "predict", "id": 2, "dtype": "float32", "shape": [1, 1, 8, 8]},
                     b"\0" * 12), "bad_request"),  # body does not hold the shape
