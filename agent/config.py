@@ -92,6 +92,11 @@ class AgentConfig(_Strict):
     # 0 keeps every installed variant loaded; N > 0 unloads the least recently used.
     max_loaded_variants: int = Field(default=0, ge=0, le=64)
     api_socket: Path | None = None
+    api_max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    api_max_batch: int = Field(default=64, ge=1, le=65536)
+    api_max_connections: int = Field(default=16, ge=1, le=1024)
+    api_idle_timeout_s: float = Field(default=300.0, gt=0)
+    api_io_timeout_s: float = Field(default=5.0, gt=0)
 
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     sensors: SensorConfig = Field(default_factory=SensorConfig)

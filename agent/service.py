@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -245,7 +246,10 @@ class Agent:
             complexity = self._ewma.update(estimate_complexity(x))
         infos = self._infos(specs)
         now = time.monotonic()
-        lat = float(np.median(self._latencies)) if self._latencies else None
+        # The recent latency matters only to a latency target (SLO).
+        lat = None
+        if self._policy_cfg.latency_slo_ms is not None and self._latencies:
+            lat = statistics.median(self._latencies)
         with self._policy_lock:
             d = decide(
                 self._readings, infos, complexity, lat, self._pinned, self._policy_state, now,
@@ -324,7 +328,12 @@ class Agent:
         if cfg.api_socket is not None:
             from .api import ApiServer
 
-            api = ApiServer.for_agent(self, cfg.api_socket)
+            api = ApiServer.for_agent(
+                self, cfg.api_socket,
+                max_request_bytes=cfg.api_max_request_bytes, max_batch=cfg.api_max_batch,
+                max_connections=cfg.api_max_connections,
+                idle_timeout_s=cfg.api_idle_timeout_s, io_timeout_s=cfg.api_io_timeout_s,
+            )
             api.start()
         self.start()
         self.notifier.ready(f"device {self.device_id}")
