@@ -100,6 +100,8 @@ class Agent:
         self._pinned: str | None = None
         self._ewma = Ewma(config.complexity_ewma_alpha)
         self._policy_cfg: PolicyConfig = config.policy
+        self._eval_interval_s = config.policy_eval_interval_s
+        self._last_decision: tuple | None = None
         self._reload_requested = threading.Event()
         self._latencies: collections.deque[float] = collections.deque(maxlen=64)
         self._table_infos: tuple[int, list[VariantInfo]] = (0, [])
@@ -244,8 +246,15 @@ class Agent:
     ) -> tuple[str, Reason]:
         if complexity is None:
             complexity = self._ewma.update(estimate_complexity(x))
-        infos = self._infos(specs)
         now = time.monotonic()
+        # The policy is a pure function of what changes slowly (readings every sensor
+        # interval, pins, the table) and of the smoothed complexity: between changes of
+        # the first, it is re-evaluated at most every ``policy_eval_interval_s``.
+        key = (id(self._readings), self._pinned, id(specs), id(self._policy_cfg))
+        last = self._last_decision
+        if last is not None and last[0] == key and now - last[1] < self._eval_interval_s:
+            return last[2], last[3]
+        infos = self._infos(specs)
         # The recent latency matters only to a latency target (SLO).
         lat = None
         if self._policy_cfg.latency_slo_ms is not None and self._latencies:
@@ -262,6 +271,7 @@ class Agent:
                 self._active = d.variant
                 self._latencies.clear()  # the SLO check wants the new variant's latency
                 self._reported_dirty = True
+            self._last_decision = (key, now, d.variant, d.reason)
         return d.variant, d.reason
 
     @property
