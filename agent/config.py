@@ -88,7 +88,10 @@ class AgentConfig(_Strict):
     chunk_timeout_s: float = Field(default=15.0, gt=0)
     max_chunk_failures: int = Field(default=3, ge=1)
     complexity_ewma_alpha: float = Field(default=0.2, gt=0, le=1)
-    # Between sensor readings the policy is re-run at most this often (request path cost).
+    # Request path cost bounds: at most one complexity estimate per interval (the stream's
+    # smoothed complexity is sampled under load), and between sensor readings the policy
+    # is re-run at most this often.
+    complexity_min_interval_s: float = Field(default=0.005, ge=0, le=1)
     policy_eval_interval_s: float = Field(default=0.01, ge=0, le=1)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     # 0 keeps every installed variant loaded; N > 0 unloads the least recently used.

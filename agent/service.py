@@ -101,6 +101,8 @@ class Agent:
         self._ewma = Ewma(config.complexity_ewma_alpha)
         self._policy_cfg: PolicyConfig = config.policy
         self._eval_interval_s = config.policy_eval_interval_s
+        self._estimate_interval_s = config.complexity_min_interval_s
+        self._last_estimate = -1e9
         self._last_decision: tuple | None = None
         self._reload_requested = threading.Event()
         self._latencies: collections.deque[float] = collections.deque(maxlen=64)
@@ -244,9 +246,15 @@ class Agent:
     def _choose(
         self, x: np.ndarray, specs: dict[str, VariantSpec], complexity: float | None = None
     ) -> tuple[str, Reason]:
-        if complexity is None:
-            complexity = self._ewma.update(estimate_complexity(x))
         now = time.monotonic()
+        if complexity is None:
+            # The smoothed complexity follows the stream, not one input: under heavy load
+            # it is sampled (at most one estimate per ``complexity_min_interval_s``).
+            if now - self._last_estimate >= self._estimate_interval_s or self._ewma.value is None:
+                self._last_estimate = now
+                complexity = self._ewma.update(estimate_complexity(x))
+            else:
+                complexity = self._ewma.value
         # The policy is a pure function of what changes slowly (readings every sensor
         # interval, pins, the table) and of the smoothed complexity: between changes of
         # the first, it is re-evaluated at most every ``policy_eval_interval_s``.
