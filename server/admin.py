@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -85,7 +86,45 @@ def _cmd_variants_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _register_report(args: argparse.Namespace) -> int:
+    """Register every variant of a ``prunefleet prepare`` report with its measured figures."""
+    import json
+
+    try:
+        report = json.loads(args.file.read_text())
+        entries = report["variants"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"prunefleet: {args.file}: not a prepare report: {e}", file=sys.stderr)
+        return 2
+    client = _client(args)
+    done = []
+    for v in entries:
+        meta = {"name": v["name"], "macs": int(v["macs"]), "params": int(v["params"]),
+                "technique": str(v.get("technique") or "none"),
+                "input_shape": list(v["input_shape"]), "num_classes": int(v["num_classes"])}
+        if v.get("accuracy") is not None:
+            meta["accuracy"] = float(v["accuracy"])
+        if v.get("latency_ms_p50") is not None:
+            meta["latency_ms"] = float(v["latency_ms_p50"])
+        if args.chunk_bytes is not None:
+            meta["chunk_bytes"] = args.chunk_bytes
+        done.append(client.register_variant(args.file.parent / v["file"], **meta))
+    if args.json:
+        _print_json(done)
+    else:
+        for r in done:
+            print(f"registered {r['name']} ({r['sha256'][:12]}…, {r['size']} bytes, "
+                  f"{r['chunks']} chunks published)")
+    return 0
+
+
 def _cmd_variants_register(args: argparse.Namespace) -> int:
+    if args.file.suffix == ".json":
+        return _register_report(args)
+    if args.name is None or args.macs is None:
+        print("prunefleet: registering an ONNX file needs --name and --macs "
+              "(or give a prepare report.json)", file=sys.stderr)
+        return 2
     meta: dict = {"name": args.name, "macs": args.macs, "technique": args.technique}
     if args.params is not None:
         meta["params"] = args.params
@@ -260,9 +299,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     vl.set_defaults(func=_cmd_variants_list)
     vr = vs.add_parser("register", help="upload an ONNX file and publish it as a variant")
     _client_args(vr)
-    vr.add_argument("file", type=Path)
-    vr.add_argument("--name", required=True)
-    vr.add_argument("--macs", type=int, required=True, help="multiply-accumulates per input")
+    vr.add_argument("file", type=Path,
+                    help="an ONNX file, or a report.json from `prunefleet prepare` (all of "
+                         "its variants, with their measured figures)")
+    vr.add_argument("--name", help="variant name (ONNX file only)")
+    vr.add_argument("--macs", type=int,
+                    help="multiply-accumulates per input (ONNX file only)")
     vr.add_argument("--params", type=int, help="parameters (default: counted from the file)")
     vr.add_argument("--input-shape", help="e.g. 1,1,8,8 (default: read from the file)")
     vr.add_argument("--num-classes", type=int, help="(default: read from the file)")

@@ -273,3 +273,27 @@ def test_serve_process_starts_answers_and_stops_on_sigterm(tmp_path, mosquitto):
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out.decode()
     assert f"API {url}" in out.decode()
+
+
+def test_cli_registers_every_variant_of_a_prepare_report(fleet, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEFLEET_SERVER", fleet.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", fleet.svc.token)
+    out = fleet.tmp / "prepared"
+    out.mkdir()
+    entries = []
+    for name, hidden, acc in (("big", 64, 0.97), ("small", 8, 0.91)):
+        make_mlp(out / f"{name}.onnx", hidden)
+        entries.append({"name": name, "file": f"{name}.onnx", "technique": "structured",
+                        "macs": 74 * hidden, "params": 74 * hidden, "accuracy": acc,
+                        "latency_ms_p50": 0.01, "input_shape": [1, 1, 8, 8],
+                        "num_classes": 10})
+    (out / "report.json").write_text(json.dumps({"variants": entries}))
+    assert cli.main(["variants", "register", str(out / "report.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "registered big" in printed and "registered small" in printed
+    assert cli.main(["variants", "list", "--json"]) == 0
+    listed = {v["name"]: v for v in json.loads(capsys.readouterr().out)}
+    assert listed["small"]["accuracy"] == 0.91 and listed["big"]["macs"] == 74 * 64
+    (out / "bad.json").write_text("{}")
+    assert cli.main(["variants", "register", str(out / "bad.json")]) == 2
+    assert "not a prepare report" in capsys.readouterr().err
