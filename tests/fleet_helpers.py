@@ -33,12 +33,19 @@ def wait_for(cond: Callable[[], object], timeout_s: float = 20.0, every_s: float
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def prefix_for(tmp: Path) -> str:
+    """A fleet prefix of the test's own: retained messages of other tests stay apart."""
+    import hashlib
+
+    return "t" + hashlib.sha256(str(tmp).encode()).hexdigest()[:12]
+
+
 def make_server(tmp: Path, broker_url: str, name: str = "server") -> FleetServer:
     store = Store(sqlite_url(tmp / f"{name}.db"))
     key = load_or_create(tmp / "keys")
     # A unique id: the server's MQTT session is persistent, and must not inherit the
     # queue of another test's server.
-    srv = FleetServer(broker_url, store, key,
+    srv = FleetServer(broker_url, store, key, prefix=prefix_for(tmp),
                       client_id=f"pf-test-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     srv.start()
     return srv
@@ -49,7 +56,9 @@ def agent_toml(
     workload: Path | None = None, extra: str = "", battery_percent: float = 90.0,
     rate_hz: float = 50.0,
 ) -> str:
+    # The test's fleet prefix: keys live in <tmp>/keys, as make_server puts them.
     lines = [
+        f'fleet_prefix = "{prefix_for(Path(key).parent.parent)}"',
         f'device_id = "{device_id}"',
         f'broker_url = "{broker_url}"',
         f'state_dir = "{state_dir}"',
@@ -101,7 +110,7 @@ def run_agent(tmp: Path, url: str, device: str = "dev-1", **overrides):
         "device_id": device, "broker_url": url, "state_dir": tmp / device,
         "trusted_keys": [tmp / "keys" / "public.pem"], "chunk_timeout_s": 1.0,
         "max_chunk_failures": 2, "sensors": {"kind": "simulated"},
-        "reconnect_max_s": 2.0,
+        "reconnect_max_s": 2.0, "fleet_prefix": prefix_for(tmp),
     }
     fields.update(overrides)
     agent = Agent(load_config(None, env={}, **fields))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fleet_helpers import make_server, wait_for
+from fleet_helpers import make_server, prefix_for, wait_for
 from onnx_models import mlp_spec
 
 from prunefleet.agent.api import MAGIC, ApiServer
@@ -45,6 +45,7 @@ def _agent(tmp: Path, broker_url: str = "mqtt://127.0.0.1:1", device: str = "dev
     cfg = load_config(
         None, env={}, device_id=device, broker_url=broker_url, state_dir=tmp / device,
         trusted_keys=[tmp / "keys" / "public.pem"], sensors={"kind": "simulated"},
+        fleet_prefix=prefix_for(tmp),
     )
     return Agent(cfg)
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import time
 
 import pytest
-from fleet_helpers import agent_toml, make_server, spawn_agent, stop_agent, wait_for
+from fleet_helpers import (
+    agent_toml,
+    make_server,
+    prefix_for,
+    spawn_agent,
+    stop_agent,
+    wait_for,
+)
 from onnx_models import mlp_spec, workload
 
 
@@ -81,6 +88,7 @@ def test_two_servers_share_the_ingest_load_through_a_shared_subscription(tmp_pat
     store_url = sqlite_url(tmp_path / "shared.db")
     servers = [
         FleetServer(mosquitto.url, Store(store_url), key, share_group="ingest",
+                    prefix=prefix_for(tmp_path),
                     client_id=f"pf-share-{i}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         for i in range(2)
     ]

@@ -71,8 +71,8 @@ def test_failing_variant_is_refused_and_last_known_good_keeps_serving(
     np.testing.assert_allclose(out.logits, before)
     assert "bad" not in agent.pool.specs
     assert not agent.store.path_of(bad.sha256).exists()
-    wait_for(lambda: (d := srv.store.devices()) and d[0].last_error
-             and reason in d[0].last_error, 10, what="the failure in the reported state")
+    wait_for(lambda: (d := srv.store.device("dev-1")) and d.last_error
+             and reason in d.last_error, 10, what="the failure in the reported state")
 
 
 @pytest.mark.timeout(180)
