@@ -64,10 +64,23 @@ def iter_chunks(data: bytes, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
         yield i, data[off : off + chunk_bytes]
 
 
+# A chunk is sent compressed only when that saves at least this share of its bytes: dense
+# float32 weights barely compress (~7%), and decompressing them would cost every device
+# CPU for almost nothing.
+MIN_COMPRESSION_SAVING = 0.10
+
+
 def encode_frame(
     artifact_sha256: str, index: int, count: int, raw: bytes, compression: str = "zlib"
 ) -> bytes:
-    body = zlib.compress(raw, 6) if compression == "zlib" else raw
+    """Frame one chunk; ``"zlib"`` allows compression, used where it pays for itself."""
+    body = raw
+    if compression == "zlib":
+        packed = zlib.compress(raw, 6)
+        if len(packed) <= len(raw) * (1 - MIN_COMPRESSION_SAVING):
+            body = packed
+        else:
+            compression = "none"
     header = ChunkHeader(
         sha256=artifact_sha256, index=index, count=count, compression=compression
     ).encode()

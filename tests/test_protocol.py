@@ -112,6 +112,17 @@ def test_chunk_frames_round_trip_and_detect_tampering():
         chunks.verify_chunk(p, 3, raw)
 
 
+def test_chunks_that_do_not_compress_travel_raw():
+    import os
+
+    noise = os.urandom(4096)
+    header, raw = chunks.decode_frame(chunks.encode_frame("a" * 64, 0, 1, noise), 4096)
+    assert header.compression == "none" and raw == noise
+    text = b"abc" * 1000
+    header, raw = chunks.decode_frame(chunks.encode_frame("a" * 64, 0, 1, text), 3000)
+    assert header.compression == "zlib" and raw == text
+
+
 def test_zip_bomb_chunk_is_refused():
     import zlib
 
