@@ -118,6 +118,21 @@ def _register_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_overrides(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs as JSON values (numbers, true/false, null)."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"prunefleet: --policy takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            raise SystemExit(f"prunefleet: --policy {key}: {raw!r} is not a number, "
+                             "true, false or null") from None
+    return out
+
+
 def _cmd_variants_register(args: argparse.Namespace) -> int:
     if args.file.suffix == ".json":
         return _register_report(args)
@@ -192,6 +207,8 @@ def _cmd_rollout_create(args: argparse.Namespace) -> int:
             "supersede": args.supersede}
     if args.pin:
         body["pinned_variant"] = args.pin
+    if args.policy:
+        body["policy"] = _policy_overrides(args.policy)
     r = _client(args).create_rollout(body)
     if args.json:
         _print_json(r)
@@ -325,6 +342,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tg.add_argument("--group", help="every device in this group")
     tg.add_argument("--fleet", action="store_true", help="every device the server knows")
     rc.add_argument("--pin", metavar="VARIANT", help="pin devices to this variant")
+    rc.add_argument("--policy", metavar="KEY=VALUE", action="append",
+                    help="override an agent policy setting, e.g. battery_low_percent=40 "
+                         "(repeat for several; checked by the server)")
     rc.add_argument("--canary-percent", type=float, help="share offered first (default 10)")
     rc.add_argument("--canary-min", type=int, help="at least this many canaries (default 1)")
     rc.add_argument("--success-threshold", type=float,

@@ -22,11 +22,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prunefleet.agent.errors import TransportError
+from prunefleet.agent.policy import PolicyConfig
 from prunefleet.shared.messages import (
     Manifest,
     Name,
@@ -87,6 +88,10 @@ class RolloutRequest(BaseModel):
     # Registered variants, by name (the newest registered under it) or sha256.
     variants: list[str] = Field(min_length=1, max_length=MAX_VARIANT_REFS)
     pinned_variant: Name | None = None
+    # Overrides of the agents' policy settings carried in the signed desired state.
+    policy: dict[Annotated[str, Field(max_length=64)], float | int | bool | None] | None = (
+        Field(default=None, max_length=64)
+    )
     config: RolloutConfig = Field(default_factory=RolloutConfig)
     # Take over devices that an unfinished rollout still holds (it becomes "superseded").
     supersede: bool = False
@@ -122,6 +127,11 @@ class RolloutController:
                 raise RolloutError(
                     f"pinned variant {req.pinned_variant!r} is not among {names}", 422
                 )
+            if req.policy:
+                try:
+                    PolicyConfig.model_validate({**PolicyConfig().model_dump(), **req.policy})
+                except ValueError as e:
+                    raise RolloutError(f"invalid policy override: {e}", 422) from e
             devices = self._resolve_target(req.target, strict=True)
             holders = self._holders(set(devices))
             if holders and not req.supersede:
@@ -140,6 +150,7 @@ class RolloutController:
                 target=req.target.model_dump(mode="json"),
                 variants=[s.model_dump(mode="json") for s in specs],
                 pinned_variant=req.pinned_variant,
+                policy=req.policy,
                 config=req.config.model_dump(mode="json"),
                 status=Status.ACTIVE.value,
                 stage=Stage.CANARY.value,
@@ -204,7 +215,7 @@ class RolloutController:
                     continue
                 try:
                     m = self.fleet.deploy(device_id, list(prev.variants),
-                                          pinned=prev.pinned_variant)
+                                          pinned=prev.pinned_variant, policy=prev.policy)
                 except _PUBLISH_ERRORS as e:
                     raise RolloutError(
                         f"rollback of #{rollout_id} stopped at {device_id}: {e}; "
@@ -244,7 +255,7 @@ class RolloutController:
                     continue
                 try:
                     new = self.fleet.deploy(dev.device_id, list(m.variants),
-                                            pinned=m.pinned_variant)
+                                            pinned=m.pinned_variant, policy=m.policy)
                 except _PUBLISH_ERRORS as e:
                     log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
                     return count
@@ -304,6 +315,7 @@ class RolloutController:
             "variants": [{"name": v["name"], "sha256": v["sha256"], "size": v["size"]}
                          for v in row.variants],
             "pinned_variant": row.pinned_variant,
+            "policy": row.policy,
             "config": row.config,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
@@ -429,7 +441,8 @@ class RolloutController:
             for device_id in d.devices:
                 prev = self._previous_version(device_id)
                 try:
-                    m = self.fleet.deploy(device_id, specs, pinned=row.pinned_variant)
+                    m = self.fleet.deploy(device_id, specs, pinned=row.pinned_variant,
+                                          policy=row.policy)
                 except _PUBLISH_ERRORS as e:
                     log.warning("rollout #%d: cannot offer to %s yet: %s", row.id, device_id, e)
                     return False

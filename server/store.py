@@ -153,6 +153,7 @@ class RolloutRow(Base):
     target: Mapped[dict] = mapped_column(JSON)
     variants: Mapped[list] = mapped_column(JSON)  # VariantSpec dicts, as offered
     pinned_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    policy: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # agent policy overrides
     config: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), index=True)
     stage: Mapped[str] = mapped_column(String(16))
@@ -451,14 +452,14 @@ class Store:
     def create_rollout(
         self, *, target_kind: str, target: dict, variants: list[dict],
         pinned_variant: str | None, config: dict, status: str, stage: str,
-        devices: list[str], now: float | None = None,
+        devices: list[str], now: float | None = None, policy: dict | None = None,
     ) -> int:
         now = time.time() if now is None else now
         with self.session() as s:
             row = RolloutRow(
                 target_kind=target_kind, target=target, variants=variants,
-                pinned_variant=pinned_variant, config=config, status=status, stage=stage,
-                stage_started_at=now, reason="", created_at=now, updated_at=now,
+                pinned_variant=pinned_variant, policy=policy, config=config, status=status,
+                stage=stage, stage_started_at=now, reason="", created_at=now, updated_at=now,
                 history=[{"ts": now, "note": f"created for {len(devices)} devices"}],
             )
             s.add(row)

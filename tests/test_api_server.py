@@ -169,10 +169,16 @@ def test_admin_cli_talks_to_the_server(fleet, capsys, monkeypatch):
                      "--chunk-bytes", "4096"]) == 0
     assert "registered m16" in capsys.readouterr().out
     assert cli.main(["devices", "set-groups", "cli-0", "lab"]) == 0
-    assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab"]) == 0
+    assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab",
+                     "--policy", "battery_critical_percent=50"]) == 1
+    assert "invalid policy override" in capsys.readouterr().err  # above battery_low: refused
+    assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab",
+                     "--policy", "battery_low_percent=40", "--policy", "min_dwell_s=0.5"]) == 0
     out = capsys.readouterr().out
     assert "created rollout #1" in out
     wait_for(lambda: "m16" in fleet.agent("cli-0").pool.table, 20, what="install")
+    # the policy travelled in the signed desired state
+    assert fleet.agent("cli-0").policy.battery_low_percent == 40
     fleet.wait_rollout(1, "completed")
     assert cli.main(["rollout", "status", "1"]) == 0
     out = capsys.readouterr().out
