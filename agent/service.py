@@ -49,7 +49,7 @@ from .downloader import Completed, Downloader, Failed
 from .errors import AgentConfigError, InstallError, NoVariantError
 from .policy import PolicyConfig, PolicyState, VariantInfo, decide
 from .runtime import ModelPool, Served, load_session
-from .sensors import Readings, SimulatedBattery, SimulatedSensors, make_sensors
+from .sensors import Readings, SimulatedBattery, make_sensors
 from .store import VariantStore
 from .systemd import Notifier
 from .telemetry import Aggregator, DiskQueue, TelemetrySender
@@ -632,7 +632,7 @@ class Agent:
         return self._readings
 
 
-__all__ = ["Agent", "SimulatedSensors"]
+__all__ = ["Agent"]
 
 
 def _min_confidence(logits: np.ndarray) -> float:
