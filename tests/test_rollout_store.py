@@ -121,3 +121,20 @@ def test_telemetry_summary(store):
     assert s["variants"]["small"]["accuracy"] == pytest.approx(0.9)
     assert s["switches"] == {"initial": 3}
     assert store.telemetry_summary(since=12.0)["batches"] == 1
+
+
+def test_telemetry_is_stored_once_per_sequence_number(store):
+    def batch(seq: int) -> TelemetryBatch:
+        return TelemetryBatch(
+            device_id="d1", seq=seq, interval_start=float(seq), interval_end=seq + 1.0,
+            variants={"v": VariantStats(requests=10, labeled=10, correct=9)},
+            switches=[SwitchEvent(ts=seq + 0.5, from_variant=None, to_variant="v",
+                                  reason="initial")],
+        )
+
+    assert store.add_telemetry(batch(0)) and store.add_telemetry(batch(1))
+    assert not store.add_telemetry(batch(1)), "a redelivered batch is ignored"
+    assert store.telemetry_seqs("d1") == [0, 1]
+    assert store.usage("d1") == {"v": {"requests": 20, "labeled": 20, "correct": 18,
+                                       "errors": 0}}
+    assert len(store.switches("d1")) == 2
