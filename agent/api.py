@@ -615,7 +615,7 @@ class ApiServer:
             "dtype": "float32",
             "shape": list(logits.shape),
         }
-        return reply, memoryview(logits).cast("B")
+        return reply, logits.data.cast("B")
 
     def _check_against_model(self, x: np.ndarray) -> np.ndarray:
         """Shape and batch checks against the installed model, before any work is done."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -124,7 +125,9 @@ ENV_PREFIX = "PRUNEFLEET_AGENT_"
 _ENV_FIELDS = ("device_id", "group", "broker_url", "fleet_prefix", "state_dir")
 
 
-def load_config(path: Path | None, env: dict[str, str] | None = None, **overrides) -> AgentConfig:
+def load_config(
+    path: Path | None, env: Mapping[str, str] | None = None, **overrides
+) -> AgentConfig:
     """Read ``path`` (TOML), apply environment then explicit overrides, validate."""
     env = os.environ if env is None else env
     data: dict = {}

@@ -419,8 +419,8 @@ def _attribute(old: Levels, new: Levels, current: int, target: int, n: int) -> R
         k for k in _INPUTS if _get(old, k) != _get(new, k) and _direction(k, old, new) == move
     ]
     decisive = [k for k in same_way if _target(_revert(new, old, k), n) != target]
-    chosen = (decisive or same_way or [None])[0]
-    return None if chosen is None else _reason(chosen, old, new)
+    chosen = decisive or same_way
+    return _reason(chosen[0], old, new) if chosen else None
 
 
 def _reason(key: str, old: Levels, new: Levels) -> Reason:

@@ -10,7 +10,7 @@ import base64
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,7 +154,7 @@ class ModelPool:
                 self._table = {k: v for k, v in self._table.items() if k != name}
                 self.unloads += 1
 
-    def shrink_to(self, n: int, keep: set[str] = frozenset()) -> list[str]:
+    def shrink_to(self, n: int, keep: Collection[str] = frozenset()) -> list[str]:
         """Unload least recently used sessions until at most ``n`` are loaded (0: no cap)."""
         dropped: list[str] = []
         if n <= 0:

@@ -51,7 +51,7 @@ class _JitterClient(mqtt.Client):
     def _reconnect_wait(self) -> None:  # overrides paho's private hook
         if self._reconnect_delay is None:
             self.reconnect_attempts = 0
-            self._reconnect_delay = self._pf_min_s
+            self._reconnect_delay = max(1, int(self._pf_min_s))  # paho's "not first" flag
         else:
             self.reconnect_attempts += 1
         delay = backoff_delay(self.reconnect_attempts, self._pf_min_s, self._pf_max_s,

@@ -13,6 +13,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import ChunkHashError, ProtocolError
 from .messages import ChunkHeader, decode
@@ -75,14 +76,13 @@ def encode_frame(
 ) -> bytes:
     """Frame one chunk; ``"zlib"`` allows compression, used where it pays for itself."""
     body = raw
+    used: Literal["none", "zlib"] = "none"
     if compression == "zlib":
         packed = zlib.compress(raw, 6)
         if len(packed) <= len(raw) * (1 - MIN_COMPRESSION_SAVING):
-            body = packed
-        else:
-            compression = "none"
+            body, used = packed, "zlib"
     header = ChunkHeader(
-        sha256=artifact_sha256, index=index, count=count, compression=compression
+        sha256=artifact_sha256, index=index, count=count, compression=used
     ).encode()
     return MAGIC + struct.pack(">I", len(header)) + header + body
 

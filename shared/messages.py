@@ -14,7 +14,6 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from . import SCHEMA_VERSION
 from .errors import ProtocolError
 from .topics import check_name, check_sha256
 
@@ -33,7 +32,7 @@ class WireModel(BaseModel):
 
     # Longest encoded form this message may have; subclasses lower or raise it.
     max_bytes: ClassVar[int] = 64 * 1024
-    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, alias="schema")
+    schema_version: Literal[1] = Field(default=1, alias="schema")
 
     def encode(self) -> bytes:
         data = self.model_dump_json(by_alias=True).encode()
