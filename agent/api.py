@@ -379,9 +379,11 @@ class ApiServer:
             self._accept_thread.join(timeout_s)
         with self._lock:
             conns = dict(self._conns)
+        # Drain: stop reading new requests (a waiting reader sees end of stream) but let a
+        # request already being served finish and send its answer.
         for conn in conns:
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                conn.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout_s
         for t in conns.values():
             t.join(max(0.0, deadline - time.monotonic()))

@@ -160,7 +160,7 @@ class ModelPool:
         if n <= 0:
             return dropped
         while len(self._table) > max(n, 1):
-            victims = sorted((t, k) for k, t in self._used.items()
+            victims = sorted((t, k) for k, t in list(self._used.items())
                              if k in self._table and k not in keep)
             if not victims:
                 break

@@ -373,3 +373,35 @@ def test_the_client_needs_neither_onnxruntime_nor_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_stopping_answers_the_request_in_flight_then_refuses_new_ones(tmp_path):
+    """SIGTERM drains: a request being served when the API stops still gets its answer."""
+    from prunefleet.agent.runtime import Served
+    from prunefleet.shared.messages import Reason
+
+    started = threading.Event()
+
+    def slow_predict(x, label):
+        started.set()
+        time.sleep(0.5)
+        return Served("v", Reason.INITIAL, np.zeros((x.shape[0], 10), np.float32), 500.0)
+
+    server = ApiServer(tmp_path / "drain.sock", slow_predict, dict,
+                       input_shape=lambda: [1, 1, 8, 8])
+    server.start()
+    result: dict = {}
+
+    def ask():
+        with Client(server.socket_path, timeout_s=5) as c:
+            result["p"] = c.predict(_inputs(1))
+
+    t = threading.Thread(target=ask)
+    t.start()
+    assert started.wait(5)
+    server.stop()  # while the request is being served
+    t.join(5)
+    assert result["p"].variant == "v", "the request in flight was answered"
+    assert not server.socket_path.exists()
+    with pytest.raises(ApiConnectionError):
+        Client(server.socket_path, timeout_s=1).predict(_inputs(1))
