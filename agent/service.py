@@ -149,6 +149,8 @@ class Agent:
         self._failed: set[str] = set()
         self._last_error: str | None = None
         self._reported_dirty = True
+        self._reported_problems = 0
+        self._reported_at = 0.0
         self._stop = threading.Event()
         self.reload_source: Callable[[], AgentConfig] | None = None
         self._load_installed()
@@ -376,6 +378,9 @@ class Agent:
                     self.downloader.tick(now)
                     if self.downloader.active():
                         self._reported_dirty = True  # progress
+                    elif (self._problem_count() != self._reported_problems
+                          and now - self._reported_at >= 10.0):
+                        self._reported_dirty = True  # new drops or refusals, rate-limited
                     next_tick = now + 1.0
                 if now >= next_telemetry:
                     self._cut_telemetry()
@@ -583,6 +588,14 @@ class Agent:
             downloading=self.downloader.progress(),
             last_error=self._last_error,
             rollout=self._rollout_report(),
+            counters={
+                "invalid_messages": self.counters.invalid_messages,
+                "rejected_manifests": self.counters.rejected_manifests,
+                "install_failures": self.counters.install_failures,
+                "rejected_chunks": self.downloader.rejected_chunks,
+                "inbound_dropped": self.transport.dropped_inbound,
+                "telemetry_dropped": self.tqueue.dropped_total,
+            },
         )
 
     def _rollout_report(self) -> RolloutReport | None:
@@ -610,10 +623,18 @@ class Agent:
         return RolloutReport(manifest_version=m.version, phase=phase,
                              progress=round(min(1.0, done / total), 3))
 
+    def _problem_count(self) -> int:
+        c = self.counters
+        return (c.invalid_messages + c.rejected_manifests + c.install_failures
+                + self.downloader.rejected_chunks + self.transport.dropped_inbound
+                + self.tqueue.dropped_total)
+
     def _publish_reported(self) -> None:
         self._publish(self.topics.reported(self.device_id), self._reported().encode(),
                       retain=True)
         self._reported_dirty = False
+        self._reported_problems = self._problem_count()
+        self._reported_at = time.monotonic()
 
     def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
         ev = Event(device_id=self.device_id, ts=time.time(), kind=kind, variant=variant,

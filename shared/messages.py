@@ -236,6 +236,10 @@ class ReportedState(WireModel):
     downloading: dict[Name, float] = Field(default_factory=dict, max_length=MAX_VARIANTS)
     last_error: str | None = Field(default=None, max_length=1024)
     rollout: RolloutReport | None = None
+    # What the device dropped or refused since it started (logged there, counted here).
+    counters: dict[Annotated[str, Field(max_length=32)], int] = Field(
+        default_factory=dict, max_length=16
+    )
 
 
 class VariantStats(BaseModel):

@@ -82,4 +82,6 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
     wait_for(lambda: srv.counters.invalid >= 13, 10, what="the server to count them")
     assert "v1" in agent.pool.table and agent.predict(_x()).variant == "v1"
     assert srv.store.telemetry_count("dev-2") == 0
+    # the drops are counted in the device's reported state, for operators to see
+    assert agent._reported().counters["invalid_messages"] >= 10
     assert agent.store.accepted_version() == 1
