@@ -32,6 +32,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     from .keys import rotate
 
     ring = rotate(args.dir)
+    assert ring.previous is not None  # rotate() always keeps the old key as previous
     print(f"new signing key {ring.current.keyid}; previous {ring.previous.keyid} kept")
     print(f"1. give agents the new public key too: trusted_keys = [old, "
           f"\"{args.dir / 'public.pem'}\"]")

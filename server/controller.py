@@ -208,7 +208,8 @@ class RolloutController:
             for rd in rds:
                 prev = self._manifest(rd.previous_version) if rd.previous_version else None
                 plan.append((rd.device_id, prev, rd.previous_version))
-            restored, skipped = [], []
+            restored: list[str] = []
+            skipped: list[str] = []
             for device_id, prev, prev_version in plan:
                 if prev is None:
                     skipped.append(device_id)

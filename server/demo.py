@@ -100,9 +100,13 @@ def run_demo(
 
     out("\n== preparing variants (cached after the first run)")
     prepared = prepare_digits(work_dir / "variants", progress=sys.stderr.isatty())
+    # The digits recipe always has data: a workload file and an accuracy for every variant.
+    workload_path = prepared.workload_path
+    assert workload_path is not None
     out(f"{'variant':<10} {'technique':<11} {'params':>8} {'MACs':>9} {'ONNX B':>8} "
         f"{'acc %':>6} {'p50 ms':>7} {'speedup':>7}")
     for v in prepared.variants:
+        assert v.accuracy is not None
         out(f"{v.name:<10} {v.technique:<11} {v.params:>8} {v.macs:>9} {v.onnx_bytes:>8} "
             f"{100 * v.accuracy:>6.2f} {v.latency_ms_p50:>7.3f} {v.speedup:>6.2f}x")
 
@@ -154,7 +158,7 @@ def run_demo(
             state.mkdir()
             cfg = state / "agent.toml"
             cfg.write_text(_agent_toml(dev, broker_url, state, work_dir / "keys" / "public.pem",
-                                       prepared.workload_path, capacity_j))
+                                       workload_path, capacity_j))
             with open(state / "agent.log", "wb") as log:
                 p = subprocess.Popen(
                     [sys.executable, "-m", "prunefleet.agent.cli", "--config", str(cfg)],

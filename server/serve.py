@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 from sqlalchemy.engine import make_url
@@ -34,6 +35,9 @@ from .fleet import FleetServer
 from .keys import fingerprint, load_keyring
 from .registry import Registry
 from .store import Store, sqlite_url
+
+if TYPE_CHECKING:
+    from .broker import EmbeddedBroker  # imported lazily at run time (amqtt is heavy)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class FleetService:
         self.state_dir = Path(opts.state_dir)
         self.key_dir = Path(opts.key_dir) if opts.key_dir else self.state_dir / "keys"
         self.token_path = self.state_dir / TOKEN_FILE
-        self.broker = None
+        self.broker: EmbeddedBroker | None = None
         self.store: Store | None = None
         self.fleet: FleetServer | None = None
         self.controller: RolloutController | None = None
@@ -191,20 +195,23 @@ class FleetService:
 
     # -- internals ----------------------------------------------------------------------------
     def _tick_loop(self) -> None:
+        controller, fleet = self.controller, self.fleet
+        assert controller is not None and fleet is not None  # start() sets them first
         next_refresh = 0.0
         while not self._stop.wait(self.opts.tick_s):
             try:
                 self._reload_keys()
-                self.controller.tick()
+                controller.tick()
                 now = time.monotonic()
                 if now >= next_refresh:
                     # Re-sign desired states past half their lifetime, well before expiry.
-                    self.controller.refresh_desired(older_than_s=self.fleet.manifest_ttl_s / 2)
+                    controller.refresh_desired(older_than_s=fleet.manifest_ttl_s / 2)
                     next_refresh = now + self.opts.refresh_check_s
             except Exception:  # the loop must survive anything one tick meets
                 log.exception("rollout tick failed")
 
     def _reload_keys(self) -> None:
+        assert self.fleet is not None and self.controller is not None  # only after start()
         fp = fingerprint(self.key_dir)
         if fp != self._keys_fp:
             self._keys_fp = fp
@@ -220,6 +227,7 @@ class FleetService:
         broker that lost its retained messages serves them again."""
         from prunefleet.shared.messages import VariantSpec
 
+        assert self.store is not None and self.fleet is not None  # start() sets them first
         for row in self.store.variants():
             path = Path(row.path)
             if not path.exists():
@@ -235,6 +243,7 @@ class FleetService:
 def serve(opts: ServeOptions, out=print) -> int:
     svc = FleetService(opts)
     svc.start(http_in_thread=False)
+    assert svc.fleet is not None and svc.store is not None  # start() set them or raised
     # uvicorn handles SIGTERM (graceful shutdown) and then re-raises it to the handler it
     # found; a no-op one lets the process clean up and exit 0, as systemd expects.
     previous = signal.signal(signal.SIGTERM, lambda *_: None)

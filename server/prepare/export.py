@@ -99,8 +99,11 @@ def to_onnx_bytes(
         buf = io.BytesIO()
         try:
             with _quiet_export(), torch.no_grad():
+                # torch annotates ``f`` as a path, but the TorchScript exporter also
+                # writes to a binary file object (its documented in-memory use).
                 torch.onnx.export(
-                    model, (example[:1],), buf, dynamo=False, opset_version=op,
+                    model, (example[:1],), buf,  # type: ignore[arg-type]
+                    dynamo=False, opset_version=op,
                     input_names=[input_name], output_names=[output_name],
                     dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
                     do_constant_folding=True,
@@ -124,6 +127,7 @@ def to_onnx_bytes(
             )
     except Exception as e:
         raise PrepareError(f"ONNX export failed: {e}") from e
+    assert program is not None  # export returns None only with dynamo=False
     return program.model_proto.SerializeToString(), "dynamo", op
 
 

@@ -34,6 +34,7 @@ from .models import classifier_of
 ImportanceName = Literal["magnitude", "random"]
 
 _PRUNABLE = (nn.Conv2d, nn.Conv1d, nn.Linear)
+PrunableLayer = nn.Conv2d | nn.Conv1d | nn.Linear
 
 
 def make_importance(importance: ImportanceName | tp.importance.Importance) -> object:
@@ -48,7 +49,7 @@ def make_importance(importance: ImportanceName | tp.importance.Importance) -> ob
     raise PruningError(f"unknown importance {importance!r}; use 'magnitude' or 'random'")
 
 
-def out_channels(module: nn.Module) -> int:
+def out_channels(module: PrunableLayer) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
     return module.out_channels
@@ -129,8 +130,12 @@ def prune_structured(
 
     The returned model is in eval mode and computes the same output shape as ``model``.
     """
-    per_layer = dict(ratio) if isinstance(ratio, Mapping) else None
-    ratios = list(per_layer.values()) if per_layer is not None else [float(ratio)]
+    per_layer: dict[str, float] | None
+    if isinstance(ratio, Mapping):
+        per_layer, uniform = dict(ratio), 0.0
+    else:
+        per_layer, uniform = None, float(ratio)
+    ratios = list(per_layer.values()) if per_layer is not None else [uniform]
     for r in ratios:
         if not 0.0 <= r < 1.0:
             raise PruningError(f"pruning ratio must be in [0, 1), got {r}")
@@ -154,7 +159,7 @@ def prune_structured(
     for name, m in pruned.named_modules():
         if not isinstance(m, _PRUNABLE) or name in ignored_names or _is_depthwise(m):
             continue
-        wanted = per_layer.get(name, 0.0) if per_layer is not None else float(ratio)
+        wanted = per_layer.get(name, 0.0) if per_layer is not None else uniform
         if wanted <= 0:
             continue
         layer_ratio = _layer_ratio(out_channels(m), wanted, round_to, getattr(m, "groups", 1))
@@ -212,7 +217,7 @@ def channel_groups(
     groups = []
     for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=[
             nn.Conv2d, nn.Conv1d, nn.Linear]):
-        layers: list[nn.Module] = []
+        layers: list[PrunableLayer] = []
         for dep, _ in group:
             for m in (dep.source.module, dep.target.module):
                 if isinstance(m, _PRUNABLE) and m in names and m not in layers:
@@ -260,7 +265,7 @@ def ratio_for_macs(
 # --------------------------------------------------------------------------- unstructured
 
 
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def prunable_weights(model: nn.Module) -> list[tuple[str, PrunableLayer]]:
     """Convolution and linear layers whose ``weight`` unstructured pruning may zero."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _PRUNABLE)]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -178,7 +179,8 @@ def fit(
     )
     if teacher is not None:
         teacher.eval()
-    best = (-1.0, -1, None)
+    # (validation accuracy, epoch, weights) of the best epoch so far
+    best: tuple[float, int, dict[str, Any] | None] = (-1.0, -1, None)
     history: list[dict] = []
     bar = tqdm(
         range(cfg.epochs), desc=desc, unit="epoch", disable=not progress, file=sys.stderr,
