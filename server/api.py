@@ -94,6 +94,7 @@ def _device_json(d, groups: list[str], report) -> dict[str, Any]:
         "active_variant": d.active_variant,
         "installed": d.installed or [],
         "last_error": d.last_error,
+        "counters": d.counters or {},
         "rollout": None if report is None else {
             "manifest_version": report.manifest_version, "phase": report.phase,
             "progress": report.progress, "reason": report.reason, "ts": report.ts,

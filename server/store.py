@@ -46,6 +46,8 @@ class Device(Base):
     active_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     installed: Mapped[list] = mapped_column(JSON, default=list)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What the agent dropped or refused since it started (ReportedState.counters).
+    counters: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Telemetry(Base):
@@ -291,6 +293,7 @@ class Store:
                         d.active_variant = r.active_variant
                         d.installed = [v.model_dump() for v in r.installed]
                         d.last_error = r.last_error
+                        d.counters = dict(r.counters)
                     if r.group is not None:
                         # The group an agent is configured with joins the labels the
                         # operator set (`devices set-groups`); none is removed here.

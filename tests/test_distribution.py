@@ -84,4 +84,7 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
     assert srv.store.telemetry_count("dev-2") == 0
     # the drops are counted in the device's reported state, for operators to see
     assert agent._reported().counters["invalid_messages"] >= 10
+    agent._reported_dirty = True  # (normally within 10 s; the test does not wait)
+    wait_for(lambda: (srv.store.device("dev-1").counters or {}).get("invalid_messages", 0)
+             >= 10, 10, what="the counters stored by the server")
     assert agent.store.accepted_version() == 1
