@@ -80,3 +80,22 @@ print("ok")
                             str(Path(d) / "v.onnx")], capture_output=True, text=True,
                            timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_example_agent_config_is_valid():
+    from prunefleet.agent.config import load_config
+
+    cfg = load_config(REPO / "deploy" / "agent.example.toml", env={})
+    assert cfg.device_id == "device-0001" and cfg.broker_url.startswith("mqtts://")
+    assert str(cfg.api_socket) == "/run/prunefleet/agent.sock"
+    assert cfg.sensors.kind == "system"
+
+
+def test_mosquitto_configs_set_nodelay_and_sized_queues():
+    for name in ("test.conf", "prunefleet.conf"):
+        text = (REPO / "deploy" / "mosquitto" / name).read_text()
+        lines = {ln.split()[0]: ln.split()[1:] for ln in text.splitlines()
+                 if ln.strip() and not ln.lstrip().startswith("#")}
+        assert lines["set_tcp_nodelay"] == ["true"], name
+        assert int(lines["max_queued_messages"][0]) >= 1000, name
+        assert int(lines["max_inflight_messages"][0]) >= 1, name
