@@ -154,6 +154,7 @@ class Agent:
         self._stop = threading.Event()
         self.reload_source: Callable[[], AgentConfig] | None = None
         self._load_installed()
+        self._restore_manifest()
 
     # -- setup --------------------------------------------------------------------------
     def _sensor_params(self) -> dict:
@@ -452,7 +453,8 @@ class Agent:
         if item.topic in self._desired_topics:
             if not item.payload:
                 return  # retained state cleared
-            self._on_desired(decode(SignedManifest, item.payload))
+            source = "device" if item.topic == self.topics.desired(self.device_id) else "group"
+            self._on_desired(decode(SignedManifest, item.payload), source)
         elif item.topic == self.topics.commands(self.device_id):
             self._on_command(decode(Command, item.payload))
         else:
@@ -463,10 +465,17 @@ class Agent:
                     self._install_failed(result.spec, result.reason)
 
     # -- desired state ------------------------------------------------------------------
-    def _on_desired(self, signed: SignedManifest) -> None:
+    def _on_desired(self, signed: SignedManifest, source: str = "device") -> None:
+        """Verify a desired state from the device's or the group's topic; follow the newest.
+
+        Each source has its own rollback floor, so a group's desired state older than the
+        device's own is verified and then simply not followed (no false alarm), while a
+        replay of either source's older manifest is refused.
+        """
+        want_target = self.device_id if source == "device" else self.config.group
         try:
-            manifest = self.trusted.verify(signed, min_version=self.store.accepted_version())
-            if manifest.target not in (self.device_id, self.config.group):
+            manifest = self.trusted.verify(signed, min_version=self.store.accepted_version(source))
+            if manifest.target != want_target:
                 raise TrustError(f"manifest is for {manifest.target!r}, not this device")
             try:
                 policy = self._effective_policy(self.config.policy, manifest)
@@ -478,19 +487,41 @@ class Agent:
             self._event(EventKind.REJECTED, None, str(e))
             log.warning("rejected manifest: %s", e)
             return
-        if self._manifest is not None and manifest.version == self._manifest.version:
-            return
-        if self._manifest is not None and manifest.version < self._manifest.version:
-            return  # an older manifest for the group while the device one is newer
-        self.store.set_accepted_version(manifest.version)
+        self.store.set_accepted_version(manifest.version, source)
+        if self._manifest is not None and manifest.version <= self._manifest.version:
+            return  # seen already, or older than the one followed (e.g. a group's)
+        self._follow(manifest, policy, signed)
+
+    def _follow(self, manifest: Manifest, policy: PolicyConfig, signed: SignedManifest) -> None:
+        self.store.save_manifest(signed.encode())
         self._manifest = manifest
         with self._policy_lock:
             self._policy_cfg = policy
         self._failed.clear()
         self._pinned = manifest.pinned_variant
-        log.info("accepted manifest v%d: %s", manifest.version,
+        log.info("following manifest v%d: %s", manifest.version,
                  ", ".join(v.name for v in manifest.variants))
         self._reconcile()
+
+    def _restore_manifest(self) -> None:
+        """After a restart, the manifest followed before (its signature checked again;
+        an expired one still says which manifest is newest, it just is not reconciled)."""
+        raw = self.store.load_manifest()
+        if raw is None:
+            return
+        try:
+            signed = decode(SignedManifest, raw)
+            manifest = self.trusted.verify(signed, now=0.0)
+            policy = self._effective_policy(self.config.policy, manifest)
+        except (ProtocolError, TrustError, ValueError) as e:
+            log.warning("ignoring the saved manifest: %s", e)
+            return
+        self._manifest = manifest
+        with self._policy_lock:
+            self._policy_cfg = policy
+        self._pinned = manifest.pinned_variant
+        if manifest.expires_at > time.time():
+            self._reconcile()  # e.g. resume a download the restart interrupted
 
     def _reconcile(self) -> None:
         m = self._manifest

@@ -103,11 +103,33 @@ class VariantStore:
         if all(s.sha256 != spec.sha256 for s in self._installed.values()):
             self.path_of(spec.sha256).unlink(missing_ok=True)
 
-    def accepted_version(self) -> int:
+    def _trust(self) -> dict[str, int]:
         try:
-            return int(json.loads(self._trust_path.read_text())["version"])
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
-            return 0
+            raw = json.loads(self._trust_path.read_text())
+            return {str(k): int(v) for k, v in raw.items() if k in ("device", "group")}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return {}
 
-    def set_accepted_version(self, version: int) -> None:
-        atomic_write(self._trust_path, json.dumps({"version": version}).encode())
+    def accepted_version(self, source: str | None = None) -> int:
+        """Highest manifest version accepted from ``source`` ("device" or "group"), or from
+        either when ``source`` is None. Rollback protection is per source: a group's
+        desired state has its own history beside the device's."""
+        trust = self._trust()
+        if source is None:
+            return max(trust.values(), default=0)
+        return trust.get(source, 0)
+
+    def set_accepted_version(self, version: int, source: str = "device") -> None:
+        trust = self._trust()
+        trust[source] = max(version, trust.get(source, 0))
+        atomic_write(self._trust_path, json.dumps(trust).encode())
+
+    def save_manifest(self, signed: bytes) -> None:
+        """The signed manifest the agent follows, kept across restarts."""
+        atomic_write(self.state_dir / "manifest.json", signed)
+
+    def load_manifest(self) -> bytes | None:
+        try:
+            return (self.state_dir / "manifest.json").read_bytes()
+        except FileNotFoundError:
+            return None

@@ -161,3 +161,34 @@ def test_variant_from_another_manifest(tmp_path, fleet):
     srv.publish_raw(srv.topics.desired("dev-1"), stitched.encode(), retain=True)
     _rejected(srv, agent, "does not verify", before)
     _still_serving(agent, logits)
+
+
+def test_an_older_group_state_beside_a_newer_device_state_is_no_attack(tmp_path, mosquitto):
+    """Not an attack: each source has its own rollback floor, and the newest is followed,
+    across a restart too, with nothing fetched again and no false alarm."""
+    from fleet_helpers import make_server, run_agent
+
+    srv = make_server(tmp_path, mosquitto.url)
+    try:
+        a = mlp_spec(tmp_path / "a.onnx", "a", hidden=16, seed=1, chunk_bytes=2048)
+        b = mlp_spec(tmp_path / "b.onnx", "b", hidden=24, seed=2, chunk_bytes=2048)
+        for spec, f in ((a, "a.onnx"), (b, "b.onnx")):
+            srv.publish_artifact(spec, (tmp_path / f).read_bytes())
+        with run_agent(tmp_path, mosquitto.url, device="dev-g", group="lab") as agent:
+            srv.deploy("lab", [a], group=True)  # v1, for the group
+            wait_for(lambda: "a" in agent.pool.specs, 20, what="a from the group state")
+            srv.deploy("dev-g", [b])  # v2, for this device
+            wait_for(lambda: set(agent.pool.specs) == {"b"}, 20, what="b from the device")
+        with run_agent(tmp_path, mosquitto.url, device="dev-g", group="lab") as again:
+            assert set(again.pool.specs) == {"b"}
+            time.sleep(1.5)  # both retained states arrive again
+            assert set(again.pool.specs) == {"b"}
+            assert again.counters.rejected_manifests == 0
+            assert again.downloader.active() == []
+            assert again.store.accepted_version("group") == 1
+            assert again.store.accepted_version("device") == 2
+            srv.deploy("lab", [a], group=True)  # v3: the group's state is now the newest
+            wait_for(lambda: set(again.pool.specs) == {"a"}, 20, what="the group's newer state")
+        assert not any(e.kind == "rejected" for e in srv.store.events("dev-g"))
+    finally:
+        srv.stop()
