@@ -44,6 +44,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(ServeOptions(
         state_dir=args.state_dir, broker_url=args.broker, db_url=args.db, listen=args.listen,
         key_dir=args.keys, prefix=args.prefix, share_group=args.share_group,
+        metrics_public=args.metrics_public,
     ))
 
 
@@ -292,6 +293,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="signing key directory, as for `keys init` (default %(default)s)")
     s.add_argument("--prefix", default="prunefleet", help="MQTT topic prefix (%(default)s)")
     s.add_argument("--share-group", help="ingest through $share/GROUP/… (several servers)")
+    s.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics without the bearer token (default: token needed)")
     s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("devices", help="list devices (or set their groups)")

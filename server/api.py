@@ -21,6 +21,11 @@ unknown fields forbidden) before anything is written or published.
     POST /v1/rollouts/{id}/pause | resume | rollback
     GET  /v1/telemetry/summary?since=TS    fleet-wide aggregates
     GET  /v1/keys                          key ids the server signs with
+    GET  /metrics                          Prometheus text format (token unless public)
+    GET  /dashboard                        the fleet page; its files under /dashboard/static/
+
+The dashboard page itself needs no token: it holds no data, and reads the token from its
+URL fragment (never sent to a server) to call the ``/v1`` routes.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,10 +51,26 @@ from prunefleet.shared.messages import Name, Sha256
 from .controller import RolloutController, RolloutRequest
 from .errors import DistributionError, KeyringError, RolloutError, StoreError
 from .fleet import FleetServer
+from .metrics import CONTENT_TYPE, FleetCollector, make_registry, render
 from .registry import Registry, RegistryError, VariantRegistration
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+# The page and its files: names and types are fixed, nothing else is served.
+STATIC_FILES = {"dashboard.css": "text/css; charset=utf-8",
+                "dashboard.js": "text/javascript; charset=utf-8"}
+# Everything from this origin, nothing inline, no framing: untrusted device strings that
+# slipped into the DOM as markup could still not run.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 @dataclass
@@ -59,6 +80,7 @@ class ApiContext:
     controller: RolloutController
     registry: Registry
     token: str
+    metrics_public: bool = False  # /metrics without the bearer token
 
 
 class GroupsBody(BaseModel):
@@ -268,6 +290,31 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return {"current": ids[0], "previous": ids[1] if len(ids) > 1 else None}
 
     app.include_router(v1)
+
+    # -- metrics and dashboard --------------------------------------------------------------
+    registry = make_registry(FleetCollector(
+        ctx.store, lambda: ctx.fleet.counters,
+        broker_connected=ctx.fleet.transport.connected.is_set,
+    ))
+    metrics_deps = [] if ctx.metrics_public else [Depends(require_token)]
+
+    @app.get("/metrics", tags=["metrics"], dependencies=metrics_deps,
+             response_class=Response)
+    def metrics() -> Response:
+        return Response(render(registry), media_type=CONTENT_TYPE)
+
+    @app.get("/dashboard", tags=["dashboard"], response_class=FileResponse)
+    def dashboard() -> FileResponse:
+        return FileResponse(STATIC_DIR / "dashboard.html", headers=PAGE_HEADERS,
+                            media_type="text/html; charset=utf-8")
+
+    @app.get("/dashboard/static/{name}", tags=["dashboard"], response_class=FileResponse)
+    def dashboard_file(name: str) -> FileResponse:
+        if name not in STATIC_FILES:
+            raise ApiProblem(404, f"no file {name!r}")
+        return FileResponse(STATIC_DIR / name, headers=PAGE_HEADERS,
+                            media_type=STATIC_FILES[name])
+
     return app
 
 

@@ -56,6 +56,7 @@ class ServeOptions:
     tick_s: float = 1.0
     refresh_check_s: float = 600.0
     client_id: str | None = None
+    metrics_public: bool = False  # GET /metrics without the bearer token
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -138,7 +139,8 @@ class FleetService:
                                             daemon=True)
             self._ticker.start()
             app = create_app(ApiContext(self.store, self.fleet, self.controller,
-                                        self.registry, token))
+                                        self.registry, token,
+                                        metrics_public=self.opts.metrics_public))
             self._sock = socket.socket(
                 socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM
             )
@@ -251,6 +253,11 @@ def serve(opts: ServeOptions, out=print) -> int:
         out(f"prunefleet server: API {svc.url} (token in {svc.token_path}), "
             f"broker {svc.fleet.transport.address.url}, "
             f"store {make_url(svc.store.url).render_as_string(hide_password=True)}")
+        # The token is never printed (stdout ends up in logs); the page takes it from the
+        # URL fragment, which the browser does not send to the server.
+        out(f"dashboard: {svc.url}/dashboard#token=<contents of {svc.token_path}>; "
+            f"metrics: {svc.url}/metrics"
+            + (" (public)" if opts.metrics_public else " (bearer token)"))
         svc.serve_http()
     finally:
         svc.stop()

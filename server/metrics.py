@@ -1,0 +1,306 @@
+"""Prometheus exposition of the fleet, computed from the store when scraped.
+
+A custom collector is pulled on every scrape; nothing is kept between scrapes but the
+ingest counters the :class:`FleetServer` already keeps. Label values come only from
+bounded sets — registered variant names, the ``Reason`` enum, rollout ``Status`` and
+``RolloutPhase`` — so a fleet of any size yields the same number of series. A device id
+is never a label: a name a device reports that is not a registered variant is counted
+under ``variant="other"``.
+
+Two kinds of per-variant figures:
+
+* ``*_total`` counters (requests, errors, labelled and correct answers, switches, energy,
+  batches dropped) are sums over all telemetry in the store, so they only grow while the
+  store keeps its rows and ``rate()``/``increase()`` work on them as usual.
+* Latency and served accuracy are gauges over the last ``window_s`` seconds of telemetry
+  (by ``interval_end``). Devices report p50/p95/p99 per interval, and percentiles do not
+  add up: the fleet figure is the request-weighted mean of the batch percentiles, an
+  approximation that is exact when every batch has the same distribution and otherwise
+  lies between the smallest and largest batch percentile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import case, func, select
+
+from prunefleet.shared.messages import Reason, RolloutPhase
+
+from .errors import StoreError
+from .fleet import IngestCounters
+from .rollout import Status
+from .store import (
+    Device,
+    DeviceRolloutReport,
+    RolloutRow,
+    Store,
+    Switch,
+    Telemetry,
+    VariantRow,
+    VariantUsage,
+)
+
+__all__ = ["CONTENT_TYPE", "DEVICE_COUNTERS", "FleetCollector", "MetricsOptions",
+           "make_registry", "render"]
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OTHER = "other"  # a variant name a device reported that is not registered
+QUANTILES = (("0.5", VariantUsage.latency_ms_p50), ("0.95", VariantUsage.latency_ms_p95),
+             ("0.99", VariantUsage.latency_ms_p99))
+# The keys of ReportedState.counters the agent sends; any other key a device sends is
+# ignored here (it is still shown per device by the API and the dashboard).
+DEVICE_COUNTERS = ("invalid_messages", "rejected_manifests", "install_failures",
+                   "rejected_chunks", "inbound_dropped", "telemetry_dropped")
+
+
+@dataclass(frozen=True)
+class MetricsOptions:
+    window_s: float = 300.0  # latency and accuracy gauges cover this much telemetry
+
+
+class FleetCollector(Collector):
+    """Fleet and variant aggregates from ``store``, read on each ``collect()``."""
+
+    def __init__(self, store: Store, counters: Callable[[], IngestCounters],
+                 broker_connected: Callable[[], bool] | None = None,
+                 options: MetricsOptions | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.counters = counters
+        self.broker_connected = broker_connected
+        self.options = options or MetricsOptions()
+        self.clock = clock
+
+    def describe(self) -> list[Metric]:
+        return []  # collected on scrape only; describing would query the store at register
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._ingest()
+        if self.broker_connected is not None:
+            g = GaugeMetricFamily("prunefleet_broker_connected",
+                                  "1 while this server is connected to the MQTT broker")
+            g.add_metric([], 1.0 if self.broker_connected() else 0.0)
+            yield g
+        up = GaugeMetricFamily("prunefleet_store_up",
+                               "1 when the store answered this scrape's queries")
+        try:
+            families = list(self._from_store())
+        except StoreError as e:
+            log.error("metrics: store unavailable: %s", e)
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        yield from families
+
+    # -- families -------------------------------------------------------------------------
+    def _ingest(self) -> Iterator[Metric]:
+        c = self.counters()
+        for name, value, doc in (
+            ("prunefleet_telemetry_batches_ingested", c.telemetry,
+             "telemetry batches stored by this server process"),
+            ("prunefleet_telemetry_duplicates_dropped", c.duplicates,
+             "telemetry batches dropped as already stored (same device and seq)"),
+            ("prunefleet_messages_invalid_dropped", c.invalid,
+             "device messages dropped because they did not validate"),
+            ("prunefleet_reported_states_ingested", c.reported,
+             "reported states stored by this server process"),
+            ("prunefleet_events_ingested", c.events,
+             "device events stored by this server process"),
+        ):
+            m = CounterMetricFamily(name, doc)
+            m.add_metric([], float(value))
+            yield m
+
+    def _from_store(self) -> Iterator[Metric]:
+        since = self.clock() - self.options.window_s
+        with self.store.session() as s:
+            known = sorted(set(s.scalars(select(VariantRow.name))))
+            names = set(known)
+
+            def v(name: str | None) -> str:
+                return name if name in names else OTHER
+
+            devices = s.execute(
+                select(Device.online, Device.active_variant, func.count())
+                .group_by(Device.online, Device.active_variant)
+            ).all()
+            usage = s.execute(
+                select(VariantUsage.variant, func.sum(VariantUsage.requests),
+                       func.sum(VariantUsage.errors), func.sum(VariantUsage.labeled),
+                       func.sum(VariantUsage.correct))
+                .group_by(VariantUsage.variant)
+            ).all()
+            weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
+            weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
+                       for _, col in QUANTILES]
+            recent = s.execute(
+                select(VariantUsage.variant, func.sum(VariantUsage.labeled),
+                       func.sum(VariantUsage.correct), *weighted, *weights)
+                .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
+                .where(Telemetry.interval_end >= since, VariantUsage.requests > 0)
+                .group_by(VariantUsage.variant)
+            ).all()
+            switches = s.execute(
+                select(Switch.reason, func.count(Switch.id)).group_by(Switch.reason)
+            ).all()
+            totals = s.execute(
+                select(func.sum(Telemetry.energy_j), func.sum(Telemetry.batches_dropped),
+                       func.sum(Telemetry.switches_dropped), func.count(Telemetry.id))
+            ).one()
+            rollouts = s.execute(
+                select(RolloutRow.status, func.count(RolloutRow.id)).group_by(RolloutRow.status)
+            ).all()
+            phases = s.execute(
+                select(DeviceRolloutReport.phase, func.count())
+                .group_by(DeviceRolloutReport.phase)
+            ).all()
+            reported = list(s.scalars(select(Device.counters)))
+
+        # Devices.
+        total = sum(n for _, _, n in devices)
+        online = sum(n for up, _, n in devices if up)
+        g = GaugeMetricFamily("prunefleet_devices", "devices the server knows")
+        g.add_metric([], float(total))
+        yield g
+        g = GaugeMetricFamily("prunefleet_devices_online", "devices currently online")
+        g.add_metric([], float(online))
+        yield g
+        per_variant = dict.fromkeys(known, 0)
+        for _, active, n in devices:
+            if active is not None:
+                per_variant[v(active)] = per_variant.get(v(active), 0) + n
+        g = GaugeMetricFamily("prunefleet_devices_active_variant",
+                              "devices by the variant they last reported serving",
+                              labels=["variant"])
+        for name, n in sorted(per_variant.items()):
+            g.add_metric([name], float(n))
+        yield g
+        g = GaugeMetricFamily("prunefleet_variants_registered", "variant names registered")
+        g.add_metric([], float(len(known)))
+        yield g
+
+        # Requests, errors, accuracy counters per variant (all stored telemetry).
+        sums: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in known}
+        for name, *vals in usage:
+            acc = sums.setdefault(v(name), [0, 0, 0, 0])
+            for i, x in enumerate(vals):
+                acc[i] += int(x or 0)
+        for i, (metric, doc) in enumerate((
+            ("prunefleet_variant_requests", "requests served, from stored telemetry"),
+            ("prunefleet_variant_errors", "requests that failed, from stored telemetry"),
+            ("prunefleet_variant_labeled_requests",
+             "requests whose true label was known, from stored telemetry"),
+            ("prunefleet_variant_correct_requests",
+             "labelled requests answered correctly, from stored telemetry"),
+        )):
+            c = CounterMetricFamily(metric, doc, labels=["variant"])
+            for name in sorted(sums):
+                c.add_metric([name], float(sums[name][i]))
+            yield c
+
+        # Recent accuracy and latency (the last window_s seconds).
+        acc_g = GaugeMetricFamily(
+            "prunefleet_variant_accuracy_ratio",
+            f"served accuracy over the last {self.options.window_s:g} s of labelled requests",
+            labels=["variant"])
+        lat_g = GaugeMetricFamily(
+            "prunefleet_variant_latency_seconds",
+            f"request-weighted mean of the devices' batch latency percentiles over the last "
+            f"{self.options.window_s:g} s (an approximation of the fleet percentile)",
+            labels=["variant", "quantile"])
+        merged: dict[str, list[float]] = {}
+        nq = len(QUANTILES)
+        for name, lab, cor, *rest in recent:
+            m = merged.setdefault(v(name), [0.0] * (2 + 2 * nq))
+            m[0] += float(lab or 0)
+            m[1] += float(cor or 0)
+            for i, x in enumerate(rest):
+                m[2 + i] += float(x or 0)
+        for name in sorted(merged):
+            m = merged[name]
+            if m[0] > 0:
+                acc_g.add_metric([name], m[1] / m[0])
+            for i, (q, _) in enumerate(QUANTILES):
+                weight = m[2 + nq + i]
+                if weight > 0:
+                    lat_g.add_metric([name, q], m[2 + i] / weight / 1000.0)
+        yield acc_g
+        yield lat_g
+
+        # Switches per reason: every reason code, zero included, for stable series.
+        per_reason = dict.fromkeys((r.value for r in Reason), 0)
+        for reason, n in switches:
+            key = reason if reason in per_reason else OTHER
+            per_reason[key] = per_reason.get(key, 0) + int(n)
+        c = CounterMetricFamily("prunefleet_switches", "variant switches on devices, by reason",
+                                labels=["reason"])
+        for reason, n in per_reason.items():
+            c.add_metric([reason], float(n))
+        yield c
+
+        energy, batches_dropped, switches_dropped, batches = totals
+        for name, value, doc in (
+            ("prunefleet_energy_joules", energy, "estimated energy devices spent serving"),
+            ("prunefleet_device_telemetry_batches_dropped", batches_dropped,
+             "telemetry batches devices dropped from their full queue (reported later)"),
+            ("prunefleet_device_switches_dropped", switches_dropped,
+             "switch records devices dropped from a full batch"),
+            ("prunefleet_telemetry_batches_stored", batches, "telemetry batches in the store"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], float(value or 0))
+            yield c
+
+        # Rollouts and where devices stand with them.
+        per_status = dict.fromkeys((st.value for st in Status), 0)
+        for status, n in rollouts:
+            per_status[status if status in per_status else OTHER] = int(n)
+        g = GaugeMetricFamily("prunefleet_rollouts", "rollouts by status", labels=["status"])
+        for status, n in per_status.items():
+            g.add_metric([status], float(n))
+        yield g
+        per_phase = dict.fromkeys((p.value for p in RolloutPhase), 0)
+        for phase, n in phases:
+            per_phase[phase if phase in per_phase else OTHER] = int(n)
+        g = GaugeMetricFamily("prunefleet_devices_rollout_phase",
+                              "devices by the phase of the manifest they were last offered",
+                              labels=["phase"])
+        for phase, n in per_phase.items():
+            g.add_metric([phase], float(n))
+        yield g
+
+        # What devices dropped or refused since they started (their last reported state).
+        per_counter = dict.fromkeys(DEVICE_COUNTERS, 0)
+        for counters in reported:
+            for key, n in (counters or {}).items():
+                if key in per_counter and isinstance(n, int):
+                    per_counter[key] += n
+        g = GaugeMetricFamily(
+            "prunefleet_device_reported_counters",
+            "sum over devices of the counters in their last reported state (reset when an "
+            "agent restarts)", labels=["counter"])
+        for key, n in per_counter.items():
+            g.add_metric([key], float(n))
+        yield g
+
+
+def make_registry(collector: FleetCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format (0.0.4) of everything in ``registry``."""
+    return generate_latest(registry)
