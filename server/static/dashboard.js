@@ -44,7 +44,8 @@
     }
   }
 
-  const num = (n) => el("td", n === null || n === undefined ? "–" : n.toLocaleString(), "num");
+  const num = (n) => el("td", n === null || n === undefined ? "–" : n.toLocaleString("en-US"),
+                        "num");
   const pct = (x) => el("td", x === null || x === undefined ? "–" : (100 * x).toFixed(1) + " %",
                         "num");
 
@@ -91,13 +92,23 @@
     }), 8, "no device has reported yet");
   }
 
-  function renderTelemetry(summary) {
-    const variants = Object.entries(summary.variants || {});
-    fill("variants", variants.map(([name, v]) => row([
-      el("td", name), num(v.devices), num(v.requests), num(v.errors), pct(v.accuracy),
-      el("td", v.latency_ms_p50_mean === null ? "–" : v.latency_ms_p50_mean.toFixed(2) + " ms",
-         "num"),
-    ])), 6, "no telemetry yet");
+  function renderTelemetry(summary, registered) {
+    // Every registered variant, served or not, then names only telemetry knows.
+    const macs = new Map();
+    for (const v of registered) macs.set(v.name, v.macs);
+    const served = summary.variants || {};
+    const names = [...new Set([...macs.keys(), ...Object.keys(served)])];
+    fill("variants", names.map((name) => {
+      const v = served[name] || {};
+      const p50 = v.latency_ms_p50_mean;
+      const tr = row([
+        el("td", name), num(macs.get(name)), num(v.devices ?? 0), num(v.requests ?? 0),
+        num(v.errors ?? 0), pct(v.accuracy),
+        el("td", p50 === null || p50 === undefined ? "–" : p50.toFixed(2) + " ms", "num"),
+      ]);
+      tr.dataset.variant = name;
+      return tr;
+    }), 7, "no variant registered");
     const switches = Object.entries(summary.switches || {}).sort((a, b) => b[1] - a[1]);
     fill("switches", switches.map(([reason, n]) => row([el("td", reason), num(n)])), 2,
          "no switches yet");
@@ -137,12 +148,12 @@
     const token = sessionStorage.getItem(KEY);
     if (!token) return showForm("");
     try {
-      const [devices, summary, rollouts] = await Promise.all([
+      const [devices, summary, rollouts, variants] = await Promise.all([
         get("/v1/devices", token), get("/v1/telemetry/summary", token),
-        get("/v1/rollouts", token),
+        get("/v1/rollouts", token), get("/v1/variants", token),
       ]);
       renderDevices(devices);
-      renderTelemetry(summary);
+      renderTelemetry(summary, variants);
       renderRollouts(rollouts);
       $("content").hidden = false;
       setStatus("updated " + new Date().toLocaleTimeString(), false);
