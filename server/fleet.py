@@ -210,7 +210,13 @@ class FleetServer:
             except queue.Empty:
                 continue
             if item.kind == "message":
-                self._ingest(item)
+                try:
+                    self._ingest(item)
+                except Exception:
+                    # A bug or an unexpected store error costs this one message, never
+                    # the ingest thread (nothing else would notice it had died).
+                    self.counters.invalid += 1
+                    log.exception("ingest failed on %s", item.topic)
 
     def _ingest(self, item: Inbound) -> None:
         try:
