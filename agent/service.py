@@ -447,6 +447,11 @@ class Agent:
             except ProtocolError as e:
                 self.counters.invalid_messages += 1
                 log.warning("dropped invalid message on %s: %s", item.topic, e)
+            except (PrunefleetError, OSError, ValueError) as e:
+                # A retained message that trips an error would otherwise crash the agent
+                # again at every restart: count it, keep serving.
+                self.counters.invalid_messages += 1
+                log.exception("message on %s could not be handled: %s", item.topic, e)
 
     def _on_message(self, item: Inbound) -> None:
         now = time.monotonic()
