@@ -1,6 +1,7 @@
 """The CLI's server and admin subcommands: ``serve``, ``devices``, ``variants``,
-``rollout`` and ``telemetry``. Everything but ``serve`` talks to a running server through
-its HTTP API (:mod:`.adminclient`), so that server stays the single writer."""
+``rollout``, ``telemetry`` and ``simulate``. The admin commands talk to a running server
+through its HTTP API (:mod:`.adminclient`), so that server stays the single writer;
+``simulate`` plays devices over MQTT (:mod:`.simulator`)."""
 
 from __future__ import annotations
 
@@ -261,6 +262,33 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- simulate -----------------------------------------------------------------------------------
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from .simulator import SimOptions, run
+
+    opts = SimOptions(
+        broker_url=args.broker, devices=args.devices, group=args.group, prefix=args.prefix,
+        id_prefix=args.id_prefix, keys=args.keys, duration_s=args.duration,
+        fail_share=args.fail_share, offline_share=args.offline_share,
+        telemetry_interval_s=args.telemetry_interval, seed=args.seed,
+        download=not args.no_download, state_dir=args.state_dir, workers=args.workers,
+        status_interval_s=args.status_interval,
+    )
+    opts.check()  # one clear line for a bad option, before anything connects
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(opts, stop, sys.stdout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 def _client_args(p: argparse.ArgumentParser, nested: bool = False) -> None:
     """The options every API command takes. ``nested``: a subcommand of a command that has
@@ -375,6 +403,41 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         _client_args(ra)
         ra.add_argument("id", type=int)
         ra.set_defaults(func=_cmd_rollout_action, action=action)
+
+    sm = sub.add_parser("simulate", help="simulated devices against a broker and server "
+                        "(rollouts, dashboards, ingest at scale; no ONNX Runtime)")
+    sm.add_argument("--broker", metavar="URL", required=True,
+                    help="mqtt://host:port of the server's broker (without a user in the "
+                         "URL each device connects with its device id as user name)")
+    sm.add_argument("--devices", type=int, required=True, metavar="N",
+                    help="how many devices to simulate")
+    sm.add_argument("--group", help="the group in each device's own configuration (its "
+                                    "group desired topic is followed too)")
+    sm.add_argument("--prefix", default="prunefleet",
+                    help="MQTT topic prefix, as the server's (%(default)s)")
+    sm.add_argument("--id-prefix", default="sim",
+                    help="device ids are ID_PREFIX-0000, … (%(default)s)")
+    sm.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"),
+                    help="the server's key directory; devices pin its public.pem "
+                         "(default %(default)s)")
+    sm.add_argument("--duration", type=float, metavar="S",
+                    help="stop after S seconds (default: until SIGINT/SIGTERM)")
+    sm.add_argument("--fail-share", type=float, default=0.0, metavar="F",
+                    help="share of devices whose installs fail (chosen by --seed)")
+    sm.add_argument("--offline-share", type=float, default=0.0, metavar="F",
+                    help="share of devices that go offline and come back during the run")
+    sm.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S",
+                    help="seconds per telemetry batch (%(default)s)")
+    sm.add_argument("--seed", type=int, default=0, help="makes the run repeatable (0)")
+    sm.add_argument("--no-download", action="store_true",
+                    help="verify manifests but do not fetch chunks (very large fleets)")
+    sm.add_argument("--state-dir", type=Path,
+                    help="per-device state (downloads); default a temporary directory")
+    sm.add_argument("--workers", type=int, default=0,
+                    help="threads stepping the devices (default: CPU cores, at most 4)")
+    sm.add_argument("--status-interval", type=float, default=10.0, metavar="S",
+                    help="seconds between status rows (%(default)s)")
+    sm.set_defaults(func=_cmd_simulate)
 
     t = sub.add_parser("telemetry", help="fleet-wide telemetry summary")
     _client_args(t)
