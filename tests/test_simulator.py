@@ -91,6 +91,20 @@ def test_thirty_devices_register_report_telemetry_and_take_a_staged_rollout(flee
 
 
 @pytest.mark.timeout(60)
+def test_a_group_configured_on_the_devices_is_a_rollout_target(fleet, simulate):
+    sim = simulate(6, group="field", download=False, telemetry_interval_s=0.5)
+    ids = device_ids(sim.opts)
+    fleet.wait_known(ids)
+    wait_for(lambda: fleet.api.devices(group="field") and
+             {d["device_id"] for d in fleet.api.devices(group="field")} == set(ids), 10,
+             what="the devices' own group known to the server")
+    fleet.register_mlp("v1", hidden=16)
+    r = fleet.api.create_rollout({"target": {"kind": "group", "group": "field"},
+                                  "variants": ["v1"]})
+    done = fleet.wait_rollout(r["id"], "completed", timeout_s=20)
+    assert {d["device_id"] for d in done["devices"]} == set(ids)
+
+
 def test_a_high_fail_share_halts_the_rollout_at_the_canary(fleet, simulate):
     opts = _opts(fleet, 10, fail_share=0.5, seed=3, download=False)
     canary = set(device_ids(opts)[:3])  # 30%: online first, then by id
