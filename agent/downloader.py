@@ -107,10 +107,6 @@ class Downloader:
     def active(self) -> list[VariantSpec]:
         return [d.spec for d in self._active.values()]
 
-    def fetched_chunks(self, sha256: str) -> int:
-        d = self._active.get(sha256)
-        return d.fetched if d else 0
-
     # -- events -------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, now: float) -> list[Completed | Failed]:
         try:

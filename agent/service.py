@@ -479,9 +479,9 @@ class Agent:
         """
         want_target = self.device_id if source == "device" else self.config.group
         try:
-            manifest = self.trusted.verify(signed, min_version=self.store.accepted_version(source))
-            if manifest.target != want_target:
-                raise TrustError(f"manifest is for {manifest.target!r}, not this device")
+            manifest = self.trusted.verify(
+                signed, min_version=self.store.accepted_version(source), target=want_target
+            )
             try:
                 policy = self._effective_policy(self.config.policy, manifest)
             except ValueError as e:
@@ -683,10 +683,6 @@ class Agent:
             self.tqueue.take_dropped(),
         )
         self.tqueue.put(batch)
-
-    # -- for tests and the simulator ------------------------------------------------------
-    def readings(self) -> Readings:
-        return self._readings
 
 
 __all__ = ["Agent"]

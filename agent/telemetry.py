@@ -8,7 +8,6 @@ Sequence numbers survive restarts (``next_seq``), so the server drops duplicates
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import defaultdict
@@ -212,10 +211,3 @@ class TelemetrySender:
     @property
     def in_flight(self) -> int:
         return len(self._in_flight)
-
-
-def load_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        return None

@@ -362,9 +362,7 @@ class SimDevice:
     def _on_desired(self, signed: SignedManifest, source: str) -> None:
         want = self.id if source == "device" else self.opts.group
         try:
-            m = self.trusted.verify(signed, min_version=self.accepted[source])
-            if m.target != want:
-                raise TrustError(f"manifest is for {m.target!r}, not this device")
+            m = self.trusted.verify(signed, min_version=self.accepted[source], target=want)
         except TrustError as e:
             self.counters["rejected_manifests"] += 1
             self.last_error = f"manifest rejected: {e}"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .errors import ExpiredError, ProtocolError, RollbackError, SignatureError
+from .errors import ExpiredError, ProtocolError, RollbackError, SignatureError, TrustError
 from .messages import Manifest, Signature, SignedManifest, decode
 
 
@@ -101,11 +101,13 @@ class TrustedKeys:
         *,
         now: float | None = None,
         min_version: int = 0,
+        target: str | None = None,
     ) -> Manifest:
         """Return the manifest if a pinned key signed it, it is unexpired and newer.
 
         ``min_version`` is the last version accepted: an equal version is allowed (the same
-        manifest seen again after a reconnect), a lower one is a rollback.
+        manifest seen again after a reconnect), a lower one is a rollback. ``target``, when
+        given, is the device or group the manifest must be addressed to.
         """
         payload = signed.payload.encode()
         for s in signed.signatures:
@@ -137,4 +139,6 @@ class TrustedKeys:
             raise RollbackError(
                 f"manifest version {manifest.version} is older than accepted {min_version}"
             )
+        if target is not None and manifest.target != target:
+            raise TrustError(f"manifest is for {manifest.target!r}, not this device")
         return manifest

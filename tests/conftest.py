@@ -271,3 +271,14 @@ def durable_mosquitto(tmp_path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One PyTorch thread, as the pipeline uses: two spin against each other when busy."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

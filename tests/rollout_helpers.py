@@ -92,6 +92,24 @@ class Fleet:
         return self.api.register_variant(path, name=name, macs=64 * hidden + hidden * 10,
                                          chunk_bytes=4096, **meta)
 
+    def serve_two_variants(self, devices: list[str], requests: int) -> None:
+        """Agents ``devices`` install "small" and "big" through a completed rollout, then
+        each serves ``requests`` labelled requests (labels alternate 0 and 1)."""
+        import numpy as np
+
+        for d in devices:
+            self.start_agent(d)
+        self.wait_known(devices)
+        self.register_mlp("small", hidden=8)
+        self.register_mlp("big", hidden=32, seed=1)
+        r = self.api.create_rollout({"target": {"kind": "devices", "devices": devices},
+                                     "variants": ["small", "big"]})
+        self.wait_rollout(r["id"], "completed")
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        for d in devices:
+            for i in range(requests):
+                self.agent(d).predict(x, label=i % 2)
+
     def wait_rollout(self, rid: int, status: str, timeout_s: float = 30) -> dict:
         def done():
             r = self.api.rollout(rid)

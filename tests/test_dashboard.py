@@ -12,7 +12,6 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fleet_helpers import wait_for
 from rollout_helpers import Fleet
@@ -54,17 +53,7 @@ def served(tmp_path_factory, mosquitto):
     f.start_server()
     fake = FakeDevices(mosquitto.url, f.prefix)
     try:
-        for d in AGENTS:
-            f.start_agent(d)
-        f.wait_known(AGENTS)
-        f.register_mlp("small", hidden=8)
-        f.register_mlp("big", hidden=32, seed=1)
-        r = f.api.create_rollout({"target": {"kind": "devices", "devices": AGENTS},
-                                  "variants": ["small", "big"]})
-        f.wait_rollout(r["id"], "completed")
-        for d in AGENTS:
-            for i in range(5):
-                f.agent(d).predict(np.zeros((1, 1, 8, 8), np.float32), label=i % 2)
+        f.serve_two_variants(AGENTS, requests=5)
         fake.report("dash-evil", active_variant="small", last_error=XSS)
         fake.publish(fake.topics.reported(OFFLINE),
                      ReportedState(device_id=OFFLINE, online=False).encode(), retain=True)

@@ -12,7 +12,6 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from fleet_helpers import wait_for
@@ -119,18 +118,7 @@ def populated(tmp_path_factory, mosquitto):
     f.start_server()
     fake = FakeDevices(mosquitto.url, f.prefix)
     try:
-        for d in AGENTS:
-            f.start_agent(d)
-        f.wait_known(AGENTS)
-        f.register_mlp("small", hidden=8)
-        f.register_mlp("big", hidden=32, seed=1)
-        r = f.api.create_rollout({"target": {"kind": "devices", "devices": AGENTS},
-                                  "variants": ["small", "big"]})
-        f.wait_rollout(r["id"], "completed")
-        x = np.zeros((1, 1, 8, 8), np.float32)
-        for d in AGENTS:
-            for i in range(REQUESTS_PER_AGENT):
-                f.agent(d).predict(x, label=i % 2)
+        f.serve_two_variants(AGENTS, requests=REQUESTS_PER_AGENT)
         ghosts = ghost_ids(0, 30)
         add_ghosts(fake, ghosts, time.time())
         store = f.svc.store

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 
 from prunefleet.server.prepare import REPORT_NAME, parse_recipe, prepare
 from prunefleet.server.prepare import pipeline as pipeline_mod
@@ -48,13 +47,8 @@ def _recipe(tmp_path, variants=None):
     }, base_dir=tmp_path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One PyTorch thread, as the pipeline uses: two spin against each other when busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One PyTorch thread, as the pipeline uses (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

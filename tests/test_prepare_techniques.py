@@ -27,13 +27,8 @@ from prunefleet.server.prepare.train import TrainConfig, accuracy, fit
 X1 = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One PyTorch thread, as the pipeline uses: two spin against each other when busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One PyTorch thread, as the pipeline uses (conftest.py).
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
