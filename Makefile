@@ -1,11 +1,11 @@
 # Two entry points that work on a fresh Linux machine with Python 3.11:
 #   make demo   sets up .venv and runs `prunefleet demo`
-#   make test   sets up .venv and runs the test suite
-PYTHON ?= python3.11
+#   make test   installs the test dependencies (make deps), sets up .venv, runs the suite
+PYTHON ?= $(shell command -v python3.11 >/dev/null 2>&1 && echo python3.11 || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test deps lint setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/prunefleet demo
 
+# The Debian packages the tests run against (mosquitto, systemd-analyze, Chromium with
+# chromedriver, promtool): installed when missing as root; otherwise it says what to install.
+deps:
+	sh deploy/test-deps.sh
+
 # pytest exits 5 when it collected nothing: that must not pass.
-test: setup
+test: deps setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider; rc=$$?; \

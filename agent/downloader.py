@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 from prunefleet.shared.chunks import ChunkPlan, decode_frame, sha256_file, verify_chunk
 from prunefleet.shared.errors import IntegrityError, ProtocolError
+from prunefleet.shared.fsutil import fsync_dir
 from prunefleet.shared.messages import VariantSpec
 from prunefleet.shared.topics import Topics
 
-from .store import VariantStore, fsync_dir
+from .store import VariantStore
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,9 @@ class Downloader:
         self._fill_window(dl, now)
         return []
 
-    def tick(self, now: float) -> None:
-        """Re-request chunks that timed out or are due for a retry."""
+    def tick(self, now: float) -> list[Completed | Failed]:
+        """Re-request chunks that timed out or are due for a retry. Nothing completes on a
+        tick here (chunks arrive in :meth:`handle`); the simulated downloader's do."""
         for dl in list(self._active.values()):
             for index, since in list(dl.pending.items()):
                 if now - since > self.chunk_timeout_s:
@@ -142,6 +144,7 @@ class Downloader:
                     self._subscribe(topic)
                     dl.pending[index] = now
             self._fill_window(dl, now)
+        return []
 
     # -- internals ----------------------------------------------------------------------
     def _load_done(self, plan: ChunkPlan) -> set[int]:

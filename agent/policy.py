@@ -51,9 +51,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from prunefleet.shared.messages import Reason
+from prunefleet.shared.policy import PolicyConfig
 
 if TYPE_CHECKING:
     from prunefleet.shared.messages import VariantSpec
@@ -62,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatteryLevel",
+    "CascadePlan",
     "ComplexityLevel",
     "Decision",
     "Levels",
@@ -70,38 +70,8 @@ __all__ = [
     "VariantInfo",
     "decide",
     "order_variants",
+    "plan_cascade",
 ]
-
-
-class PolicyConfig(BaseModel):
-    """Thresholds of the policy; each ``*_hysteresis_*`` is the band a latched level needs
-    to be crossed by before it is released."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    battery_low_percent: float = Field(default=30.0, ge=0, le=100)
-    battery_critical_percent: float = Field(default=15.0, ge=0, le=100)
-    # Battery hysteresis, for both the low and the critical level.
-    hysteresis_percent: float = Field(default=5.0, ge=0, le=100)
-    cpu_high_percent: float = Field(default=80.0, gt=0, le=100)
-    cpu_hysteresis_percent: float = Field(default=10.0, ge=0, le=100)
-    complexity_high: float = Field(default=0.6, ge=0, le=1)
-    complexity_low: float = Field(default=0.4, ge=0, le=1)
-    min_dwell_s: float = Field(default=2.0, ge=0)
-    temperature_high_c: float = Field(default=80.0)
-    temperature_hysteresis_c: float = Field(default=5.0, ge=0)
-    mem_low_percent: float = Field(default=10.0, ge=0, le=100)
-    mem_hysteresis_percent: float = Field(default=5.0, ge=0, le=100)
-    latency_slo_ms: float | None = Field(default=None, gt=0)
-    latency_hysteresis_percent: float = Field(default=20.0, ge=0, lt=100)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> PolicyConfig:
-        if self.battery_critical_percent >= self.battery_low_percent:
-            raise ValueError("battery_critical_percent must be below battery_low_percent")
-        if self.complexity_low > self.complexity_high:
-            raise ValueError("complexity_low must not exceed complexity_high")
-        return self
 
 
 @dataclass(frozen=True)
@@ -119,10 +89,18 @@ class VariantInfo:
 
 
 def order_variants(variants: Iterable[VariantInfo]) -> tuple[VariantInfo, ...]:
-    """The table as the policy sees it: cheapest first (MACs, then latency, then name)."""
+    """The table as the policy sees it: cheapest first.
+
+    The cost is the measured latency when every variant has one, since MACs mislead where
+    kernels differ (an INT8 variant has its FP32 twin's MACs and runs faster); otherwise
+    MACs, then latency, then the name. Every ordering of variants in the agent is this one.
+    """
+    vs = list(variants)
+    if vs and all(v.latency_ms is not None for v in vs):
+        return tuple(sorted(vs, key=lambda v: (v.latency_ms, v.macs, v.name)))
     return tuple(
         sorted(
-            variants,
+            vs,
             key=lambda v: (
                 v.macs,
                 v.latency_ms if v.latency_ms is not None else float("inf"),
@@ -130,6 +108,28 @@ def order_variants(variants: Iterable[VariantInfo]) -> tuple[VariantInfo, ...]:
             ),
         )
     )
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """Which variant answers first, and which one a too-unsure answer escalates to."""
+
+    first: str
+    escalate_to: str | None  # None: the first stage is already the budget
+
+    def escalates(self, confidence: float, threshold: float) -> bool:
+        """True when an answer with top-class probability ``confidence`` must be re-run."""
+        return self.escalate_to is not None and confidence < threshold
+
+
+def plan_cascade(variants: Iterable[VariantInfo], budget: str) -> CascadePlan:
+    """The confidence cascade: the cheapest variant first; escalate to ``budget`` (the
+    variant the policy allows for a hard input) when it is unsure."""
+    table = order_variants(variants)
+    if not table:
+        raise ValueError("plan_cascade needs at least one variant")
+    first = table[0].name
+    return CascadePlan(first, None if budget == first else budget)
 
 
 class BatteryLevel(StrEnum):

@@ -1,7 +1,11 @@
-"""ONNX Runtime sessions for every installed variant, and the request path.
+"""Sessions for every installed variant, and the request path's inference.
 
 All installed variants stay loaded, so switching is a reference swap: a request reads the
 current table once and runs on the session it picked, whatever is installed meanwhile.
+
+An :class:`Engine` creates and runs sessions: :class:`OnnxEngine` with ONNX Runtime on a
+device; the fleet simulator passes a simulated engine (``prunefleet.agent.simengine``)
+so that everything around inference is the agent's own code.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -27,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LoadedVariant:
     spec: VariantSpec
-    session: ort.InferenceSession
+    session: Any  # an ort.InferenceSession, or what a simulated engine keeps
     input_name: str
 
     @property
@@ -51,6 +56,34 @@ def load_session(path: Path, spec: VariantSpec, intra_op_threads: int = 1) -> Lo
     lv = LoadedVariant(spec, sess, inputs[0].name)
     smoke_test(lv)
     return lv
+
+
+class Engine(Protocol):
+    """Creates sessions (with the smoke test) and runs them."""
+
+    def load(self, path: Path, spec: VariantSpec) -> LoadedVariant:
+        """A session for the verified blob at ``path``; :class:`InstallError` if it must
+        not serve."""
+        ...
+
+    def infer(self, lv: LoadedVariant, x: np.ndarray) -> tuple[np.ndarray, float]:
+        """Logits for the batch ``x`` and the milliseconds it took."""
+        ...
+
+
+class OnnxEngine:
+    """ONNX Runtime on the CPU, with the device's own thread setting."""
+
+    def __init__(self, intra_op_threads: int = 1) -> None:
+        self.intra_op_threads = intra_op_threads
+
+    def load(self, path: Path, spec: VariantSpec) -> LoadedVariant:
+        return load_session(path, spec, self.intra_op_threads)
+
+    def infer(self, lv: LoadedVariant, x: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        (y,) = lv.session.run(None, {lv.input_name: x})[:1]
+        return y, (time.perf_counter() - t0) * 1000.0
 
 
 def smoke_test(lv: LoadedVariant) -> None:
@@ -109,7 +142,7 @@ class ModelPool:
     """
 
     def __init__(self, loader: Callable[[VariantSpec], LoadedVariant] | None = None,
-                 max_loaded: int = 0) -> None:
+                 max_loaded: int = 0, engine: Engine | None = None) -> None:
         self._specs: dict[str, VariantSpec] = {}
         self._table: dict[str, LoadedVariant] = {}
         self._used: dict[str, float] = {}
@@ -118,6 +151,9 @@ class ModelPool:
         self.max_loaded = max_loaded
         self.wanted: set[str] = set()  # unloaded variants requests asked for
         self.unloads = 0
+        self.engine: Engine = engine or OnnxEngine()
+        # Bumped whenever the installed set changes: caches of the table key on it.
+        self.version = 0
 
     @property
     def table(self) -> dict[str, LoadedVariant]:
@@ -138,6 +174,7 @@ class ModelPool:
             self._table = {**self._table, lv.name: lv}
             self._used[lv.name] = time.monotonic()
             self.wanted.discard(lv.name)
+            self.version += 1
         self.shrink_to(self.max_loaded, keep={lv.name})
 
     def remove(self, name: str) -> None:
@@ -146,6 +183,7 @@ class ModelPool:
             self._table = {k: v for k, v in self._table.items() if k != name}
             self._used.pop(name, None)
             self.wanted.discard(name)
+            self.version += 1
 
     def unload(self, name: str) -> None:
         """Drop the session, keep the variant installed."""
@@ -214,9 +252,7 @@ class ModelPool:
         return lv
 
     def infer(self, lv: LoadedVariant, x: np.ndarray) -> tuple[np.ndarray, float]:
-        t0 = time.perf_counter()
-        (y,) = lv.session.run(None, {lv.input_name: x})[:1]
-        return y, (time.perf_counter() - t0) * 1000.0
+        return self.engine.infer(lv, x)
 
     def run(self, x: np.ndarray, choose: Chooser) -> Served:
         specs = self._specs  # one read: a concurrent swap cannot change it under us

@@ -2,7 +2,7 @@
 
 Two seams, each a small Protocol with a real and a simulated implementation:
 
-- :class:`Clock`: :class:`SystemClock` and :class:`FakeClock` (advanced by hand in tests).
+- the clock: :class:`prunefleet.shared.clock.Clock` (``SystemClock``, or ``FakeClock`` in tests).
 - :class:`Sensors`: :class:`SystemSensors` (psutil and Linux sysfs) and
   :class:`SimulatedSensors` (a :class:`SimulatedBattery` drained by the energy of each
   inference, plus load patterns), for tests and the demo.
@@ -15,65 +15,21 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from prunefleet.shared.clock import Clock, SystemClock
+
 __all__ = [
-    "Clock",
-    "FakeClock",
     "Readings",
     "Sensors",
     "SimulatedBattery",
     "SimulatedSensors",
-    "SystemClock",
     "SystemSensors",
     "make_sensors",
 ]
-
-
-class Clock(Protocol):
-    def monotonic(self) -> float:
-        """Seconds on a clock that never goes back; for intervals and dwell times."""
-        ...
-
-    def time(self) -> float:
-        """Seconds since the Unix epoch; for timestamps sent to the server."""
-        ...
-
-
-class SystemClock:
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def time(self) -> float:
-        return time.time()
-
-
-class FakeClock:
-    """A clock that moves only when told to; both readings advance together."""
-
-    def __init__(self, monotonic: float = 1000.0, wall: float = 1_700_000_000.0) -> None:
-        self._lock = threading.Lock()
-        self._monotonic = monotonic
-        self._wall = wall
-
-    def monotonic(self) -> float:
-        with self._lock:
-            return self._monotonic
-
-    def time(self) -> float:
-        with self._lock:
-            return self._wall
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"a clock cannot go back ({seconds} s)")
-        with self._lock:
-            self._monotonic += seconds
-            self._wall += seconds
 
 
 @dataclass(frozen=True, kw_only=True)

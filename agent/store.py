@@ -8,40 +8,20 @@ Layout::
     <state>/installed.json             name → spec of every installed variant
     <state>/trust.json                 highest manifest version accepted
 
-Every write of a small file goes through :func:`atomic_write`: temp file in the same
-directory, fsync, ``os.replace``, fsync of the directory.
+Every write of a small file goes through :func:`prunefleet.shared.fsutil.atomic_write`:
+temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import VariantSpec
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VariantStore:

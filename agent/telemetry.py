@@ -1,5 +1,9 @@
 """Telemetry: per-interval aggregation and a bounded on-disk queue that survives restarts.
 
+The one home of telemetry batching: :class:`Aggregator` cuts an interval into a batch,
+a :class:`TelemetryQueue` keeps it (:class:`DiskQueue` on a device, :class:`MemoryQueue`
+for a simulated one), :class:`TelemetrySender` sends it with a bounded number in flight.
+
 A batch is written to ``<state>/telemetry/<seq>.json`` before it is sent, and deleted
 only when the broker acknowledged its QoS 1 publish. When the queue is full the oldest
 batch is dropped and the loss is counted in the next batch (``batches_dropped``).
@@ -13,13 +17,14 @@ import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import Reason, SwitchEvent, TelemetryBatch, VariantStats
 
 from .sensors import Readings
-from .store import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,66 @@ def _clip(v: float | None) -> float | None:
     return None if v is None else max(0.0, min(100.0, float(v)))
 
 
+class TelemetryQueue(Protocol):
+    """Where cut batches wait until they are acknowledged: on disk on a device, in memory
+    for a simulated one. Bounded: past ``max_batches`` the oldest is dropped and counted."""
+
+    max_batches: int
+    dropped_total: int
+
+    @property
+    def issued(self) -> int:
+        """Sequence numbers handed out so far (the next batch's ``seq``)."""
+        ...
+
+    def next_seq(self) -> int: ...
+    def take_dropped(self) -> int: ...
+    def pending(self) -> list[int]: ...
+    def put(self, batch: TelemetryBatch) -> None: ...
+    def read(self, seq: int) -> bytes | None: ...
+    def ack(self, seq: int) -> None: ...
+
+
+class MemoryQueue:
+    """A :class:`TelemetryQueue` in memory (lost with the process; for simulated devices)."""
+
+    def __init__(self, max_batches: int = 1000) -> None:
+        self.max_batches = max_batches
+        self.dropped_total = 0
+        self._dropped_unreported = 0
+        self._next_seq = 0
+        self._batches: dict[int, bytes] = {}
+
+    @property
+    def issued(self) -> int:
+        return self._next_seq
+
+    def next_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def take_dropped(self) -> int:
+        n, self._dropped_unreported = self._dropped_unreported, 0
+        return n
+
+    def pending(self) -> list[int]:
+        return sorted(self._batches)
+
+    def put(self, batch: TelemetryBatch) -> None:
+        self._batches[batch.seq] = batch.encode()
+        while len(self._batches) > self.max_batches:
+            del self._batches[min(self._batches)]
+            self.dropped_total += 1
+            self._dropped_unreported += 1
+
+    def read(self, seq: int) -> bytes | None:
+        return self._batches.get(seq)
+
+    def ack(self, seq: int) -> None:
+        self._batches.pop(seq, None)
+
+
 class DiskQueue:
     """Bounded FIFO of encoded batches, one file each, named by sequence number."""
 
@@ -130,6 +195,10 @@ class DiskQueue:
         except (FileNotFoundError, ValueError):
             existing = self.pending()
             self._next_seq = existing[-1] + 1 if existing else 0
+
+    @property
+    def issued(self) -> int:
+        return self._next_seq
 
     def next_seq(self) -> int:
         seq = self._next_seq
@@ -174,10 +243,11 @@ class DiskQueue:
 class TelemetrySender:
     """Sends queued batches at QoS 1, a bounded number in flight, deletes on PUBACK."""
 
-    def __init__(self, queue: DiskQueue, max_in_flight: int = 10):
+    def __init__(self, queue: TelemetryQueue, max_in_flight: int = 10):
         self.queue = queue
         self.max_in_flight = max_in_flight
         self._in_flight: dict[int, int] = {}  # mid → seq
+        self.acked_total = 0
 
     def pump(self, publish, connected: bool) -> int:
         """Publish pending batches not yet in flight; returns how many were sent."""
@@ -202,6 +272,7 @@ class TelemetrySender:
         seq = self._in_flight.pop(mid, None)
         if seq is not None:
             self.queue.ack(seq)
+            self.acked_total += 1
 
     def disconnected(self) -> None:
         # paho re-sends unacknowledged QoS 1 messages itself after a reconnect; forget

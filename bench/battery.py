@@ -25,24 +25,22 @@ dense only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import prunefleet.agent.service as service
 from prunefleet.agent.config import load_config
 from prunefleet.agent.runtime import load_session
-from prunefleet.agent.sensors import FakeClock, make_sensors
+from prunefleet.agent.sensors import make_sensors
 from prunefleet.agent.service import Agent
 from prunefleet.server.keys import load_or_create
+from prunefleet.shared.clock import FakeClock
 
 # bench/ is the script's directory, so it is on sys.path: share switch.py's helpers.
 from switch import DEFAULT_VARIANTS, digits_set, machine  # isort: skip
@@ -51,34 +49,6 @@ RATE_HZ = 50.0
 PHASE_S = 8.0
 NOISE_SIGMA = 0.6
 SENSOR_INTERVAL_S = 1.0
-
-
-class _FakeTime:
-    """Stands in for the ``time`` module inside ``prunefleet.agent.service``: the policy's
-    clock (``monotonic``, ``time``) is the fake one; everything else is the real module."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self._clock = clock
-
-    def monotonic(self) -> float:
-        return self._clock.monotonic()
-
-    def time(self) -> float:
-        return self._clock.time()
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
-@contextlib.contextmanager
-def simulated_time(clock: FakeClock) -> Iterator[None]:
-    # The Agent reads time.monotonic() for the policy's dwell; it takes no clock yet.
-    real = service.time
-    service.time = _FakeTime(clock)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        service.time = real
 
 
 class Stream:
@@ -128,32 +98,31 @@ def serve_until_empty(vs, names: list[str], work: Path, capacity_j: float, x: np
                            idle_drain_w=0.0, cpu_percent=10.0, clock=clock)
     r = Result()
     t0 = time.perf_counter()
-    with simulated_time(clock):
-        agent = Agent(cfg, sensors=sensors)
-        for name in names:
-            agent.pool.put(load_session(vs.paths[name], vs.specs[name], 1))
-        battery = agent.battery
-        assert battery is not None
-        stream = Stream(x, y)
-        next_read = clock.monotonic()
-        last = None
-        while battery.energy_j > 0:
-            if clock.monotonic() >= next_read:
-                # The service loop's sensor step (the loop itself is not running here).
-                agent._readings = agent.sensors.read()
-                next_read += SENSOR_INTERVAL_S
-            xi, label, noisy = stream.next()
-            served = agent.predict(xi, label=label)
-            ok = served.label == label
-            r.requests += 1
-            r.correct += ok
-            r.by_variant[served.variant] += 1
-            r.by_phase[noisy][0] += 1
-            r.by_phase[noisy][1] += ok
-            if last is not None and served.variant != last:
-                r.switches[served.reason.value] += 1
-            last = served.variant
-            clock.advance(1.0 / RATE_HZ)
+    agent = Agent(cfg, sensors=sensors, clock=clock)
+    for name in names:
+        agent.pool.put(load_session(vs.paths[name], vs.specs[name], 1))
+    battery = agent.battery
+    assert battery is not None
+    stream = Stream(x, y)
+    next_read = clock.monotonic()
+    last = None
+    while battery.energy_j > 0:
+        if clock.monotonic() >= next_read:
+            # The service loop's sensor step (the loop itself is not running here).
+            agent.serving.update(readings=agent.sensors.read())
+            next_read += SENSOR_INTERVAL_S
+        xi, label, noisy = stream.next()
+        served = agent.predict(xi, label=label)
+        ok = served.label == label
+        r.requests += 1
+        r.correct += ok
+        r.by_variant[served.variant] += 1
+        r.by_phase[noisy][0] += 1
+        r.by_phase[noisy][1] += ok
+        if last is not None and served.variant != last:
+            r.switches[served.reason.value] += 1
+        last = served.variant
+        clock.advance(1.0 / RATE_HZ)
     r.seconds = time.perf_counter() - t0
     r.simulated_s = r.requests / RATE_HZ
     return r

@@ -119,11 +119,11 @@ def _agent_thread(device_id: str, broker_url: str, prefix: str, pub_pem: bytes,
                   ready: threading.Barrier) -> None:
     from prunefleet.agent.downloader import Completed, Downloader, Failed
     from prunefleet.agent.store import VariantStore
-    from prunefleet.agent.transport import BrokerAddress, MqttTransport, TransportOptions
     from prunefleet.shared.errors import PrunefleetError
     from prunefleet.shared.messages import SignedManifest, decode
     from prunefleet.shared.signing import TrustedKeys, load_public_pem
     from prunefleet.shared.topics import Topics
+    from prunefleet.shared.transport import BrokerAddress, MqttTransport, TransportOptions
 
     topics = Topics(prefix)
     desired = topics.group_desired(GROUP)

@@ -12,11 +12,23 @@ import sys
 import time
 from pathlib import Path
 
-from .adminclient import DEFAULT_SERVER, AdminClient, resolve_token
+from prunefleet.shared.errors import PrunefleetError
+
+from .adminclient import (
+    DEFAULT_SERVER,
+    AdminClient,
+    ApiError,
+    UsageError,
+    check_id,
+    check_server_url,
+    find_token,
+)
+from .errors import DistributionError, ServerError
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
-    return AdminClient(args.server, resolve_token(args.token, args.token_file))
+    token, source = find_token(args.token, args.token_file)
+    return AdminClient(check_server_url(args.server), token, token_source=source)
 
 
 def _print_json(obj) -> None:
@@ -40,17 +52,38 @@ def _table(rows: list[list], header: list[str]) -> None:
 
 # -- serve --------------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeOptions, serve
+    from prunefleet.shared.topics import Topics
 
-    return serve(ServeOptions(
-        state_dir=args.state_dir, broker_url=args.broker, db_url=args.db, listen=args.listen,
-        key_dir=args.keys, prefix=args.prefix, share_group=args.share_group,
-        metrics_public=args.metrics_public,
-    ))
+    from .serve import ServeOptions, parse_listen, serve
+
+    try:
+        parse_listen(args.listen)
+        Topics(args.prefix)
+    except PrunefleetError as e:
+        raise UsageError(str(e)) from e
+    if args.share_group is not None:
+        check_id(args.share_group, "--share-group")
+    try:
+        return serve(ServeOptions(
+            state_dir=args.state_dir, broker_url=args.broker, db_url=args.db,
+            listen=args.listen, key_dir=args.keys, prefix=args.prefix,
+            share_group=args.share_group, metrics_public=args.metrics_public,
+        ))
+    except DistributionError as e:
+        if "cannot reach the broker" not in str(e):
+            raise
+        raise DistributionError(
+            f"{e}: start it, or point --broker at a running one (without --broker, serve "
+            "runs an embedded broker)") from e
+    except OSError as e:  # the listen address is taken, a directory is not writable, …
+        where = f" ({e.filename})" if e.filename else f" (--listen {args.listen})"
+        raise ServerError(f"cannot start the server: {e.strerror or e}{where}") from e
 
 
 # -- devices ------------------------------------------------------------------------------------
 def _cmd_devices(args: argparse.Namespace) -> int:
+    if args.group is not None:
+        check_id(args.group, "group")
     devs = _client(args).devices(args.group)
     if args.json:
         _print_json(devs)
@@ -70,8 +103,14 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _cmd_devices_groups(args: argparse.Namespace) -> int:
+    check_id(args.device, "device id")
+    for g in args.groups:
+        check_id(g, "group")
     out = _client(args).set_groups(args.device, args.groups)
-    print(f"{out['device_id']}: groups {', '.join(out['groups']) or '(none)'}")
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"{out['device_id']}: groups {', '.join(out['groups']) or '(none)'}")
     return 0
 
 
@@ -89,28 +128,36 @@ def _cmd_variants_list(args: argparse.Namespace) -> int:
 
 
 def _register_report(args: argparse.Namespace) -> int:
-    """Register every variant of a ``prunefleet prepare`` report with its measured figures."""
-    import json
+    """Register every variant of a ``prunefleet prepare`` report as ``prepare`` left it: its
+    measured figures, and the golden pair and tolerance it chose (the server checks them)."""
+    from prunefleet.shared.chunks import sha256_file
+
+    from .registry import VariantRegistration, registration_from_report
 
     try:
-        report = json.loads(args.file.read_text())
-        entries = report["variants"]
+        entries = json.loads(args.file.read_text())["variants"]
+        if not isinstance(entries, list) or not all(isinstance(v, dict) for v in entries):
+            raise TypeError("'variants' is not a list of entries")
+        files = [args.file.parent / v["file"] for v in entries]
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"prunefleet: {args.file}: not a prepare report: {e}", file=sys.stderr)
         return 2
+    # Every entry is checked before the first upload: a bad report changes nothing.
+    regs: list[tuple[Path, VariantRegistration]] = []
+    for v, path in zip(entries, files, strict=True):
+        try:
+            digest = sha256_file(path)
+            if v.get("sha256") not in (None, digest):
+                raise ValueError(f"{v['file']} changed since the report was written")
+            regs.append((path, registration_from_report(v, sha256=digest,
+                                                         chunk_bytes=args.chunk_bytes)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"prunefleet: {args.file}: variant {v.get('name')!r}: {e}", file=sys.stderr)
+            return 2
     client = _client(args)
-    done = []
-    for v in entries:
-        meta = {"name": v["name"], "macs": int(v["macs"]), "params": int(v["params"]),
-                "technique": str(v.get("technique") or "none"),
-                "input_shape": list(v["input_shape"]), "num_classes": int(v["num_classes"])}
-        if v.get("accuracy") is not None:
-            meta["accuracy"] = float(v["accuracy"])
-        if v.get("latency_ms_p50") is not None:
-            meta["latency_ms"] = float(v["latency_ms_p50"])
-        if args.chunk_bytes is not None:
-            meta["chunk_bytes"] = args.chunk_bytes
-        done.append(client.register_variant(args.file.parent / v["file"], **meta))
+    done = [client.register_variant(path, **reg.model_dump(mode="json", exclude={"sha256"},
+                                                            exclude_none=True))
+            for path, reg in regs]
     if args.json:
         _print_json(done)
     else:
@@ -121,17 +168,34 @@ def _register_report(args: argparse.Namespace) -> int:
 
 
 def _policy_overrides(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs as JSON values (numbers, true/false, null)."""
+    """``KEY=VALUE`` pairs as JSON values (numbers, true/false, null), checked here as the
+    server and the agents check them, so a bad value costs one line and no request."""
+    from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError, apply_overrides
+
     out: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise SystemExit(f"prunefleet: --policy takes KEY=VALUE, got {pair!r}")
+            raise UsageError(f"--policy takes KEY=VALUE, got {pair!r}")
         try:
-            out[key.strip()] = json.loads(raw)
+            out[key] = json.loads(raw)
         except ValueError:
-            raise SystemExit(f"prunefleet: --policy {key}: {raw!r} is not a number, "
-                             "true, false or null") from None
+            raise UsageError(f"--policy {key}: {raw!r} is not a number, true, false or "
+                             "null") from None
+    settings = sorted(PolicyConfig.model_fields)
+    unknown = sorted(set(out) - set(settings))
+    if unknown:
+        raise UsageError(f"invalid policy override {unknown[0]!r}: not a policy setting "
+                         f"(settings: {', '.join(settings)})")
+    try:
+        apply_overrides(PolicyConfig(), out)
+    except PolicyOverrideError as e:
+        # "KEY: message", or "policy: message" for a rule between settings
+        key, _, msg = str(e).partition(": ")
+        where = "" if key == "policy" else f" {key}"
+        raise UsageError(f"invalid policy override{where}: "
+                         f"{msg.removeprefix('Value error, ')}") from None
     return out
 
 
@@ -193,6 +257,12 @@ def _print_rollout(r: dict) -> None:
 
 
 def _cmd_rollout_create(args: argparse.Namespace) -> int:
+    for device in args.device or []:
+        check_id(device, "device id")
+    if args.group is not None:
+        check_id(args.group, "group")
+    for name in [*args.variant, *([args.pin] if args.pin else [])]:
+        check_id(name, "variant (name or sha256)")
     if args.device:
         target = {"kind": "devices", "devices": args.device}
     elif args.group:
@@ -211,7 +281,14 @@ def _cmd_rollout_create(args: argparse.Namespace) -> int:
         body["pinned_variant"] = args.pin
     if args.policy:
         body["policy"] = _policy_overrides(args.policy)
-    r = _client(args).create_rollout(body)
+    try:
+        r = _client(args).create_rollout(body)
+    except ApiError as e:
+        # The API's word for the flag is its JSON field; name the flag on the command line.
+        if e.status == 409 and "pass supersede" in str(e):
+            raise ApiError(str(e).replace("pass supersede", "pass --supersede"), e.status,
+                           e.details) from None
+        raise
     if args.json:
         _print_json(r)
     else:
@@ -264,10 +341,11 @@ def _cmd_telemetry(args: argparse.Namespace) -> int:
 
 # -- simulate -----------------------------------------------------------------------------------
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import dataclasses
     import signal
     import threading
 
-    from .simulator import SimOptions, run
+    from .simulator import SimOptions, SimulatorError, run
 
     opts = SimOptions(
         broker_url=args.broker, devices=args.devices, group=args.group, prefix=args.prefix,
@@ -277,15 +355,24 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         download=not args.no_download, state_dir=args.state_dir, workers=args.workers,
         status_interval_s=args.status_interval,
     )
-    opts.check()  # one clear line for a bad option, before anything connects
+    try:
+        opts.check()  # one clear line for a bad option, before anything connects
+    except SimulatorError as e:
+        raise UsageError(str(e)) from e
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        run(opts, stop, sys.stdout)
+        # With --json the status rows go to stderr and stdout holds only the summary.
+        summary = run(opts, stop, sys.stderr if args.json else sys.stdout)
+    except SimulatorError as e:
+        raise SimulatorError(f"{e}: check that the broker runs there and that --broker "
+                             "is the address devices use") from e
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if args.json:
+        _print_json(dataclasses.asdict(summary))
     return 0
 
 
@@ -315,9 +402,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="SQLAlchemy URL, e.g. postgresql://user@host/db "
                    "(default: SQLite in the state directory)")
     s.add_argument("--state-dir", type=Path, default=Path(".prunefleet/server"),
-                   help="API token, keys, uploaded models, SQLite store (default %(default)s)")
+                   help="API token, uploaded models, SQLite store (default %(default)s)")
     s.add_argument("--listen", default="127.0.0.1:8080", help="HTTP HOST:PORT (%(default)s)")
-    s.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"),
+    s.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"), metavar="DIR",
                    help="signing key directory, as for `keys init` (default %(default)s)")
     s.add_argument("--prefix", default="prunefleet", help="MQTT topic prefix (%(default)s)")
     s.add_argument("--share-group", help="ingest through $share/GROUP/… (several servers)")
@@ -417,7 +504,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="MQTT topic prefix, as the server's (%(default)s)")
     sm.add_argument("--id-prefix", default="sim",
                     help="device ids are ID_PREFIX-0000, … (%(default)s)")
-    sm.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"),
+    sm.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"), metavar="DIR",
                     help="the server's key directory; devices pin its public.pem "
                          "(default %(default)s)")
     sm.add_argument("--duration", type=float, metavar="S",
@@ -437,6 +524,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="threads stepping the devices (default: CPU cores, at most 4)")
     sm.add_argument("--status-interval", type=float, default=10.0, metavar="S",
                     help="seconds between status rows (%(default)s)")
+    sm.add_argument("--json", action="store_true",
+                    help="status rows to stderr; the end summary as JSON on stdout")
     sm.set_defaults(func=_cmd_simulate)
 
     t = sub.add_parser("telemetry", help="fleet-wide telemetry summary")

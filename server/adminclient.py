@@ -2,6 +2,11 @@
 
 Where the token comes from, first found wins: ``--token``, ``$PRUNEFLEET_TOKEN``, the
 file given by ``--token-file``, ``<state dir>/api-token`` of a local ``prunefleet serve``.
+
+Errors (both :class:`~prunefleet.server.errors.ServerError`, each one line):
+
+    ApiError     the server refused a request, or could not be reached (exit code 1)
+    UsageError   the command line asks for something that can never work (exit code 2)
 """
 
 from __future__ import annotations
@@ -11,9 +16,13 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from prunefleet.shared.errors import PrunefleetError
+from prunefleet.shared.topics import check_name
 
 from .errors import ServerError
 
@@ -30,27 +39,57 @@ class ApiError(ServerError):
         self.details = details or []
 
 
-def resolve_token(token: str | None, token_file: Path | None) -> str:
+class UsageError(ServerError):
+    """A value on the command line that can never work (a bad id, URL or setting)."""
+
+
+def check_id(value: str, what: str) -> str:
+    """``value`` if it is a valid device, group or variant name; else :class:`UsageError`."""
+    try:
+        return check_name(value, what)
+    except PrunefleetError as e:
+        raise UsageError(str(e)) from e
+
+
+def check_server_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise UsageError(f"bad --server {url!r}: expected http://HOST:PORT, "
+                         f"e.g. {DEFAULT_SERVER}")
+    return url
+
+
+def find_token(token: str | None, token_file: Path | None) -> tuple[str, str]:
+    """``(token, where it came from)``: the source is named when the server refuses it."""
     if token:
-        return token
+        return token, "--token"
     env = os.environ.get("PRUNEFLEET_TOKEN")
     if env:
-        return env
+        return env, "$PRUNEFLEET_TOKEN"
     path = Path(token_file) if token_file else DEFAULT_TOKEN_FILE
     try:
-        return path.read_text().strip()
+        return path.read_text().strip(), str(path)
     except FileNotFoundError as e:
         raise ApiError(
             f"no API token: pass --token, set PRUNEFLEET_TOKEN, or point --token-file at the "
             f"server's api-token ({path} does not exist)"
         ) from e
+    except OSError as e:
+        raise ApiError(f"cannot read the API token from {path}: {e.strerror or e}") from e
+
+
+def _segment(value: object) -> str:
+    """One URL path segment: nothing in it can change the path."""
+    return urllib.parse.quote(str(value), safe="")
 
 
 class AdminClient:
-    def __init__(self, base_url: str, token: str, timeout_s: float = 60.0):
+    def __init__(self, base_url: str, token: str, timeout_s: float = 60.0,
+                 token_source: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
+        self.token_source = token_source  # named in the error when the server refuses it
 
     def request(self, method: str, path: str, body: Any = None, *, data=None,
                 length: int | None = None, content_type: str = "application/json") -> Any:
@@ -71,13 +110,23 @@ class AdminClient:
             raw = e.read()
             try:
                 err = json.loads(raw)["error"]
-                raise ApiError(f"{err['message']} (HTTP {e.code})", e.code,
-                               err.get("details")) from None
+                message, details = str(err["message"]), err.get("details")
             except (ValueError, KeyError, TypeError):
-                raise ApiError(f"HTTP {e.code}: {raw[:200]!r}", e.code) from None
+                message, details = f"HTTP {e.code}: {raw[:200]!r}", None
+            # One line: the first of a multi-line message says what went wrong.
+            message = f"{(message.strip().splitlines() or [''])[0]} (HTTP {e.code})"
+            if e.code == 401 and self.token_source:
+                message += (f"; the token came from {self.token_source}: it must be the "
+                            "server's STATE_DIR/api-token")
+            raise ApiError(message, e.code, details) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ApiError(f"cannot reach the server at {self.base_url}: {reason}") from e
+            raise ApiError(
+                f"cannot reach the server at {self.base_url} ({reason}): is `prunefleet "
+                "serve` running there? Point --server or $PRUNEFLEET_SERVER at its API"
+            ) from e
+        except ValueError as e:  # a URL urllib cannot use (http.client.InvalidURL)
+            raise UsageError(f"bad request URL {self.base_url + path!r}: {e}") from e
         return json.loads(raw) if raw else None
 
     # -- endpoints ------------------------------------------------------------------------
@@ -85,10 +134,12 @@ class AdminClient:
         return self.request("GET", "/healthz")
 
     def devices(self, group: str | None = None) -> list[dict]:
-        return self.request("GET", "/v1/devices" + (f"?group={group}" if group else ""))
+        query = "?" + urllib.parse.urlencode({"group": group}) if group else ""
+        return self.request("GET", "/v1/devices" + query)
 
     def set_groups(self, device_id: str, groups: list[str]) -> dict:
-        return self.request("PUT", f"/v1/devices/{device_id}/groups", {"groups": groups})
+        return self.request("PUT", f"/v1/devices/{_segment(device_id)}/groups",
+                            {"groups": groups})
 
     def variants(self) -> list[dict]:
         return self.request("GET", "/v1/variants")
@@ -133,4 +184,5 @@ class AdminClient:
         return self.request("POST", f"/v1/rollouts/{int(rollout_id)}/{action}")
 
     def telemetry_summary(self, since: float = 0.0) -> dict:
-        return self.request("GET", f"/v1/telemetry/summary?since={since}")
+        query = urllib.parse.urlencode({"since": since})
+        return self.request("GET", f"/v1/telemetry/summary?{query}")

@@ -46,13 +46,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prunefleet.shared import __version__
+from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import Name, Sha256
 
 from .controller import RolloutController, RolloutRequest
-from .errors import DistributionError, KeyringError, RolloutError, StoreError
+from .errors import DistributionError, KeyringError, RegistryError, RolloutError, StoreError
 from .fleet import FleetServer
 from .metrics import CONTENT_TYPE, FleetCollector, make_registry, render
-from .registry import Registry, RegistryError, VariantRegistration
+from .registry import Registry, VariantRegistration
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -320,7 +321,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
 def load_or_create_token(path: Path) -> str:
     """The API token in ``path`` (0600), created on first use."""
-    import os
     import secrets
 
     path = Path(path)
@@ -331,10 +331,6 @@ def load_or_create_token(path: Path) -> str:
         return token
     path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (token + "\n").encode(), mode=0o600)
     return token
 

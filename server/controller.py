@@ -26,8 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prunefleet.agent.errors import TransportError
-from prunefleet.agent.policy import PolicyConfig
+from prunefleet.shared.errors import TransportError
 from prunefleet.shared.messages import (
     Manifest,
     Name,
@@ -36,6 +35,7 @@ from prunefleet.shared.messages import (
     VariantSpec,
     decode,
 )
+from prunefleet.shared.policy import PolicyConfig, apply_overrides
 
 from .errors import DistributionError, RolloutError, StoreError
 from .fleet import FleetServer
@@ -129,7 +129,7 @@ class RolloutController:
                 )
             if req.policy:
                 try:
-                    PolicyConfig.model_validate({**PolicyConfig().model_dump(), **req.policy})
+                    apply_overrides(PolicyConfig(), req.policy)
                 except ValueError as e:
                     raise RolloutError(f"invalid policy override: {e}", 422) from e
             devices = self._resolve_target(req.target, strict=True)

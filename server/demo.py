@@ -21,8 +21,9 @@ from pathlib import Path
 
 from prunefleet.shared.messages import Reason
 
-from .fleet import FleetServer, spec_from_file
+from .fleet import FleetServer
 from .keys import load_or_create
+from .registry import register_file, registration_from_report
 from .store import Store, sqlite_url
 
 BATTERY_REASONS = {Reason.BATTERY_LOW.value, Reason.BATTERY_CRITICAL.value,
@@ -130,17 +131,14 @@ def run_demo(
     procs: list[tuple[DemoDevice, subprocess.Popen, Path]] = []
     try:
         server.start()
-        specs = []
-        sent = 0
-        for v in prepared.variants:
-            spec = spec_from_file(
-                v.path, name=v.name, input_shape=v.input_shape, num_classes=v.num_classes,
-                params=v.params, macs=v.macs, accuracy=v.accuracy, latency_ms=v.latency_ms_p50,
-                technique=v.technique, golden=v.golden_spec(), chunk_bytes=16 * 1024,
-            )
-            store.add_variant(v.name, spec.sha256, str(v.path), spec.model_dump(mode="json"), {})
-            sent += server.publish_artifact(spec, Path(v.path).read_bytes())
-            specs.append(spec)
+        # The registration path of `prunefleet variants register report.json`, without HTTP.
+        before = server.bytes_published
+        specs = [
+            register_file(store, server, v.path, registration_from_report(
+                v.to_report(), sha256=v.sha256, chunk_bytes=16 * 1024))
+            for v in prepared.variants
+        ]
+        sent = server.bytes_published - before
         manifest = server.deploy("demo", specs, group=True)
         out(f"published {len(specs)} variants ({sent} bytes, once, retained; the broker fans "
             f"them out) and signed desired state v{manifest.version} for group 'demo'")

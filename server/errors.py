@@ -1,11 +1,16 @@
 """Errors of the server, split by cause.
 
     ServerError
-    ├── StoreError          the database refused or is unreachable
-    ├── PrepareError        variant preparation cannot go on (bad recipe, parity failure)
+    ├── StoreError          the database refused or is unreachable (from SQLAlchemy's)
+    │   └── StoreConflictError  a unique constraint: another writer got there first
     ├── DistributionError   an artifact or manifest cannot be published
     ├── KeyringError        a signing key is missing, or a rotation step is out of order
-    └── RolloutError        a rollout request is refused (unknown target, conflict, state)
+    ├── RegistryError       an upload or a variant registration is refused
+    ├── RolloutError        a rollout request is refused (unknown target, conflict, state)
+    ├── ApiError            (adminclient) what the server's API answered to the admin CLI
+    └── UsageError          (adminclient) a command-line value that can never work
+
+Variant preparation has its own tree in :mod:`prunefleet.server.prepare.errors`.
 """
 
 from prunefleet.shared.errors import PrunefleetError
@@ -16,11 +21,11 @@ class ServerError(PrunefleetError):
 
 
 class StoreError(ServerError):
-    pass
+    """The database refused or is unreachable; the API answers 503."""
 
 
-class PrepareError(ServerError):
-    pass
+class StoreConflictError(StoreError):
+    """A write that broke a unique constraint: another writer stored the same row first."""
 
 
 class DistributionError(ServerError):
@@ -29,6 +34,14 @@ class DistributionError(ServerError):
 
 class KeyringError(ServerError):
     pass
+
+
+class RegistryError(ServerError):
+    """A refused upload or registration; ``status`` is the HTTP status the API answers with."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
 
 
 class RolloutError(ServerError):

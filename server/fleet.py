@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prunefleet.agent.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
 from prunefleet.shared.chunks import DEFAULT_CHUNK_BYTES, encode_frame, iter_chunks, plan
 from prunefleet.shared.errors import ProtocolError
 from prunefleet.shared.messages import (
@@ -30,8 +29,10 @@ from prunefleet.shared.messages import (
     VariantSpec,
     decode,
 )
+from prunefleet.shared.policy import PolicyConfig, apply_overrides
 from prunefleet.shared.signing import SigningKey
 from prunefleet.shared.topics import Topics
+from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
 
 from .errors import DistributionError, StoreError
 from .keys import KeyRing
@@ -170,10 +171,8 @@ class FleetServer:
         checked here first, so a bad value is refused before anything is published.
         """
         if policy:
-            from prunefleet.agent.policy import PolicyConfig
-
             try:
-                PolicyConfig.model_validate({**PolicyConfig().model_dump(), **policy})
+                apply_overrides(PolicyConfig(), policy)
             except ValueError as e:
                 raise DistributionError(f"invalid policy override: {e}") from e
         with self._deploy_lock:  # versions only increase, one manifest at a time

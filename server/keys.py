@@ -16,10 +16,10 @@ removes the old one and manifests carry the new signature only.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import Manifest, SignedManifest
 from prunefleet.shared.signing import SigningKey
 
@@ -31,22 +31,6 @@ PREVIOUS = "previous.pem"
 PREVIOUS_PUBLIC = "previous-public.pem"
 
 
-def _write_private(path: Path, pem: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, pem: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(pem)
-    os.replace(tmp, path)
-
-
 def load_or_create(directory: Path) -> SigningKey:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,10 +39,10 @@ def load_or_create(directory: Path) -> SigningKey:
         key = SigningKey.from_pem(priv.read_bytes())
     else:
         key = SigningKey.generate()
-        _write_private(priv, key.to_pem())
+        atomic_write(priv, key.to_pem(), mode=0o600)
     pub = directory / PUBLIC
     if not pub.exists() or pub.read_bytes() != key.public_pem():
-        pub.write_bytes(key.public_pem())
+        atomic_write(pub, key.public_pem())
     return key
 
 
@@ -117,10 +101,10 @@ def rotate(directory: Path) -> KeyRing:
     new = SigningKey.generate()
     # previous first: a crash between the two steps leaves the old key in both places,
     # never lost.
-    _write_private(directory / PREVIOUS, old.to_pem())
-    _write_public(directory / PREVIOUS_PUBLIC, old.public_pem())
-    _write_private(directory / SIGNING, new.to_pem())
-    _write_public(directory / PUBLIC, new.public_pem())
+    atomic_write(directory / PREVIOUS, old.to_pem(), mode=0o600)
+    atomic_write(directory / PREVIOUS_PUBLIC, old.public_pem())
+    atomic_write(directory / SIGNING, new.to_pem(), mode=0o600)
+    atomic_write(directory / PUBLIC, new.public_pem())
     return KeyRing(new, old)
 
 

@@ -1,25 +1,27 @@
-"""A fleet simulator: many lightweight simulated devices against a real broker and server.
+"""A fleet simulator: many simulated devices against a real broker and server.
 
 For operators who want to try rollouts, dashboards and ingest at scale without devices.
-What is real, per simulated device: its own MQTT connection (:class:`MqttTransport`, with
-the device id as MQTT user name unless the broker URL names one, and a Last Will that
-marks it offline), the manifest verification (:class:`TrustedKeys` with the server's
-public key: signature, expiry, rollback floor per source, target), the chunk
-:class:`Downloader` into a per-device state directory (per-chunk and whole-file SHA-256,
-fsync, resume), and every wire message (:class:`ReportedState` with rollout phases,
-:class:`TelemetryBatch` with per-device contiguous ``seq``, :class:`Event`).
+A simulated device runs the agent's own code (:class:`~prunefleet.agent.service.Agent`):
+the same manifest follower (signature, expiry, target, rollback floor per source, policy
+overrides), installer and rollout phases, the same policy choosing variants with the same
+reasons (so a policy threshold changed on the server moves the simulated fleet as it
+moves a real one), the same telemetry batching and reported state, over its own MQTT
+connection (with the device id as MQTT user name unless the broker URL names one, and a
+Last Will that marks it offline). Chunks are fetched and verified into a per-device state
+directory by the real downloader.
 
-What is simulated: no ONNX Runtime session is created (that is what makes a device light),
-so the smoke test is a short pause that passes, or fails for the ``fail_share`` of devices
-chosen by the seed; requests, latencies, accuracy, switches (with real :class:`Reason`
-codes), a draining battery, CPU, memory and temperature are synthetic. With
-``download=False`` even the chunks are not fetched: the manifest is verified and the
-download is a timed progress bar.
+What is simulated (:mod:`prunefleet.agent.simulated`): no ONNX Runtime session is
+created, so a device is light; the smoke test passes, or fails for the ``fail_share`` of
+devices chosen by the seed; answers are right with each variant's declared accuracy and
+take its declared latency times the device's speed. The battery drains by the energy of
+each inference and by idling, a charger plugs in when it is nearly empty, CPU, memory
+and temperature drift, and an application sends labelled requests at the device's rate,
+alternately calm and busy. With ``download=False`` even the chunks are not fetched: the
+download is a timed progress bar, then the variant installs as usual.
 
-Threads: paho runs one network thread per connection, whose callbacks only enqueue (as
-in the real agent); a few worker threads step every device (drain its queue, advance its
-timers, publish). Each device is stepped by one worker only, so it publishes from one
-place.
+Threads: the transport's network thread per connection only enqueues (as in the real
+agent); a few worker threads step every device (:meth:`Agent.step`). Each device is
+stepped by one worker only, so it publishes from one place.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import hashlib
 import logging
 import math
 import os
-import queue
 import random
 import shutil
 import tempfile
@@ -36,35 +37,26 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from prunefleet.agent.downloader import Completed, Downloader, Failed
-from prunefleet.agent.store import VariantStore
-from prunefleet.agent.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
+import numpy as np
+
+from prunefleet.agent.build import device_transport
+from prunefleet.agent.config import AgentConfig
+from prunefleet.agent.errors import InferenceError
+from prunefleet.agent.sensors import SimulatedBattery, SimulatedSensors
+from prunefleet.agent.service import Agent
+from prunefleet.agent.simulated import SimulatedDownloader, SimulatedEngine, encode_label
+from prunefleet.agent.telemetry import MemoryQueue
 from prunefleet.shared import __version__
-from prunefleet.shared.errors import PrunefleetError, TrustError
-from prunefleet.shared.messages import (
-    Command,
-    CommandKind,
-    Event,
-    EventKind,
-    InstalledVariant,
-    Manifest,
-    Reason,
-    ReportedState,
-    RolloutPhase,
-    RolloutReport,
-    SignedManifest,
-    SwitchEvent,
-    TelemetryBatch,
-    VariantSpec,
-    VariantStats,
-    decode,
-)
-from prunefleet.shared.signing import TrustedKeys, load_public_pem
+from prunefleet.shared.clock import Clock, SystemClock
+from prunefleet.shared.errors import PrunefleetError
+from prunefleet.shared.messages import RolloutPhase
+from prunefleet.shared.policy import PolicyConfig
 from prunefleet.shared.topics import Topics, check_name
+from prunefleet.shared.transport import BrokerAddress, Transport
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +92,7 @@ class SimOptions:
     workers: int = 0  # 0: one per CPU core, at most 4
     status_interval_s: float = 10.0
     offline_cycle_s: float = 120.0  # without --duration: offline devices drop once per cycle
-    verify_s: tuple[float, float] = (0.1, 0.5)  # simulated smoke test
+    policy: PolicyConfig | None = None  # the devices' local policy (default: the agent's)
     connect_timeout_s: float = 15.0
 
     def check(self) -> None:
@@ -158,123 +150,87 @@ def offline_devices(opts: SimOptions) -> set[str]:
 
 
 # -- one simulated device --------------------------------------------------------------------
-@dataclass
-class _Var:
-    spec: VariantSpec
-    status: str = "downloading"  # downloading | verifying | installed | failed
-    progress: float = 0.0
-    sim_seconds: float = 1.0  # no-download mode: how long the fake download takes
-    verify_at: float = 0.0
-
-
-@dataclass
-class _Interval:
-    requests: dict[str, int] = field(default_factory=dict)
-    switches: list[SwitchEvent] = field(default_factory=list)
-    energy_j: float = 0.0
-
-
 class SimDevice:
-    """One device; stepped by exactly one worker thread."""
+    """One device: the real :class:`Agent` with simulated sensors, inference and (with
+    ``download=False``) downloads, plus the world around it: an application sending
+    requests, a charger, load that drifts, and an offline schedule. Stepped by exactly one
+    worker thread."""
 
-    def __init__(self, device_id: str, opts: SimOptions, trusted: TrustedKeys,
-                 state_dir: Path | None, *, fails: bool, offline: bool):
+    def __init__(self, device_id: str, opts: SimOptions, state_dir: Path, *, fails: bool,
+                 offline: bool, clock: Clock | None = None,
+                 transport: Transport | None = None):
         self.id = device_id
         self.opts = opts
-        self.topics = Topics(opts.prefix)
-        self.trusted = trusted
-        self.fails = fails
         self.rng = random.Random(f"{opts.seed}:{device_id}")
         r = self.rng
-        self.store = VariantStore(state_dir) if state_dir is not None else None
-        self.accepted: dict[str, int] = {"device": 0, "group": 0}
-        self.manifest: Manifest | None = None
-        self.vars: dict[str, _Var] = {}  # sha256 → state of the manifest's variants
-        self.installed: dict[str, VariantSpec] = {}  # name → spec
-        self.active: str | None = None
-        self.pinned: str | None = None
-        self.activate_at: float | None = None
-        self.last_error: str | None = None
-        self.counters: Counter[str] = Counter()
-        # synthetic device character
+        self.clock = clock or SystemClock()
         self.rate_hz = r.uniform(2.0, 20.0)
-        self.speed = r.uniform(0.8, 1.6)  # latency factor
-        self.battery_j = BATTERY_CAPACITY_J * r.uniform(0.3, 1.0)
-        self.charging = False
-        self.cpu = r.uniform(5, 40)
-        self.mem = r.uniform(30, 70)
-        self.temp = r.uniform(35, 55)
-        self.bandwidth = r.uniform(0.5e6, 4e6)  # no-download mode, bytes/s
-        # offline schedule (seconds since start, per cycle)
+        self._np = np.random.default_rng(r.getrandbits(32))
+        cpu0, mem0, temp0 = r.uniform(5, 40), r.uniform(30, 70), r.uniform(35, 55)
+        phase = r.uniform(0, 2 * math.pi)
+        battery = SimulatedBattery(BATTERY_CAPACITY_J, r.uniform(30.0, 100.0),
+                                   idle_drain_w=IDLE_W, charge_w=CHARGE_W, clock=self.clock)
+        sensors = SimulatedSensors(
+            battery, clock=self.clock,
+            cpu_percent=lambda t: cpu0 + 25 * math.sin(t / 97 + phase) ** 2,
+            mem_available_percent=lambda t: 100 - (mem0 + 10 * math.sin(t / 131 + phase)),
+            temperature_c=lambda t: temp0 + 8 * math.sin(t / 173 + phase))
+        self.battery = battery
+        cfg = AgentConfig(
+            device_id=device_id, group=opts.group, broker_url=opts.broker_url,
+            fleet_prefix=opts.prefix, state_dir=state_dir,
+            trusted_keys=[Path(opts.keys) / "public.pem"], keepalive_s=30,
+            reconnect_min_s=1.0, reconnect_max_s=30.0,
+            telemetry_interval_s=opts.telemetry_interval_s,
+            telemetry_queue_max_batches=MAX_QUEUED_BATCHES,
+            download_window_chunks=8, chunk_timeout_s=5.0,
+            policy=opts.policy or PolicyConfig())
+        if transport is None:
+            addr = BrokerAddress.parse(opts.broker_url)
+            if addr.username is None:
+                # As in production: the device id is the MQTT user, so `%u` ACLs apply.
+                addr = BrokerAddress(addr.host, addr.port, addr.tls, device_id, None)
+            tag = hashlib.sha256(opts.prefix.encode()).hexdigest()[:6]
+            transport = device_transport(cfg, address=addr, client_id=f"pf-sim-{tag}-{device_id}",
+                                         inbound_queue_size=500)
+        self.agent = Agent(
+            cfg, sensors=sensors, transport=transport, clock=self.clock,
+            engine=SimulatedEngine(speed=r.uniform(0.8, 1.6), fails=fails,
+                                   seed=f"{opts.seed}:{device_id}"),
+            telemetry_queue=MemoryQueue(MAX_QUEUED_BATCHES),
+            downloader=None if opts.download else SimulatedDownloader(r.uniform(0.5e6, 4e6)),
+            agent_version=f"{__version__}-sim"[:32])
         self.offline_window: tuple[float, float] | None = None
         if offline:
             cycle = opts.duration_s or opts.offline_cycle_s
             start = r.uniform(0.2, 0.5) * cycle
             self.offline_window = (start, start + r.uniform(0.15, 0.3) * cycle)
-        # telemetry: an in-memory bounded queue, deleted on PUBACK, sent again after a drop
-        self.seq = 0
-        self.pending: dict[int, bytes] = {}
-        self.in_flight: dict[int, int] = {}  # mid → seq
-        self.batches_acked = 0
-        self.batches_dropped_unreported = 0
-        self.interval = _Interval()
-        self.interval_start = time.time()
-        self.next_telemetry = 0.0
-        self.next_tick = 0.0
-        self.reported_dirty = True
-        self.reported_at = 0.0
         self.online = False
-        self.transport: MqttTransport | None = None
-        self.downloader: Downloader | None = None
+        self.offline_periods = 0
+        self.errors = 0
+        self._last_step: float | None = None
+        self._busy_until = 0.0
 
     # -- connection --------------------------------------------------------------------
-    def _make_transport(self) -> MqttTransport:
-        addr = BrokerAddress.parse(self.opts.broker_url)
-        if addr.username is None:
-            # As in production: the device id is the MQTT user, so `%u` ACLs apply.
-            addr = BrokerAddress(addr.host, addr.port, addr.tls, self.id, None)
-        subs = {self.topics.desired(self.id): 1, self.topics.commands(self.id): 1}
-        if self.opts.group:
-            subs[self.topics.group_desired(self.opts.group)] = 1
-        tag = hashlib.sha256(self.opts.prefix.encode()).hexdigest()[:6]
-        return MqttTransport(addr, TransportOptions(
-            client_id=f"pf-sim-{tag}-{self.id}", keepalive_s=30, reconnect_min_s=1.0,
-            reconnect_max_s=30.0,
-            will_topic=self.topics.reported(self.id),
-            will_payload=ReportedState(device_id=self.id, online=False).encode(),
-            subscriptions=subs, inbound_queue_size=500,
-        ))
-
-    def connect(self, now: float) -> None:
-        t = self.transport = self._make_transport()
-        if self.store is not None:
-            # A fresh downloader resumes from the chunks already on disk, as after a reboot.
-            self.downloader = Downloader(
-                self.store, self.topics, lambda topic: t.subscribe(topic, 1), t.unsubscribe,
-                window=8, chunk_timeout_s=5.0)
-            for v in self.vars.values():
-                if v.status == "downloading":
-                    self.downloader.want(v.spec, now)
-        self.in_flight.clear()
-        t.start()
+    def connect(self) -> None:
+        if self.offline_periods == 0 and not self.online:
+            self.agent.start()
+        else:
+            self.agent.transport.start()
         self.online = True
 
     def go_offline(self) -> None:
         """Drop the connection without DISCONNECT: the broker publishes the Last Will."""
-        if self.transport is not None:
-            self.transport.kill()
-        self.transport = None
-        self.downloader = None
-        self.in_flight.clear()
+        self.agent.transport.kill()
         self.online = False
-        self.counters["offline_periods"] += 1
+        self.offline_periods += 1
 
     @property
     def connected(self) -> bool:
-        return self.transport is not None and self.transport.connected.is_set()
+        return self.online and self.agent.transport.connected.is_set()
 
     # -- the step ----------------------------------------------------------------------
-    def step(self, now: float, elapsed: float) -> None:
+    def step(self, elapsed: float) -> None:
         w = self.offline_window
         if w is not None:
             cycle = self.opts.duration_s or self.opts.offline_cycle_s
@@ -283,390 +239,50 @@ class SimDevice:
             if away and self.online:
                 self.go_offline()
             elif not away and not self.online:
-                self.connect(now)
-        if self.transport is not None:
-            self._drain()
-        if now >= self.next_tick:
-            self.next_tick = now + 1.0
-            self._tick(now)
-        for v in list(self.vars.values()):
-            if v.status == "verifying" and now >= v.verify_at:
-                self._verified(v)
-        if self.activate_at is not None and now >= self.activate_at:
-            self.activate_at = None
-            self._choose(Reason.INSTALLED if self.active else Reason.INITIAL)
-        if now >= self.next_telemetry:
-            if self.next_telemetry == 0.0:  # spread the fleet over the first interval
-                self.next_telemetry = now + self.rng.uniform(0, self.opts.telemetry_interval_s)
-            else:
-                self.next_telemetry = now + self.opts.telemetry_interval_s
-                self.cut_telemetry()
-        if self.connected:
-            self.pump()
-            if self.reported_dirty:
-                self.publish_reported()
+                self.connect()
+        now = self.clock.monotonic()
+        dt = 0.0 if self._last_step is None else max(0.0, now - self._last_step)
+        self._last_step = now
+        self._charger()
+        self._requests(dt, now)
+        self.agent.step()
 
-    def _drain(self) -> None:
-        assert self.transport is not None
-        q = self.transport.inbound
-        while True:
+    def _charger(self) -> None:
+        """Plugged in when nearly empty, unplugged when nearly full."""
+        b = self.battery
+        pct = b.percent
+        if b.charging and pct >= 90:
+            b.charging = False
+        elif not b.charging and pct <= 5 + self.rng.uniform(0, 5):
+            b.charging = True
+
+    def _requests(self, dt: float, now: float) -> None:
+        """The application: labelled requests at the device's rate, alternately a calm
+        and a busy scene (noisy inputs, which the complexity estimate notices)."""
+        specs = self.agent.pool.specs
+        if not specs or dt <= 0:
+            return
+        n = int(self._np.poisson(self.rate_hz * dt))
+        if n == 0:
+            return
+        if now >= self._busy_until:
+            self._busy = not getattr(self, "_busy", False)
+            self._busy_until = now + self.rng.uniform(5.0, 30.0)
+        shape = next(iter(specs.values())).input_shape[1:]
+        sigma = 1.0 if self._busy else 0.05
+        classes = next(iter(specs.values())).num_classes
+        for _ in range(min(n, 50)):
+            x = self._np.normal(0.0, sigma, (1, *shape)).astype(np.float32)
+            label = int(self._np.integers(classes))
             try:
-                item = q.get_nowait()
-            except queue.Empty:
-                return
-            self._handle(item)
+                self.agent.predict(encode_label(x, np.array([label])), label=label)
+            except InferenceError:
+                return  # nothing loaded yet
 
-    def _handle(self, item: Inbound) -> None:
-        if item.kind == "published":
-            seq = self.in_flight.pop(item.mid, None)
-            if seq is not None and self.pending.pop(seq, None) is not None:
-                self.batches_acked += 1
-        elif item.kind == "connected":
-            self.reported_dirty = True
-        elif item.kind == "disconnected":
-            self.in_flight.clear()
-        elif item.kind == "message":
-            try:
-                self._on_message(item.topic, item.payload)
-            except (PrunefleetError, OSError, ValueError) as e:
-                self.counters["invalid_messages"] += 1
-                log.warning("%s: dropped message on %s: %s", self.id, item.topic, e)
-
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic == self.topics.desired(self.id):
-            if payload:
-                self._on_desired(decode(SignedManifest, payload), "device")
-        elif self.opts.group and topic == self.topics.group_desired(self.opts.group):
-            if payload:
-                self._on_desired(decode(SignedManifest, payload), "group")
-        elif topic == self.topics.commands(self.id):
-            cmd = decode(Command, payload)
-            if cmd.kind is CommandKind.PIN:
-                self.pinned = cmd.variant
-                self._choose(Reason.PINNED)
-            elif cmd.kind is CommandKind.UNPIN:
-                self.pinned = None
-                self._choose(Reason.COMPLEXITY_HIGH)
-            self.reported_dirty = True
-        elif self.downloader is not None:
-            for result in self.downloader.handle(topic, payload, time.monotonic()):
-                v = self.vars.get(result.spec.sha256)
-                if v is None:
-                    continue
-                if isinstance(result, Completed):
-                    self._start_verify(v)
-                elif isinstance(result, Failed):
-                    self._failed(v, result.reason)
-
-    # -- desired state (the real checks) -------------------------------------------------
-    def _on_desired(self, signed: SignedManifest, source: str) -> None:
-        want = self.id if source == "device" else self.opts.group
-        try:
-            m = self.trusted.verify(signed, min_version=self.accepted[source], target=want)
-        except TrustError as e:
-            self.counters["rejected_manifests"] += 1
-            self.last_error = f"manifest rejected: {e}"
-            self._event(EventKind.REJECTED, None, str(e))
-            self.reported_dirty = True
-            return
-        self.accepted[source] = max(self.accepted[source], m.version)
-        if self.manifest is not None and m.version <= self.manifest.version:
-            return
-        self.manifest = m
-        self.pinned = m.pinned_variant
-        self.last_error = None
-        now = time.monotonic()
-        old = self.vars
-        fresh: dict[str, _Var] = {}  # built aside: the status thread reads self.vars
-        for spec in m.variants:
-            prev = old.get(spec.sha256)
-            if self.installed.get(spec.name) == spec:
-                fresh[spec.sha256] = _Var(spec, "installed", 1.0)
-            elif prev is not None and prev.status in ("downloading", "verifying"):
-                fresh[spec.sha256] = prev
-            else:
-                fresh[spec.sha256] = _Var(spec, sim_seconds=max(0.3, spec.size / self.bandwidth))
-                self._event(EventKind.DOWNLOAD_STARTED, spec.name, f"{spec.size} bytes")
-                if self.downloader is not None:
-                    self.downloader.want(spec, now)
-        self.vars = fresh
-        if self.downloader is not None:
-            self.downloader.cancel_except(set(self.vars))
-        if all(v.status == "installed" for v in self.vars.values()):
-            self._retire()
-            self.activate_at = now + self.rng.uniform(0.1, 0.5)
-        self.reported_dirty = True
-
-    def _tick(self, now: float) -> None:
-        if self.downloader is not None and self.online:
-            self.downloader.tick(now)
-            if self.downloader.active():
-                for v in self.vars.values():
-                    if v.status == "downloading":
-                        v.progress = self.downloader.progress().get(v.spec.name, v.progress)
-                self.reported_dirty = True
-        elif self.store is None and self.online:
-            for v in self.vars.values():  # --no-download: a timed progress bar
-                if v.status == "downloading":
-                    v.progress = min(1.0, v.progress + 1.0 / v.sim_seconds)
-                    self.reported_dirty = True
-                    if v.progress >= 1.0:
-                        self._start_verify(v)
-
-    def _start_verify(self, v: _Var) -> None:
-        v.status = "verifying"
-        v.progress = 1.0
-        lo, hi = self.opts.verify_s
-        v.verify_at = time.monotonic() + self.rng.uniform(lo, hi)
-        self.reported_dirty = True
-
-    def _verified(self, v: _Var) -> None:
-        """The end of the simulated smoke test (no ONNX Runtime session is created)."""
-        if self.fails:
-            if self.store is not None:
-                self.store.path_of(v.spec.sha256).unlink(missing_ok=True)
-            self._failed(v, "smoke test failed: output differs from the manifest's golden "
-                            "output (simulated failure)")
-            return
-        v.status = "installed"
-        self.installed[v.spec.name] = v.spec
-        if self.store is not None:
-            self.store.record(v.spec)
-        self.counters["installs"] += 1
-        self._event(EventKind.INSTALLED, v.spec.name, v.spec.sha256)
-        if all(x.status == "installed" for x in self.vars.values()):
-            self._retire()
-        self.activate_at = time.monotonic() + self.rng.uniform(0.1, 0.5)
-        self.reported_dirty = True
-
-    def _failed(self, v: _Var, why: str) -> None:
-        v.status = "failed"
-        self.counters["install_failures"] += 1
-        self.last_error = f"{v.spec.name}: {why}"
-        self._event(EventKind.INSTALL_FAILED, v.spec.name, why)
-        self.reported_dirty = True
-
-    def _retire(self) -> None:
-        names = {v.spec.name: v.spec.sha256 for v in self.vars.values()}
-        for name, spec in list(self.installed.items()):
-            if names.get(name) != spec.sha256:
-                del self.installed[name]
-                if self.store is not None:
-                    self.store.forget(name)
-        if self.active is not None and self.active not in self.installed:
-            self._choose(Reason.FALLBACK)
-
-    # -- a policy-like choice, with real reason codes -----------------------------------
-    def _ordered(self) -> list[VariantSpec]:
-        return sorted(self.installed.values(), key=lambda s: (s.macs, s.name))
-
-    def _choose(self, reason: Reason) -> None:
-        table = self._ordered()
-        if not table:
-            return
-        names = [s.name for s in table]
-        pct = self.battery_percent
-        pick: str
-        if self.pinned is not None and self.pinned in names:
-            pick, reason = self.pinned, Reason.PINNED
-        elif pct < 10 and not self.charging:
-            pick, reason = names[0], Reason.BATTERY_CRITICAL
-        elif pct < 30 and not self.charging:
-            pick, reason = names[(len(names) - 1) // 2], Reason.BATTERY_LOW
-        else:
-            pick = names[-1]
-        self._switch(pick, reason)
-
-    def _switch(self, to: str, reason: Reason) -> None:
-        if to == self.active:
-            return
-        self.interval.switches.append(SwitchEvent(ts=time.time(), from_variant=self.active,
-                                                  to_variant=to, reason=reason))
-        self.active = to
-        self.reported_dirty = True
-
-    def _wander(self, dt: float) -> None:
-        """Sensors and input complexity drift; the choice follows with reason codes."""
-        r = self.rng
-        self.cpu = min(100.0, max(1.0, self.cpu + r.gauss(0, 5)))
-        self.mem = min(95.0, max(10.0, self.mem + r.gauss(0, 2)))
-        self.temp = min(90.0, max(25.0, self.temp + r.gauss(0, 1.5)))
-        pct = self.battery_percent
-        if self.charging and pct >= 90:
-            self.charging = False
-        elif not self.charging and pct <= 5 + r.uniform(0, 5):
-            self.charging = True
-            self._switch_reason_after_battery(Reason.CHARGING)
-            return
-        table = [s.name for s in self._ordered()]
-        if len(table) < 2 or self.active is None or self.pinned:
-            return
-        if pct < 10 and not self.charging:
-            self._switch(table[0], Reason.BATTERY_CRITICAL)
-        elif pct < 30 and not self.charging:
-            cap = table[(len(table) - 1) // 2]
-            if table.index(self.active) > table.index(cap):
-                self._switch(cap, Reason.BATTERY_LOW)
-        elif self.temp > 75:
-            i = table.index(self.active)
-            if i > 0:
-                self._switch(table[i - 1], Reason.THERMAL)
-        elif self.cpu > 85:
-            i = table.index(self.active)
-            if i > 0:
-                self._switch(table[i - 1], Reason.CPU_HIGH)
-        elif r.random() < min(0.5, 0.05 * dt):
-            # input complexity: busy scenes get the largest, simple ones one step cheaper
-            if self.active == table[-1]:
-                self._switch(table[-2], Reason.COMPLEXITY_LOW)
-            else:
-                self._switch(table[-1], Reason.COMPLEXITY_HIGH)
-
-    def _switch_reason_after_battery(self, reason: Reason) -> None:
-        table = [s.name for s in self._ordered()]
-        if table and not self.pinned:
-            self._switch(table[-1], reason)
-
-    @property
-    def battery_percent(self) -> float:
-        return max(0.0, min(100.0, 100.0 * self.battery_j / BATTERY_CAPACITY_J))
-
-    # -- telemetry ------------------------------------------------------------------------
-    def cut_telemetry(self) -> None:
-        end = time.time()
-        start = self.interval_start
-        dt = max(0.0, end - start)
-        r = self.rng
-        self._wander(dt)
-        stats: dict[str, VariantStats] = {}
-        energy = IDLE_W * dt
-        if self.active is not None and self.active in self.installed:
-            n = max(0, round(self.rate_hz * dt * r.uniform(0.7, 1.3)))
-            spec = self.installed[self.active]
-            p50 = (spec.latency_ms or 0.2 + spec.macs / 5e6) * self.speed * r.uniform(0.9, 1.1)
-            p95 = p50 * r.uniform(1.3, 1.8)
-            labeled = correct = 0
-            if spec.accuracy is not None and n:
-                labeled = n
-                correct = min(n, max(0, round(n * spec.accuracy * r.uniform(0.97, 1.01))))
-            stats[self.active] = VariantStats(
-                requests=n, errors=1 if n and r.random() < 0.02 else 0,
-                latency_ms_p50=round(p50, 4), latency_ms_p95=round(p95, 4),
-                latency_ms_p99=round(p95 * r.uniform(1.1, 1.5), 4),
-                labeled=labeled, correct=correct)
-            energy += n * (0.01 + 2e-8 * spec.macs)
-        if self.charging:
-            self.battery_j = min(BATTERY_CAPACITY_J, self.battery_j + CHARGE_W * dt - energy)
-        else:
-            self.battery_j = max(0.0, self.battery_j - energy)
-        switches = self.interval.switches[:256]
-        self.interval = _Interval()
-        self.interval_start = end
-        dropped = self.batches_dropped_unreported
-        self.batches_dropped_unreported = 0
-        batch = TelemetryBatch(
-            device_id=self.id, seq=self.seq, interval_start=start,
-            interval_end=max(start, end), variants=stats, switches=switches,
-            active_variant=self.active, battery_percent=round(self.battery_percent, 2),
-            charging=self.charging, cpu_percent=round(self.cpu, 1),
-            mem_percent=round(self.mem, 1), temperature_c=round(self.temp, 1),
-            energy_j=round(energy, 4), batches_dropped=dropped)
-        self.seq += 1
-        self.pending[batch.seq] = batch.encode()
-        while len(self.pending) > MAX_QUEUED_BATCHES:
-            oldest = min(self.pending)
-            del self.pending[oldest]
-            self.batches_dropped_unreported += 1
-            self.counters["telemetry_dropped"] += 1
-
-    def pump(self, max_in_flight: int = 10) -> None:
-        if self.transport is None:
-            return
-        flying = set(self.in_flight.values())
-        for seq in sorted(self.pending):
-            if len(self.in_flight) >= max_in_flight:
-                return
-            if seq in flying:
-                continue
-            try:
-                mid = self.transport.publish(self.topics.telemetry(self.id), self.pending[seq])
-            except PrunefleetError as e:
-                log.debug("%s: telemetry publish failed: %s", self.id, e)
-                return
-            self.in_flight[mid] = seq
-
-    # -- reported state and events -------------------------------------------------------
-    def rollout_report(self) -> RolloutReport | None:
-        m = self.manifest
-        if m is None:
-            return None
-        vs = list(self.vars.values())
-        if any(v.status == "failed" for v in vs):
-            return RolloutReport(manifest_version=m.version, phase=RolloutPhase.FAILED,
-                                 reason=(self.last_error or "install failed")[:1024])
-        if any(v.status == "verifying" for v in vs):
-            phase = RolloutPhase.VERIFYING
-        elif all(v.status == "installed" for v in vs):
-            phase = (RolloutPhase.ACTIVE if self.active in {v.spec.name for v in vs}
-                     else RolloutPhase.INSTALLED)
-        elif any(v.status == "downloading" and v.progress > 0 for v in vs) or (
-                self.downloader is not None and self.downloader.active()):
-            phase = RolloutPhase.DOWNLOADING
-        else:
-            phase = RolloutPhase.OFFERED
-        total = sum(v.spec.size for v in vs)
-        done = sum(v.spec.size * (1.0 if v.status == "installed" else v.progress) for v in vs)
-        return RolloutReport(manifest_version=m.version, phase=phase,
-                             progress=round(min(1.0, done / total), 3))
-
+    # -- what the simulator reads --------------------------------------------------------
     def phase(self) -> str:
-        r = self.rollout_report()
+        r = self.agent.installer.rollout(self.agent.active_variant)
         return "none" if r is None else r.phase.value
-
-    def reported(self, online: bool = True) -> ReportedState:
-        return ReportedState(
-            device_id=self.id, online=online, ts=time.time(), group=self.opts.group,
-            agent_version=f"{__version__}-sim"[:32],
-            manifest_version=self.manifest.version if self.manifest else None,
-            active_variant=self.active,
-            installed=[InstalledVariant(name=n, sha256=s.sha256, size=s.size)
-                       for n, s in sorted(self.installed.items())],
-            downloading={v.spec.name: round(v.progress, 3) for v in self.vars.values()
-                         if v.status == "downloading"},
-            last_error=self.last_error, rollout=self.rollout_report(),
-            counters={k: int(v) for k, v in sorted(self.counters.items())
-                      if k in ("invalid_messages", "rejected_manifests", "install_failures",
-                               "telemetry_dropped")},
-        )
-
-    def publish_reported(self, online: bool = True) -> int | None:
-        if self.transport is None:
-            return None
-        try:
-            mid = self.transport.publish(self.topics.reported(self.id),
-                                         self.reported(online).encode(), retain=True)
-        except PrunefleetError as e:
-            log.debug("%s: reported state not published: %s", self.id, e)
-            return None
-        self.reported_dirty = False
-        self.reported_at = time.monotonic()
-        return mid
-
-    def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
-        if not self.connected or self.transport is None:
-            return  # events are best effort, as on a device whose broker is away
-        ev = Event(device_id=self.id, ts=time.time(), kind=kind, variant=variant,
-                   detail=detail[:2048])
-        try:
-            self.transport.publish(self.topics.events(self.id), ev.encode())
-        except PrunefleetError as e:
-            log.debug("%s: event not published: %s", self.id, e)
-
-    def shutdown_stop(self) -> None:
-        if self.transport is not None:
-            self.transport.stop()
-            self.transport = None
-        self.online = False
 
 
 # -- the simulator ---------------------------------------------------------------------------
@@ -684,40 +300,45 @@ class Summary:
 
 
 class Simulator:
-    def __init__(self, opts: SimOptions):
+    def __init__(self, opts: SimOptions, *, clock: Clock | None = None,
+                 transports: Callable[[str], Transport] | None = None):
+        """``clock`` and ``transports`` (device id → transport) are seams for tests: a
+        fake clock and the in-memory broker."""
         opts.check()
         self.opts = opts
-        self.trusted = TrustedKeys([load_public_pem((Path(opts.keys) / "public.pem")
-                                                    .read_bytes())])
-        self._own_state = opts.state_dir is None and opts.download
-        self.state_dir: Path | None = None
-        if opts.download:
-            self.state_dir = (Path(tempfile.mkdtemp(prefix="prunefleet-sim-"))
-                              if opts.state_dir is None else Path(opts.state_dir))
+        self.clock = clock or SystemClock()
+        self._own_state = opts.state_dir is None
+        self.state_dir = (Path(tempfile.mkdtemp(prefix="prunefleet-sim-"))
+                          if opts.state_dir is None else Path(opts.state_dir))
         ids = device_ids(opts)
         fails, away = failing_devices(opts), offline_devices(opts)
-        self.devices = [
-            SimDevice(d, opts, self.trusted,
-                      self.state_dir / d if self.state_dir is not None else None,
-                      fails=d in fails, offline=d in away)
-            for d in ids
-        ]
+        try:
+            self.devices = [
+                SimDevice(d, opts, self.state_dir / d, fails=d in fails, offline=d in away,
+                          clock=self.clock,
+                          transport=transports(d) if transports is not None else None)
+                for d in ids
+            ]
+        except PrunefleetError as e:
+            self._cleanup()
+            raise SimulatorError(str(e)) from e
         n = opts.workers or min(4, os.cpu_count() or 1)
         n = max(1, min(n, len(self.devices)))
         self._shards = [self.devices[i::n] for i in range(n)]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._t0 = time.monotonic()
+        self._t0 = self.clock.monotonic()  # elapsed time is the devices' clock's
         self._stopped = False
 
-    def start(self) -> Simulator:
+    def start(self, workers: bool = True) -> Simulator:
         """Connect every device (staggered a little) and start the workers; raises
-        :class:`SimulatorError` when no device reaches the broker in time."""
-        self._t0 = time.monotonic()
+        :class:`SimulatorError` when no device reaches the broker in time. With
+        ``workers=False`` the caller steps the fleet itself (:meth:`step_all`)."""
+        self._t0 = self.clock.monotonic()
         for i, d in enumerate(self.devices):
             if d.offline_window is None or d.offline_window[0] > 0:
-                d.connect(time.monotonic())
-            if i % 50 == 49:
+                d.connect()
+            if i % 50 == 49 and workers:
                 time.sleep(0.02)  # a connection burst of thousands is not a fleet
         deadline = time.monotonic() + self.opts.connect_timeout_s
         while not any(d.connected for d in self.devices):
@@ -728,76 +349,74 @@ class Simulator:
                     f"{BrokerAddress.parse(self.opts.broker_url).url} within "
                     f"{self.opts.connect_timeout_s:.0f} s")
             time.sleep(0.05)
-        for i, shard in enumerate(self._shards):
-            t = threading.Thread(target=self._work, args=(shard,), name=f"sim-worker-{i}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+        if workers:
+            for i, shard in enumerate(self._shards):
+                t = threading.Thread(target=self._work, args=(shard,), name=f"sim-worker-{i}",
+                                     daemon=True)
+                t.start()
+                self._threads.append(t)
         return self
+
+    def step_all(self, elapsed: float | None = None) -> None:
+        """One step of every device (tests drive the fleet this way with a fake clock)."""
+        t = self.clock.monotonic() - self._t0 if elapsed is None else elapsed
+        for d in self.devices:
+            self._step(d, t)
+
+    @staticmethod
+    def _step(d: SimDevice, elapsed: float) -> None:
+        try:
+            d.step(elapsed)
+        except Exception:  # one device's bug must not stop the others: counted, logged
+            d.errors += 1
+            log.exception("%s: step failed", d.id)
 
     def _work(self, shard: list[SimDevice]) -> None:
         period = 0.05
         while not self._stop.is_set():
             t = time.monotonic()
+            elapsed = self.clock.monotonic() - self._t0
             for d in shard:
-                try:
-                    d.step(t, t - self._t0)
-                except Exception:  # one device's bug must not stop the others
-                    d.counters["errors"] += 1
-                    log.exception("%s: step failed", d.id)
+                self._step(d, elapsed)
             self._stop.wait(max(0.0, period - (time.monotonic() - t)))
         self._finish(shard)
 
     def _finish(self, shard: list[SimDevice], flush_s: float = 5.0) -> None:
-        """The last batch, queued telemetry flushed, an offline report, DISCONNECT."""
-        for d in shard:
-            if d.online:
-                d.cut_telemetry()
+        """What the agent does on SIGTERM, for the whole shard at once: the last batch,
+        queued telemetry flushed, an offline report, DISCONNECT."""
+        live = [d for d in shard if d.online]
+        for d in live:
+            d.agent.begin_shutdown()
         deadline = time.monotonic() + flush_s
         while time.monotonic() < deadline:
             busy = False
-            for d in shard:
-                if d.connected:
-                    d._drain()
-                    d.pump()
-                    busy = busy or bool(d.pending)
+            for d in live:
+                d.agent.step_inbound()
+                busy = d.agent.flush_step() or busy
             if not busy:
                 break
             time.sleep(0.02)
-        goodbye: dict[SimDevice, int] = {}
-        for d in shard:
-            if d.connected:
-                mid = d.publish_reported(online=False)
-                if mid is not None:
-                    goodbye[d] = mid
+        for d in live:
+            d.agent.say_goodbye()
         deadline = time.monotonic() + 1.0
-        while goodbye and time.monotonic() < deadline:
-            for d in list(goodbye):
-                if d.transport is None:
-                    del goodbye[d]
-                    continue
-                while True:
-                    try:
-                        item = d.transport.inbound.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item.kind == "published" and item.mid == goodbye.get(d):
-                        goodbye.pop(d, None)
-                    else:
-                        d._handle(item)
+        while time.monotonic() < deadline and not all(
+                d.agent.goodbye_acknowledged() for d in live):
+            for d in live:
+                d.agent.step_inbound()
             time.sleep(0.02)
         for d in shard:
-            d.shutdown_stop()
+            if d.online:
+                d.agent.transport.stop()
+                d.online = False
 
     def _close_all(self) -> None:
         for d in self.devices:
-            if d.transport is not None:
-                d.transport.stop(disconnect=False)
-                d.transport = None
+            d.agent.transport.stop(disconnect=False)
+            d.online = False
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._own_state and self.state_dir is not None:
+        if self._own_state:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def stop(self) -> Summary:
@@ -808,6 +427,9 @@ class Simulator:
             self._stop.set()
             for t in self._threads:
                 t.join(30)
+            if not self._threads:
+                for shard in self._shards:
+                    self._finish(shard)
             self._cleanup()
         s = self.summary()
         s.online = online
@@ -815,15 +437,16 @@ class Simulator:
 
     def summary(self) -> Summary:
         phases = Counter(d.phase() for d in self.devices)
+        counters = [d.agent.counters for d in self.devices]
         return Summary(
-            elapsed_s=time.monotonic() - self._t0, devices=len(self.devices),
+            elapsed_s=self.clock.monotonic() - self._t0, devices=len(self.devices),
             online=sum(1 for d in self.devices if d.connected),
             phases={p: phases.get(p, 0) for p in PHASES},
-            batches_sent=sum(d.batches_acked for d in self.devices),
-            batches_queued=sum(len(d.pending) for d in self.devices),
-            installs=sum(d.counters["installs"] for d in self.devices),
-            install_failures=sum(d.counters["install_failures"] for d in self.devices),
-            rejected_manifests=sum(d.counters["rejected_manifests"] for d in self.devices),
+            batches_sent=sum(d.agent.sender.acked_total for d in self.devices),
+            batches_queued=sum(len(d.agent.tqueue.pending()) for d in self.devices),
+            installs=sum(c.installs for c in counters),
+            install_failures=sum(c.install_failures for c in counters),
+            rejected_manifests=sum(c.rejected_manifests for c in counters),
         )
 
 

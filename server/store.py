@@ -1,6 +1,9 @@
 """The server's store: SQLite file by default, PostgreSQL by URL (SQLAlchemy 2).
 
 Telemetry is idempotent: ``(device_id, seq)`` is unique, a repeated batch is ignored.
+
+SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreError`
+(``from`` the original), a unique-constraint race as its :class:`StoreConflictError`.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from prunefleet.shared.messages import Event, ReportedState, RolloutReport, TelemetryBatch
 
-from .errors import StoreError
+from .errors import StoreConflictError, StoreError
 
 
 class Base(DeclarativeBase):
@@ -190,13 +194,21 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
 
+def _shown(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(a URL SQLAlchemy cannot parse)"
+
+
 class Store:
     def __init__(self, url: str):
         self.url = url
         try:
             self.engine = create_engine(url, future=True, pool_pre_ping=True)
         except (SQLAlchemyError, ImportError, ValueError) as e:
-            raise StoreError(f"cannot open store {url!r}: {e}") from e
+            raise StoreError(f"cannot open store {_shown(url)!r}: {e}") from e
         if self.engine.dialect.name == "sqlite":
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record):  # WAL: ingest and readers do not block each other
@@ -208,18 +220,19 @@ class Store:
         try:
             Base.metadata.create_all(self.engine)
         except SQLAlchemyError as e:
-            raise StoreError(f"cannot initialise store {url!r}: {e}") from e
+            raise StoreError(f"cannot initialise store {_shown(url)!r}: {e}") from e
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
+        """One transaction, committed at the end; SQLAlchemy errors become StoreError."""
         s = self._session()
         try:
             yield s
             s.commit()
-        except IntegrityError:
+        except IntegrityError as e:
             s.rollback()
-            raise
+            raise StoreConflictError(str(e.orig)) from e
         except SQLAlchemyError as e:
             s.rollback()
             raise StoreError(str(e)) from e
@@ -269,7 +282,7 @@ class Store:
                 # may have waited in a queue and arrive after the will.
                 self._touch(s, b.device_id)
             return True
-        except IntegrityError:
+        except StoreConflictError:
             return False  # another ingester stored it first
 
     def _touch(self, s: Session, device_id: str, online: bool | None = None) -> Device:
@@ -283,7 +296,7 @@ class Store:
         return d
 
     def set_reported(self, r: ReportedState) -> None:
-        for _ in range(2):
+        for attempt in range(2):
             try:
                 with self.session() as s:
                     d = self._touch(s, r.device_id, online=r.online)
@@ -302,8 +315,10 @@ class Store:
                         if r.group not in known:
                             s.add(DeviceGroup(device_id=r.device_id, group_name=r.group))
                 return
-            except IntegrityError:
-                continue  # a concurrent insert of the same new device; update it instead
+            except StoreConflictError:
+                if attempt:
+                    raise
+                # a concurrent insert of the same new device: update it instead
 
     def add_event(self, e: Event) -> None:
         with self.session() as s:
@@ -427,7 +442,7 @@ class Store:
     # -- rollouts -------------------------------------------------------------------------
     def record_rollout_report(self, device_id: str, report: RolloutReport, ts: float) -> None:
         """Keep the device's last rollout report; update the rollout that offered it."""
-        for _ in range(2):
+        for attempt in range(2):
             try:
                 with self.session() as s:
                     row = s.get(DeviceRolloutReport, device_id)
@@ -445,8 +460,10 @@ class Store:
                     )):
                         _apply_report(rd, row)
                 return
-            except IntegrityError:
-                continue  # a concurrent first report of the same device
+            except StoreConflictError:
+                if attempt:
+                    raise
+                # a concurrent first report of the same device: update it instead
 
     def rollout_report(self, device_id: str) -> DeviceRolloutReport | None:
         with self.session() as s:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ChunkHashError, ProtocolError
+from .errors import ArtifactSizeError, ChunkHashError, ProtocolError
 from .messages import ChunkHeader, decode
 
 MAGIC = b"PFC1"
@@ -88,7 +88,11 @@ def encode_frame(
 
 
 def decode_frame(frame: bytes, max_raw_bytes: int) -> tuple[ChunkHeader, bytes]:
-    """Return the header and the raw chunk bytes; raise ProtocolError on a bad frame."""
+    """Return the header and the raw chunk bytes.
+
+    Raises ProtocolError on a malformed frame, ArtifactSizeError when the chunk holds (or
+    decompresses to) more than ``max_raw_bytes``: decompression stops there.
+    """
     if len(frame) < 8 or frame[:4] != MAGIC:
         raise ProtocolError("chunk frame: bad magic")
     (hlen,) = struct.unpack(">I", frame[4:8])
@@ -103,11 +107,11 @@ def decode_frame(frame: bytes, max_raw_bytes: int) -> tuple[ChunkHeader, bytes]:
         except zlib.error as e:
             raise ProtocolError(f"chunk frame: bad zlib data: {e}") from e
         if len(raw) > max_raw_bytes or d.unconsumed_tail:
-            raise ProtocolError("chunk frame: decompresses past its declared size")
+            raise ArtifactSizeError("chunk frame: decompresses past its declared size")
     else:
         raw = body
         if len(raw) > max_raw_bytes:
-            raise ProtocolError("chunk frame: larger than its declared size")
+            raise ArtifactSizeError("chunk frame: larger than its declared size")
     return header, raw
 
 
@@ -115,7 +119,7 @@ def verify_chunk(plan_: ChunkPlan, index: int, raw: bytes) -> None:
     if not 0 <= index < plan_.count:
         raise ChunkHashError(f"chunk {index} out of range (0..{plan_.count - 1})")
     if len(raw) != plan_.chunk_size(index):
-        raise ChunkHashError(
+        raise ArtifactSizeError(
             f"chunk {index}: {len(raw)} bytes, expected {plan_.chunk_size(index)}"
         )
     got = sha256_bytes(raw)

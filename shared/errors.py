@@ -4,14 +4,17 @@
     ├── ProtocolError            a message that does not validate (bad remote data)
     │   └── TopicError           a topic or topic part that is not allowed
     ├── IntegrityError           bytes that do not match their declared hash or size
-    │   ├── ChunkHashError
-    │   └── ArtifactSizeError
-    ├── TrustError               a manifest that must not be acted on
-    │   ├── SignatureError       bad signature or unknown key
-    │   ├── ExpiredError         manifest past its expiry (freeze attack)
-    │   ├── RollbackError        version not higher than the last accepted one
-    │   └── MixAndMatchError     an artifact that the current manifest does not name
-    └── ConfigError              a bad configuration value
+    │   ├── ChunkHashError       a chunk whose SHA-256 is not the manifest's
+    │   └── ArtifactSizeError    more bytes than declared (endless data, zip bomb)
+    ├── TransportError           the broker cannot be reached or refused us; a bad topic
+    └── TrustError               a manifest that must not be acted on (or another target's)
+        ├── SignatureError       bad signature or unknown key
+        ├── ExpiredError         manifest past its expiry (freeze attack)
+        └── RollbackError        version not higher than the last accepted one
+
+Mix and match has no class of its own: every variant is named in one signed manifest, so a
+stitched manifest fails its signature (SignatureError) and another artifact's bytes fail
+their chunk hashes (ChunkHashError).
 """
 
 
@@ -32,11 +35,15 @@ class IntegrityError(PrunefleetError):
 
 
 class ChunkHashError(IntegrityError):
-    pass
+    """A chunk whose SHA-256 is not the one the manifest declares for it."""
 
 
 class ArtifactSizeError(IntegrityError):
-    pass
+    """A chunk (or what it decompresses to) larger than the size the manifest declares."""
+
+
+class TransportError(PrunefleetError):
+    """The broker cannot be reached or refused us, or a topic MQTT does not allow."""
 
 
 class TrustError(PrunefleetError):
@@ -54,10 +61,3 @@ class ExpiredError(TrustError):
 class RollbackError(TrustError):
     pass
 
-
-class MixAndMatchError(TrustError):
-    pass
-
-
-class ConfigError(PrunefleetError):
-    pass

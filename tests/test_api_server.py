@@ -1,8 +1,9 @@
 """The server's HTTP API: authentication, refusals that change nothing, the admin CLI,
-and a live key rotation."""
+registration of prepared variants, store failures, and a live key rotation."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -14,15 +15,18 @@ import urllib.error
 import urllib.request
 import uuid
 
+import numpy as np
 import pytest
+import sqlalchemy
 from conftest import free_port, wait_for_port
 from fleet_helpers import wait_for
 from onnx_models import make_mlp
 from rollout_helpers import Fleet
+from test_prepare_recipe import NO_DATA
 
 from prunefleet.server import cli
 from prunefleet.server.adminclient import AdminClient, ApiError
-from prunefleet.shared.messages import SignedManifest, decode
+from prunefleet.shared.messages import Golden, Manifest, SignedManifest, decode
 from prunefleet.shared.signing import TrustedKeys, load_public_pem
 
 
@@ -170,7 +174,7 @@ def test_admin_cli_talks_to_the_server(fleet, capsys, monkeypatch):
     assert "registered m16" in capsys.readouterr().out
     assert cli.main(["devices", "set-groups", "cli-0", "lab"]) == 0
     assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab",
-                     "--policy", "battery_critical_percent=50"]) == 1
+                     "--policy", "battery_critical_percent=50"]) == 2
     assert "invalid policy override" in capsys.readouterr().err  # above battery_low: refused
     assert cli.main(["rollout", "create", "--variant", "m16", "--group", "lab",
                      "--policy", "battery_low_percent=40", "--policy", "min_dwell_s=0.5"]) == 0
@@ -303,3 +307,73 @@ def test_cli_registers_every_variant_of_a_prepare_report(fleet, capsys, monkeypa
     (out / "bad.json").write_text("{}")
     assert cli.main(["variants", "register", str(out / "bad.json")]) == 2
     assert "not a prepare report" in capsys.readouterr().err
+
+
+
+@pytest.mark.slow
+def test_cli_registers_a_prepared_int8_variant_with_the_golden_pair_prepare_chose(
+        fleet, capsys, monkeypatch, torch_one_thread):
+    """`variants register report.json` keeps the golden input and the INT8 tolerance that
+    `prepare` chose, as the demo does: the manifest carries the report's, not new ones."""
+    recipe = fleet.tmp / "recipe.toml"
+    recipe.write_text(NO_DATA)  # dense, s50 and s50-int8, without data
+    out = fleet.tmp / "prepared"
+    assert cli.main(["prepare", str(recipe), "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    by_name = {v["name"]: v for v in report["variants"]}
+    assert set(by_name) == {"dense", "s50", "s50-int8"}
+    int8 = Golden(**by_name["s50-int8"]["golden"])
+    assert int8.atol > 1e-3, "prepare widens the tolerance for INT8"
+
+    monkeypatch.setenv("PRUNEFLEET_SERVER", fleet.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", fleet.svc.token)
+    capsys.readouterr()
+    assert cli.main(["variants", "register", str(out / "report.json"),
+                     "--chunk-bytes", "4096"]) == 0, capsys.readouterr().err
+    assert "registered s50-int8" in capsys.readouterr().out
+
+    fleet.start_agent("int8-0")
+    fleet.wait_known(["int8-0"])
+    r = fleet.api.create_rollout({"target": {"kind": "devices", "devices": ["int8-0"]},
+                                  "variants": ["dense", "s50-int8"]})
+    fleet.wait_rollout(r["id"], "completed")  # the agent's smoke test passed on them
+    row = fleet.svc.store.latest_manifest("int8-0")
+    manifest = decode(Manifest, decode(SignedManifest, row.signed).payload)
+    published = {v.name: v.golden for v in manifest.variants}
+    assert published["s50-int8"] == int8
+    assert published["dense"] == Golden(**by_name["dense"]["golden"])
+    assert published["dense"].input_b64 == int8.input_b64  # one input, chosen for its margin
+
+    # A golden pair the model does not reproduce, or of the wrong shape, is refused (4xx)
+    # and changes nothing.
+    before = fleet.api.variants()
+    y = np.frombuffer(base64.b64decode(int8.output_b64), np.float32).copy()
+    y[int(np.argmax(y))] += 10 * int8.atol + 1.0
+    wrong_output = int8.model_copy(update={"output_b64": base64.b64encode(y.tobytes()).decode()})
+    short_input = int8.model_copy(update={"input_b64": base64.b64encode(
+        np.zeros(10, np.float32).tobytes()).decode()})
+    body = {"name": "s50-int8", "sha256": by_name["s50-int8"]["sha256"],
+            "macs": by_name["s50-int8"]["macs"]}
+    for golden, words in ((wrong_output, "golden output is not what the model computes"),
+                          (short_input, "golden input has 10 float32 values")):
+        with pytest.raises(ApiError) as e:
+            fleet.api.request("POST", "/v1/variants",
+                              {**body, "golden": golden.model_dump(mode="json")})
+        assert e.value.status == 422 and words in str(e.value), e.value
+    with pytest.raises(ApiError) as e:
+        fleet.api.request("POST", "/v1/variants", {**body, "input_shape": [1, 1, 4, 4]})
+    assert e.value.status == 422 and "does not fit the model's input" in str(e.value)
+    assert fleet.api.variants() == before
+    assert fleet.svc.store.variant("s50-int8").spec["golden"] == int8.model_dump(mode="json")
+
+
+def test_a_store_failure_is_a_503_and_one_line_from_the_cli(fleet, capsys, monkeypatch):
+    monkeypatch.setenv("PRUNEFLEET_SERVER", fleet.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", fleet.svc.token)
+    with fleet.svc.store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP TABLE switches"))  # a database gone wrong
+    status, _, body = _raw(fleet.svc.url + "/v1/telemetry/summary", token=fleet.svc.token)
+    assert status == 503 and body["error"]["message"] == "store unavailable"
+    assert cli.main(["telemetry"]) == 1
+    err = capsys.readouterr().err
+    assert "store unavailable (HTTP 503)" in err and "Traceback" not in err

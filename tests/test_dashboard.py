@@ -29,7 +29,8 @@ def chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("headless Chromium is needed: apt-get install -y chromium chromium-driver",
+    pytest.fail("headless Chromium is needed: `make deps` installs it (Debian packages "
+                "chromium chromium-driver)",
                 pytrace=False)
 
 

@@ -34,7 +34,8 @@ def test_unit_is_a_notify_service_with_watchdog_restart_and_state_dir():
 
 def test_systemd_accepts_the_unit_and_rates_its_exposure(tmp_path):
     analyze = shutil.which("systemd-analyze")
-    assert analyze, "systemd-analyze (Debian package systemd) is needed to check the unit"
+    assert analyze, "systemd-analyze is needed to check the unit: `make deps` (Debian " \
+                    "package systemd)"
     agent_bin = Path(sys.executable).with_name("prunefleet-agent")
     assert agent_bin.exists()
     text = UNIT.read_text().replace("/opt/prunefleet/venv/bin/prunefleet-agent", str(agent_bin))

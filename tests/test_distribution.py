@@ -65,7 +65,7 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
     srv.publish_artifact(v1, (tmp_path / "v1.onnx").read_bytes())
     srv.deploy("dev-1", [v1])
     wait_for(lambda: "v1" in agent.pool.table, 20, what="v1 installed")
-    wait_for(lambda: srv.store.devices(), 10, what="device known to the server")
+    wait_for(lambda: srv.store.device("dev-1"), 10, what="dev-1 known to the server")
     t = srv.topics
     agent_invalid = agent.counters.invalid_messages
     for payload in (b"", b"\x00\xff", b"{}", b'{"schema": 1}', b"[1,2]", b"x" * 100_000):
@@ -83,8 +83,8 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
     assert "v1" in agent.pool.table and agent.predict(_x()).variant == "v1"
     assert srv.store.telemetry_count("dev-2") == 0
     # the drops are counted in the device's reported state, for operators to see
-    assert agent._reported().counters["invalid_messages"] >= 10
-    agent._reported_dirty = True  # (normally within 10 s; the test does not wait)
+    assert agent.reported_state().counters["invalid_messages"] >= 10
+    agent.reporter.mark()  # (normally within 10 s; the test does not wait)
     wait_for(lambda: (srv.store.device("dev-1").counters or {}).get("invalid_messages", 0)
              >= 10, 10, what="the counters stored by the server")
     assert agent.store.accepted_version() == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import pytest
 from fleet_helpers import (
@@ -14,6 +14,27 @@ from fleet_helpers import (
     wait_for,
 )
 from onnx_models import mlp_spec, workload
+
+from prunefleet.server.store import Store
+
+
+def _sent_seqs(state: Path) -> list[int]:
+    """The telemetry an agent that has stopped got acknowledged: every batch it cut but
+    those still queued in its state directory."""
+    q = state / "telemetry"
+    try:
+        issued = int((q / "next_seq").read_text())
+    except FileNotFoundError:
+        issued = 0
+    queued = {int(p.stem) for p in q.glob("*.json") if p.stem.isdigit()}
+    return [s for s in range(issued) if s not in queued]
+
+
+def _wait_stored(store: Store, tmp: Path, devices: tuple[str, ...]) -> None:
+    """Acknowledged by the broker is not yet ingested: wait until the server stored every
+    batch the stopped agents sent."""
+    wait_for(lambda: all(store.telemetry_seqs(d) == _sent_seqs(tmp / d) for d in devices),
+             10, what="every acknowledged batch stored")
 
 
 @pytest.mark.timeout(120)
@@ -55,9 +76,11 @@ def test_two_agents_fetch_install_serve_and_report(tmp_path, mosquitto):
 
         wait_for(served, 60, what="telemetry of served requests from both agents",
                  procs=procs)
-    finally:
         codes = [stop_agent(p) for p in procs]
-        time.sleep(0.5)
+        _wait_stored(srv.store, tmp_path, ("e2e-a", "e2e-b"))
+    finally:
+        for p in procs:
+            stop_agent(p)
         srv.stop()
     assert codes == [0, 0], "agents must exit cleanly on SIGTERM"
     for dev in ("e2e-a", "e2e-b"):
@@ -82,7 +105,7 @@ def test_two_servers_share_the_ingest_load_through_a_shared_subscription(tmp_pat
 
     from prunefleet.server.fleet import FleetServer
     from prunefleet.server.keys import load_or_create
-    from prunefleet.server.store import Store, sqlite_url
+    from prunefleet.server.store import sqlite_url
 
     key = load_or_create(tmp_path / "keys")
     store_url = sqlite_url(tmp_path / "shared.db")
@@ -109,10 +132,12 @@ def test_two_servers_share_the_ingest_load_through_a_shared_subscription(tmp_pat
             procs.append(spawn_agent(cfg, state / "agent.log"))
         wait_for(lambda: sum(s.counters.telemetry for s in servers) >= 30, 40,
                  what="30 batches ingested", procs=procs)
+        for p in procs:
+            stop_agent(p)
+        _wait_stored(servers[0].store, tmp_path, ("sh-a", "sh-b", "sh-c"))
     finally:
         for p in procs:
             stop_agent(p)
-        time.sleep(1.0)
         for s in servers:
             s.stop()
     counts = [s.counters.telemetry for s in servers]

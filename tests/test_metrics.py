@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -270,3 +272,20 @@ def test_prometheus_config_scrapes_with_a_bearer_token_file():
     assert job["authorization"]["type"] == "Bearer"
     assert job["authorization"]["credentials_file"]
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:8080"]
+
+
+def test_prometheus_config_passes_promtool(tmp_path):
+    """Prometheus's own check, with the token file where the config expects one (it refuses
+    a credentials file that does not exist). `make deps` installs promtool."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is needed: `make deps` (Debian package prometheus)"
+    text = (ROOT / "deploy/prometheus/prometheus.yml").read_text()
+    token_file = "/etc/prometheus/prunefleet-token"
+    assert token_file in text
+    (tmp_path / "token").write_text("t" * 32)
+    config = tmp_path / "prometheus.yml"
+    config.write_text(text.replace(token_file, str(tmp_path / "token")))
+    r = subprocess.run([promtool, "check", "config", str(config)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr

@@ -31,10 +31,10 @@ from prunefleet.server.prepare import (
     prune_structured,
 )
 from prunefleet.server.prepare import pipeline as pipeline_mod
-from prunefleet.server.prepare.atomic import atomic_path, atomic_write_bytes
 from prunefleet.server.prepare.export import export_onnx
 from prunefleet.server.prepare.models import digits_cnn
 from prunefleet.server.prepare.prune import channel_widths
+from prunefleet.shared.fsutil import atomic_path
 from prunefleet.shared.messages import Golden
 
 REPORT_FIELDS = {
@@ -169,10 +169,8 @@ def test_workload_is_the_normalised_test_split(prepared, report):
 def test_second_call_is_a_fast_cache_hit(prepared):
     first = prepared[0]
     mtimes = {p.name: p.stat().st_mtime_ns for p in first.out_dir.iterdir()}
-    t0 = time.perf_counter()
     again = prepare_digits(first.out_dir, seed=0, progress=False)
-    assert time.perf_counter() - t0 < 2.0
-    assert again.cached
+    assert again.cached  # nothing trained, exported or measured again (mtimes below)
     assert [v.sha256 for v in again.variants] == [v.sha256 for v in first.variants]
     assert again.variants == first.variants
     assert {p.name: p.stat().st_mtime_ns for p in first.out_dir.iterdir()} == mtimes
@@ -299,15 +297,3 @@ def test_export_writes_a_checked_model(tmp_path):
     assert sess.get_modelmeta().custom_metadata_map["k"] == "v"
     assert sess.run(None, {"input": x[:3]})[0].shape == (3, 10)
 
-
-def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
-    target = tmp_path / "f.bin"
-    atomic_write_bytes(target, b"old")
-    assert target.stat().st_mode & 0o777 == 0o644
-    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
-        tmp.write_bytes(b"new but incomp")
-        raise KeyboardInterrupt
-    assert target.read_bytes() == b"old"
-    assert _leftovers(tmp_path) == []
-    atomic_write_bytes(target, b"new")
-    assert target.read_bytes() == b"new"

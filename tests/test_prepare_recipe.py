@@ -4,7 +4,6 @@ a good recipe produces measured variants, is reused when unchanged and guarded o
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -83,16 +82,14 @@ BAD = [
 def test_a_bad_recipe_ends_with_one_clear_line_before_any_work(tmp_path, capsys, edit, words):
     recipe = _write(tmp_path, edit(NO_DATA))
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     rc, _stdout, err = _run(capsys, str(recipe), "--out", str(out))
-    assert rc == 1
+    assert rc == 2  # a recipe error is the user's to fix: a usage error
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("prunefleet: ")
     for w in words:
         assert w in lines[0], lines[0]
-    assert time.perf_counter() - t0 < 10
-    assert not out.exists()
+    assert not out.exists()  # refused before any work: nothing written
 
 
 def test_a_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
@@ -100,7 +97,7 @@ def test_a_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
     recipe = _write(tmp_path, NO_DATA.replace("kwargs = {width = 16}",
                                               'kwargs = {width = 16}\ncheckpoint = "other.pt"'))
     rc, _, err = _run(capsys, str(recipe), "--out", str(tmp_path / "out"))
-    assert rc == 1 and "does not fit the model" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "does not fit the model" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_example_recipe_parses():

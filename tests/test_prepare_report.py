@@ -133,7 +133,7 @@ def test_ctrl_c_leaves_no_half_written_variant(tmp_path, monkeypatch):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline_mod, "quantize_int8", interrupt)
+    monkeypatch.setattr(pipeline_mod, "quantize_checked", interrupt)
     with pytest.raises(KeyboardInterrupt):
         prepare(recipe, out, progress=False)
     assert list(out.iterdir()) == []  # not even the finished dense and s50 files

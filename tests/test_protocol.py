@@ -9,6 +9,7 @@ import pytest
 
 from prunefleet.shared import chunks
 from prunefleet.shared.errors import (
+    ArtifactSizeError,
     ChunkHashError,
     ExpiredError,
     ProtocolError,
@@ -124,11 +125,15 @@ def test_chunks_that_do_not_compress_travel_raw():
 
 
 def test_zip_bomb_chunk_is_refused():
+    import os
     import zlib
 
     frame = chunks.encode_frame("a" * 64, 0, 1, b"\x00" * 10_000)
-    with pytest.raises(ProtocolError, match="past its declared size"):
+    with pytest.raises(ArtifactSizeError, match="past its declared size"):
         chunks.decode_frame(frame, 1024)
+    noise = chunks.encode_frame("a" * 64, 0, 1, os.urandom(2048))
+    with pytest.raises(ArtifactSizeError, match="larger than its declared size"):
+        chunks.decode_frame(noise, 1024)
     assert len(zlib.compress(b"\x00" * 10_000)) < 1024
 
 

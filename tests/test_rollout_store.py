@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 from rollout_helpers import pg_schema_url
 
+from prunefleet.server.errors import StoreConflictError, StoreError
 from prunefleet.server.store import Store, sqlite_url
 from prunefleet.shared.messages import (
     InstalledVariant,
@@ -138,3 +139,27 @@ def test_telemetry_is_stored_once_per_sequence_number(store):
     assert store.usage("d1") == {"v": {"requests": 20, "labeled": 20, "correct": 18,
                                        "errors": 0}}
     assert len(store.switches("d1")) == 2
+
+
+def test_database_errors_leave_the_store_as_store_errors(store):
+    """SQLAlchemy's exceptions stop at the store: a caller sees StoreError only."""
+    import sqlalchemy
+
+    store.save_manifest(7, "d1", "{}")
+    with pytest.raises(StoreConflictError) as e:
+        store.save_manifest(7, "d2", "{}")  # another server replica signed version 7 first
+    assert isinstance(e.value.__cause__, sqlalchemy.exc.IntegrityError)
+    assert store.manifest(7).target == "d1"
+    with store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP TABLE events"))
+    with pytest.raises(StoreError) as e:
+        store.events()
+    assert isinstance(e.value.__cause__, sqlalchemy.exc.SQLAlchemyError)
+
+
+def test_an_unreachable_database_is_a_store_error(tmp_path):
+    with pytest.raises(StoreError, match="cannot initialise store") as e:
+        Store("postgresql+psycopg://nobody:s3cret@127.0.0.1:1/none?connect_timeout=2")
+    assert "s3cret" not in str(e.value)
+    with pytest.raises(StoreError, match="cannot open store"):
+        Store("nosuchdialect://x")

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 
 from prunefleet.agent.sensors import (
-    FakeClock,
     Readings,
     SimulatedBattery,
     SimulatedSensors,
-    SystemClock,
     SystemSensors,
     make_sensors,
 )
+from prunefleet.shared.clock import FakeClock, SystemClock
 
 
 def write_tree(root: Path, files: dict[str, str]) -> Path:

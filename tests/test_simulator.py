@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from fleet_helpers import wait_for
@@ -67,9 +66,9 @@ def test_thirty_devices_register_report_telemetry_and_take_a_staged_rollout(flee
     assert any(n.startswith("promoted") for n in (h["note"] for h in done["history"]))
     assert {d["device_id"] for d in fleet.api.devices()} == set(ids)
     devs = {d.id: d for d in sim.devices}
-    assert all(set(d.installed) == {"small", "large"} for d in sim.devices)
+    assert all(set(d.agent.pool.specs) == {"small", "large"} for d in sim.devices)
     # The offline share really dropped off (Last Will) and came back.
-    wait_for(lambda: sum(d.counters["offline_periods"] > 0 for d in sim.devices) == 3, 10,
+    wait_for(lambda: sum(d.offline_periods > 0 for d in sim.devices) == 3, 10,
              what="the offline share to go offline")
 
     s = sim.stop()
@@ -83,7 +82,8 @@ def test_thirty_devices_register_report_telemetry_and_take_a_staged_rollout(flee
         assert seqs == list(range(len(seqs))), f"{dev}: gaps in {seqs}"
         # Every batch cut reached the store, but what a device offline at the end still
         # holds in its queue.
-        assert len(seqs) == devs[dev].seq - len(devs[dev].pending), dev
+        q = devs[dev].agent.tqueue
+        assert len(seqs) == q.issued - len(q.pending()), dev
     summary = fleet.api.telemetry_summary()
     assert summary["devices"] == 30
     assert set(summary["variants"]) >= {"large"}
@@ -153,8 +153,10 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(fleet):
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        fleet.wait_known(device_ids(SimOptions(broker_url="mqtt://x", devices=5)))
-        time.sleep(1.0)
+        ids = device_ids(SimOptions(broker_url="mqtt://x", devices=5))
+        fleet.wait_known(ids)
+        wait_for(lambda: all(fleet.svc.store.telemetry_seqs(d) for d in ids), 10,
+                 what="telemetry from every simulated device")
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=20)
     finally:
@@ -170,5 +172,3 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(fleet):
     assert "telemetry batches acknowledged" in lines[-1]
     wait_for(lambda: not any(d["online"] for d in fleet.api.devices()), 10,
              what="the simulated devices offline after SIGTERM")
-    assert all(fleet.svc.store.telemetry_seqs(d) for d in device_ids(
-        SimOptions(broker_url="mqtt://x", devices=5)))

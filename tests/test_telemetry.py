@@ -9,8 +9,8 @@ from fleet_helpers import make_server, run_agent, wait_for
 
 from prunefleet.agent.sensors import Readings
 from prunefleet.agent.telemetry import Aggregator, DiskQueue, TelemetrySender
-from prunefleet.agent.transport import backoff_delay
 from prunefleet.shared.messages import Reason, TelemetryBatch, decode
+from prunefleet.shared.transport import backoff_delay
 
 
 def _batch(agg: Aggregator, q: DiskQueue, end: float) -> TelemetryBatch:

@@ -3,8 +3,8 @@
 :func:`export_onnx` exports a model with a dynamic batch dimension, loads the result in ONNX
 Runtime, compares its logits with PyTorch's on the given check inputs (largest absolute
 difference and top-1 agreement), raises :class:`ParityError` when they disagree, and only
-then writes the file (temp file + ``os.replace``), so a failed or interrupted export never
-leaves a file behind.
+then writes the file atomically (:func:`prunefleet.shared.fsutil.atomic_write`), so a failed
+or interrupted export never leaves a file behind.
 
 Two exporters are supported. ``"torchscript"`` (``dynamo=False``) is fast (~0.1 s for these
 models) and folds BatchNorm into the convolutions; torch deprecates it, so its warning is
@@ -18,7 +18,7 @@ import io
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -27,7 +27,8 @@ import onnx
 import torch
 from torch import nn
 
-from .atomic import atomic_write_bytes
+from prunefleet.shared.fsutil import atomic_write
+
 from .errors import ParityError, PrepareError
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,6 @@ class Parity:
     max_abs_diff: float
     top1_agreement: float
     n: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -230,5 +228,6 @@ def export_onnx(
     except onnx.checker.ValidationError as e:
         raise PrepareError(f"exported ONNX model is invalid: {e}") from e
     parity = check_parity(model, data, check_inputs, atol=atol, min_top1=min_top1)
-    atomic_write_bytes(Path(path), data)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
     return Exported(Path(path), data, used, op, parity)

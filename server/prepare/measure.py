@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +21,11 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class Size:
-    params: int
-    macs: int
-    onnx_bytes: int
-    compressed_bytes: int
-
-
-@dataclass(frozen=True)
 class Latency:
     p50_ms: float
     p95_ms: float
     mean_ms: float
     runs: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def count_params(model: nn.Module) -> int:
@@ -58,16 +47,6 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
 def compressed_size(data: bytes, level: int = 9) -> int:
     """Size after zlib, the compression artifacts travel with on the wire."""
     return len(zlib.compress(data, level))
-
-
-def size_of(model: nn.Module, example_input: torch.Tensor, onnx_path: Path) -> Size:
-    data = Path(onnx_path).read_bytes()
-    return Size(
-        params=count_params(model),
-        macs=count_macs(model, example_input),
-        onnx_bytes=len(data),
-        compressed_bytes=compressed_size(data),
-    )
 
 
 def session(model: bytes | str | Path, threads: int = 1) -> ort.InferenceSession:
@@ -133,9 +112,3 @@ def latency_many(
                 out.append(clock() - t0)
     return {k: _stats(v) for k, v in samples.items()}
 
-
-def latency(
-    model: bytes | str | Path, x1: np.ndarray, *, warmup: int = 50, runs: int = 500
-) -> Latency:
-    """Batch-1 latency of one ONNX model with one intra-op thread."""
-    return latency_many({"m": session(model, threads=1)}, x1, warmup=warmup, runs=runs)["m"]

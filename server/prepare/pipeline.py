@@ -40,15 +40,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunefleet.shared.chunks import sha256_file
+from prunefleet.shared.fsutil import atomic_path, atomic_write, fsync_dir
 from prunefleet.shared.messages import Golden
 
 from . import measure
-from .atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from .data import Dataset, Split, load_recipe_data
 from .errors import OutputExistsError, PrepareError, RecipeError
 from .export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_onnx_bytes
 from .prune import channel_widths, weight_sparsity
-from .quantize import check_int8, quantize_int8
+from .quantize import FALLBACKS, quantize_checked
 from .recipe import Recipe, VariantSpec, build_model, file_digest, parse_recipe
 from .report import UNSTRUCTURED_NOTE, markdown, pareto_front, plot_png
 from .techniques import Context, generated_inputs, make_variant
@@ -57,7 +57,7 @@ from .train import TrainConfig, fit
 log = logging.getLogger(__name__)
 
 # Bump when a change to this pipeline changes what it produces: old reports stop matching.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3  # 3: INT8 with 7-bit weights, random calibration sample, fallbacks
 REPORT_FORMAT = "prunefleet.prepare.report/2"
 REPORT_NAME = "report.json"
 REPORT_MD = "report.md"
@@ -330,6 +330,18 @@ def _cap(split: Split, n: int) -> Split:
     return split if len(split) <= n else Split(split.x[:n], split.y[:n])
 
 
+def calibration_sample(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``n`` inputs (all when there are fewer) drawn at random from ``x``, seeded.
+
+    A random sample rather than the first ``n``: a split sorted by class (or by anything)
+    would calibrate the activation ranges on part of the distribution only.
+    """
+    if n >= len(x):
+        return x
+    idx = np.random.default_rng(seed).choice(len(x), size=n, replace=False)
+    return x[np.sort(idx)]
+
+
 @dataclass
 class _Built:
     spec: VariantSpec
@@ -366,6 +378,7 @@ def _commit(stage: Path, out_dir: Path, names: list[str]) -> None:
     for name in old_files - set(names):
         (out_dir / name).unlink(missing_ok=True)
     os.replace(stage / REPORT_NAME, out_dir / REPORT_NAME)
+    fsync_dir(out_dir)
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -430,7 +443,7 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         parity_x = _cap(data.val, min(PARITY_MAX, recipe.data.max_eval)).x  # type: ignore[union-attr]
         eval_split = _cap(data.eval_split, recipe.data.max_eval)  # type: ignore[union-attr]
         eval_x, eval_y = eval_split.x, eval_split.y
-        calib = data.train.x[:settings.calibration_samples]
+        calib = calibration_sample(data.train.x, settings.calibration_samples, settings.seed)
     else:
         parity_x = generated_inputs(shape, GENERATED_INPUTS, settings.seed)
         eval_x, eval_y = parity_x, None
@@ -463,18 +476,19 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
                           None, made.info, 0.0)
             fp32_cache[key] = base
         if spec.quantize == "int8":
-            q = quantize_int8(base.onnx, calib)
-            parity = check_int8(q, base.onnx, parity_x, rel_tol=settings.int8_rel_tol,
-                                min_top1=settings.int8_min_top1)
+            qr = quantize_checked(base.onnx, calib, parity_x, rel_tol=settings.int8_rel_tol,
+                                  min_top1=settings.int8_min_top1,
+                                  reduce_range=settings.int8_reduce_range)
             with torch.no_grad():
                 ref = base.model(torch.from_numpy(parity_x)).numpy()
-            vs_torch = float(np.abs(measure.run_batched(measure.session(q), parity_x)
+            vs_torch = float(np.abs(measure.run_batched(measure.session(qr.onnx), parity_x)
                                     - ref).max())
-            b = _Built(spec, base.model, q, vs_torch, parity.max_abs_diff, base.info, 0.0)
+            b = _Built(spec, base.model, qr.onnx, vs_torch, qr.parity.max_abs_diff,
+                       base.info | {"int8": qr.describe()}, 0.0)
         else:
             b = _Built(spec, base.model, base.onnx, base.max_abs_diff, None, base.info, 0.0)
         b.seconds = time.perf_counter() - ts
-        atomic_write_bytes(stage / f"{spec.name}.onnx", b.onnx)
+        atomic_write(stage / f"{spec.name}.onnx", b.onnx)
         built[spec.name] = b
         log.info("%s: made in %.1f s", spec.name, b.seconds)
     timings["variants_s"] = time.perf_counter() - t0
@@ -503,6 +517,11 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         golden_y = sessions[name].run(None, {INPUT_NAME: golden_x})[0]
         pred = logits[name].argmax(1)
         note = UNSTRUCTURED_NOTE if spec.technique == "magnitude" else None
+        int8 = b.info.get("int8")
+        if int8 and int8["fallback"]:
+            missed = int8["attempts"][0]
+            note = (f"INT8 fallback: {int8['fallback']} (MinMax calibration missed parity: "
+                    f"top-1 agreement {missed.get('top1_agreement', 'n/a')})")
         entries.append({
             "name": name,
             "technique": spec.technique,
@@ -575,8 +594,13 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         "export": {"exporter": exporter, "parity_inputs": "val" if data else "generated",
                    "parity_atol": settings.parity_atol,
                    "int8": {"format": "QDQ", "per_channel": True, "activations": "uint8",
-                            "weights": "int8", "calibration": "MinMax",
+                            "weights": "int8", "reduce_range": settings.int8_reduce_range,
+                            "calibration": "MinMax",
+                            "fallbacks": [c.method + (" + fp32 classifier" if c.fp32_head
+                                                      else "") for c in FALLBACKS],
                             "calibration_samples": len(calib),
+                            "calibration_inputs": ("train (seeded random sample)" if data
+                                                   else "generated"),
                             "checked_against": "fp32 onnx",
                             "rel_tol": settings.int8_rel_tol,
                             "min_top1": settings.int8_min_top1}},
@@ -589,9 +613,9 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "variants": entries,
     }
-    atomic_write_bytes(stage / REPORT_PNG, plot_png(report))
-    atomic_write_text(stage / REPORT_MD, markdown(report, REPORT_PNG))
-    atomic_write_text(stage / REPORT_NAME, json.dumps(report, indent=2) + "\n")
+    atomic_write(stage / REPORT_PNG, plot_png(report))
+    atomic_write(stage / REPORT_MD, markdown(report, REPORT_PNG).encode())
+    atomic_write(stage / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

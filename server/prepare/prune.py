@@ -329,10 +329,3 @@ def weight_sparsity(model: nn.Module) -> float:
         zeros += int((w == 0).sum())
     return zeros / total if total else 0.0
 
-
-def channel_share_removed(dense: nn.Module, pruned: nn.Module, layers: Iterable[str]) -> float:
-    """Share of the output channels of ``layers`` that ``pruned`` no longer has."""
-    d, p = channel_widths(dense), channel_widths(pruned)
-    names = list(layers)
-    total = sum(d[n] for n in names)
-    return 1 - sum(p[n] for n in names) / total if total else 0.0

@@ -112,7 +112,13 @@ class Settings(_Strict):
     torch_threads: int = Field(default=1, ge=1, le=256)
     round_to: int = Field(default=8, ge=1)
     sensitivity_ratios: list[float] = Field(default=[0.25, 0.5, 0.75], min_length=1)
-    calibration_samples: int = Field(default=128, ge=1)
+    # INT8 calibration inputs: a seeded random sample of the training split (all of it when
+    # smaller), or generated inputs without data.
+    calibration_samples: int = Field(default=256, ge=1)
+    # 7-bit INT8 weights: x86 CPUs without VNNI add u8 x s8 products in saturating 16-bit
+    # integers, which full 8-bit weights overflow (see quantize.py). Only a fleet known
+    # to have VNNI (or ARM dot-product) gains from false.
+    int8_reduce_range: bool = True
     parity_atol: float = Field(default=1e-3, gt=0)
     # INT8 is checked against the FP32 ONNX model: top-1 agreement, and the largest logit
     # difference relative to the largest FP32 logit (a bound against broken models; one

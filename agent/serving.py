@@ -1,0 +1,213 @@
+"""The request path: one request in, the answer of the variant the policy picks out.
+
+Any thread may call :meth:`RequestPath.predict` (the local API's connection threads, the
+simulated application). The loop thread feeds in what changes slowly (sensor readings,
+the pin, the effective policy); the installed table comes from the pool. The decision
+itself is :func:`~prunefleet.agent.policy.decide` (and :func:`plan_cascade` for the
+confidence cascade); what this module adds is the bookkeeping around it, under one lock:
+the smoothed input complexity, the recent latencies, the policy's state, and a short
+cache so that the policy runs at most every ``policy_eval_interval_s`` between changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import statistics
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from prunefleet.shared.clock import Clock
+from prunefleet.shared.messages import Reason, VariantSpec
+from prunefleet.shared.policy import PolicyConfig
+
+from .complexity import Ewma, estimate_complexity
+from .config import CascadeConfig, EnergyConfig
+from .errors import NoVariantError
+from .policy import PolicyState, VariantInfo, decide, order_variants, plan_cascade
+from .runtime import ModelPool, Served
+from .sensors import Readings, SimulatedBattery
+from .telemetry import Aggregator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RequestPath", "ServingOptions"]
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    cascade: CascadeConfig
+    energy: EnergyConfig
+    complexity_ewma_alpha: float = 0.2
+    complexity_min_interval_s: float = 0.005
+    policy_eval_interval_s: float = 0.01
+
+
+class RequestPath:
+    """Thread-safe; ``on_switch(old, new, reason)`` runs when the served variant changes."""
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        agg: Aggregator,
+        clock: Clock,
+        options: ServingOptions,
+        policy: PolicyConfig,
+        readings: Readings,
+        *,
+        battery: SimulatedBattery | None = None,
+        on_switch: Callable[[str | None, str, Reason], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.agg = agg
+        self.clock = clock
+        self.options = options
+        self.battery = battery
+        self.on_switch = on_switch
+        self._lock = threading.Lock()
+        self._ewma = Ewma(options.complexity_ewma_alpha)
+        self._last_estimate = -1e18
+        self._latencies: collections.deque[float] = collections.deque(maxlen=64)
+        self._state: PolicyState | None = None
+        self._active: str | None = None
+        # Inputs that change slowly; each change bumps ``_inputs`` so the cache misses.
+        self._policy = policy
+        self._readings = readings
+        self._pinned: str | None = None
+        self._inputs = 0
+        self._cache: tuple[tuple[int, int], float, str, Reason] | None = None
+        self._infos: tuple[int, tuple[VariantInfo, ...]] = (-1, ())
+
+    # -- inputs (loop thread) -------------------------------------------------------------
+    def update(self, *, readings: Readings | None = None, policy: PolicyConfig | None = None,
+               pinned: str | object | None = _UNSET) -> None:
+        """Set any of the slowly changing inputs (``pinned=None`` unpins)."""
+        with self._lock:
+            if readings is not None:
+                self._readings = readings
+            if policy is not None:
+                self._policy = policy
+            if pinned is not _UNSET:
+                assert pinned is None or isinstance(pinned, str)
+                self._pinned = pinned
+            self._inputs += 1
+
+    def set_options(self, options: ServingOptions) -> None:
+        with self._lock:
+            self.options = options
+            self._inputs += 1
+
+    @property
+    def readings(self) -> Readings:
+        return self._readings
+
+    @property
+    def policy(self) -> PolicyConfig:
+        return self._policy
+
+    @property
+    def pinned(self) -> str | None:
+        return self._pinned
+
+    @property
+    def active(self) -> str | None:
+        return self._active
+
+    # -- the request path (any thread) -----------------------------------------------------
+    def predict(self, x: np.ndarray, label: int | None = None) -> Served:
+        """Serve one request (N inputs) on the variant the policy picks."""
+        if self.options.cascade.enabled and len(self.pool.specs) > 1:
+            served, used = self._predict_cascade(x)
+        else:
+            served = self.pool.run(x, self.choose)
+            used = [served.variant]
+        with self._lock:
+            self._latencies.append(served.latency_ms)
+        correct = None if label is None else bool(served.label == int(label))
+        self.agg.record_request(served.variant, served.latency_ms, True, correct)
+        e = self.options.energy
+        joules = 0.0
+        for name in used:
+            spec = self.pool.specs.get(name)
+            if spec is not None:
+                joules += (e.base_j + e.joules_per_mac * spec.macs) * served.logits.shape[0]
+        self.agg.record_energy(joules)
+        if self.battery is not None:
+            self.battery.consume(joules)
+        return served
+
+    def _predict_cascade(self, x: np.ndarray) -> tuple[Served, list[str]]:
+        """The cheapest variant first; escalate to the policy's budget for a hard input
+        when any answer in the batch is less confident than the threshold."""
+        specs = self.pool.specs
+        if not specs or not self.pool.table:
+            raise NoVariantError("no variant installed yet")
+        x = self.pool.check_input(x, next(iter(specs.values())))
+        budget, _ = self.choose(x, specs, complexity=1.0)
+        plan = plan_cascade(self._table(specs), budget)
+        first = self.pool.resolve(plan.first)
+        y, ms = self.pool.infer(first, x)
+        if plan.escalate_to is None or not plan.escalates(
+                _min_confidence(y), self.options.cascade.confidence):
+            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [first.name]
+        top = self.pool.resolve(plan.escalate_to)
+        if top.name == first.name:
+            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [first.name]
+        y2, ms2 = self.pool.infer(top, x)
+        return Served(top.name, Reason.CASCADE, y2, ms + ms2), [first.name, top.name]
+
+    def _table(self, specs: dict[str, VariantSpec]) -> tuple[VariantInfo, ...]:
+        version, infos = self._infos
+        if version != self.pool.version:
+            infos = order_variants(VariantInfo.from_spec(s) for s in specs.values())
+            self._infos = (self.pool.version, infos)
+        return infos
+
+    def choose(
+        self, x: np.ndarray, specs: dict[str, VariantSpec], complexity: float | None = None
+    ) -> tuple[str, Reason]:
+        """The policy's choice for ``x`` (a :data:`~prunefleet.agent.runtime.Chooser`)."""
+        now = self.clock.monotonic()
+        with self._lock:
+            if complexity is None:
+                # The smoothed complexity follows the stream, not one input: under load it
+                # is sampled (at most one estimate per ``complexity_min_interval_s``).
+                if (now - self._last_estimate >= self.options.complexity_min_interval_s
+                        or self._ewma.value is None):
+                    self._last_estimate = now
+                    complexity = self._ewma.update(estimate_complexity(x))
+                else:
+                    complexity = self._ewma.value
+            key = (self._inputs, self.pool.version)
+            c = self._cache
+            if c is not None and c[0] == key and now - c[1] < self.options.policy_eval_interval_s:
+                return c[2], c[3]
+            lat = None
+            if self._policy.latency_slo_ms is not None and self._latencies:
+                lat = statistics.median(self._latencies)
+            d = decide(self._readings, self._table(specs), complexity, lat, self._pinned,
+                       self._state, now, self._policy)
+            self._state = d.state
+            old = self._active
+            if d.variant != old:
+                self._active = d.variant
+                self._latencies.clear()  # the SLO check wants the new variant's latency
+            self._cache = (key, now, d.variant, d.reason)
+        if d.variant != old:
+            self.agg.record_switch(self.clock.time(), old, d.variant, d.reason)
+            log.info("switch %s → %s (%s)", old, d.variant, d.reason.value)
+            if self.on_switch is not None:
+                self.on_switch(old, d.variant, d.reason)
+        return d.variant, d.reason
+
+
+def _min_confidence(logits: np.ndarray) -> float:
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    return float(p.max(axis=1).min())

@@ -1,0 +1,444 @@
+"""MQTT transport: the :class:`Transport` seam and its paho-mqtt implementation.
+
+Owners (the agent, the server's fleet, the simulator, benchmarks) see one small interface:
+a bounded ``inbound`` queue of :class:`Inbound` items that their own loop drains, a
+``connected`` event, and ``publish``/``subscribe``. :class:`MqttTransport` is the real one;
+:class:`prunefleet.shared.memtransport.MemoryTransport` is an in-memory double for tests.
+
+paho runs its callbacks on its network thread; here they only put :class:`Inbound` items
+on a bounded queue and count what does not fit. Subscriptions are remembered and renewed
+in ``on_connect`` so they survive reconnects. paho's ``OSError``s and ``ValueError``s become
+:class:`TransportError` at this boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import random
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .errors import TransportError
+
+__all__ = [
+    "BrokerAddress",
+    "Inbound",
+    "MqttTransport",
+    "Transport",
+    "TransportOptions",
+    "backoff_delay",
+    "check_filter",
+    "check_topic",
+    "split_shared",
+    "topic_matches",
+]
+
+log = logging.getLogger(__name__)
+
+_MAX_TOPIC_BYTES = 65535
+_SHARE_PREFIX = "$share/"
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random.
+
+    A fleet that lost its broker must not reconnect in one burst; the random half spreads
+    the retries of N devices over the whole window.
+    """
+    cap = min(max_s, min_s * (2 ** min(attempt, 30)))
+    return cap / 2 + rng.uniform(0, cap / 2)
+
+
+# -- MQTT 3.1.1 topic rules -------------------------------------------------------------------
+
+
+def _check_length(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise TransportError(f"empty or non-text MQTT {what}: {value!r}")
+    if "\x00" in value:
+        raise TransportError(f"MQTT {what} {value!r} contains NUL")
+    if len(value.encode("utf-8")) > _MAX_TOPIC_BYTES:
+        raise TransportError(f"MQTT {what} longer than {_MAX_TOPIC_BYTES} bytes")
+
+
+def check_topic(topic: str) -> str:
+    """Return ``topic`` if a message may be published on it (no wildcards)."""
+    _check_length(topic, "topic")
+    if "+" in topic or "#" in topic:
+        raise TransportError(f"cannot publish to {topic!r}: wildcards are for subscriptions")
+    return topic
+
+
+def check_filter(topic_filter: str) -> str:
+    """Return ``topic_filter`` if it is a valid subscription (``$share/<group>/…`` included).
+
+    ``#`` only as the whole last level, ``+`` only as a whole level.
+    """
+    _check_length(topic_filter, "topic filter")
+    inner = topic_filter
+    if topic_filter.startswith(_SHARE_PREFIX):
+        group, sep, inner = topic_filter[len(_SHARE_PREFIX):].partition("/")
+        if not group or not sep or not inner or "+" in group or "#" in group:
+            raise TransportError(
+                f"bad shared subscription {topic_filter!r}: expected $share/<group>/<filter>"
+            )
+    levels = inner.split("/")
+    for i, level in enumerate(levels):
+        if ("#" in level and (level != "#" or i != len(levels) - 1)) or (
+            "+" in level and level != "+"
+        ):
+            raise TransportError(
+                f"bad topic filter {topic_filter!r}: '#' must be the whole last level "
+                "and '+' a whole level"
+            )
+    return topic_filter
+
+
+def split_shared(topic_filter: str) -> tuple[str | None, str]:
+    """``("g", "a/+")`` for ``$share/g/a/+``; ``(None, f)`` for a plain filter ``f``."""
+    if topic_filter.startswith(_SHARE_PREFIX):
+        group, _, inner = topic_filter[len(_SHARE_PREFIX):].partition("/")
+        return group, inner
+    return None, topic_filter
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether a (non-shared) subscription ``topic_filter`` receives ``topic``.
+
+    MQTT 3.1.1 §4.7: ``+`` is one level, ``#`` the parent level and everything below it, and
+    a filter that starts with a wildcard does not match a topic that starts with ``$``.
+    """
+    f = topic_filter.split("/")
+    t = topic.split("/")
+    if topic.startswith("$") and f[0] in ("+", "#"):
+        return False
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+# -- the seam ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://…`` (TLS)."""
+        u = urlparse(url)
+        if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl") or not u.hostname:
+            raise TransportError(
+                f"bad broker URL {url!r}: expected mqtt://host:port or mqtts://host:port"
+            )
+        tls = u.scheme in ("mqtts", "ssl")
+        try:
+            port = u.port or (8883 if tls else 1883)
+        except ValueError as e:
+            raise TransportError(f"bad broker URL {url!r}: {e}") from e
+        return cls(
+            host=u.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(u.username) if u.username else None,
+            password=unquote(u.password) if u.password else None,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Something the network thread observed, for the owner's loop to act on."""
+
+    kind: Literal["message", "connected", "disconnected", "published"]
+    topic: str = ""
+    payload: bytes = b""
+    retain: bool = False
+    mid: int = 0
+
+
+@dataclass
+class TransportOptions:
+    client_id: str
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    max_inflight_messages: int = 20
+    max_queued_messages: int = 0  # 0: paho's outgoing queue is unbounded; we bound ours
+    inbound_queue_size: int = 2000
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    will_topic: str | None = None
+    will_payload: bytes | None = None
+    clean_session: bool = True
+    subscriptions: dict[str, int] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """One MQTT connection as its owner sees it.
+
+    Everything the broker sends lands on ``inbound``: ``message`` items, ``connected`` and
+    ``disconnected`` on each change, and ``published`` with the message id of a publish once
+    it is acknowledged (QoS 1: the broker's PUBACK). When the queue is full an item is
+    dropped and ``dropped_inbound`` counts it. Subscriptions are renewed on every
+    (re)connect. A QoS 1 publish made while disconnected is kept and sent after reconnecting.
+    """
+
+    inbound: queue.Queue[Inbound]
+    connected: threading.Event
+    dropped_inbound: int
+    address: BrokerAddress
+
+    def start(self) -> None:
+        """Connect in the background and keep reconnecting; again after stop() or kill()."""
+        ...
+
+    def stop(self, disconnect: bool = True) -> None:
+        """Close the connection: with DISCONNECT (no Last Will), or without (as kill())."""
+        ...
+
+    def kill(self) -> None:
+        """Drop the connection without DISCONNECT, so the broker sends the Last Will."""
+        ...
+
+    def subscribe(self, topic: str, qos: int = 1) -> None: ...
+
+    def unsubscribe(self, topic: str) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queue a publish; returns its message id, later acknowledged as ``published``."""
+        ...
+
+    def wait_connected(self, timeout_s: float) -> bool: ...
+
+
+# -- paho -------------------------------------------------------------------------------------
+
+
+class _JitterClient(mqtt.Client):
+    """paho's client with jittered reconnect backoff (paho's own has no jitter)."""
+
+    def __init__(self, *args, min_s: float, max_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pf_min_s = min_s
+        self._pf_max_s = max_s
+        self._pf_rng = random.Random()
+        self.reconnect_attempts = 0
+
+    def _reconnect_wait(self) -> None:  # overrides paho's private hook
+        if self._reconnect_delay is None:
+            self.reconnect_attempts = 0
+            self._reconnect_delay = max(1, int(self._pf_min_s))  # paho's "not first" flag
+        else:
+            self.reconnect_attempts += 1
+        delay = backoff_delay(self.reconnect_attempts, self._pf_min_s, self._pf_max_s,
+                              self._pf_rng)
+        end = time.monotonic() + delay
+        while not self._thread_terminate and (remaining := end - time.monotonic()) > 0:
+            time.sleep(min(remaining, 0.25))
+
+    def stop_loop(self) -> None:
+        """paho's ``loop_stop``, without waiting up to a second for ``select`` to time out."""
+        self._thread_terminate = True
+        wake = getattr(self, "_sockpairW", None)
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"0")
+        self.loop_stop()
+
+    def drop_socket(self) -> None:
+        """Close the socket without DISCONNECT (the loop must be stopped).
+
+        paho then sees no connection: QoS 1 publishes are kept for the next connect
+        instead of being written to a closed socket.
+        """
+        self._sock_close()
+
+
+class MqttTransport:
+    """One MQTT connection through paho; inbound traffic lands on ``self.inbound``."""
+
+    def __init__(self, address: BrokerAddress, options: TransportOptions):
+        self.address = address
+        self.options = options
+        self.inbound: queue.Queue[Inbound] = queue.Queue(maxsize=options.inbound_queue_size)
+        self.dropped_inbound = 0
+        self.connected = threading.Event()
+        self._subs: dict[str, int] = {}
+        for topic_filter, qos in options.subscriptions.items():
+            self._subs[check_filter(topic_filter)] = qos
+        self._lock = threading.Lock()
+        self._client = _JitterClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=options.client_id,
+            clean_session=options.clean_session,
+            protocol=mqtt.MQTTv311,
+            min_s=options.reconnect_min_s,
+            max_s=options.reconnect_max_s,
+        )
+        c = self._client
+        # paho raises if these are set after connect().
+        c.max_inflight_messages_set(options.max_inflight_messages)
+        c.max_queued_messages_set(options.max_queued_messages)
+        if address.username:
+            c.username_pw_set(address.username, address.password)
+        if address.tls:
+            c.tls_set(
+                ca_certs=options.ca_file,
+                certfile=options.cert_file,
+                keyfile=options.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if options.will_topic and options.will_payload is not None:
+            c.will_set(options.will_topic, options.will_payload, qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        self._started = False
+
+    # -- network-thread callbacks: enqueue only ---------------------------------------
+    def _put(self, item: Inbound) -> None:
+        try:
+            self.inbound.put_nowait(item)
+        except queue.Full:
+            self.dropped_inbound += 1
+            if self.dropped_inbound in (1, 10, 100) or self.dropped_inbound % 1000 == 0:
+                log.warning("inbound queue full: %d messages dropped", self.dropped_inbound)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused connection: %s", reason_code)
+            return
+        # paho leaves Nagle on: an UNSUBSCRIBE followed by a SUBSCRIBE (the chunk window)
+        # would then wait for the broker's delayed ACK, ~40 ms per chunk.
+        sock = client.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:
+            client.subscribe(subs)
+        self.connected.set()
+        self._put(Inbound("connected"))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._mark_disconnected()
+
+    def _mark_disconnected(self) -> None:
+        """Clear ``connected`` and report ``disconnected`` once per connection."""
+        with self._lock:
+            was = self.connected.is_set()
+            self.connected.clear()
+        if was:
+            self._put(Inbound("disconnected"))
+
+    def _on_message(self, client, userdata, msg) -> None:
+        self._put(Inbound("message", msg.topic, msg.payload, bool(msg.retain)))
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._put(Inbound("published", mid=mid))
+
+    # -- owner API --------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect in the background; paho keeps reconnecting with backoff.
+
+        A no-op while started; after :meth:`stop` or :meth:`kill` it connects again with the
+        same client id, subscriptions and unacknowledged QoS 1 publishes.
+        """
+        if self._started:
+            return
+        try:
+            self._client.connect_async(
+                self.address.host, self.address.port, keepalive=self.options.keepalive_s
+            )
+        except (OSError, ValueError) as e:
+            raise TransportError(f"cannot connect to {self.address.url}: {e}") from e
+        self._client.loop_start()
+        self._started = True
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def stop(self, disconnect: bool = True) -> None:
+        """Stop the network thread: after a DISCONNECT (no Last Will), or as :meth:`kill`."""
+        if not self._started:
+            return
+        if not disconnect:
+            self.kill()
+            return
+        with contextlib.suppress(OSError):
+            self._client.disconnect()
+        self._client.loop_stop()
+        self._started = False
+        self._mark_disconnected()
+
+    def kill(self) -> None:
+        """Drop the connection without DISCONNECT, so the broker sends the Last Will."""
+        if not self._started:
+            return
+        self._client.stop_loop()
+        with contextlib.suppress(OSError):
+            self._client.drop_socket()
+        self._started = False
+        self._mark_disconnected()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        check_filter(topic)
+        with self._lock:
+            self._subs[topic] = qos
+        if self.connected.is_set():
+            self._client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            known = self._subs.pop(topic, None) is not None
+        if known and self.connected.is_set():
+            self._client.unsubscribe(topic)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
+        """Queue a publish; returns its message id (acknowledged later as ``published``)."""
+        return int(self.publish_info(topic, payload, qos, retain).mid)
+
+    def publish_info(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        """Queue a publish; the returned info can ``wait_for_publish()``."""
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"publish to {topic} failed: {e}") from e
+        # While disconnected paho keeps QoS 1 messages and sends them after reconnecting.
+        queued = (mqtt.MQTT_ERR_NO_CONN, mqtt.MQTT_ERR_CONN_LOST) if qos > 0 else ()
+        if info.rc != mqtt.MQTT_ERR_SUCCESS and info.rc not in queued:
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        return info
+
+
+if TYPE_CHECKING:
+
+    def _is_a_transport(t: MqttTransport) -> Transport:  # mypy checks the protocol here
+        return t

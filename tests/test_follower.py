@@ -1,0 +1,292 @@
+"""ManifestFollower: which signed desired state a device follows, and what it takes.
+
+A pure core, tested with real Ed25519 keys and plain values: every refusal is one row
+with the reason a reader of the reported state would see, and a refusal changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from prunefleet.agent.follower import Follow, ManifestFollower, Plan, Rejected, Stale
+from prunefleet.shared import chunks
+from prunefleet.shared.messages import Manifest, SignedManifest, VariantSpec
+from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError
+from prunefleet.shared.signing import SigningKey, TrustedKeys
+
+NOW = 1_700_000_000.0
+KEY = SigningKey.generate()
+OTHER_KEY = SigningKey.generate()
+DEVICE = "dev-1"
+GROUP = "field"
+
+
+def spec(name: str, content: bytes | None = None, macs: int = 1000) -> VariantSpec:
+    data = content if content is not None else f"weights of {name}".encode() * 100
+    p = chunks.plan(data, 1024)
+    return VariantSpec(name=name, sha256=p.sha256, size=p.size, chunk_bytes=1024,
+                       chunk_sha256=list(p.chunk_sha256), input_shape=[1, 1, 8, 8],
+                       num_classes=10, params=1, macs=macs)
+
+
+A, B, C = spec("a"), spec("b"), spec("c")
+
+
+def manifest(version: int, *, target: str = DEVICE, ttl: float = 3600.0,
+             variants: list[VariantSpec] | None = None, policy: dict | None = None,
+             pinned: str | None = None) -> Manifest:
+    return Manifest(target=target, version=version, issued_at=NOW - 60, expires_at=NOW + ttl,
+                    variants=variants or [A], policy=policy, pinned_variant=pinned)
+
+
+def signed(version: int, key: SigningKey = KEY, **kw) -> SignedManifest:
+    return key.sign(manifest(version, **kw))
+
+
+def follower(group: str | None = GROUP, floors: dict[str, int] | None = None,
+             base: PolicyConfig | None = None) -> ManifestFollower:
+    return ManifestFollower(TrustedKeys([KEY.public]), DEVICE, group, base or PolicyConfig(),
+                            floors)
+
+
+def state(f: ManifestFollower) -> tuple:
+    return (f.manifest, dict(f.floors), f.policy)
+
+
+# -- the first manifest -----------------------------------------------------------------------
+
+
+def test_a_good_manifest_is_followed_with_its_policy() -> None:
+    f = follower()
+    v = f.offer(signed(3, policy={"battery_low_percent": 50.0}), "device", NOW)
+    assert isinstance(v, Follow)
+    assert (v.manifest.version, v.policy.battery_low_percent) == (3, 50.0)
+    assert (f.manifest, f.policy) == (v.manifest, v.policy)
+    assert f.floors == {"device": 3, "group": 0}
+    assert f.is_current(NOW)
+
+
+def test_a_group_manifest_is_followed_by_a_member_of_the_group() -> None:
+    v = follower().offer(signed(2, target=GROUP), "group", NOW)
+    assert isinstance(v, Follow) and v.manifest.target == GROUP
+
+
+# -- refusals: each one names its cause and changes nothing -----------------------------------
+
+
+def _tampered() -> SignedManifest:
+    s = signed(9)
+    raw = json.loads(s.payload)
+    raw["pinned_variant"] = "a"  # a valid manifest, but not the one that was signed
+    return SignedManifest(payload=json.dumps(raw), signatures=s.signatures)
+
+
+REJECTIONS = [
+    ("tampered payload", _tampered, "device", "signature does not verify"),
+    ("unknown key", lambda: signed(9, OTHER_KEY), "device", "signed by no trusted key"),
+    ("expired", lambda: signed(9, ttl=-1.0), "device", "expired"),
+    ("wrong target", lambda: signed(9, target="dev-2"), "device", "not this device"),
+    ("group state on the device topic", lambda: signed(9, target=GROUP), "device",
+     "not this device"),
+    ("replay of an older device state", lambda: signed(4), "device",
+     "older than accepted 5"),
+    ("unknown policy setting", lambda: signed(9, policy={"battery_low": 40}), "device",
+     "manifest policy is invalid: battery_low"),
+    ("policy value out of range", lambda: signed(9, policy={"battery_low_percent": 150}),
+     "device", "manifest policy is invalid: battery_low_percent"),
+    ("critical at or above low", lambda: signed(9, policy={"battery_critical_percent": 30}),
+     "device", "battery_critical_percent must be below battery_low_percent"),
+]
+
+
+@pytest.mark.parametrize(("case", "make", "source", "reason"), REJECTIONS,
+                         ids=[r[0] for r in REJECTIONS])
+def test_refused_manifest_changes_nothing(case, make, source, reason) -> None:
+    f = follower()
+    assert isinstance(f.offer(signed(5, policy={"battery_low_percent": 40.0}), "device", NOW),
+                      Follow)
+    f.offer(signed(3, target=GROUP), "group", NOW)  # a group floor to keep too
+    before = state(f)
+    v = f.offer(make(), source, NOW)
+    assert isinstance(v, Rejected), v
+    assert reason in v.reason
+    assert state(f) == before
+    assert f.policy.battery_low_percent == 40.0
+
+
+def test_a_group_state_is_refused_by_a_device_without_a_group() -> None:
+    f = follower(group=None)
+    v = f.offer(signed(2, target=GROUP), "group", NOW)
+    assert v == Rejected("a group desired state, but this device has no group")
+    assert state(f) == (None, {"device": 0, "group": 0}, PolicyConfig())
+
+
+def test_expiry_is_judged_at_the_time_given() -> None:
+    s = signed(1, ttl=10.0)
+    assert isinstance(follower().offer(s, "device", NOW + 9.9), Follow)
+    assert isinstance(follower().offer(s, "device", NOW + 10.0), Rejected)
+
+
+def test_floors_restored_from_disk_refuse_a_replay() -> None:
+    f = follower(floors={"device": 7, "group": 2})
+    assert "older than accepted 7" in f.offer(signed(6), "device", NOW).reason  # type: ignore[union-attr]
+    assert isinstance(f.offer(signed(3, target=GROUP), "group", NOW), Follow)
+
+
+# -- several sources, several versions ---------------------------------------------------------
+
+
+def test_an_older_group_state_beside_a_newer_device_state_is_stale_not_an_error() -> None:
+    f = follower()
+    device = f.offer(signed(5), "device", NOW)
+    assert isinstance(device, Follow)
+    group = f.offer(signed(3, target=GROUP), "group", NOW)
+    assert isinstance(group, Stale) and group.manifest.version == 3
+    assert f.manifest == device.manifest
+    assert f.floors == {"device": 5, "group": 3}  # the group's floor rose all the same
+    # …so a replay of an even older group state is now refused,
+    assert "older than accepted 3" in f.offer(signed(2, target=GROUP), "group", NOW).reason  # type: ignore[union-attr]
+    # while the same group state again is only stale.
+    assert isinstance(f.offer(signed(3, target=GROUP), "group", NOW), Stale)
+
+
+def test_the_same_version_seen_again_is_stale() -> None:
+    f = follower()
+    s = signed(4)
+    first = f.offer(s, "device", NOW)
+    assert isinstance(first, Follow)
+    again = f.offer(s, "device", NOW + 5)
+    assert again == Stale(first.manifest)
+    assert f.manifest == first.manifest and f.floors["device"] == 4
+
+
+@pytest.mark.parametrize(
+    ("offers", "followed"),
+    [
+        ([("device", 5), ("group", 7)], ("field", 7)),
+        ([("group", 7), ("device", 5)], ("field", 7)),
+        ([("group", 7), ("device", 8)], ("dev-1", 8)),
+        ([("device", 8), ("group", 7), ("device", 9)], ("dev-1", 9)),
+    ],
+)
+def test_the_newest_across_sources_wins(offers, followed) -> None:
+    f = follower()
+    for source, version in offers:
+        f.offer(signed(version, target=DEVICE if source == "device" else GROUP), source, NOW)
+    assert f.manifest is not None
+    assert (f.manifest.target, f.manifest.version) == followed
+    assert f.floors == {s: max((v for src, v in offers if src == s), default=0)
+                        for s in ("device", "group")}
+
+
+def test_a_newer_manifest_replaces_the_policy_and_the_pin() -> None:
+    f = follower()
+    f.offer(signed(1, variants=[A, B], pinned="a", policy={"battery_low_percent": 45.0}),
+            "device", NOW)
+    assert (f.pinned, f.policy.battery_low_percent) == ("a", 45.0)
+    v = f.offer(signed(2, variants=[A, B]), "device", NOW)
+    assert isinstance(v, Follow)
+    assert (f.pinned, f.policy) == (None, PolicyConfig())
+
+
+# -- restart ----------------------------------------------------------------------------------
+
+
+def test_restore_follows_an_expired_manifest_but_it_is_not_current() -> None:
+    s = signed(6, ttl=10.0, policy={"battery_low_percent": 35.0})
+    f = follower()
+    m = f.restore(s, NOW + 3600)
+    assert m is not None and m.version == 6
+    assert f.manifest == m and f.policy.battery_low_percent == 35.0
+    assert not f.is_current(NOW + 3600)
+    assert f.is_current(NOW)
+    # The same version re-offered is stale; a newer fresh one is followed and current.
+    assert isinstance(f.offer(signed(6, ttl=7200.0), "device", NOW + 3600), Stale)
+    assert isinstance(f.offer(signed(7, ttl=7200.0), "device", NOW + 3600), Follow)
+    assert f.is_current(NOW + 3600)
+
+
+@pytest.mark.parametrize(
+    ("case", "make", "group"),
+    [
+        ("tampered", _tampered, GROUP),
+        ("unknown key", lambda: signed(6, OTHER_KEY), GROUP),
+        ("bad policy", lambda: signed(6, policy={"nope": 1}), GROUP),
+        ("another device's", lambda: signed(6, target="dev-2"), GROUP),
+        ("a group this device left", lambda: signed(6, target=GROUP), "other-group"),
+    ],
+)
+def test_restore_follows_nothing_that_no_longer_verifies(case, make, group) -> None:
+    f = follower(group=group)
+    assert f.restore(make(), NOW) is None
+    assert (f.manifest, f.policy) == (None, PolicyConfig())
+
+
+def test_a_reloaded_base_policy_keeps_the_manifest_overrides_or_changes_nothing() -> None:
+    f = follower()
+    f.offer(signed(1, policy={"battery_low_percent": 35.0}), "device", NOW)
+    p = f.set_base_policy(PolicyConfig(cpu_high_percent=70.0))
+    assert (p.cpu_high_percent, p.battery_low_percent) == (70.0, 35.0) and f.policy == p
+    with pytest.raises(PolicyOverrideError, match="battery_critical_percent"):
+        f.set_base_policy(PolicyConfig(battery_critical_percent=40.0, battery_low_percent=50.0))
+    assert f.policy == p and f.base_policy.cpu_high_percent == 70.0
+
+
+# -- what following takes ---------------------------------------------------------------------
+
+
+def _plan(serving: set[str], blobs: set[str], failed: set[str]) -> Plan:
+    f = follower()
+    f.offer(signed(1, variants=[A, B, C]), "device", NOW)
+    by_name = {s.name: s for s in (A, B, C)}
+    return f.plan(lambda s: s.name in serving, lambda sha: sha in {by_name[n].sha256
+                                                                   for n in blobs},
+                  {by_name[n].sha256 for n in failed})
+
+
+@pytest.mark.parametrize(
+    ("serving", "blobs", "failed", "download", "install"),
+    [
+        (set(), set(), set(), "abc", ""),
+        ({"a"}, set(), set(), "bc", ""),
+        ({"a", "b", "c"}, set(), set(), "", ""),
+        (set(), {"b"}, set(), "ac", "b"),  # finished before a restart: no new fetch
+        ({"a"}, {"a", "c"}, set(), "b", "c"),  # serving wins over the blob on disk
+        (set(), {"c"}, {"b"}, "a", "c"),  # failed: not retried under this manifest
+        (set(), set(), {"a", "b", "c"}, "", ""),
+    ],
+)
+def test_plan(serving, blobs, failed, download, install) -> None:
+    p = _plan(serving, blobs, failed)
+    assert "".join(s.name for s in p.download) == download
+    assert "".join(s.name for s in p.install) == install
+    assert p.keep == {A.sha256, B.sha256, C.sha256}  # whatever is done or failed
+
+
+def test_plan_without_a_manifest_is_empty() -> None:
+    assert follower().plan(lambda s: False, lambda sha: False, ()) == Plan()
+
+
+OLD = spec("old")
+A2 = spec("a", b"the next weights of a" * 100)
+
+
+@pytest.mark.parametrize(
+    ("installed", "retired"),
+    [
+        ({"old": OLD}, []),  # nothing of the new manifest serves yet: keep the last good
+        ({"old": OLD, "a": A2}, []),  # "a" with another digest is not the manifest's "a"
+        ({"old": OLD, "b": B}, ["old"]),
+        ({"old": OLD, "a": A2, "b": B}, ["a", "old"]),
+        ({"a": A, "b": B}, []),
+    ],
+)
+def test_retire_keeps_the_last_known_good_until_one_new_variant_serves(installed,
+                                                                      retired) -> None:
+    f = follower()
+    assert f.retire(installed) == []  # no manifest: nothing is retired
+    f.offer(signed(1, variants=[A, B]), "device", NOW)
+    assert f.retire(installed) == retired
+
