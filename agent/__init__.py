@@ -13,8 +13,7 @@ client stay light: no ONNX Runtime until the agent itself is needed):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prunefleet.shared.lazy import lazy_exports
 
 _EXPORTS = {
     "Agent": "service",
@@ -30,10 +29,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

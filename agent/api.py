@@ -20,9 +20,13 @@ connection (``busy``) closes it, since the stream cannot be resynchronised. Noth
 client sends stops the server: every failure is answered, logged or counted.
 
 Threads: one accept thread (blocked in ``select``, so an idle server costs no CPU) and one
-thread per connection, at most ``max_connections``; a connection beyond that is answered
-``busy`` and closed. Inference runs on the connection's thread, on the sessions the pool
-holds; ONNX Runtime sessions take concurrent runs.
+thread per connection, at most ``max_connections`` in all and ``max_connections_per_peer``
+per peer (the client's user id, from ``SO_PEERCRED``). When a new connection would pass
+either limit, the connection that has been idle longest (the same peer's, when that peer is
+at its limit) is closed to make room, so idle connections cannot lock applications out;
+only when every such connection is busy with a request is the new one answered ``busy``
+and closed. Inference runs on the connection's thread, on the sessions the pool holds; ONNX
+Runtime sessions take concurrent runs.
 """
 
 from __future__ import annotations
@@ -246,6 +250,7 @@ class ApiCounters:
 
     connections: int = 0
     refused_busy: int = 0
+    evicted_idle: int = 0  # idle connections closed to make room for a new one
     requests: int = 0
     errors: int = 0
     bad_frames: int = 0
@@ -262,6 +267,29 @@ class _Reply(Exception):
 
 
 Predict = Callable[[np.ndarray, "int | None"], Any]  # returns a runtime.Served
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_of(conn: socket.socket) -> tuple[int | None, int | None]:
+    """``(uid, pid)`` of the process at the other end (Linux ``SO_PEERCRED``)."""
+    try:
+        pid, uid, _gid = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    except (AttributeError, OSError, struct.error):
+        return None, None
+    return uid, pid
+
+
+@dataclass
+class _Conn:
+    """One connection's bookkeeping (under the server's lock)."""
+
+    thread: threading.Thread
+    uid: int | None
+    pid: int | None
+    idle_since: float | None  # monotonic time it began waiting; None while serving
+    evicted: bool = False
 
 
 class ApiServer:
@@ -288,11 +316,13 @@ class ApiServer:
         max_request_bytes: int = 8 * 1024 * 1024,
         max_batch: int = 64,
         max_connections: int = 16,
+        max_connections_per_peer: int = 8,
         idle_timeout_s: float = 300.0,
         io_timeout_s: float = 5.0,
         mode: int = 0o660,
     ) -> None:
-        if max_request_bytes < 1 or max_batch < 1 or max_connections < 1:
+        if (max_request_bytes < 1 or max_batch < 1 or max_connections < 1
+                or max_connections_per_peer < 1):
             raise AgentConfigError("api limits must be positive")
         if idle_timeout_s <= 0 or io_timeout_s <= 0:
             raise AgentConfigError("api timeouts must be positive")
@@ -308,6 +338,7 @@ class ApiServer:
         self.max_request_bytes = max_request_bytes
         self.max_batch = max_batch
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer
         self.idle_timeout_s = idle_timeout_s
         self.io_timeout_s = io_timeout_s
         self.mode = mode
@@ -319,7 +350,7 @@ class ApiServer:
         self._wake_w: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns: dict[socket.socket, _Conn] = {}
         self._stopping = threading.Event()
         self._conn_seq = 0
 
@@ -385,8 +416,8 @@ class ApiServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout_s
-        for t in conns.values():
-            t.join(max(0.0, deadline - time.monotonic()))
+        for c in conns.values():
+            c.thread.join(max(0.0, deadline - time.monotonic()))
         self._listener.close()
         self._listener = None
         for s in (self._wake_r, self._wake_w):
@@ -449,20 +480,57 @@ class ApiServer:
                     time.sleep(0.05)
                 return
             conn.setblocking(True)
+            uid, pid = peer_of(conn)
             with self._lock:
-                full = len(self._conns) >= self.max_connections
+                victim, full = self._make_room(uid)
                 if not full:
                     self._conn_seq += 1
                     t = threading.Thread(target=self._serve, args=(conn,),
                                          name=f"api-conn-{self._conn_seq}", daemon=True)
-                    self._conns[conn] = t
+                    self._conns[conn] = _Conn(t, uid, pid, time.monotonic())
                     self.counters.connections += 1
                 else:
                     self.counters.refused_busy += 1
+            if victim is not None:
+                log.info("local API: closed an idle connection to make room for uid %s pid %s",
+                         uid, pid)
+                with contextlib.suppress(OSError):
+                    victim.shutdown(socket.SHUT_RDWR)  # its thread sees the end and exits
             if full:
                 self._refuse(conn)
             else:
                 t.start()
+
+    def _make_room(self, uid: int | None) -> tuple[socket.socket | None, bool]:
+        """Under the lock: the idle connection to close for a new one from ``uid`` (or
+        None when there is room), and whether the new one must be refused instead."""
+        same = [s for s, c in self._conns.items() if c.uid == uid and not c.evicted]
+        live = [s for s, c in self._conns.items() if not c.evicted]
+        if len(same) >= self.max_connections_per_peer:
+            pool = same
+        elif len(live) >= self.max_connections:
+            pool = live
+        else:
+            return None, False
+        idle = [s for s in pool if self._conns[s].idle_since is not None]
+        if not idle:
+            return None, True
+        victim = min(idle, key=lambda s: self._conns[s].idle_since or 0.0)
+        self._conns[victim].evicted = True
+        self.counters.evicted_idle += 1
+        return victim, False
+
+    def _idle(self, conn: socket.socket, idle: bool) -> bool:
+        """Mark ``conn`` idle or busy; False when it was closed to make room."""
+        with self._lock:
+            c = self._conns.get(conn)
+            if c is None or c.evicted:
+                return False
+            if not idle:
+                c.idle_since = None
+            elif c.idle_since is None:  # (a new connection is idle since it was accepted)
+                c.idle_since = time.monotonic()
+            return True
 
     def _refuse(self, conn: socket.socket) -> None:
         """Answer ``busy`` and close (on the accept thread: kept short and bounded)."""
@@ -484,14 +552,18 @@ class ApiServer:
             while not self._stopping.is_set():
                 idle_since = time.monotonic()
                 reader.deadline = None
+                if reader.buffered == 0 and not self._idle(conn, True):
+                    return
                 while reader.buffered == 0:
                     try:
                         if reader.fill() == 0:
-                            return  # the client closed between requests
+                            return  # the client closed between requests (or was evicted)
                     except TimeoutError:
                         if time.monotonic() - idle_since >= self.idle_timeout_s:
                             log.debug("closing idle API connection")
                             return
+                if not self._idle(conn, False):
+                    return  # closed to make room just as this request arrived: unserved
                 # The whole frame must arrive within io_timeout_s of its first bytes.
                 reader.deadline = time.monotonic() + self.io_timeout_s
                 if not self._one_request(conn, reader):
@@ -573,6 +645,7 @@ class ApiServer:
             "max_request_bytes": self.max_request_bytes,
             "max_batch": self.max_batch,
             "max_connections": self.max_connections,
+            "max_connections_per_peer": self.max_connections_per_peer,
         }
         return {"ok": True, "info": info}
 

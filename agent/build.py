@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from prunefleet.shared.clock import Clock
 from prunefleet.shared.errors import SignatureError
-from prunefleet.shared.messages import ReportedState
+from prunefleet.shared.messages import DeviceFacts, ReportedState
 from prunefleet.shared.signing import TrustedKeys, load_public_pem
 from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import BrokerAddress, MqttTransport, TransportOptions
 
 from .config import AgentConfig
+from .devicefacts import FALLBACK_ACTIVE_POWER_W, read_facts
+from .energy import EnergyMeter, find_meter
 from .errors import AgentConfigError
 from .sensors import Sensors, make_sensors
 from .serving import ServingOptions
 
-__all__ = ["device_transport", "load_trusted_keys", "make_config_sensors", "serving_options"]
+__all__ = ["broker_address", "device_facts", "device_transport", "energy_meter",
+           "load_trusted_keys", "make_config_sensors", "serving_options"]
 
 
 def load_trusted_keys(paths: list[Path]) -> TrustedKeys:
@@ -53,14 +57,52 @@ def make_config_sensors(config: AgentConfig, clock: Clock) -> Sensors:
     return make_sensors(s.kind, clock=clock, **params)
 
 
-def serving_options(config: AgentConfig) -> ServingOptions:
+def device_facts(config: AgentConfig) -> DeviceFacts:
+    """This machine's facts, with the configured device class and active power."""
+    e = config.energy
+    return read_facts("/", device_class=config.device_class, active_power=e.active_power_w,
+                      active_power_by_class=e.class_active_power_w)
+
+
+def energy_meter(config: AgentConfig) -> EnergyMeter | None:
+    """The meter the profiler reads (None: the CPU-time estimate). Simulated sensors mean
+    a simulated device: it measures nothing of the machine it runs on."""
+    if config.sensors.kind != "system":
+        return None
+    return find_meter(config.sensors.sysfs_root, config.energy.meter,
+                      config.energy.hwmon_chips or None)
+
+
+def serving_options(config: AgentConfig, active_power_w: float | None = None) -> ServingOptions:
+    """``active_power_w``: the device's (from its facts); default the configured one."""
+    power = active_power_w or config.energy.active_power_w or FALLBACK_ACTIVE_POWER_W
     return ServingOptions(
         cascade=config.cascade,
-        energy=config.energy,
+        active_power_w=power,
         complexity_ewma_alpha=config.complexity_ewma_alpha,
         complexity_min_interval_s=config.complexity_min_interval_s,
         policy_eval_interval_s=config.policy_eval_interval_s,
     )
+
+
+def broker_address(config: AgentConfig) -> BrokerAddress:
+    """``broker_url``, with the password from ``broker_password_file`` when one is set
+    (user name: the one in the URL, else the device id)."""
+    address = BrokerAddress.parse(config.broker_url)
+    path = config.broker_password_file
+    if path is None:
+        return address
+    if address.password:
+        raise AgentConfigError("broker_url has a password and broker_password_file is set: "
+                               "keep the password in the file only")
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as e:
+        raise AgentConfigError(f"broker_password_file {path}: {e.strerror or e}") from e
+    if not password:
+        raise AgentConfigError(f"broker_password_file {path} is empty")
+    return dataclasses.replace(address, username=address.username or config.device_id,
+                               password=password)
 
 
 def device_transport(
@@ -74,7 +116,7 @@ def device_transport(
     subscribes its own topics when it starts."""
     topics = Topics(config.fleet_prefix)
     return MqttTransport(
-        address or BrokerAddress.parse(config.broker_url),
+        address or broker_address(config),
         TransportOptions(
             client_id=client_id or f"pf-agent-{config.device_id}",
             keepalive_s=config.keepalive_s,

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from prunefleet.shared.errors import PrunefleetError
+from prunefleet.shared.logsetup import add_logging_options, configure_logging
 
 from .config import load_config
 
@@ -20,13 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device-id")
     p.add_argument("--broker-url")
     p.add_argument("--state-dir", type=Path)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--config-reference", action="store_true",
+                   help="print every configuration key (Markdown: docs/agent-config.md) "
+                        "and exit")
+    add_logging_options(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.config_reference:
+        from .configref import render
+
+        sys.stdout.write(render())
+        return 0
+    configure_logging(args.log_level, args.log_format)
     # The service imports onnxruntime; keep `--help` fast.
     from .service import Agent
     from .simapp import SimulatedApp

@@ -123,6 +123,14 @@ _BY_CODE: dict[str, type[ApiError]] = {
 _CLOSING = frozenset({ErrorCode.BAD_FRAME, ErrorCode.BUSY})
 
 
+class _ClosedIdle(Exception):
+    """The connection was closed before any byte of the answer came back."""
+
+    def __init__(self, error: ApiConnectionError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(frozen=True)
 class Prediction:
     """The agent's answer to one request (one input or a batch)."""
@@ -247,54 +255,75 @@ class Client:
         return info
 
     def _call(self, head: bytes, tail: bytes, body: bytes) -> tuple[dict, bytearray]:
-        """Send the request whose JSON header is ``head`` + its id + ``tail``; the answer."""
+        """Send the request whose JSON header is ``head`` + its id + ``tail``; the answer.
+
+        The agent may close an idle connection at any time (its idle timeout, or to make
+        room for another client); a request that meets such a closed connection was not
+        served, so it is sent once more on a new one."""
         with self._lock:
-            sock = self._connected()
-            rid = self._next_id
-            self._next_id += 1
-            header = b'%s,"id":%d%s' % (head, rid, tail)
-            send_error: OSError | None = None
+            reused = self._sock is not None
             try:
-                frame = PREFIX.pack(MAGIC, len(header), len(body)) + header
-                if len(body) <= COALESCE_BYTES:
-                    sock.sendall(frame + body)
-                else:
-                    sock.sendall(frame)
-                    sock.sendall(body)
-            except TimeoutError as e:
-                self._drop()
-                raise ApiConnectionError(f"timed out sending to {self.socket_path}") from e
-            except OSError as e:
-                # The server may have answered before closing (busy, too large): read it.
-                send_error = e
+                return self._exchange(head, tail, body)
+            except _ClosedIdle as e:
+                if not reused:
+                    raise e.error from e.error.__cause__
             try:
-                assert self._reader is not None
-                resp, rbody = self._read(self._reader)
-            except TimeoutError as e:
+                return self._exchange(head, tail, body)
+            except _ClosedIdle as e:
+                raise e.error from e.error.__cause__
+
+    def _exchange(self, head: bytes, tail: bytes, body: bytes) -> tuple[dict, bytearray]:
+        """One request and its answer; the caller holds the lock."""
+        sock = self._connected()
+        rid = self._next_id
+        self._next_id += 1
+        header = b'%s,"id":%d%s' % (head, rid, tail)
+        send_error: OSError | None = None
+        try:
+            frame = PREFIX.pack(MAGIC, len(header), len(body)) + header
+            if len(body) <= COALESCE_BYTES:
+                sock.sendall(frame + body)
+            else:
+                sock.sendall(frame)
+                sock.sendall(body)
+        except TimeoutError as e:
+            self._drop()
+            raise ApiConnectionError(f"timed out sending to {self.socket_path}") from e
+        except OSError as e:
+            # The server may have answered before closing (busy, too large): read it.
+            send_error = e
+        try:
+            assert self._reader is not None
+            resp, rbody = self._read(self._reader)
+        except TimeoutError as e:
+            self._drop()
+            raise ApiConnectionError(
+                f"no answer from {self.socket_path} in {self.timeout_s:g} s") from e
+        except FrameError as e:
+            self._drop()
+            raise BadFrameError(f"bad response frame: {e}", ErrorCode.BAD_FRAME) from e
+        except (EOFError, OSError) as e:
+            nothing_back = self._reader is not None and self._reader.buffered == 0
+            self._drop()
+            lost = ApiConnectionError(f"connection to {self.socket_path} lost: "
+                                      f"{send_error or e}")
+            lost.__cause__ = send_error or e
+            if nothing_back:
+                raise _ClosedIdle(lost) from None
+            raise lost from (send_error or e)
+        if send_error is not None:
+            self._drop()
+        if not resp.get("ok"):
+            code = str(resp.get("error"))
+            if code in _CLOSING:
                 self._drop()
-                raise ApiConnectionError(
-                    f"no answer from {self.socket_path} in {self.timeout_s:g} s") from e
-            except FrameError as e:
-                self._drop()
-                raise BadFrameError(f"bad response frame: {e}", ErrorCode.BAD_FRAME) from e
-            except (EOFError, OSError) as e:
-                self._drop()
-                raise ApiConnectionError(
-                    f"connection to {self.socket_path} lost: {send_error or e}"
-                ) from (send_error or e)
-            if send_error is not None:
-                self._drop()
-            if not resp.get("ok"):
-                code = str(resp.get("error"))
-                if code in _CLOSING:
-                    self._drop()
-                cls = _BY_CODE.get(code, ApiError)
-                raise cls(str(resp.get("message", "")) or code, code)
-            if resp.get("id") != rid:
-                self._drop()
-                raise BadFrameError(f"response id {resp.get('id')!r}, expected {rid}",
-                                    ErrorCode.BAD_FRAME)
-            return resp, rbody
+            cls = _BY_CODE.get(code, ApiError)
+            raise cls(str(resp.get("message", "")) or code, code)
+        if resp.get("id") != rid:
+            self._drop()
+            raise BadFrameError(f"response id {resp.get('id')!r}, expected {rid}",
+                                ErrorCode.BAD_FRAME)
+        return resp, rbody
 
     @staticmethod
     def _read(reader: FrameReader) -> tuple[dict, bytearray]:

@@ -36,6 +36,7 @@ def serve(agent: Agent, until: threading.Event | None = None,
         api = ApiServer.for_agent(
             agent, cfg.api_socket, max_request_bytes=cfg.api_max_request_bytes,
             max_batch=cfg.api_max_batch, max_connections=cfg.api_max_connections,
+            max_connections_per_peer=cfg.api_max_connections_per_peer,
             idle_timeout_s=cfg.api_idle_timeout_s, io_timeout_s=cfg.api_io_timeout_s)
         api.start()
     agent.start()

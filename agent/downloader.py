@@ -46,6 +46,8 @@ class _Download:
     pending: dict[int, float] = field(default_factory=dict)
     failures: dict[int, int] = field(default_factory=dict)
     retry_at: dict[int, float] = field(default_factory=dict)
+    # chunk index → the number of its latest request (requests are numbered in order)
+    asked: dict[int, int] = field(default_factory=dict)
     fetched: int = 0  # chunks received in this process (resume check)
 
     @property
@@ -76,6 +78,12 @@ class Downloader:
         self.max_chunk_failures = max_chunk_failures
         self._active: dict[str, _Download] = {}
         self.rejected_chunks = 0
+        # Deliveries of a chunk already written (or of a finished download): each one is
+        # a chunk fetched again over the network. Should stay 0, lossy links included.
+        self.repeated_chunks = 0
+        self._heard: float | None = None  # monotonic time the broker was last heard from
+        self._asks = 0  # requests made (subscriptions to chunk topics)
+        self._answered = 0  # the latest request whose chunk has arrived
 
     # -- control ------------------------------------------------------------------------
     def want(self, spec: VariantSpec, now: float) -> None:
@@ -116,6 +124,9 @@ class Downloader:
             return []
         dl = self._active.get(sha)
         if dl is None or index in dl.done or index not in dl.pending:
+            if dl is None or index in dl.done:
+                self.repeated_chunks += 1
+                log.info("chunk %d of %s delivered again after it was written", index, sha[:12])
             return []  # a late or repeated delivery; chunk writes are idempotent anyway
         try:
             header, raw = decode_frame(payload, dl.plan.chunk_size(index))
@@ -126,6 +137,7 @@ class Downloader:
             return self._chunk_failed(dl, index, str(e), now)
         self._write_chunk(dl, index, raw)
         dl.pending.pop(index, None)
+        self._answered = max(self._answered, dl.asked.pop(index, 0))
         dl.fetched += 1
         self._unsubscribe(self.topics.chunk(sha, index))
         if len(dl.done) == dl.plan.count:
@@ -133,16 +145,43 @@ class Downloader:
         self._fill_window(dl, now)
         return []
 
+    def heard(self, now: float) -> None:
+        """Something came from the broker (a message, an acknowledgement, a CONNACK): the
+        link works. After a silence longer than ``chunk_timeout_s`` (a partition, a
+        reconnect) the pending chunks' timers start again: their deliveries may still be
+        on the way, and asking again would fetch them twice."""
+        if self._heard is not None and now - self._heard > self.chunk_timeout_s:
+            if self._active:
+                log.info("broker heard again after %.0f s: chunk timers start again",
+                         now - self._heard)
+            for dl in self._active.values():
+                for index in dl.pending:
+                    dl.pending[index] = now
+        self._heard = now
+
     def tick(self, now: float) -> list[Completed | Failed]:
         """Re-request chunks that timed out or are due for a retry. Nothing completes on a
-        tick here (chunks arrive in :meth:`handle`); the simulated downloader's do."""
+        tick here (chunks arrive in :meth:`handle`); the simulated downloader's do.
+
+        A request is repeated only when its chunk is surely not coming: over TCP a late
+        delivery is not a lost one, and asking again would fetch it twice. So no chunk
+        times out while the link is silent (nothing heard for ``chunk_timeout_s``), and one
+        times out after ``chunk_timeout_s`` only once a chunk requested after it arrived
+        (the broker answers one connection's requests in order); a chunk with no later
+        request to compare (the last ones) waits four times as long.
+        """
+        silent = self._heard is not None and now - self._heard > self.chunk_timeout_s
         for dl in list(self._active.values()):
             for index, since in list(dl.pending.items()):
-                if now - since > self.chunk_timeout_s:
+                waited = now - since
+                passed = self._answered > dl.asked.get(index, 0)
+                if not silent and waited > self.chunk_timeout_s and (
+                        passed or waited > 4 * self.chunk_timeout_s):
+                    log.info("%s: chunk %d not here after %.0f s: asking again", dl.spec.name,
+                             index, now - since)
                     topic = self.topics.chunk(dl.spec.sha256, index)
                     self._unsubscribe(topic)
-                    self._subscribe(topic)
-                    dl.pending[index] = now
+                    self._ask(dl, index, now)
             self._fill_window(dl, now)
         return []
 
@@ -167,8 +206,13 @@ class Downloader:
                 continue
             if dl.retry_at.get(index, 0.0) > now:
                 continue
-            dl.pending[index] = now
-            self._subscribe(self.topics.chunk(dl.spec.sha256, index))
+            self._ask(dl, index, now)
+
+    def _ask(self, dl: _Download, index: int, now: float) -> None:
+        self._asks += 1
+        dl.asked[index] = self._asks
+        dl.pending[index] = now
+        self._subscribe(self.topics.chunk(dl.spec.sha256, index))
 
     def _write_chunk(self, dl: _Download, index: int, raw: bytes) -> None:
         part = self.store.part_path(dl.spec.sha256)

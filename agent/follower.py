@@ -10,12 +10,19 @@ store, sessions); the simulator runs the very same class.
 
 Each source has its own floor: a group's desired state older than the device's own is
 verified, raises the group's floor, and is simply not followed (no false alarm), while a
-replay of either source's older manifest is refused.
+replay of either source's older manifest is refused. A version more than
+``max_version_jump`` above the highest floor is refused too: accepting it would make every
+later manifest look like a rollback.
+
+Key retirement is a signed revocation: a manifest that verifies names the retired key ids
+(``revoked_keyids``); from then on the follower never trusts them (:attr:`revoked`, kept
+across restarts by the agent), even where the configuration still pins them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import json
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,6 +32,7 @@ from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError, apply_ov
 from prunefleet.shared.signing import TrustedKeys
 
 __all__ = [
+    "DEFAULT_MAX_VERSION_JUMP",
     "Follow",
     "ManifestFollower",
     "Plan",
@@ -36,14 +44,19 @@ __all__ = [
 
 Source = Literal["device", "group"]
 SOURCES: tuple[Source, ...] = ("device", "group")
+# Manifest versions are one counter across a fleet's devices, so a device that was away
+# sees large gaps: 10**8 covers years of a large fleet, and still refuses a runaway one.
+DEFAULT_MAX_VERSION_JUMP = 10**8
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """Refused: not signed by a pinned key, expired, a rollback, for another target, or
-    carrying a policy override this agent cannot apply."""
+    """Refused: not signed by a pinned key, expired, a rollback, a version jump, for
+    another target, or carrying a policy override this agent cannot apply. ``version`` is
+    the version the manifest claims for this device (unverified: only for the report)."""
 
     reason: str
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,8 +97,13 @@ class ManifestFollower:
         group: str | None,
         base_policy: PolicyConfig,
         floors: Mapping[str, int] | None = None,
+        *,
+        revoked: Iterable[str] = (),
+        max_version_jump: int = DEFAULT_MAX_VERSION_JUMP,
     ) -> None:
-        self.trusted = trusted
+        self.revoked: frozenset[str] = trusted.revoked | frozenset(revoked)
+        self.trusted = trusted.without(self.revoked)
+        self.max_version_jump = max_version_jump
         self.device_id = device_id
         self.group = group
         self.base_policy = base_policy
@@ -104,17 +122,34 @@ class ManifestFollower:
                 signed, now=now, min_version=self.floors[source], target=target
             )
         except TrustError as e:
-            return Rejected(str(e))
+            return Rejected(str(e), _claimed_version(signed, target))
+        highest = max(self.floors.values())
+        if manifest.version > highest + self.max_version_jump:
+            return Rejected(f"manifest version {manifest.version} jumps more than "
+                            f"{self.max_version_jump} past the last accepted {highest}",
+                            manifest.version)
         try:
             policy = apply_overrides(self.base_policy, manifest.policy)
         except PolicyOverrideError as e:
-            return Rejected(f"manifest policy is invalid: {e}")
+            return Rejected(f"manifest policy is invalid: {e}", manifest.version)
+        self.revoke(manifest.revoked_keyids)
         self.floors[source] = max(self.floors[source], manifest.version)
         if self.manifest is not None and manifest.version <= self.manifest.version:
             return Stale(manifest)
         self.manifest = manifest
         self.policy = policy
         return Follow(manifest, policy)
+
+    def revoke(self, keyids: Iterable[str]) -> None:
+        """Never trust ``keyids`` again (a verified manifest retired them)."""
+        new = frozenset(keyids) - self.revoked
+        if new:
+            self.revoked |= new
+            self.trusted = self.trusted.without(new)
+
+    def set_trusted(self, trusted: TrustedKeys) -> None:
+        """Keys reloaded from the configuration; revoked ones stay revoked."""
+        self.trusted = trusted.without(self.revoked)
 
     def restore(self, signed: SignedManifest, now: float) -> Manifest | None:
         """Follow again, after a restart, the manifest followed before. Its signature is
@@ -178,3 +213,16 @@ class ManifestFollower:
         if not any(wanted.get(n) == s.sha256 for n, s in installed.items()):
             return []
         return sorted(n for n, s in installed.items() if wanted.get(n) != s.sha256)
+
+
+def _claimed_version(signed: SignedManifest, target: str) -> int | None:
+    """The version a refused manifest claims, if it is addressed to ``target``: reported
+    back as that version's failure, so the server need not wait for a timeout."""
+    try:
+        raw = json.loads(signed.payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict) or raw.get("target") != target:
+        return None
+    v = raw.get("version")
+    return v if isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**63 else None

@@ -3,7 +3,8 @@ retire the old.
 
 Install is atomic: the downloader checks every chunk and the whole file before it lands
 in the store under its digest; the engine's session must then pass the smoke test on the
-manifest's golden input before the variant may serve. A variant that fails is reported
+manifest's golden input before the variant may serve (then the agent profiles it on this
+device: :mod:`.profile`). A variant that fails is reported
 and not retried under the same manifest; the variants installed before keep serving until
 one of the new manifest's own does (:meth:`ManifestFollower.retire`).
 """
@@ -27,6 +28,7 @@ from .downloader import Completed, Failed
 from .errors import InstallError
 from .follower import Follow, ManifestFollower, Rejected, Source
 from .phase import rollout_report
+from .profile import rss_bytes
 from .reporting import Reporter
 from .runtime import Engine, LoadedVariant, ModelPool
 from .serving import RequestPath
@@ -44,6 +46,7 @@ class Fetcher(Protocol):
     one that fetches nothing)."""
 
     rejected_chunks: int
+    repeated_chunks: int
 
     def want(self, spec: VariantSpec, now: float) -> None: ...
     def cancel_except(self, keep: set[str]) -> None: ...
@@ -51,6 +54,7 @@ class Fetcher(Protocol):
     def active(self) -> list[VariantSpec]: ...
     def handle(self, topic: str, payload: bytes, now: float) -> list[Completed | Failed]: ...
     def tick(self, now: float) -> list[Completed | Failed]: ...
+    def heard(self, now: float) -> None: ...
 
 
 class Installer:
@@ -60,7 +64,11 @@ class Installer:
     def __init__(self, follower: ManifestFollower, store: VariantStore, pool: ModelPool,
                  engine: Engine, downloader: Fetcher, reporter: Reporter,
                  serving: RequestPath, event: EventSink,
-                 on_verifying: Callable[[], None]) -> None:
+                 on_verifying: Callable[[], None],
+                 on_loaded: Callable[[LoadedVariant, float | None], None] | None = None,
+                 ) -> None:
+        """``on_loaded(lv, memory_mb)``: a session passed its smoke test (at install or at
+        start), with the resident memory its creation added: the agent profiles it."""
         self.follower = follower
         self.serving = serving
         self.store = store
@@ -70,21 +78,43 @@ class Installer:
         self.reporter = reporter
         self._event = event
         self._on_verifying = on_verifying
+        self._on_loaded = on_loaded
         self.failed: set[str] = set()  # digests that failed under the current manifest
         self.verifying: str | None = None
+        # The newest desired state refused (its claimed version, why): reported as that
+        # version's failure, so a rollout counts it at once.
+        self.rejected: tuple[int, str] | None = None
 
     def load(self, spec: VariantSpec) -> LoadedVariant:
         return self.engine.load(self.store.path_of(spec.sha256), spec)
 
+    def _load_measured(self, spec: VariantSpec) -> tuple[LoadedVariant, float | None]:
+        """A session, and the resident memory (MiB) creating it added."""
+        before = rss_bytes()
+        lv = self.load(spec)
+        after = rss_bytes()
+        grown = None if before is None or after is None else max(after - before, 0) / 2**20
+        return lv, grown
+
+    def _loaded(self, lv: LoadedVariant, memory_mb: float | None) -> None:
+        if self._on_loaded is not None:
+            self._on_loaded(lv, memory_mb)
+
     def load_installed(self) -> None:
-        """At start: a session for every installed variant; one that no longer loads is
-        forgotten (it is fetched again if the manifest still names it)."""
+        """At start: a session for every installed variant; one that no longer loads, for
+        any reason, is counted as an install failure and forgotten (fetched again if the
+        manifest still names it). The agent starts and serves whatever still loads."""
         for name, spec in self.store.installed().items():
             try:
-                self.pool.put(self.load(spec))
-            except InstallError as e:
+                lv, memory_mb = self._load_measured(spec)
+                self.pool.put(lv)
+            except Exception as e:  # nothing on disk may stop the start
+                self.reporter.counters.install_failures += 1
+                self.reporter.last_error = f"{name}: no longer loads: {e}"[:1024]
                 log.error("installed variant %s no longer loads: %s", name, e)
                 self.store.forget(name)
+            else:
+                self._loaded(lv, memory_mb)
 
     def offer(self, signed: SignedManifest, source: Source, wall: float, now: float) -> None:
         """A desired state from the device's (``source="device"``) or group's topic."""
@@ -94,10 +124,23 @@ class Installer:
             self.reporter.last_error = f"manifest rejected: {verdict.reason}"
             self._event(EventKind.REJECTED, None, verdict.reason)
             log.warning("rejected manifest from %s: %s", source, verdict.reason)
+            # The device's own desired state is what a rollout offers (a refused group
+            # state must not hide the progress of the device's own).
+            followed = self.follower.manifest.version if self.follower.manifest else 0
+            if source == "device" and verdict.version is not None \
+                    and verdict.version > followed:
+                self.rejected = (verdict.version, self.reporter.last_error)
             self.reporter.mark()
             return
+        if self.follower.revoked - self.store.revoked_keyids():
+            self.store.add_revoked(self.follower.revoked)
+            log.warning("signing key(s) revoked: %s",
+                        ", ".join(k[:12] for k in sorted(self.follower.revoked)))
         self.store.set_accepted_version(self.follower.floors[source], source)
         if isinstance(verdict, Follow):
+            # A signed, newer desired state supersedes any refused one (whose version was
+            # only claimed, never verified).
+            self.rejected = None
             self.store.save_manifest(signed.encode())
             self.serving.update(policy=verdict.policy, pinned=verdict.manifest.pinned_variant)
             log.info("following manifest v%d: %s", verdict.manifest.version,
@@ -113,10 +156,15 @@ class Installer:
             return
         try:
             manifest = self.follower.restore(decode(SignedManifest, raw), wall)
-        except ProtocolError as e:
-            manifest = None
-            log.warning("ignoring the saved manifest: %s", e)
+            why = "it no longer verifies"
+        except (ProtocolError, ValueError, RecursionError) as e:
+            manifest, why = None, str(e)
         if manifest is None:
+            # Not a reason to stop: the retained desired state arrives again from the
+            # broker, and the installed variants serve meanwhile.
+            self.reporter.counters.rejected_manifests += 1
+            self.reporter.last_error = f"saved manifest ignored: {why}"[:1024]
+            log.warning("ignoring the saved manifest: %s", why)
             return
         self.serving.update(policy=self.follower.policy, pinned=manifest.pinned_variant)
         if self.follower.is_current(wall):
@@ -156,10 +204,11 @@ class Installer:
         self.verifying = spec.name
         self._on_verifying()
         try:
-            lv = self.load(spec)
-        except InstallError as e:
+            lv, memory_mb = self._load_measured(spec)
+        except Exception as e:  # InstallError, or anything a damaged file may raise
             self.store.path_of(spec.sha256).unlink(missing_ok=True)
-            self.install_failed(spec, str(e))
+            self.install_failed(spec, str(e) if isinstance(e, InstallError)
+                                else f"{type(e).__name__}: {e}")
             return
         finally:
             self.verifying = None
@@ -168,6 +217,7 @@ class Installer:
         self.reporter.counters.installs += 1
         self._event(EventKind.INSTALLED, spec.name, spec.sha256)
         log.info("installed %s (%s…)", spec.name, spec.sha256[:12])
+        self._loaded(lv, memory_mb)
         self.retire()
         self.reporter.mark()
 
@@ -190,4 +240,4 @@ class Installer:
             self.follower.manifest, failed=self.failed, serving=self.pool.serving,
             verifying=self.verifying is not None, downloading=bool(self.downloader.active()),
             progress=self.downloader.progress(), active=active,
-            last_error=self.reporter.last_error)
+            last_error=self.reporter.last_error, rejected=self.rejected)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
 
-from prunefleet.shared.messages import Manifest, RolloutPhase, RolloutReport, VariantSpec
+from prunefleet.shared.messages import (
+    MAX_VERSION,
+    Manifest,
+    RolloutPhase,
+    RolloutReport,
+    VariantSpec,
+)
 
 __all__ = ["rollout_report"]
 
@@ -23,11 +29,18 @@ def rollout_report(
     progress: Mapping[str, float],
     active: str | None,
     last_error: str | None = None,
+    rejected: tuple[int, str] | None = None,
 ) -> RolloutReport | None:
     """``failed`` holds digests; ``progress`` maps a variant name to the share of its
     chunks already stored. Failed wins over every other phase; then verifying; then
-    installed (all variants serve) or active (one of them is the served variant)."""
+    installed (all variants serve) or active (one of them is the served variant).
+    ``rejected``: (version, why) of a desired state refused; newer than the one followed,
+    it is reported as that version's failure."""
     m = manifest
+    if rejected is not None and (m is None or rejected[0] > m.version) \
+            and rejected[0] <= MAX_VERSION:
+        return RolloutReport(manifest_version=rejected[0], phase=RolloutPhase.FAILED,
+                             reason=rejected[1][:1024])
     if m is None:
         return None
     if any(v.sha256 in failed for v in m.variants):

@@ -11,7 +11,9 @@ The rule, in order:
    naming a variant that is not installed is ignored and the policy decides, with reason
    ``FALLBACK`` on the decision that first sees it. Leaving a pin also acts at once.
 2. **Budget**: the most expensive variant allowed, as an index into the table sorted by
-   MACs (cheapest first):
+   cost, cheapest first (:func:`order_variants`: this device's measured latency when every
+   variant has a profile; variants another one beats on both latency and accuracy, by
+   more than ``accuracy_margin_pp``, are left out before, :func:`drop_dominated`):
 
    - battery critical (and not charging): the cheapest variant, whatever else holds;
    - battery low: at most the middle of the table (index ``(n - 1) // 2``);
@@ -28,9 +30,9 @@ the battery enters "low" at ``battery_low_percent`` and leaves it only above
 leaves below ``cpu_high_percent - cpu_hysteresis_percent``; complexity is "high" from
 ``complexity_high`` and "low" from ``complexity_low`` and keeps its level in between. A
 reading of ``None`` changes no level. The SLO latch is released only when the variant it
-would return to is predicted (from the table's latencies, else its MACs) to run below
-``latency_slo_ms * (1 - latency_hysteresis_percent / 100)``, so stepping down does not
-immediately step back up.
+would return to is predicted (from the measured latencies, else the declared ones, else
+MACs) to run below ``latency_slo_ms * (1 - latency_hysteresis_percent / 100)``, so
+stepping down does not immediately step back up.
 
 A change of variant waits until ``min_dwell_s`` after the last one, except when the
 battery is critical, which acts at once. The reason of a change names the input that
@@ -55,7 +57,7 @@ from prunefleet.shared.messages import Reason
 from prunefleet.shared.policy import PolicyConfig
 
 if TYPE_CHECKING:
-    from prunefleet.shared.messages import VariantSpec
+    from prunefleet.shared.messages import VariantProfile, VariantSpec
 
     from .sensors import Readings
 
@@ -69,6 +71,7 @@ __all__ = [
     "PolicyState",
     "VariantInfo",
     "decide",
+    "drop_dominated",
     "order_variants",
     "plan_cascade",
 ]
@@ -76,26 +79,40 @@ __all__ = [
 
 @dataclass(frozen=True)
 class VariantInfo:
-    """What the policy needs to know about one installed variant."""
+    """What the policy needs to know about one installed variant: what its manifest
+    declares (MACs, accuracy, the latency measured where it was prepared) and what this
+    device measured (its profile: latency p50, energy per inference)."""
 
     name: str
     macs: int
     accuracy: float | None = None
     latency_ms: float | None = None
+    measured_latency_ms: float | None = None
+    energy_mj: float | None = None
 
     @classmethod
-    def from_spec(cls, spec: VariantSpec) -> VariantInfo:
-        return cls(spec.name, spec.macs, spec.accuracy, spec.latency_ms)
+    def from_spec(cls, spec: VariantSpec, profile: VariantProfile | None = None) -> VariantInfo:
+        """``profile`` counts only when it measured this very artifact."""
+        if profile is None or profile.sha256 != spec.sha256:
+            return cls(spec.name, spec.macs, spec.accuracy, spec.latency_ms)
+        return cls(spec.name, spec.macs, spec.accuracy, spec.latency_ms,
+                   profile.latency_ms_p50, profile.energy_mj)
 
 
 def order_variants(variants: Iterable[VariantInfo]) -> tuple[VariantInfo, ...]:
     """The table as the policy sees it: cheapest first.
 
-    The cost is the measured latency when every variant has one, since MACs mislead where
-    kernels differ (an INT8 variant has its FP32 twin's MACs and runs faster); otherwise
-    MACs, then latency, then the name. Every ordering of variants in the agent is this one.
+    The cost is this device's measured latency when every variant has a profile (then its
+    energy per inference breaks ties); else the latency declared by preparation when every
+    variant has one, since MACs mislead where kernels differ (an INT8 variant has its FP32
+    twin's MACs and runs faster); otherwise MACs, then latency, then the name. Every
+    ordering of variants in the agent is this one.
     """
     vs = list(variants)
+    if vs and all(v.measured_latency_ms is not None for v in vs):
+        return tuple(sorted(vs, key=lambda v: (
+            v.measured_latency_ms, v.energy_mj if v.energy_mj is not None else float("inf"),
+            v.macs, v.name)))
     if vs and all(v.latency_ms is not None for v in vs):
         return tuple(sorted(vs, key=lambda v: (v.latency_ms, v.macs, v.name)))
     return tuple(
@@ -108,6 +125,24 @@ def order_variants(variants: Iterable[VariantInfo]) -> tuple[VariantInfo, ...]:
             ),
         )
     )
+
+
+def drop_dominated(variants: Iterable[VariantInfo], keep: str | None = None,
+                   margin: float = 0.0) -> tuple[VariantInfo, ...]:
+    """The variants worth serving on this device: without any that another variant beats
+    on both counts, slower (as measured here) and less accurate by more than ``margin``
+    (a fraction: 0.01 is one point). A variant without a profile or an accuracy is never
+    dropped, nor ``keep`` (an operator's pin)."""
+    vs = list(variants)
+
+    def beaten(v: VariantInfo) -> bool:
+        if v.name == keep or v.measured_latency_ms is None or v.accuracy is None:
+            return False
+        return any(w.measured_latency_ms is not None and w.accuracy is not None
+                   and w.measured_latency_ms < v.measured_latency_ms
+                   and w.accuracy > v.accuracy + margin for w in vs)
+
+    return tuple(v for v in vs if not beaten(v))
 
 
 @dataclass(frozen=True)
@@ -354,6 +389,8 @@ def _cost_ratio(table: tuple[VariantInfo, ...], frm: int | None, to: int) -> flo
     if frm is None or frm == to:
         return 1.0
     a, b = table[frm], table[to]
+    if a.measured_latency_ms and b.measured_latency_ms:
+        return b.measured_latency_ms / a.measured_latency_ms
     if a.latency_ms and b.latency_ms:
         return b.latency_ms / a.latency_ms
     if a.macs > 0 and b.macs > 0:

@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from prunefleet.shared.messages import InstalledVariant, ReportedState, RolloutReport, VariantSpec
+from prunefleet.shared.messages import (
+    DeviceFacts,
+    InstalledVariant,
+    ReportedState,
+    RolloutReport,
+    VariantProfile,
+    VariantSpec,
+)
 
 __all__ = ["Counters", "Reporter"]
 
@@ -64,7 +71,11 @@ class Reporter:
         downloading: dict[str, float],
         rollout: RolloutReport | None,
         extra_counters: Mapping[str, int],
+        facts: DeviceFacts | None = None,
+        profiles: Mapping[str, VariantProfile] | None = None,
     ) -> ReportedState:
+        """``facts`` go in the first report after each connection; ``profiles`` of the
+        installed variants in every one."""
         c = self.counters
         return ReportedState(
             device_id=self.device_id,
@@ -85,4 +96,7 @@ class Reporter:
                 "install_failures": c.install_failures,
                 **extra_counters,
             },
+            facts=facts,
+            profiles={n: p for n, p in sorted((profiles or {}).items())
+                      if n in installed and installed[n].sha256 == p.sha256},
         )

@@ -8,7 +8,9 @@ threads by :mod:`.serving`), the rollout phase (:mod:`.phase`), telemetry batche
 Threads: the transport's network thread only enqueues; request threads call
 :meth:`Agent.predict`; one loop thread (:meth:`run`, or whoever calls :meth:`step`, as
 the simulator's workers do) drains the inbound queue, installs, reads sensors, cuts and
-sends telemetry and publishes the reported state. It alone publishes.
+sends telemetry and publishes the reported state. It alone publishes. The profiler
+(:mod:`.profile`) measures installed variants in a thread of its own, at low priority and
+out of the way of requests; the loop thread collects its results.
 
 Seams: ``transport`` (:class:`~prunefleet.shared.transport.Transport`), ``clock``,
 ``sensors``, ``engine`` (ONNX Runtime or simulated inference) and ``telemetry_queue``
@@ -30,28 +32,39 @@ from prunefleet.shared import __version__
 from prunefleet.shared.clock import Clock, SystemClock
 from prunefleet.shared.errors import ProtocolError, PrunefleetError
 from prunefleet.shared.messages import (
-    Command,
-    CommandKind,
+    DeviceFacts,
     Event,
     EventKind,
     Manifest,
     ReportedState,
     SignedManifest,
+    TelemetryAck,
+    VariantProfile,
     decode,
 )
 from prunefleet.shared.policy import PolicyConfig
 from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import Inbound, Transport
 
-from .build import device_transport, load_trusted_keys, make_config_sensors, serving_options
+from .build import (
+    device_facts,
+    device_transport,
+    energy_meter,
+    load_trusted_keys,
+    make_config_sensors,
+    serving_options,
+)
 from .config import AgentConfig
+from .devicefacts import active_power_w
 from .downloader import Downloader
 from .follower import ManifestFollower, Source
 from .installer import Fetcher, Installer
+from .profile import Profiler, ProfileStore, profile_key
 from .reporting import Reporter
-from .runtime import Engine, ModelPool, OnnxEngine, Served
+from .runtime import Engine, LoadedVariant, ModelPool, OnnxEngine, Served
 from .sensors import Sensors
 from .serving import RequestPath
+from .shadow import ShadowEvaluator, ShadowOptions
 from .store import VariantStore
 from .systemd import Notifier
 from .telemetry import Aggregator, DiskQueue, TelemetryQueue, TelemetrySender
@@ -67,7 +80,9 @@ class Agent:
                  clock: Clock | None = None, engine: Engine | None = None,
                  telemetry_queue: TelemetryQueue | None = None,
                  downloader: Fetcher | None = None,
-                 agent_version: str = __version__) -> None:
+                 agent_version: str = __version__, facts: DeviceFacts | None = None) -> None:
+        """``facts``: what the device is (default: read from this machine, see
+        :mod:`.devicefacts`); the simulator passes simulated ones."""
         self.config = config
         self.device_id = config.device_id
         self.clock = clock or SystemClock()
@@ -81,18 +96,44 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.follower = ManifestFollower(
             load_trusted_keys(config.trusted_keys), self.device_id, config.group,
-            config.policy, {s: self.store.accepted_version(s) for s in ("device", "group")})
+            config.policy, {s: self.store.accepted_version(s) for s in ("device", "group")},
+            revoked=self.store.revoked_keyids(), max_version_jump=config.max_version_jump)
         self.sensors = sensors or make_config_sensors(config, self.clock)
         self.battery = getattr(self.sensors, "battery", None)
         self.agg = Aggregator(self.device_id, self.clock.time())
         self.tqueue = telemetry_queue or DiskQueue(self.state_dir / "telemetry",
                                                    config.telemetry_queue_max_batches)
-        self.sender = TelemetrySender(self.tqueue, config.telemetry_max_in_flight)
+        self.sender = TelemetrySender(self.tqueue, config.telemetry_max_in_flight,
+                                      config.telemetry_ack_timeout_s)
         self.reporter = Reporter(self.device_id, config.group, agent_version)
         self.counters = self.reporter.counters
-        self.serving = RequestPath(self.pool, self.agg, self.clock, serving_options(config),
+        self.facts = facts or device_facts(config)
+        self._facts_due = True  # in the first reported state after each connection
+        power = self._active_power_w(config)
+        self.serving = RequestPath(self.pool, self.agg, self.clock,
+                                   serving_options(config, power),
                                    config.policy, self.sensors.read(), battery=self.battery,
                                    on_switch=lambda *_: self.reporter.mark())
+        sc = config.shadow
+        self.shadow = ShadowEvaluator(self.pool, ShadowOptions(
+            queue_max=sc.queue_max, cpu_share=sc.cpu_budget_percent / 100, nice=sc.nice))
+        if sc.enabled:
+            self.serving.shadow = self.shadow
+        self._shadow_seen: tuple[int, object] | None = None  # (manifest version, its shadow)
+        self._served_before: str | None = None  # the variant served before evaluation began
+        meter = energy_meter(config)
+        self.profiles: dict[str, VariantProfile] = {}
+        self.profiler = Profiler(
+            self.engine, self.engine.infer, config.profile, ProfileStore(self.state_dir),
+            key=profile_key(threads=config.intra_op_threads,
+                            ort_version=self.facts.ort_version,
+                            device_class=self.facts.device_class,
+                            energy=meter.source if meter else "cpu_time_estimate",
+                            active_power_w=power),
+            threads=config.intra_op_threads, active_power_w=power, meter=meter,
+            activity=self.serving.activity, wall=self.clock.time)
+        self._profile_requests: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._profiled_pool_version = -1
         self.transport: Transport = transport or device_transport(config)
         self._desired: dict[str, Source] = {self.topics.desired(self.device_id): "device"}
         if config.group:
@@ -103,7 +144,7 @@ class Agent:
             chunk_timeout_s=config.chunk_timeout_s, max_chunk_failures=config.max_chunk_failures)
         self.installer = Installer(self.follower, self.store, self.pool, self.engine,
                                    self.downloader, self.reporter, self.serving, self._event,
-                                   self._verifying)
+                                   self._verifying, on_loaded=self._profile_loaded)
         self.stopped = threading.Event()
         self._reload_requested = threading.Event()
         self.reload_source: Callable[[], AgentConfig] | None = None
@@ -133,15 +174,21 @@ class Agent:
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
-        for topic in (*self._desired, self.topics.commands(self.device_id)):
+        # Desired states only: no unsigned command can change what the agent does. The
+        # server's telemetry cursor only lets it delete batches the server stored.
+        for topic in self._desired:
             self.transport.subscribe(topic, 1)
+        self.transport.subscribe(self.topics.acked(self.device_id), 1)
+        log.info("device %s: connecting to the broker %s", self.device_id,
+                 self.transport.address.url)
         self.transport.start()
 
     def stop(self) -> None:
         self.stopped.set()
 
     def request_reload(self) -> None:
-        """Re-read the policy settings and trusted keys (SIGHUP); done on the loop thread."""
+        """Re-read the policy, cascade and energy settings and the trusted keys (SIGHUP);
+        done on the loop thread. Everything else in the configuration needs a restart."""
         self._reload_requested.set()
 
     def run(self, until: threading.Event | None = None, on_stop=None) -> None:
@@ -154,6 +201,7 @@ class Agent:
         """One pass of the loop: act on what arrived (waiting up to ``wait_s`` for it),
         then on every timer that is due."""
         self._drain(wait_s)
+        self._follow_shadow()
         now, due = self.clock.monotonic(), self._next
         if now >= due["sensors"]:
             due["sensors"] = now + self.config.sensor_interval_s
@@ -167,22 +215,26 @@ class Agent:
         if now >= due["tick"]:
             due["tick"] = now + 1.0
             self.installer.tick(now)
+        self._collect_profiles()
         if now >= due["telemetry"]:
             due["telemetry"] = now + self.config.telemetry_interval_s
             self.cut_telemetry()
         connected = self.transport.connected.is_set()
-        self.sender.pump(self._publish_telemetry, connected)
+        self.sender.pump(self._publish_telemetry, connected, now)
         if connected and self.reporter.due(self._problem_count(), now):
             self._publish_reported()
 
     def begin_shutdown(self) -> None:
         self.notifier.stopping()
+        self.profiler.close()
+        self.shadow.close()
         self.cut_telemetry()
 
     def flush_step(self) -> bool:
-        """Send queued telemetry; True while some is left and the broker is reachable."""
+        """Send queued telemetry; True while some is not yet confirmed stored and the broker
+        is reachable."""
         connected = self.transport.connected.is_set()
-        self.sender.pump(self._publish_telemetry, connected)
+        self.sender.pump(self._publish_telemetry, connected, self.clock.monotonic())
         return connected and bool(self.tqueue.pending())
 
     def say_goodbye(self) -> None:
@@ -212,16 +264,17 @@ class Agent:
                 return
 
     def _handle(self, item: Inbound) -> None:
+        if item.kind != "disconnected":
+            self.downloader.heard(self.clock.monotonic())  # the broker answers: link alive
         if item.kind == "published":
-            self.sender.acked(item.mid)
             if item.mid == self._goodbye:
                 self._goodbye = None
         elif item.kind == "connected":
             log.info("connected to %s", self.transport.address.url)
+            self._facts_due = True
             self.reporter.mark()
         elif item.kind == "disconnected":
             log.warning("disconnected from broker %s", self.transport.address.url)
-            self.sender.disconnected()
         elif item.kind == "message":
             try:
                 self._on_message(item)
@@ -240,12 +293,11 @@ class Agent:
             if item.payload:  # an empty retained message clears the state: nothing to do
                 self.installer.offer(decode(SignedManifest, item.payload), source,
                                      self.clock.time(), self.clock.monotonic())
-        elif item.topic == self.topics.commands(self.device_id):
-            cmd = decode(Command, item.payload)
-            pin = cmd.variant if cmd.kind is CommandKind.PIN else None
-            if cmd.kind in (CommandKind.PIN, CommandKind.UNPIN):
-                self.serving.update(pinned=pin)
-            self.reporter.mark()
+        elif item.topic == self.topics.acked(self.device_id):
+            if item.payload:
+                ack = decode(TelemetryAck, item.payload)
+                if ack.device_id == self.device_id:
+                    self.sender.confirmed(ack.incarnation, ack.stored_through)
         else:
             self.installer.on_chunk(item.topic, item.payload, self.clock.monotonic())
 
@@ -261,15 +313,72 @@ class Agent:
             log.error("reload failed, keeping the current settings: %s", e)
             self.notifier.status(f"reload failed: {e}"[:200])
             return
-        self.follower.trusted = keys
+        keys_changed = set(keys.keyids) != set(self.follower.trusted.keyids)
+        self.follower.set_trusted(keys)
+        if keys_changed:
+            # Subscribing again makes the broker resend the retained desired states: one
+            # refused for a key pinned only now is taken without waiting for the next.
+            for topic in self._desired:
+                self.transport.subscribe(topic, 1)
         self.config = self.config.model_copy(update={
             "policy": fresh.policy, "energy": fresh.energy, "cascade": fresh.cascade,
             "trusted_keys": fresh.trusted_keys})
-        self.serving.set_options(serving_options(self.config))
+        self.serving.set_options(serving_options(self.config, self._active_power_w(self.config)))
         self.serving.update(policy=policy)
-        msg = f"policy reloaded, {len(keys.keyids)} trusted key(s)"
+        msg = f"policy reloaded, {len(self.follower.trusted.keyids)} trusted key(s)"
         log.info(msg)
         self.notifier.status(msg)
+
+    # -- on-device profiles ----------------------------------------------------------------
+    def request_profile(self, variant: str | None = None) -> None:
+        """Measure ``variant`` (every installed one when None) again; any thread."""
+        self._profile_requests.put(variant)
+
+    def _active_power_w(self, config: AgentConfig) -> float:
+        """Watts a busy core adds: configured, else per class, else the facts' figure."""
+        e, f = config.energy, self.facts
+        if e.active_power_w is None and f.device_class not in e.class_active_power_w \
+                and f.active_power_w is not None:
+            return f.active_power_w
+        return active_power_w(f.arch, f.device_class, e.active_power_w, e.class_active_power_w)
+
+    def _profile_loaded(self, lv: LoadedVariant, memory_mb: float | None) -> None:
+        self.profiler.want(lv, memory_mb)
+
+    def _collect_profiles(self) -> None:
+        """Take finished profiles (and requests for new ones); drop those of variants no
+        longer installed. Loop thread."""
+        while True:
+            try:
+                name = self._profile_requests.get_nowait()
+            except queue.Empty:
+                break
+            for lv in list(self.pool.table.values()):
+                if name is None or lv.name == name:
+                    old = self.profiles.get(lv.name)
+                    self.profiler.want(lv, old.memory_mb if old else None, force=True)
+        changed = False
+        for name, prof in self.profiler.take():
+            spec = self.pool.specs.get(name)
+            if spec is None or spec.sha256 != prof.sha256 or self.profiles.get(name) == prof:
+                continue
+            self.profiles[name] = prof
+            if self.profiler.stored(spec) != prof:
+                self.profiler.store.put(prof, self.profiler.key)
+            changed = True
+        if self._profiled_pool_version != self.pool.version:
+            self._profiled_pool_version = self.pool.version
+            specs = self.pool.specs
+            gone = [n for n, p in self.profiles.items()
+                    if n not in specs or specs[n].sha256 != p.sha256]
+            for n in gone:
+                del self.profiles[n]
+            changed = changed or bool(gone)
+            self.profiler.store.retain({s.sha256 for s in self.store.installed().values()})
+        if changed:
+            self.serving.set_profiles(self.profiles)
+            self.shadow.set_profiles(self.profiles)
+            self.reporter.mark()
 
     def _memory_pressure(self) -> None:
         """Under memory pressure keep only the active variant's session loaded."""
@@ -287,8 +396,9 @@ class Agent:
     def _publish_telemetry(self, data: bytes) -> int:
         return self._publish(self.topics.telemetry(self.device_id), data)
 
-    def reported_state(self, online: bool = True) -> ReportedState:
-        """What the device reports now (retained on the broker when published)."""
+    def reported_state(self, online: bool = True, with_facts: bool = False) -> ReportedState:
+        """What the device reports now (retained on the broker when published); its facts
+        too with ``with_facts``."""
         m = self.follower.manifest
         return self.reporter.build(
             online=online, ts=self.clock.time(), manifest_version=m.version if m else None,
@@ -296,22 +406,26 @@ class Agent:
             downloading=self.downloader.progress(),
             rollout=self.installer.rollout(self.serving.active),
             extra_counters={"rejected_chunks": self.downloader.rejected_chunks,
+                            "repeated_chunks": self.downloader.repeated_chunks,
                             "inbound_dropped": self.transport.dropped_inbound,
-                            "telemetry_dropped": self.tqueue.dropped_total})
+                            "telemetry_dropped": self.tqueue.dropped_total,
+                            **self._telemetry_counters()},
+            facts=self.facts if with_facts else None, profiles=self.profiles)
 
     def _problem_count(self) -> int:
         c = self.counters
         return (c.invalid_messages + c.rejected_manifests + c.install_failures
                 + self.downloader.rejected_chunks + self.transport.dropped_inbound
-                + self.tqueue.dropped_total)
+                + self.tqueue.dropped_total + self.sender.resent_total)
 
     def _verifying(self) -> None:
         if self.transport.connected.is_set():
             self._publish_reported()
 
     def _publish_reported(self) -> None:
-        self._publish(self.topics.reported(self.device_id), self.reported_state().encode(),
-                      retain=True)
+        state = self.reported_state(with_facts=self._facts_due)
+        self._publish(self.topics.reported(self.device_id), state.encode(), retain=True)
+        self._facts_due = False
         self.reporter.sent(self._problem_count(), self.clock.monotonic())
 
     def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
@@ -319,8 +433,37 @@ class Agent:
                    variant=variant, detail=detail[:2048])
         self._publish(self.topics.events(self.device_id), ev.encode())
 
+    def _telemetry_counters(self) -> dict[str, int]:
+        """The telemetry queue as the reported state shows it (the server sums them)."""
+        return {"telemetry_queued": len(self.tqueue.pending()),
+                "telemetry_unconfirmed": self.sender.in_flight,
+                "telemetry_resent": self.sender.resent_total,
+                "telemetry_lag_s": int(self.sender.lag_s(self.clock.time()))}
+
     def cut_telemetry(self) -> None:
-        batch = self.agg.cut(self.tqueue.next_seq(), self.clock.time(),
-                             self.serving.readings, self.serving.active,
-                             self.tqueue.take_dropped())
+        seq = self.tqueue.next_seq()
+        pending = self.tqueue.pending()
+        batch = self.agg.cut(seq, self.clock.time(), self.serving.readings,
+                             self.serving.active, self.tqueue.take_dropped(),
+                             incarnation=self.tqueue.incarnation,
+                             unconfirmed_from=pending[0] if pending else seq)
+        report = self.shadow.cut()
+        if report is not None:
+            batch = batch.model_copy(update={"shadow": report})
         self.tqueue.put(batch)
+
+    def _follow_shadow(self) -> None:
+        """Evaluate what the followed manifest's ``shadow`` section names (loop thread)."""
+        m = self.follower.manifest
+        spec = m.shadow if m is not None and self.config.shadow.enabled else None
+        if spec is not None and spec.until is not None and self.clock.time() > spec.until:
+            spec = None  # the wave's observe window is over
+        if not self.shadow.active:
+            self._served_before = self.serving.active
+        key = (m.version if m else 0, spec)
+        if key == self._shadow_seen:
+            return
+        self._shadow_seen = key
+        self.shadow.configure(spec, self._served_before)
+        if spec is not None:
+            self.shadow.start()

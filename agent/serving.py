@@ -21,15 +21,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from prunefleet.shared.clock import Clock
-from prunefleet.shared.messages import Reason, VariantSpec
+from prunefleet.shared.messages import Reason, VariantProfile, VariantSpec
 from prunefleet.shared.policy import PolicyConfig
 
 from .complexity import Ewma, estimate_complexity
-from .config import CascadeConfig, EnergyConfig
+from .config import CascadeConfig
+from .devicefacts import FALLBACK_ACTIVE_POWER_W
+from .energy import estimate_j
 from .errors import NoVariantError
-from .policy import PolicyState, VariantInfo, decide, order_variants, plan_cascade
+from .policy import (
+    PolicyState,
+    VariantInfo,
+    decide,
+    drop_dominated,
+    order_variants,
+    plan_cascade,
+)
+from .profile import Activity
 from .runtime import ModelPool, Served
 from .sensors import Readings, SimulatedBattery
+from .shadow import ShadowEvaluator
 from .telemetry import Aggregator
 
 log = logging.getLogger(__name__)
@@ -42,7 +53,9 @@ _UNSET = object()
 @dataclass(frozen=True)
 class ServingOptions:
     cascade: CascadeConfig
-    energy: EnergyConfig
+    # Watts a busy core draws above idle: the energy of a variant not profiled yet is its
+    # inference time times this (``cpu_time_estimate``).
+    active_power_w: float = FALLBACK_ACTIVE_POWER_W
     complexity_ewma_alpha: float = 0.2
     complexity_min_interval_s: float = 0.005
     policy_eval_interval_s: float = 0.01
@@ -81,7 +94,15 @@ class RequestPath:
         self._pinned: str | None = None
         self._inputs = 0
         self._cache: tuple[tuple[int, int], float, str, Reason] | None = None
-        self._infos: tuple[int, tuple[VariantInfo, ...]] = (-1, ())
+        self._infos: tuple[tuple[int, int, str | None, float], tuple[VariantInfo, ...]] = (
+            (-1, -1, None, -1.0), ())
+        # This device's profiles (variant → profile), replaced whole by the loop thread.
+        self._profiles: dict[str, VariantProfile] = {}
+        self._profiles_version = 0
+        # Requests in flight and the last one's arrival: the profiler yields to them.
+        self.activity = Activity()
+        # Copies a sampled share of requests for shadow evaluation (never waits).
+        self.shadow: ShadowEvaluator | None = None
 
     # -- inputs (loop thread) -------------------------------------------------------------
     def update(self, *, readings: Readings | None = None, policy: PolicyConfig | None = None,
@@ -96,6 +117,18 @@ class RequestPath:
                 assert pinned is None or isinstance(pinned, str)
                 self._pinned = pinned
             self._inputs += 1
+
+    def set_profiles(self, profiles: dict[str, VariantProfile]) -> None:
+        """This device's measured profiles: the policy orders by them and the battery
+        drains by their energy."""
+        with self._lock:
+            self._profiles = dict(profiles)
+            self._profiles_version += 1
+            self._inputs += 1
+
+    @property
+    def profiles(self) -> dict[str, VariantProfile]:
+        return self._profiles
 
     def set_options(self, options: ServingOptions) -> None:
         with self._lock:
@@ -121,27 +154,44 @@ class RequestPath:
     # -- the request path (any thread) -----------------------------------------------------
     def predict(self, x: np.ndarray, label: int | None = None) -> Served:
         """Serve one request (N inputs) on the variant the policy picks."""
-        if self.options.cascade.enabled and len(self.pool.specs) > 1:
-            served, used = self._predict_cascade(x)
-        else:
-            served = self.pool.run(x, self.choose)
-            used = [served.variant]
+        self.activity.begin()
+        try:
+            if self.options.cascade.enabled and len(self.pool.specs) > 1:
+                served, used = self._predict_cascade(x)
+            else:
+                served = self.pool.run(x, self.choose)
+                used = [(served.variant, served.latency_ms)]
+        finally:
+            self.activity.end()
         with self._lock:
             self._latencies.append(served.latency_ms)
         correct = None if label is None else bool(served.label == int(label))
         self.agg.record_request(served.variant, served.latency_ms, True, correct)
-        e = self.options.energy
-        joules = 0.0
-        for name in used:
-            spec = self.pool.specs.get(name)
-            if spec is not None:
-                joules += (e.base_j + e.joules_per_mac * spec.macs) * served.logits.shape[0]
-        self.agg.record_energy(joules)
+        if self.shadow is not None:
+            self.shadow.offer(x)
+        joules = self._energy(used, served.logits.shape[0])
         if self.battery is not None:
             self.battery.consume(joules)
         return served
 
-    def _predict_cascade(self, x: np.ndarray) -> tuple[Served, list[str]]:
+    def _energy(self, used: list[tuple[str, float]], n: int) -> float:
+        """Joules the request took: each variant's profiled energy per inference, or, for
+        one not profiled yet, its inference time times the active power (an estimate, and
+        telemetry says so)."""
+        total = 0.0
+        specs, profiles = self.pool.specs, self._profiles
+        for name, ms in used:
+            spec, prof = specs.get(name), profiles.get(name)
+            if prof is not None and spec is not None and prof.sha256 == spec.sha256:
+                joules = prof.energy_mj / 1000.0 * n
+                self.agg.record_energy(joules, prof.energy_source)
+            else:
+                joules = estimate_j(ms / 1000.0, self.options.active_power_w)
+                self.agg.record_energy(joules, "cpu_time_estimate")
+            total += joules
+        return total
+
+    def _predict_cascade(self, x: np.ndarray) -> tuple[Served, list[tuple[str, float]]]:
         """The cheapest variant first; escalate to the policy's budget for a hard input
         when any answer in the batch is less confident than the threshold."""
         specs = self.pool.specs
@@ -154,18 +204,26 @@ class RequestPath:
         y, ms = self.pool.infer(first, x)
         if plan.escalate_to is None or not plan.escalates(
                 _min_confidence(y), self.options.cascade.confidence):
-            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [first.name]
+            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [(first.name, ms)]
         top = self.pool.resolve(plan.escalate_to)
         if top.name == first.name:
-            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [first.name]
+            return Served(first.name, Reason.COMPLEXITY_LOW, y, ms), [(first.name, ms)]
         y2, ms2 = self.pool.infer(top, x)
-        return Served(top.name, Reason.CASCADE, y2, ms + ms2), [first.name, top.name]
+        return (Served(top.name, Reason.CASCADE, y2, ms + ms2),
+                [(first.name, ms), (top.name, ms2)])
 
     def _table(self, specs: dict[str, VariantSpec]) -> tuple[VariantInfo, ...]:
-        version, infos = self._infos
-        if version != self.pool.version:
-            infos = order_variants(VariantInfo.from_spec(s) for s in specs.values())
-            self._infos = (self.pool.version, infos)
+        """The policy's table: this device's figures where it has them, without variants
+        another one beats on both latency and accuracy here (a pinned one stays)."""
+        margin = self._policy.accuracy_margin_pp / 100.0
+        key = (self.pool.version, self._profiles_version, self._pinned, margin)
+        cached, infos = self._infos
+        if cached != key:
+            profiles = self._profiles
+            infos = order_variants(drop_dominated(
+                (VariantInfo.from_spec(s, profiles.get(s.name)) for s in specs.values()),
+                keep=self._pinned, margin=margin))
+            self._infos = (key, infos)
         return infos
 
     def choose(

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from prunefleet.shared.messages import VariantSpec
+from prunefleet.shared.messages import DeviceFacts, VariantProfile, VariantSpec
 
 from .downloader import Completed, Failed
 from .errors import InstallError
 from .runtime import LoadedVariant
 
-__all__ = ["SimulatedDownloader", "SimulatedEngine", "encode_label"]
+__all__ = ["SimulatedDownloader", "SimulatedEngine", "encode_label", "simulated_facts"]
 
 
 def encode_label(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -39,9 +39,14 @@ def encode_label(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 class SimulatedEngine:
-    def __init__(self, *, speed: float = 1.0, fails: bool = False, seed: str | int = 0) -> None:
+    """``active_power_w``: watts a busy core of this simulated device draws above idle
+    (its profiles' energy is their latency times it, as the CPU-time estimate counts)."""
+
+    def __init__(self, *, speed: float = 1.0, fails: bool = False, seed: str | int = 0,
+                 active_power_w: float = 2.0) -> None:
         self.speed = speed
         self.fails = fails
+        self.active_power_w = active_power_w
         self._rng = np.random.default_rng(
             int.from_bytes(hashlib.sha256(f"engine:{seed}".encode()).digest()[:8], "big"))
         self._lock = threading.Lock()
@@ -64,8 +69,28 @@ class SimulatedEngine:
         # A right answer is confident, a wrong one is not: the cascade sees the difference.
         logits = np.zeros((n, classes), dtype=np.float32)
         logits[np.arange(n), pred] = np.where(right, 6.0, 1.0)
+        return logits, self._latency_ms(spec) * jitter * n
+
+    def _latency_ms(self, spec: VariantSpec) -> float:
         per_sample = spec.latency_ms if spec.latency_ms is not None else 0.2 + spec.macs / 5e6
-        return logits, per_sample * self.speed * jitter * n
+        return per_sample * self.speed
+
+    def simulated_profile(self, spec: VariantSpec, threads: int, runs: int) -> VariantProfile:
+        """What profiling would find here: the declared latency times the device's speed,
+        all of it CPU time, and the energy the CPU-time estimate gives for it."""
+        ms = self._latency_ms(spec)
+        return VariantProfile(
+            sha256=spec.sha256, latency_ms_p50=ms, latency_ms_p95=ms * 1.1, cpu_ms=ms,
+            memory_mb=round(spec.params * 4 / 2**20 + 0.5, 3), energy_mj=ms * self.active_power_w,
+            energy_source="cpu_time_estimate", runs=runs, threads=threads)
+
+
+def simulated_facts(device_class: str = "sim-x86_64-1c", cores: int = 1,
+                    active_power_w: float = 2.0) -> DeviceFacts:
+    """The facts a simulated device reports (it reads nothing of the machine it runs on)."""
+    return DeviceFacts(arch="simulated", cpu_model="simulated", isa=[], cores=cores,
+                       memory_mb=1024, ort_version=None, providers=[],
+                       device_class=device_class, active_power_w=active_power_w)
 
 
 class SimulatedDownloader:
@@ -74,8 +99,12 @@ class SimulatedDownloader:
     def __init__(self, bandwidth_bytes_s: float) -> None:
         self.bandwidth = bandwidth_bytes_s
         self.rejected_chunks = 0
+        self.repeated_chunks = 0
         self._active: dict[str, tuple[VariantSpec, float]] = {}  # sha → (spec, started)
         self._progress: dict[str, float] = {}
+
+    def heard(self, now: float) -> None:
+        """Nothing to time out: progress is simulated."""
 
     def want(self, spec: VariantSpec, now: float) -> None:
         self._active.setdefault(spec.sha256, (spec, now))

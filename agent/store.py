@@ -7,6 +7,7 @@ Layout::
     <state>/variants/.<sha256>.done    indexes of chunks already written and synced
     <state>/installed.json             name → spec of every installed variant
     <state>/trust.json                 highest manifest version accepted
+    <state>/revoked-keys.json          signing key ids a verified manifest revoked
 
 Every write of a small file goes through :func:`prunefleet.shared.fsutil.atomic_write`:
 temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
@@ -39,7 +40,7 @@ class VariantStore:
         try:
             raw = json.loads(self._index_path.read_text())
             out = {name: VariantSpec.model_validate(spec) for name, spec in raw.items()}
-        except (ValueError, TypeError) as e:
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
             # A corrupt index must not stop the agent: it re-fetches what it needs.
             log.error("installed.json unreadable (%s); starting with no variants", e)
             return {}
@@ -87,8 +88,8 @@ class VariantStore:
         try:
             raw = json.loads(self._trust_path.read_text())
             return {str(k): int(v) for k, v in raw.items() if k in ("device", "group")}
-        except (FileNotFoundError, ValueError, TypeError, AttributeError):
-            return {}
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+            return {}  # unreadable: the floors start again from the next manifest
 
     def accepted_version(self, source: str | None = None) -> int:
         """Highest manifest version accepted from ``source`` ("device" or "group"), or from
@@ -104,6 +105,22 @@ class VariantStore:
         trust[source] = max(version, trust.get(source, 0))
         atomic_write(self._trust_path, json.dumps(trust).encode())
 
+    def revoked_keyids(self) -> frozenset[str]:
+        """Key ids never to trust again. An unreadable file cannot un-revoke anything:
+        a key it held is trusted again only until the next manifest names it."""
+        try:
+            raw = json.loads((self.state_dir / "revoked-keys.json").read_text())
+            return frozenset(k for k in raw if isinstance(k, str) and len(k) == 64)
+        except FileNotFoundError:
+            return frozenset()
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            log.error("revoked-keys.json unreadable (%s)", e)
+            return frozenset()
+
+    def add_revoked(self, keyids: frozenset[str] | set[str]) -> None:
+        data = sorted(self.revoked_keyids() | set(keyids))
+        atomic_write(self.state_dir / "revoked-keys.json", json.dumps(data).encode())
+
     def save_manifest(self, signed: bytes) -> None:
         """The signed manifest the agent follows, kept across restarts."""
         atomic_write(self.state_dir / "manifest.json", signed)
@@ -112,4 +129,7 @@ class VariantStore:
         try:
             return (self.state_dir / "manifest.json").read_bytes()
         except FileNotFoundError:
+            return None
+        except OSError as e:
+            log.error("manifest.json unreadable (%s); waiting for the retained one", e)
             return None

@@ -5,14 +5,18 @@ a :class:`TelemetryQueue` keeps it (:class:`DiskQueue` on a device, :class:`Memo
 for a simulated one), :class:`TelemetrySender` sends it with a bounded number in flight.
 
 A batch is written to ``<state>/telemetry/<seq>.json`` before it is sent, and deleted
-only when the broker acknowledged its QoS 1 publish. When the queue is full the oldest
-batch is dropped and the loss is counted in the next batch (``batches_dropped``).
-Sequence numbers survive restarts (``next_seq``), so the server drops duplicates.
+only when the server confirmed storing it (its "stored through" cursor on
+``<prefix>/devices/<id>/acked``); what stays unconfirmed is sent again. When the queue is
+full the oldest batch is dropped and the loss is counted in the next batch
+(``batches_dropped``). Sequence numbers survive restarts (``next_seq``) and count within
+the queue's incarnation, so the server drops duplicates but not a re-flashed device's data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,7 +26,15 @@ from typing import Protocol
 import numpy as np
 
 from prunefleet.shared.fsutil import atomic_write
-from prunefleet.shared.messages import Reason, SwitchEvent, TelemetryBatch, VariantStats
+from prunefleet.shared.messages import (
+    MAX_ENERGY_J,
+    MAX_LATENCY_MS,
+    EnergySource,
+    Reason,
+    SwitchEvent,
+    TelemetryBatch,
+    VariantStats,
+)
 
 from .sensors import Readings
 
@@ -52,6 +64,7 @@ class Aggregator:
         self._switches: list[SwitchEvent] = []
         self._switches_dropped = 0
         self._energy_j = 0.0
+        self._energy_by_source: dict[str, float] = {}
 
     def record_request(
         self, variant: str, latency_ms: float, ok: bool = True, correct: bool | None = None
@@ -76,13 +89,16 @@ class Aggregator:
             else:
                 self._switches_dropped += 1
 
-    def record_energy(self, joules: float) -> None:
+    def record_energy(self, joules: float, source: EnergySource | None = None) -> None:
+        """``source``: where the figure came from (profile's meter, or the estimate)."""
         with self._lock:
             self._energy_j += joules
+            if source is not None:
+                self._energy_by_source[source] = self._energy_by_source.get(source, 0.0) + joules
 
     def cut(
         self, seq: int, end: float, readings: Readings | None, active: str | None,
-        batches_dropped: int = 0,
+        batches_dropped: int = 0, incarnation: str = "", unconfirmed_from: int | None = None,
     ) -> TelemetryBatch:
         """Close the interval into a batch and start the next one."""
         with self._lock:
@@ -90,12 +106,18 @@ class Aggregator:
             switches, self._switches = self._switches, []
             sd, self._switches_dropped = self._switches_dropped, 0
             energy, self._energy_j = self._energy_j, 0.0
+            by_source, self._energy_by_source = self._energy_by_source, {}
             start, self._start = self._start, end
         stats = {}
         for name, a in vars_.items():
             p50 = p95 = p99 = None
             if a.latencies:
-                p50, p95, p99 = (float(v) for v in np.percentile(a.latencies, [50, 95, 99]))
+                qs = np.percentile(np.clip(a.latencies, 0.0, MAX_LATENCY_MS * 0.999),
+                                   [50, 95, 99])
+                # The wire model refuses decreasing percentiles; rounding must not cause one.
+                p50 = float(qs[0])
+                p95 = max(p50, float(qs[1]))
+                p99 = max(p95, float(qs[2]))
             stats[name] = VariantStats(
                 requests=a.requests, errors=a.errors, labeled=a.labeled, correct=a.correct,
                 latency_ms_p50=p50, latency_ms_p95=p95, latency_ms_p99=p99,
@@ -105,14 +127,18 @@ class Aggregator:
         if r is not None and r.mem_available_percent is not None:
             mem = max(0.0, min(100.0, 100.0 - r.mem_available_percent))
         return TelemetryBatch(
-            device_id=self.device_id, seq=seq, interval_start=start, interval_end=max(end, start),
+            device_id=self.device_id, seq=seq, incarnation=incarnation,
+            unconfirmed_from=seq if unconfirmed_from is None else min(unconfirmed_from, seq),
+            interval_start=start, interval_end=max(end, start),
             variants=stats, switches=switches, switches_dropped=sd, active_variant=active,
             battery_percent=_clip(r.battery_percent if r else None),
             charging=r.charging if r else None,
             cpu_percent=_clip(r.cpu_percent if r else None),
             mem_percent=mem,
-            temperature_c=r.temperature_c if r else None,
-            energy_j=energy, batches_dropped=batches_dropped,
+            temperature_c=(None if r is None or r.temperature_c is None
+                           else max(-100.0, min(200.0, float(r.temperature_c)))),
+            energy_j=min(max(energy, 0.0), MAX_ENERGY_J), batches_dropped=batches_dropped,
+            energy_by_source={k: min(max(v, 0.0), MAX_ENERGY_J) for k, v in by_source.items()},
         )
 
 
@@ -120,12 +146,18 @@ def _clip(v: float | None) -> float | None:
     return None if v is None else max(0.0, min(100.0, float(v)))
 
 
+def new_incarnation() -> str:
+    return secrets.token_hex(8)
+
+
 class TelemetryQueue(Protocol):
-    """Where cut batches wait until they are acknowledged: on disk on a device, in memory
-    for a simulated one. Bounded: past ``max_batches`` the oldest is dropped and counted."""
+    """Where cut batches wait until the server confirmed storing them: on disk on a device,
+    in memory for a simulated one. Bounded: past ``max_batches`` the oldest is dropped and
+    counted. Sequence numbers count within ``incarnation``, made once per queue."""
 
     max_batches: int
     dropped_total: int
+    incarnation: str
 
     @property
     def issued(self) -> int:
@@ -146,9 +178,10 @@ class MemoryQueue:
     def __init__(self, max_batches: int = 1000) -> None:
         self.max_batches = max_batches
         self.dropped_total = 0
+        self.incarnation = new_incarnation()
         self._dropped_unreported = 0
         self._next_seq = 0
-        self._batches: dict[int, bytes] = {}
+        self._batches: dict[int, bytes] = {}  # in seq order: put in order, deleted from any
 
     @property
     def issued(self) -> int:
@@ -164,12 +197,12 @@ class MemoryQueue:
         return n
 
     def pending(self) -> list[int]:
-        return sorted(self._batches)
+        return list(self._batches)
 
     def put(self, batch: TelemetryBatch) -> None:
         self._batches[batch.seq] = batch.encode()
         while len(self._batches) > self.max_batches:
-            del self._batches[min(self._batches)]
+            del self._batches[next(iter(self._batches))]
             self.dropped_total += 1
             self._dropped_unreported += 1
 
@@ -181,7 +214,12 @@ class MemoryQueue:
 
 
 class DiskQueue:
-    """Bounded FIFO of encoded batches, one file each, named by sequence number."""
+    """Bounded FIFO of encoded batches, one file each, named by sequence number.
+
+    ``<dir>/incarnation`` holds the random id made when the directory was first used: a
+    re-flashed device (a new state directory) starts a new incarnation, so its sequence
+    numbers starting again at 0 are not taken for duplicates by the server.
+    """
 
     def __init__(self, directory: Path, max_batches: int = 1000):
         self.dir = Path(directory)
@@ -195,6 +233,35 @@ class DiskQueue:
         except (FileNotFoundError, ValueError):
             existing = self.pending()
             self._next_seq = existing[-1] + 1 if existing else 0
+        self.incarnation = self._load_incarnation()
+
+    def _load_incarnation(self) -> str:
+        path = self.dir / "incarnation"
+        try:
+            value = path.read_text().strip()
+        except FileNotFoundError:
+            value = ""
+        if not value or len(value) > 32 or not value.isalnum():
+            value = new_incarnation()
+            self._adopt(value)
+            atomic_write(path, value.encode())
+        return value
+
+    def _adopt(self, incarnation: str) -> None:
+        """Batches queued by an agent from before incarnations carry none, and the server
+        confirms only an incarnation's batches: give them this one."""
+        for seq in self.pending():
+            data = self.read(seq)
+            try:
+                batch = TelemetryBatch.model_validate_json(data or b"")
+            except ValueError:
+                self.path(seq).unlink(missing_ok=True)  # unreadable: lost either way
+                self.dropped_total += 1
+                self._dropped_unreported += 1
+                continue
+            if not batch.incarnation:
+                atomic_write(self.path(seq),
+                             batch.model_copy(update={"incarnation": incarnation}).encode())
 
     @property
     def issued(self) -> int:
@@ -241,44 +308,89 @@ class DiskQueue:
 
 
 class TelemetrySender:
-    """Sends queued batches at QoS 1, a bounded number in flight, deletes on PUBACK."""
+    """Sends queued batches at QoS 1 and deletes each one only when the server confirmed
+    storing it (its "stored through" cursor, :meth:`confirmed`), never on the broker's
+    PUBACK alone: the broker may still drop a message on its way to a slow server.
 
-    def __init__(self, queue: TelemetryQueue, max_in_flight: int = 10):
+    A batch is in flight from its publish until confirmed; at most ``max_in_flight`` are,
+    which paces a device to what the server stores. One not confirmed within
+    ``ack_timeout_s`` is sent again (``resent_total``); the server drops the duplicate and
+    confirms it again.
+    """
+
+    def __init__(self, queue: TelemetryQueue, max_in_flight: int = 10,
+                 ack_timeout_s: float = 30.0):
         self.queue = queue
         self.max_in_flight = max_in_flight
-        self._in_flight: dict[int, int] = {}  # mid → seq
-        self.acked_total = 0
+        self.ack_timeout_s = ack_timeout_s
+        self._sent: dict[int, float] = {}  # seq -> when it was (last) sent, monotonic
+        self.sent_total = 0
+        self.resent_total = 0
+        self.acked_total = 0  # confirmed by the server, deleted from the queue
+        self.stored_through = -1  # the server's last cursor for this incarnation
 
-    def pump(self, publish, connected: bool) -> int:
-        """Publish pending batches not yet in flight; returns how many were sent."""
+    def pump(self, publish, connected: bool, now: float) -> int:
+        """Send what is due: unconfirmed batches past their timeout again, then new ones
+        while fewer than ``max_in_flight`` are in flight. Returns how many were sent."""
         if not connected:
             return 0
-        flying = set(self._in_flight.values())
         sent = 0
+        for seq, at in list(self._sent.items()):
+            if now - at < self.ack_timeout_s:
+                continue
+            data = self.queue.read(seq)
+            if data is None:  # dropped from a full queue meanwhile
+                del self._sent[seq]
+                continue
+            publish(data)
+            self._sent[seq] = now
+            self.resent_total += 1
+            sent += 1
+        if len(self._sent) >= self.max_in_flight:
+            return sent
         for seq in self.queue.pending():
-            if len(self._in_flight) >= self.max_in_flight:
+            if len(self._sent) >= self.max_in_flight:
                 break
-            if seq in flying:
+            if seq in self._sent:
                 continue
             data = self.queue.read(seq)
             if data is None:
                 continue
-            mid = publish(data)
-            self._in_flight[mid] = seq
+            publish(data)
+            self._sent[seq] = now
+            self.sent_total += 1
             sent += 1
         return sent
 
-    def acked(self, mid: int) -> None:
-        seq = self._in_flight.pop(mid, None)
-        if seq is not None:
+    def confirmed(self, incarnation: str, stored_through: int) -> int:
+        """The server stored every batch of ``incarnation`` up to ``stored_through``:
+        delete them. A cursor of another incarnation (an earlier install) is ignored.
+        Returns how many batches were deleted."""
+        if incarnation != self.queue.incarnation:
+            return 0
+        self.stored_through = max(self.stored_through, stored_through)
+        n = 0
+        for seq in self.queue.pending():
+            if seq > stored_through:
+                break
             self.queue.ack(seq)
-            self.acked_total += 1
+            self._sent.pop(seq, None)
+            n += 1
+        self.acked_total += n
+        return n
 
-    def disconnected(self) -> None:
-        # paho re-sends unacknowledged QoS 1 messages itself after a reconnect; forget
-        # them here too, so anything lost is sent again (the server drops duplicates).
-        self._in_flight.clear()
+    def lag_s(self, now_wall: float) -> float:
+        """Age of the oldest batch not yet confirmed (from the end of its interval)."""
+        pending = self.queue.pending()
+        data = self.queue.read(pending[0]) if pending else None
+        if data is None:
+            return 0.0
+        try:
+            return max(0.0, now_wall - float(json.loads(data)["interval_end"]))
+        except (ValueError, KeyError, TypeError):
+            return 0.0
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        """Batches sent and not yet confirmed by the server."""
+        return len(self._sent)

@@ -2,10 +2,14 @@
 
     .venv/bin/python bench/battery.py [--quick] [--json PATH] [--variants DIR]
 
-Three runs of the real agent request path (an in-process :class:`Agent`: complexity
-estimate, the real policy with its hysteresis and dwell, ONNX Runtime, telemetry, and a
-:class:`SimulatedBattery` drained by ``base_j + joules_per_mac * MACs`` per request, the
-agent's own energy model):
+Runs of the real agent request path (an in-process :class:`Agent`: complexity estimate,
+the real policy with its hysteresis and dwell, ONNX Runtime, telemetry, and a
+:class:`SimulatedBattery` drained by the energy per inference of each variant's on-device
+profile, as the agent drains it). The profiles are measured here first, by the agent's own
+profiler (:func:`prunefleet.agent.profile.measure`): energy from this machine's meter
+(RAPL, hwmon, battery) when it has one, else CPU time times the active power of its
+architecture (``energy_source`` in the JSON says which). The battery holds the energy of
+``--charge-requests`` dense inferences, so a run's length does not depend on the machine:
 
 * **adaptive**: the three digits variants installed (dense, struct50, struct75);
 * **dense only** and **smallest only**: that one variant installed.
@@ -18,8 +22,8 @@ agent's sensor readings are refreshed every simulated second, so the policy's dw
 battery see a 50 Hz device while the bench runs as fast as the CPU allows. Inference is
 real, so accuracy is that of what was actually served.
 
-Targets (issue #5): >= 1.5x the requests of dense only, with <= 1 pp accuracy loss against
-dense only.
+Targets (issues #5 and #11): >= 1.5x the requests of dense only, with <= 1 pp accuracy
+loss against dense only, with the agent's default configuration.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from pathlib import Path
 
 import numpy as np
 
+from prunefleet.agent.build import device_facts, energy_meter
 from prunefleet.agent.config import load_config
-from prunefleet.agent.runtime import load_session
+from prunefleet.agent.profile import measure
+from prunefleet.agent.runtime import OnnxEngine, load_session
 from prunefleet.agent.sensors import make_sensors
 from prunefleet.agent.service import Agent
 from prunefleet.server.keys import load_or_create
@@ -88,8 +94,28 @@ class Result:
         return c / n if n else 0.0
 
 
+def profile_variants(vs, names: list[str]) -> tuple[dict, float, str]:
+    """Each variant's on-device profile on this machine (the agent's own measurement, its
+    default settings), the active power it used and the meter's name."""
+    cfg = load_config(None, env={}, device_id="bench-profile")
+    agent_power = _active_power(cfg)
+    meter = energy_meter(cfg)
+    engine = OnnxEngine(cfg.intra_op_threads)
+    out = {}
+    for name in names:
+        lv = load_session(vs.paths[name], vs.specs[name], cfg.intra_op_threads)
+        out[name] = measure(lv, engine.infer, cfg.profile.model_copy(update={"runs": 500}),
+                            threads=cfg.intra_op_threads, active_power_w=agent_power,
+                            meter=meter)
+    return out, agent_power, meter.source if meter else "cpu_time_estimate"
+
+
+def _active_power(cfg) -> float:
+    return device_facts(cfg).active_power_w or 1.0
+
+
 def serve_until_empty(vs, names: list[str], work: Path, capacity_j: float, x: np.ndarray,
-                      y: np.ndarray, tag: str, **overrides) -> Result:
+                      y: np.ndarray, tag: str, profiles: dict, **overrides) -> Result:
     clock = FakeClock()
     cfg = load_config(None, env={}, device_id=f"bench-{tag}", broker_url="mqtt://127.0.0.1:1",
                       state_dir=work / tag, trusted_keys=[work / "keys" / "public.pem"],
@@ -101,6 +127,9 @@ def serve_until_empty(vs, names: list[str], work: Path, capacity_j: float, x: np
     agent = Agent(cfg, sensors=sensors, clock=clock)
     for name in names:
         agent.pool.put(load_session(vs.paths[name], vs.specs[name], 1))
+    # What the agent's profiler reports after installing them (measured once, above).
+    agent.profiles.update({n: profiles[n] for n in names})
+    agent.serving.set_profiles(agent.profiles)
     battery = agent.battery
     assert battery is not None
     stream = Stream(x, y)
@@ -134,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the figures to this file")
     p.add_argument("--variants", type=Path, default=DEFAULT_VARIANTS,
                    help=f"where the digits variants are prepared (default {DEFAULT_VARIANTS})")
-    p.add_argument("--capacity-j", type=float,
-                   help="battery capacity (default 200 J, the agent's default; quick 100 J)")
+    p.add_argument("--charge-requests", type=int,
+                   help="battery capacity in dense inferences (default 4000; quick 2000)")
+    p.add_argument("--capacity-j", type=float, help="battery capacity in joules (overrides)")
     args = p.parse_args(argv)
-    capacity = args.capacity_j or (100.0 if args.quick else 200.0)
 
     print(f"machine: {machine()}")
     vs = digits_set(args.variants)
@@ -146,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         y = np.asarray(d["y"], dtype=np.int64)
     order = sorted(vs.specs, key=lambda n: vs.specs[n].macs)  # cheapest first
     dense, smallest = order[-1], order[0]
-    e = load_config(None, env={}, device_id="x").energy
-    print("energy per request (base_j + joules_per_mac * MACs): " + ", ".join(
-        f"{n} {(e.base_j + e.joules_per_mac * vs.specs[n].macs) * 1000:.2f} mJ" for n in order))
-    print(f"battery {capacity:g} J; stream: {len(x)} held-out digits at {RATE_HZ:g}/s, "
+    profiles, power, source = profile_variants(vs, order)
+    print(f"on-device profiles (energy: {source}"
+          + (f", {power:g} W per busy core" if source == "cpu_time_estimate" else "") + "): "
+          + ", ".join(f"{n} p50 {profiles[n].latency_ms_p50:.4f} ms, "
+                      f"{profiles[n].energy_mj:.4f} mJ" for n in order))
+    capacity = args.capacity_j or (
+        (args.charge_requests or (2000 if args.quick else 4000))
+        * profiles[dense].energy_mj / 1000.0)
+    print(f"battery {capacity:.4g} J; stream: {len(x)} held-out digits at {RATE_HZ:g}/s, "
           f"{PHASE_S:g} s clean / {PHASE_S:g} s noisy (sigma {NOISE_SIGMA}), simulated time")
 
     # Adaptive runs: the agent's defaults (the figures in --json), then the same with the
@@ -173,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         load_or_create(work / "keys")
         for key, _, names, overrides in plan:
-            runs[key] = serve_until_empty(vs, names, work, capacity, x, y, key, **overrides)
+            runs[key] = serve_until_empty(vs, names, work, capacity, x, y, key, profiles,
+                                          **overrides)
 
     base = runs["dense_only"]
     print(f"\n{'run':<26} {'requests':>8} {'vs dense':>8} {'acc %':>6} {'Δ pp':>6} "
@@ -199,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if loss_pp <= 1.0 else 'MISSED'} ({loss_pp:+.2f} pp loss)")
     if args.json:
         # The three keys the issue names; the other adaptive profiles beside them.
-        out = {k: {"requests": runs[k].requests, "accuracy": round(runs[k].accuracy, 5)}
-               for k, _, _, _ in plan}
+        out: dict = {k: {"requests": runs[k].requests, "accuracy": round(runs[k].accuracy, 5)}
+                     for k, _, _, _ in plan}
+        out["energy_source"] = source
+        out["energy_mj"] = {n: round(profiles[n].energy_mj, 6) for n in order}
+        out["latency_ms_p50"] = {n: round(profiles[n].latency_ms_p50, 6) for n in order}
+        out["capacity_j"] = round(capacity, 6)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")

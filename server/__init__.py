@@ -13,8 +13,7 @@ Public names (imported on first use: torch loads only when preparation is asked 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from prunefleet.shared.lazy import lazy_exports
 
 _EXPORTS = {
     "FleetServer": "fleet",
@@ -26,10 +25,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,6 +1,6 @@
-"""The CLI's server and admin subcommands: ``serve``, ``devices``, ``variants``,
-``rollout``, ``telemetry`` and ``simulate``. The admin commands talk to a running server
-through its HTTP API (:mod:`.adminclient`), so that server stays the single writer;
+"""The CLI's server and admin subcommands: ``serve``, ``devices``, ``pin``, ``unpin``,
+``variants``, ``rollout``, ``telemetry`` and ``simulate``. The admin commands talk to a
+running server through its HTTP API (:mod:`.adminclient`), so that server stays the single writer;
 ``simulate`` plays devices over MQTT (:mod:`.simulator`)."""
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from .adminclient import (
     find_token,
 )
 from .errors import DistributionError, ServerError
+
+# The share group's name keeps devices out of the servers' shared subscription.
+MIN_SHARE_GROUP_CHARS = 16
 
 
 def _client(args: argparse.Namespace) -> AdminClient:
@@ -63,11 +66,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from e
     if args.share_group is not None:
         check_id(args.share_group, "--share-group")
+        if len(args.share_group) < MIN_SHARE_GROUP_CHARS:
+            # mosquitto 2.0 cannot refuse a device's $share subscription (deploy/mosquitto/acl)
+            raise UsageError(f"--share-group must be a secret of {MIN_SHARE_GROUP_CHARS} "
+                             "characters at least (e.g. `openssl rand -hex 16`): a device "
+                             "that knows the name can take a share of the fleet's telemetry")
+    if args.client_id is not None:
+        check_id(args.client_id, "--client-id")
+    if not (args.device_rate >= 0 and args.device_burst >= 1):
+        raise UsageError("--device-rate must be 0 (no limit) or more, --device-burst 1 or more")
+    retention_s = None
+    if args.retention:
+        from .history import parse_duration
+
+        try:
+            retention_s = parse_duration(args.retention)
+        except ValueError as e:
+            raise UsageError(f"--retention: {e}") from e
     try:
         return serve(ServeOptions(
             state_dir=args.state_dir, broker_url=args.broker, db_url=args.db,
             listen=args.listen, key_dir=args.keys, prefix=args.prefix,
             share_group=args.share_group, metrics_public=args.metrics_public,
+            client_id=args.client_id, device_rate_per_s=args.device_rate,
+            device_burst=args.device_burst, retention_s=retention_s,
         ))
     except DistributionError as e:
         if "cannot reach the broker" not in str(e):
@@ -93,8 +115,11 @@ def _cmd_devices(args: argparse.Namespace) -> int:
         r = d["rollout"]
         phase = "-" if r is None else f"v{r['manifest_version']} {r['phase']}" + (
             f" {100 * r['progress']:.0f}%" if r["phase"] == "downloading" else "")
+        groups = ",".join(d["groups"]) or "-"
+        if d.get("requested_group"):
+            groups += f" (asks {d['requested_group']})"
         rows.append([d["device_id"], "online" if d["online"] else "offline",
-                     ",".join(d["groups"]) or "-", d["manifest_version"] or "-",
+                     groups, d["manifest_version"] or "-",
                      d["active_variant"] or "-", len(d["installed"]), phase,
                      _ago(d["last_seen"])])
     _table(rows, ["DEVICE", "STATE", "GROUPS", "MANIFEST", "ACTIVE", "INSTALLED", "ROLLOUT",
@@ -111,6 +136,43 @@ def _cmd_devices_groups(args: argparse.Namespace) -> int:
         _print_json(out)
     else:
         print(f"{out['device_id']}: groups {', '.join(out['groups']) or '(none)'}")
+    return 0
+
+
+def _cmd_devices_approve(args: argparse.Namespace) -> int:
+    for device in args.device:
+        check_id(device, "device id")
+    client = _client(args)
+    devices = list(args.device)
+    if args.all:
+        devices += [d["device_id"] for d in client.devices()
+                    if d.get("requested_group") and d["device_id"] not in devices]
+    if not devices:
+        raise UsageError("name a device, or pass --all (every device that asks for a group)")
+    out = [client.approve_group(d) for d in devices]
+    if args.json:
+        _print_json(out)
+    else:
+        for r in out:
+            print(f"{r['device_id']}: joined {r['approved']}; groups {', '.join(r['groups'])}")
+    return 0
+
+
+# -- pins ---------------------------------------------------------------------------------------
+def _cmd_pin(args: argparse.Namespace) -> int:
+    check_id(args.target, "device or group")
+    variant = getattr(args, "variant", None)
+    if variant is not None:
+        check_id(variant, "variant")
+    out = _client(args).pin(args.target, variant, group=True if args.group else None)
+    if args.json:
+        _print_json(out)
+        return 0
+    what = f"pinned to {variant}" if variant else "unpinned"
+    for d in out["devices"]:
+        print(f"{d['device_id']}: {what} (desired state v{d['manifest_version']})")
+    for d in out["skipped"]:
+        print(f"{d['device_id']}: not changed: {d['reason']}")
     return 0
 
 
@@ -243,10 +305,41 @@ def _rollout_line(r: dict) -> list:
 _HEADER = ["ID", "STATUS", "STAGE", "TARGET", "VARIANTS", "OK", "FAILED", "PENDING"]
 
 
+def _fig(v: float | None, limit: float | None, fmt: str = ".3f") -> str:
+    shown = "-" if v is None else format(v, fmt)
+    return shown if limit is None else f"{shown} ({format(limit, 'g')})"
+
+
+def _print_waves(r: dict) -> None:
+    """Each judged wave's figures against its gate (the gate's limit in brackets)."""
+    rows = []
+    for w in r.get("waves") or []:
+        variants = w["variants"] or {"-": None}
+        for name, v in variants.items():
+            if v is None:
+                rows.append([w["wave"], w["verdict"], w["devices"], w["reporting"], name,
+                             0, "-", "-", "-", "-"])
+                continue
+            rows.append([w["wave"], w["verdict"], w["devices"], w["reporting"], name,
+                         f"{v['samples']} ({v['min_requests']})",
+                         _fig(v["agreement"], v["min_agreement"]),
+                         _fig(v["error_rate"], v["max_error_rate"]),
+                         _fig(v["p95_ratio"], v["max_p95_ratio"], ".2f"),
+                         _fig(v["divergence"], None)])
+    if rows:
+        print()
+        _table(rows, ["WAVE", "VERDICT", "DEVICES", "REPORTING", "VARIANT", "SAMPLES (MIN)",
+                      "AGREEMENT (MIN)", "ERRORS (MAX)", "P95 RATIO (MAX)", "DIVERGENCE"])
+    for w in r.get("waves") or []:
+        if w["verdict"] != "pass":
+            print(f"wave {w['wave']}: {w['reason']}")
+
+
 def _print_rollout(r: dict) -> None:
     _table([_rollout_line(r)], _HEADER)
     if r.get("reason"):
         print(f"\n{r['reason']}")
+    _print_waves(r)
     devices = r.get("devices") or []
     if devices:
         print()
@@ -256,7 +349,60 @@ def _print_rollout(r: dict) -> None:
                ["DEVICE", "STATE", "STAGE", "MANIFEST", "PHASE", "PROGRESS", "REASON"])
 
 
+def _rollout_file(args: argparse.Namespace) -> None:
+    """Fill what the command line left out from ``--file`` (TOML): variants, target
+    (devices, group or fleet = true), waves, on_fail, pin, and a [gate] table."""
+    import tomllib
+
+    try:
+        doc = tomllib.loads(Path(args.file).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read the rollout file {args.file}: {e}") from e
+    unknown = set(doc) - {"variants", "devices", "group", "fleet", "waves", "on_fail", "pin",
+                          "gate"}
+    gate = doc.get("gate", {})
+    unknown |= {f"gate.{k}" for k in set(gate) - {
+        "min_agreement", "max_p95_ratio", "max_error_rate", "min_requests", "observe",
+        "sample_share", "min_device_share"}}
+    if unknown:
+        raise UsageError(f"{args.file}: unknown key(s) {', '.join(sorted(unknown))}")
+    args.variant = args.variant or doc.get("variants")
+    if not (args.device or args.group or args.fleet):
+        args.device, args.group = doc.get("devices"), doc.get("group")
+        args.fleet = bool(doc.get("fleet"))
+    if args.waves is None and "waves" in doc:
+        args.waves = ",".join(str(w) for w in doc["waves"])
+    args.on_fail = args.on_fail or doc.get("on_fail")
+    args.pin = args.pin or doc.get("pin")
+    for key in ("min_agreement", "max_p95_ratio", "max_error_rate", "min_requests",
+                "sample_share", "min_device_share"):
+        if getattr(args, key, None) is None and key in gate:
+            setattr(args, key, gate[key])
+    if args.observe is None and "observe" in gate:
+        args.observe = str(gate["observe"])
+
+
+def _gate(args: argparse.Namespace) -> dict:
+    from .history import parse_duration
+
+    gate = {k: getattr(args, k, None) for k in (
+        "min_agreement", "max_p95_ratio", "max_error_rate", "min_requests", "sample_share",
+        "min_device_share")}
+    if args.observe is not None:
+        try:
+            gate["observe_s"] = parse_duration(args.observe)
+        except ValueError as e:
+            raise UsageError(f"--observe: {e}") from e
+    return {k: v for k, v in gate.items() if v is not None}
+
+
 def _cmd_rollout_create(args: argparse.Namespace) -> int:
+    if args.file:
+        _rollout_file(args)
+    if not args.variant:
+        raise UsageError("name at least one --variant (or variants in --file)")
+    if not (args.device or args.group or args.fleet):
+        raise UsageError("name a target: --device, --group or --fleet (or in --file)")
     for device in args.device or []:
         check_id(device, "device id")
     if args.group is not None:
@@ -275,6 +421,17 @@ def _cmd_rollout_create(args: argparse.Namespace) -> int:
         "failure_threshold": args.failure_threshold, "success_phase": args.success_phase,
         "canary_timeout_s": args.canary_timeout, "device_timeout_s": args.device_timeout,
     }.items() if v is not None}
+    if args.waves is not None:
+        try:
+            config["waves"] = [float(w) for w in str(args.waves).split(",") if w.strip()]
+        except ValueError:
+            raise UsageError(f"--waves: {args.waves!r} is not a list of percents such as "
+                              "1,10,50,100") from None
+    gate = _gate(args)
+    if gate:
+        config["gate"] = gate
+    if args.on_fail:
+        config["on_fail"] = args.on_fail
     body = {"target": target, "variants": args.variant, "config": config,
             "supersede": args.supersede}
     if args.pin:
@@ -307,12 +464,18 @@ def _cmd_rollout_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
-    r = _client(args).rollout(args.id)
-    if args.json:
-        _print_json(r)
-    else:
-        _print_rollout(r)
-    return 0
+    client = _client(args)
+    r = client.rollout(args.id)
+    while True:
+        if args.json:
+            _print_json(r)
+        else:
+            _print_rollout(r)
+        if not args.watch or r["status"] not in ("active", "paused"):
+            return 0
+        time.sleep(args.watch)
+        r = client.rollout(args.id)
+        print(f"\n-- {time.strftime('%H:%M:%S')} --")
 
 
 def _cmd_rollout_action(args: argparse.Namespace) -> int:
@@ -321,6 +484,33 @@ def _cmd_rollout_action(args: argparse.Namespace) -> int:
         _print_json(r)
     else:
         _print_rollout(r)
+    return 0
+
+
+def _cmd_devices_delete(args: argparse.Namespace) -> int:
+    check_id(args.device, "device id")
+    out = _client(args).delete_device(args.device)
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"deleted {args.device}: its store rows and retained broker topics are gone")
+    return 0
+
+
+def _cmd_telemetry_prune(args: argparse.Namespace) -> int:
+    from .history import parse_duration
+
+    try:
+        older = parse_duration(args.older_than)
+    except ValueError as e:
+        raise UsageError(f"--older-than: {e}") from e
+    out = _client(args).prune_telemetry(older)
+    if args.json:
+        _print_json(out)
+    else:
+        d = out["deleted"]
+        print(f"deleted {d['telemetry']} telemetry batches and {d['events']} events from "
+              f"before {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(out['before']))}")
     return 0
 
 
@@ -407,9 +597,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"), metavar="DIR",
                    help="signing key directory, as for `keys init` (default %(default)s)")
     s.add_argument("--prefix", default="prunefleet", help="MQTT topic prefix (%(default)s)")
-    s.add_argument("--share-group", help="ingest through $share/GROUP/… (several servers)")
+    s.add_argument("--share-group", default=os.environ.get("PRUNEFLEET_SHARE_GROUP"),
+                   help="ingest through $share/GROUP/… (several servers); a secret, as "
+                        "devices must not join it (default $PRUNEFLEET_SHARE_GROUP)")
+    s.add_argument("--client-id", help="MQTT client id; give each server its own (default: "
+                   "random, kept in STATE_DIR/client-id, so a restart resumes its session)")
+    s.add_argument("--device-rate", type=float, default=20.0, metavar="PER_S",
+                   help="messages per second each device may send; more are dropped and "
+                   "counted (default %(default)g; 0: no limit)")
+    s.add_argument("--device-burst", type=float, default=200.0, metavar="N",
+                   help="messages a device may send at once (default %(default)g)")
     s.add_argument("--metrics-public", action="store_true",
                    help="serve GET /metrics without the bearer token (default: token needed)")
+    s.add_argument("--retention", metavar="DURATION",
+                   default=os.environ.get("PRUNEFLEET_RETENTION"),
+                   help="delete telemetry and events older than this, e.g. 30d, hourly "
+                        "(default $PRUNEFLEET_RETENTION, else keep everything)")
     s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("devices", help="list devices (or set their groups)")
@@ -426,6 +629,38 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dg.add_argument("device")
     dg.add_argument("groups", nargs="*", help="group names (none: remove from all)")
     dg.set_defaults(func=_cmd_devices_groups)
+    da = ds.add_parser("approve", help="grant the group a device asks for (its agent's "
+                       "configured group; until then it is in no group)")
+    _client_args(da, nested=True)
+    da.add_argument("device", nargs="*", help="device ids")
+    da.add_argument("--all", action="store_true",
+                    help="every device that asks for a group")
+    da.set_defaults(func=_cmd_devices_approve)
+    dd = ds.add_parser("delete", help="decommission an offline device: its store rows and "
+                       "retained broker topics are removed (revoke it first)")
+    _client_args(dd, nested=True)
+    dd.add_argument("device")
+    dd.set_defaults(func=_cmd_devices_delete)
+    from .provisioncli import add_device_commands
+
+    add_device_commands(ds, _client_args)  # provision, revoke
+    from .profilecli import add_profile_commands
+
+    add_profile_commands(sub, ds, _client_args, _client)  # devices profile, classes
+
+    for name, helptext in (("pin", "serve one variant on a device or every device of a "
+                                   "group (a new signed desired state)"),
+                           ("unpin", "let the policy choose again on a device or group")):
+        pn = sub.add_parser(name, help=helptext)
+        _client_args(pn)
+        pn.add_argument("target", metavar="DEVICE_OR_GROUP",
+                        help="a device id, or a group (when no device has that id)")
+        if name == "pin":
+            pn.add_argument("variant", metavar="VARIANT",
+                            help="a variant of the device's current desired state")
+        pn.add_argument("--group", action="store_true",
+                        help="TARGET is a group even if a device has that id")
+        pn.set_defaults(func=_cmd_pin)
 
     v = sub.add_parser("variants", help="list or register model variants")
     vs = v.add_subparsers(dest="variants_command", required=True)
@@ -453,9 +688,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rs = r.add_subparsers(dest="rollout_command", required=True)
     rc = rs.add_parser("create", help="offer variants to devices, a group, or the fleet")
     _client_args(rc)
-    rc.add_argument("--variant", action="append", required=True,
+    rc.add_argument("--variant", action="append",
                     help="registered variant name or sha256 (repeat for several)")
-    tg = rc.add_mutually_exclusive_group(required=True)
+    tg = rc.add_mutually_exclusive_group()
     tg.add_argument("--device", action="append", help="a device id (repeat for several)")
     tg.add_argument("--group", help="every device in this group")
     tg.add_argument("--fleet", action="store_true", help="every device the server knows")
@@ -475,6 +710,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--device-timeout", type=float, help="seconds (default 1800)")
     rc.add_argument("--supersede", action="store_true",
                     help="take devices over from unfinished rollouts")
+    rc.add_argument("--file", metavar="TOML",
+                    help="a rollout file (variants, target, waves, [gate]); flags override it")
+    rc.add_argument("--waves", metavar="PERCENTS",
+                    help="gated waves instead of canary and rest: cumulative percents of the "
+                         "target, e.g. 1,10,50,100")
+    rc.add_argument("--min-agreement", type=float,
+                    help="gate: top-1 agreement with the reference (default 0.97)")
+    rc.add_argument("--max-p95-ratio", type=float,
+                    help="gate: latency p95 over the device profile's (default 1.3)")
+    rc.add_argument("--max-error-rate", type=float, help="gate: default 0.01")
+    rc.add_argument("--min-requests", type=int,
+                    help="gate: shadow samples per variant in a wave before it is judged "
+                         "(default 200)")
+    rc.add_argument("--min-device-share", type=float,
+                    help="gate: share of a wave's devices that must report (default 1.0)")
+    rc.add_argument("--sample-share", type=float,
+                    help="share of live requests replayed for shadow evaluation (default 0.05)")
+    rc.add_argument("--observe", metavar="DURATION",
+                    help="how long a wave may gather evidence, e.g. 10m (default 10m)")
+    rc.add_argument("--on-fail", choices=["rollback", "hold"],
+                    help="a failing wave's devices: roll back (default) or hold")
     rc.set_defaults(func=_cmd_rollout_create)
     rl = rs.add_parser("list", help="all rollouts")
     _client_args(rl)
@@ -482,6 +738,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rst = rs.add_parser("status", help="one rollout, per device")
     _client_args(rst)
     rst.add_argument("id", type=int)
+    rst.add_argument("--watch", type=float, nargs="?", const=2.0, default=None,
+                     metavar="SECONDS", help="show it again every SECONDS (2) until it "
+                     "stops being active")
     rst.set_defaults(func=_cmd_rollout_status)
     for action, helptext in (("pause", "stop offering to more devices"),
                              ("resume", "continue a paused or halted rollout"),
@@ -532,3 +791,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _client_args(t)
     t.add_argument("--since-s", type=float, help="only the last N seconds")
     t.set_defaults(func=_cmd_telemetry)
+    ts = t.add_subparsers(dest="telemetry_command")
+    tp = ts.add_parser("prune", help="delete telemetry and events older than a duration")
+    _client_args(tp, nested=True)
+    tp.add_argument("--older-than", required=True, metavar="DURATION",
+                    help="e.g. 30d, 12h")
+    tp.set_defaults(func=_cmd_telemetry_prune)

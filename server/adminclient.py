@@ -141,6 +141,32 @@ class AdminClient:
         return self.request("PUT", f"/v1/devices/{_segment(device_id)}/groups",
                             {"groups": groups})
 
+    def approve_group(self, device_id: str) -> dict:
+        return self.request("POST", f"/v1/devices/{_segment(device_id)}/approve")
+
+    def revoke_device(self, device_id: str) -> dict:
+        return self.request("POST", f"/v1/devices/{_segment(device_id)}/revoke")
+
+    def delete_device(self, device_id: str) -> dict:
+        return self.request("DELETE", f"/v1/devices/{_segment(device_id)}")
+
+    def prune_telemetry(self, older_than_s: float) -> dict:
+        return self.request("POST", "/v1/telemetry/prune", {"older_than_s": older_than_s})
+
+    def pin(self, target: str, variant: str | None, group: bool | None = None) -> dict:
+        """Pin ``variant`` (None: unpin) on a device or every device of a group, through a
+        new signed desired state. ``group`` None: a known device, else a group."""
+        body: dict[str, Any] = {"target": target, "variant": variant}
+        if group is not None:
+            body["kind"] = "group" if group else "device"
+        return self.request("POST", "/v1/pins", body)
+
+    def device_profile(self, device_id: str) -> dict:
+        return self.request("GET", f"/v1/devices/{_segment(device_id)}/profile")
+
+    def classes(self) -> dict:
+        return self.request("GET", "/v1/classes")
+
     def variants(self) -> list[dict]:
         return self.request("GET", "/v1/variants")
 

@@ -1,7 +1,9 @@
 """The server's HTTP JSON API (FastAPI): the one door through which fleet state changes.
 
 Every route under ``/v1`` needs ``Authorization: Bearer <token>``; ``/healthz`` and
-``/openapi.json`` do not. Errors are JSON, always of one shape::
+``/openapi.json`` do not. The token and the body size are checked before any body is read
+(:mod:`.httpguard`): 401 without the token, 413 over the route's cap (4 MiB for JSON, the
+artifact limit for ``PUT /v1/blobs``). Errors are JSON, always of one shape::
 
     {"error": {"status": 409, "message": "rollout #3 is paused, not active", "details": []}}
 
@@ -9,9 +11,14 @@ A refused request changes nothing: requests are validated in full (pydantic mode
 unknown fields forbidden) before anything is written or published.
 
     GET  /healthz                          liveness, broker connection
-    GET  /v1/devices                       devices, groups, last rollout report
+    GET  /v1/devices?q=&group=&online=&limit=&offset=   devices, groups, last rollout
+                                           report (X-Total-Count: how many match)
     GET  /v1/devices/{id}
     PUT  /v1/devices/{id}/groups           {"groups": [...]} (registers an unknown device)
+    POST /v1/devices/{id}/approve          grant the group the device asks for
+    POST /v1/devices/{id}/revoke           mark its broker identity revoked
+    GET  /v1/devices/{id}/profile          its facts and on-device profiles per variant
+    GET  /v1/classes                       device classes: profiles aggregated per variant
     PUT  /v1/blobs/{sha256}                raw ONNX bytes, checked against the digest
     GET  /v1/variants
     POST /v1/variants                      register an uploaded blob; publishes its chunks
@@ -19,7 +26,10 @@ unknown fields forbidden) before anything is written or published.
     POST /v1/rollouts                      create (see controller.RolloutRequest)
     GET  /v1/rollouts/{id}                 with per-device state and history
     POST /v1/rollouts/{id}/pause | resume | rollback
+    POST /v1/pins                          {"target", "variant" (null: unpin), "kind"?}
     GET  /v1/telemetry/summary?since=TS    fleet-wide aggregates
+    GET  /v1/devices/{id}/telemetry?since=&until=&resolution=&format=json|csv|jsonl
+    GET  /v1/fleet/series?since=&until=&resolution=   fleet trends (server/history.py)
     GET  /v1/keys                          key ids the server signs with
     GET  /metrics                          Prometheus text format (token unless public)
     GET  /dashboard                        the fleet page; its files under /dashboard/static/
@@ -33,9 +43,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -47,11 +59,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prunefleet.shared import __version__
 from prunefleet.shared.fsutil import atomic_write
-from prunefleet.shared.messages import Name, Sha256
+from prunefleet.shared.messages import MAX_ARTIFACT_BYTES, Name, Sha256
 
-from .controller import RolloutController, RolloutRequest
+from .controller import PinRequest, RolloutController, RolloutRequest
 from .errors import DistributionError, KeyringError, RegistryError, RolloutError, StoreError
 from .fleet import FleetServer
+from .history import (
+    DeviceHistory,
+    FleetSeries,
+    device_history,
+    device_page,
+    fleet_series,
+    parse_range,
+    to_csv,
+    to_jsonl,
+)
+from .httpguard import MAX_JSON_BODY_BYTES, MAX_OTHER_BODY_BYTES, RequestGuard
 from .metrics import CONTENT_TYPE, FleetCollector, make_registry, render
 from .registry import Registry, VariantRegistration
 from .store import Store
@@ -61,7 +84,9 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 # The page and its files: names and types are fixed, nothing else is served.
 STATIC_FILES = {"dashboard.css": "text/css; charset=utf-8",
-                "dashboard.js": "text/javascript; charset=utf-8"}
+                "dashboard.js": "text/javascript; charset=utf-8",
+                "charts.js": "text/javascript; charset=utf-8",
+                "favicon.svg": "image/svg+xml"}
 # Everything from this origin, nothing inline, no framing: untrusted device strings that
 # slipped into the DOM as markup could still not run.
 PAGE_HEADERS = {
@@ -90,6 +115,60 @@ class GroupsBody(BaseModel):
     groups: list[Name] = Field(max_length=32)
 
 
+# Ids in paths are database integers: larger ones name nothing (422, not an overflow).
+MAX_ID = 2**31 - 1
+RolloutId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+
+
+class PruneRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    older_than_s: float = Field(gt=0, le=100 * 365 * 86400)
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str
+    details: list[Any]
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: ``{"error": {"status", "message", "details"}}``."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {
+    400: "the body cannot be parsed",
+    401: "missing or wrong bearer token",
+    404: "what the request names does not exist",
+    409: "refused in the current state (nothing changed)",
+    413: "the body is too large",
+    422: "the request does not validate (nothing changed)",
+    503: "the store or the broker is unavailable",
+}
+
+
+def _allowed_methods(request: Request) -> str | None:
+    """Every method the OpenAPI document declares at the request's path (routers keep one
+    route per method, so Starlette's own ``Allow`` names only one route's)."""
+    path = request.url.path
+    for template, ops in request.app.openapi().get("paths", {}).items():
+        pattern = "^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)) + "$"
+        if re.match(pattern, path):
+            return ", ".join(sorted(m.upper() for m in ops if m in _HTTP_METHODS)) or None
+    return None
+
+
+_HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the refusals a route can answer with, so the document
+    declares every status the API sends (tests/test_fuzz_api.py checks it)."""
+    return {c: {"model": ErrorBody, "description": _ERRORS[c]} for c in codes}
+
+
 class ApiProblem(Exception):
     def __init__(self, status: int, message: str, details: list | None = None):
         super().__init__(message)
@@ -106,12 +185,17 @@ def _problem(status: int, message: str, details: list | None = None,
     )
 
 
-def _device_json(d, groups: list[str], report) -> dict[str, Any]:
+def _device_json(d, groups: list[str], report, requested: str | None = None,
+                 revoked_at: float | None = None) -> dict[str, Any]:
     return {
         "device_id": d.device_id,
         "online": d.online,
+        # When `prunefleet devices revoke` took its broker identity away (None: never).
+        "revoked_at": revoked_at,
         "last_seen": d.last_seen,
         "groups": groups,
+        # The group the device's own configuration names: a request, not membership.
+        "requested_group": requested,
         "agent_version": d.agent_version,
         "manifest_version": d.manifest_version,
         "active_variant": d.active_variant,
@@ -137,6 +221,55 @@ def _variant_json(row) -> dict[str, Any]:
     }
 
 
+class AuditLog:
+    """ASGI middleware: one log line per request that may change fleet state (anything
+    but GET/HEAD/OPTIONS): route, outcome, what changed (``request.state.audit``, set by
+    the route) and the client's address. Refused requests are logged as warnings."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            client = scope.get("client")
+            who = f"{client[0]}:{client[1]}" if client else "unknown client"
+            what = scope.get("state", {}).get("audit")
+            level = logging.INFO if status < 400 else logging.WARNING
+            what = what or ("done" if status < 400 else "refused" if status < 500
+                            else "failed")
+            log.log(level, "%s %s from %s: %d %s", scope["method"], scope["path"], who,
+                    status, what)
+
+
+def _audit(request: Request, what: str) -> None:
+    """What a request changed, for :class:`AuditLog`."""
+    request.state.audit = what
+
+
+TIME_HELP = "seconds since the epoch, ISO 8601, 'now', or a duration before now (24h)"
+RESOLUTION_HELP = "bucket width: 60, 5m, 1h (default: at most 240 buckets over the range)"
+
+
+def _range(since: str | None, until: str | None, resolution: str | None):
+    try:
+        return parse_range(since, until, resolution)
+    except ValueError as e:
+        raise ApiProblem(422, str(e)) from e
+
+
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -154,11 +287,25 @@ def create_app(ctx: ApiContext) -> FastAPI:
         title="prunefleet server",
         version=__version__,
         description="Fleet state, variants, rollouts and telemetry of a prunefleet server.",
-        # The interactive docs load their assets from a CDN; /openapi.json is enough.
+        # The interactive docs would load their assets from a CDN, which a server without
+        # internet cannot; /docs and /redoc say where the description is instead.
         docs_url=None,
         redoc_url=None,
     )
     app.state.token = ctx.token
+
+    def protected(path: str) -> bool:
+        return path.startswith("/v1/") or (path == "/metrics" and not ctx.metrics_public)
+
+    def body_cap(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/v1/blobs/"):
+            return MAX_ARTIFACT_BYTES
+        return MAX_JSON_BODY_BYTES if method in ("POST", "PUT", "PATCH") \
+            else MAX_OTHER_BODY_BYTES
+
+    # Token and body size before any route reads a byte of the body (see httpguard).
+    app.add_middleware(RequestGuard, token=ctx.token, protected=protected, body_cap=body_cap)
+    app.add_middleware(AuditLog)
 
     @app.exception_handler(ApiProblem)
     async def _api_problem(_req: Request, e: ApiProblem) -> JSONResponse:
@@ -176,7 +323,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _problem(e.status_code, str(e.detail))
+        headers = dict(getattr(e, "headers", None) or {})
+        allowed = _allowed_methods(_req) if e.status_code == 405 else None
+        if allowed:
+            headers["Allow"] = allowed
+        return _problem(e.status_code, str(e.detail), headers=headers or None)
 
     @app.exception_handler(RolloutError)
     async def _rollout(_req: Request, e: RolloutError) -> JSONResponse:
@@ -201,35 +352,111 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return {"status": "ok" if connected else "degraded", "broker_connected": connected,
                 "version": __version__}
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    @app.get("/docs", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False)
+    def no_docs_ui() -> None:
+        raise ApiProblem(404, "no interactive API docs on this server (they would load "
+                         "their assets from the internet): the OpenAPI description is "
+                         "GET /openapi.json (no token needed), for any OpenAPI viewer")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)],
+                   responses=errors(401, 503))
 
     # -- devices ----------------------------------------------------------------------------
     @v1.get("/devices", tags=["devices"])
-    def list_devices(group: Name | None = None) -> list[dict]:
-        groups = ctx.store.device_groups()
-        out = []
-        for d in ctx.store.devices():
-            if group is not None and group not in groups.get(d.device_id, []):
-                continue
-            out.append(_device_json(d, groups.get(d.device_id, []),
-                                    ctx.store.rollout_report(d.device_id)))
-        return out
+    def list_devices(
+        response: Response,
+        group: Name | None = None,
+        q: Annotated[str | None, Query(max_length=64,
+                                       description="part of the id or active variant")] = None,
+        online: bool | None = None,
+        limit: Annotated[int | None, Query(ge=1, le=1000)] = None,
+        offset: Annotated[int, Query(ge=0, le=10**7)] = 0,
+    ) -> list[dict]:
+        """Devices ordered by id, searched, filtered and paged in one query; the number
+        matching (all pages) is in the ``X-Total-Count`` header."""
+        total, page = device_page(ctx.store, q=q, group=group, online=online, limit=limit,
+                                  offset=offset)
+        response.headers["X-Total-Count"] = str(total)
+        requests, revoked = ctx.store.group_requests(), ctx.store.revocations()
+        return [_device_json(d, groups, report, requests.get(d.device_id),
+                             revoked.get(d.device_id))
+                for d, report, groups in page]
 
-    @v1.get("/devices/{device_id}", tags=["devices"])
+    @v1.get("/devices/{device_id}", tags=["devices"], responses=errors(404))
     def get_device(device_id: Annotated[Name, PathParam()]) -> dict:
         d = ctx.store.device(device_id)
         if d is None:
             raise ApiProblem(404, f"no device {device_id!r}")
         return _device_json(d, ctx.store.device_groups().get(device_id, []),
-                            ctx.store.rollout_report(device_id))
+                            ctx.store.rollout_report(device_id),
+                            ctx.store.group_requests().get(device_id),
+                            ctx.store.revocations().get(device_id))
 
-    @v1.put("/devices/{device_id}/groups", tags=["devices"])
-    def set_groups(device_id: Annotated[Name, PathParam()], body: GroupsBody) -> dict:
+    @v1.put("/devices/{device_id}/groups", tags=["devices"], responses=errors(400))
+    def set_groups(device_id: Annotated[Name, PathParam()], body: GroupsBody,
+                   request: Request) -> dict:
         ctx.store.set_device_groups(device_id, body.groups)
-        return {"device_id": device_id, "groups": sorted(set(body.groups))}
+        groups = sorted(set(body.groups))
+        _audit(request, f"device {device_id} groups set to {', '.join(groups) or '(none)'}")
+        return {"device_id": device_id, "groups": groups}
+
+    @v1.post("/devices/{device_id}/approve", tags=["devices"], responses=errors(404, 409))
+    def approve_group(device_id: Annotated[Name, PathParam()], request: Request) -> dict:
+        """Grant the group the device asked for (its reported group)."""
+        if ctx.store.device(device_id) is None:
+            raise ApiProblem(404, f"no device {device_id!r}")
+        granted = ctx.store.approve_group_request(device_id)
+        if granted is None:
+            raise ApiProblem(409, f"device {device_id!r} asks for no group")
+        _audit(request, f"device {device_id} joined group {granted}")
+        return {"device_id": device_id, "approved": granted,
+                "groups": ctx.store.device_groups().get(device_id, [])}
+
+    @v1.post("/devices/{device_id}/revoke", tags=["devices"])
+    def revoke_device(device_id: Annotated[Name, PathParam()], request: Request) -> dict:
+        """Record that the device's broker identity was revoked (``prunefleet devices
+        revoke`` removes it from the broker's password file first). Repeating it keeps the
+        first time."""
+        ts = ctx.store.revoke_device(device_id)
+        _audit(request, f"device {device_id} revoked")
+        return {"device_id": device_id, "revoked_at": ts}
+
+    @v1.delete("/devices/{device_id}", tags=["devices"], responses=errors(404, 409, 503))
+    def delete_device(device_id: Annotated[Name, PathParam()], request: Request) -> dict:
+        """Decommission a device: its retained broker topics (desired and reported state,
+        telemetry cursor) and its store rows go; its revocation stays. Refused while it is
+        online: revoke it (or stop its agent) first."""
+        d = ctx.store.device(device_id)
+        if d is None:
+            raise ApiProblem(404, f"no device {device_id!r}")
+        if d.online:
+            raise ApiProblem(409, f"device {device_id} is online; revoke it or stop its "
+                             "agent first")
+        ctx.fleet.clear_device_topics(device_id)
+        ctx.store.delete_device(device_id)
+        _audit(request, f"device {device_id} deleted")
+        return {"device_id": device_id, "deleted": True}
+
+    # -- measured on the devices ------------------------------------------------------------
+    @v1.get("/devices/{device_id}/profile", tags=["devices"], responses=errors(404))
+    def device_profile(device_id: Annotated[Name, PathParam()]) -> dict:
+        """The device's facts and its on-device profile of each installed variant."""
+        if ctx.store.device(device_id) is None:
+            raise ApiProblem(404, f"no device {device_id!r}")
+        facts, profiles = ctx.store.device_measurements(device_id)
+        return {"device_id": device_id,
+                "device_class": None if facts is None else facts.get("device_class"),
+                "facts": facts, "profiles": profiles}
+
+    @v1.get("/classes", tags=["devices"])
+    def device_classes() -> dict:
+        """Per device class: how many devices, and each registered variant's profile
+        figures across them (count, median, quartiles, range)."""
+        return {"classes": ctx.store.class_measurements()}
 
     # -- variants ---------------------------------------------------------------------------
-    @v1.put("/blobs/{sha256}", status_code=201, tags=["variants"])
+    @v1.put("/blobs/{sha256}", status_code=201, tags=["variants"], responses=errors(413))
     async def put_blob(sha256: Annotated[Sha256, PathParam()], request: Request) -> dict:
         w = ctx.registry.blob_writer(sha256)
         try:
@@ -238,16 +465,19 @@ def create_app(ctx: ApiContext) -> FastAPI:
             size, created = await asyncio.to_thread(w.commit)
         finally:
             w.discard()
+        _audit(request, f"blob {sha256[:12]} ({size} bytes) "
+                        f"{'stored' if created else 'was stored already'}")
         return {"sha256": sha256, "size": size, "created": created}
 
     @v1.get("/variants", tags=["variants"])
     def list_variants() -> list[dict]:
         return [_variant_json(r) for r in ctx.store.variants()]
 
-    @v1.post("/variants", status_code=201, tags=["variants"])
-    def register_variant(body: VariantRegistration) -> dict:
+    @v1.post("/variants", status_code=201, tags=["variants"], responses=errors(400, 404, 409))
+    def register_variant(body: VariantRegistration, request: Request) -> dict:
         spec = ctx.registry.register(body)
         row = ctx.store.variant(spec.sha256)
+        _audit(request, f"variant {spec.name} ({spec.sha256[:12]}) registered")
         return _variant_json(row)
 
     # -- rollouts ---------------------------------------------------------------------------
@@ -255,34 +485,93 @@ def create_app(ctx: ApiContext) -> FastAPI:
     def list_rollouts() -> list[dict]:
         return ctx.controller.summaries()
 
-    @v1.post("/rollouts", status_code=201, tags=["rollouts"])
-    def create_rollout(body: RolloutRequest) -> dict:
+    @v1.post("/rollouts", status_code=201, tags=["rollouts"], responses=errors(400, 404, 409))
+    def create_rollout(body: RolloutRequest, request: Request) -> dict:
         rid = ctx.controller.create(body)
+        t = body.target
+        to = f"group {t.group}" if t.group else f"{len(t.devices)} device(s)" \
+            if t.kind == "devices" else "the fleet"
+        _audit(request, f"rollout #{rid} created: {', '.join(body.variants)} to {to}")
         return ctx.controller.describe(rid)
 
-    @v1.get("/rollouts/{rollout_id}", tags=["rollouts"])
-    def get_rollout(rollout_id: Annotated[int, PathParam(ge=1)]) -> dict:
+    @v1.get("/rollouts/{rollout_id}", tags=["rollouts"], responses=errors(404))
+    def get_rollout(rollout_id: RolloutId) -> dict:
         return ctx.controller.describe(rollout_id)
 
-    @v1.post("/rollouts/{rollout_id}/pause", tags=["rollouts"])
-    def pause_rollout(rollout_id: Annotated[int, PathParam(ge=1)]) -> dict:
+    @v1.post("/rollouts/{rollout_id}/pause", tags=["rollouts"], responses=errors(404, 409))
+    def pause_rollout(rollout_id: RolloutId, request: Request) -> dict:
         ctx.controller.pause(rollout_id)
+        _audit(request, f"rollout #{rollout_id} paused")
         return ctx.controller.describe(rollout_id)
 
-    @v1.post("/rollouts/{rollout_id}/resume", tags=["rollouts"])
-    def resume_rollout(rollout_id: Annotated[int, PathParam(ge=1)]) -> dict:
+    @v1.post("/rollouts/{rollout_id}/resume", tags=["rollouts"], responses=errors(404, 409))
+    def resume_rollout(rollout_id: RolloutId, request: Request) -> dict:
         ctx.controller.resume(rollout_id)
+        _audit(request, f"rollout #{rollout_id} resumed")
         return ctx.controller.describe(rollout_id)
 
-    @v1.post("/rollouts/{rollout_id}/rollback", tags=["rollouts"])
-    def rollback_rollout(rollout_id: Annotated[int, PathParam(ge=1)]) -> dict:
+    @v1.post("/rollouts/{rollout_id}/rollback", tags=["rollouts"], responses=errors(404, 409))
+    def rollback_rollout(rollout_id: RolloutId,
+                         request: Request) -> dict:
         result = ctx.controller.rollback(rollout_id)
+        _audit(request, f"rollout #{rollout_id} rolled back: {len(result['restored'])} "
+                        f"device(s) restored, {len(result['skipped'])} kept")
         return {**ctx.controller.describe(rollout_id), "rollback": result}
 
+    # -- pins -------------------------------------------------------------------------------
+    @v1.post("/pins", tags=["devices"], responses=errors(400, 404, 409))
+    def pin(body: PinRequest, request: Request) -> dict:
+        """Pin (``variant``) or unpin (``variant`` null) through a new signed desired state."""
+        out = ctx.controller.pin(body)
+        _audit(request, f"{body.target} pinned to {body.variant}" if body.variant
+               else f"{body.target} unpinned")
+        return out
+
     # -- telemetry and keys -----------------------------------------------------------------
+    @v1.post("/telemetry/prune", tags=["telemetry"], responses=errors(400, 422))
+    def prune_telemetry(body: PruneRequest, request: Request) -> dict:
+        """Retention: delete telemetry and events older than ``older_than_s``."""
+        before = time.time() - body.older_than_s
+        deleted = ctx.store.prune_telemetry(before)
+        _audit(request, f"telemetry before {before:.0f} pruned: {deleted}")
+        return {"before": before, "deleted": deleted}
+
     @v1.get("/telemetry/summary", tags=["telemetry"])
     def telemetry_summary(since: Annotated[float, Query(ge=0)] = 0.0) -> dict:
         return ctx.store.telemetry_summary(since)
+
+    @v1.get("/devices/{device_id}/telemetry", tags=["telemetry"], response_model=DeviceHistory,
+            responses={200: {"content": {"text/csv": {}, "application/x-ndjson": {}}},
+                       **errors(404)})
+    def device_telemetry(
+        device_id: Annotated[Name, PathParam()],
+        since: Annotated[str | None, Query(max_length=40, description=TIME_HELP)] = None,
+        until: Annotated[str | None, Query(max_length=40, description=TIME_HELP)] = None,
+        resolution: Annotated[str | None, Query(max_length=20,
+                                                description=RESOLUTION_HELP)] = None,
+        format: Literal["json", "csv", "jsonl"] = "json",
+    ) -> Any:
+        """One device's telemetry over a time range, bucketed (see server/history.py)."""
+        if ctx.store.device(device_id) is None:
+            raise ApiProblem(404, f"no device {device_id!r}")
+        h = device_history(ctx.store, device_id, _range(since, until, resolution))
+        if format == "json":
+            return h
+        body, media = ((to_csv(h), "text/csv; charset=utf-8") if format == "csv"
+                       else (to_jsonl(h), "application/x-ndjson"))
+        return Response(body, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="{device_id}-telemetry.{format}"'})
+
+    @v1.get("/fleet/series", tags=["telemetry"], response_model=FleetSeries)
+    def fleet_trends(
+        since: Annotated[str | None, Query(max_length=40, description=TIME_HELP)] = None,
+        until: Annotated[str | None, Query(max_length=40, description=TIME_HELP)] = None,
+        resolution: Annotated[str | None, Query(max_length=20,
+                                                description=RESOLUTION_HELP)] = None,
+    ) -> FleetSeries:
+        """Fleet trends per bucket: requests and energy by variant, switches by reason,
+        devices reporting, rollout progress."""
+        return fleet_series(ctx.store, _range(since, until, resolution))
 
     @v1.get("/keys", tags=["keys"])
     def keys() -> dict:
@@ -300,7 +589,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
     metrics_deps = [] if ctx.metrics_public else [Depends(require_token)]
 
     @app.get("/metrics", tags=["metrics"], dependencies=metrics_deps,
-             response_class=Response)
+             response_class=Response, responses={
+                 200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},
+                 **({} if ctx.metrics_public else errors(401))})
     def metrics() -> Response:
         return Response(render(registry), media_type=CONTENT_TYPE)
 
@@ -309,7 +600,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return FileResponse(STATIC_DIR / "dashboard.html", headers=PAGE_HEADERS,
                             media_type="text/html; charset=utf-8")
 
-    @app.get("/dashboard/static/{name}", tags=["dashboard"], response_class=FileResponse)
+    @app.get("/dashboard/static/{name}", tags=["dashboard"], response_class=FileResponse,
+             responses=errors(404))
     def dashboard_file(name: str) -> FileResponse:
         if name not in STATIC_FILES:
             raise ApiProblem(404, f"no file {name!r}")

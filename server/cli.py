@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
 from prunefleet.shared import __version__
 from prunefleet.shared.errors import PrunefleetError
+from prunefleet.shared.logsetup import add_logging_options, configure_logging
 
 from .adminclient import ApiError, UsageError
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Long-running commands say what they do at INFO; the others speak only when it matters.
+INFO_COMMANDS = ("serve", "prepare")
 DEFAULT_KEYS = Path(".prunefleet/keys")
 
 
@@ -63,7 +64,8 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
         return 0
     print(f"new signing key {ring.current.keyid}; previous {ring.previous.keyid} kept "
           f"(its public key is now {previous})")
-    print(f"1. give agents the new public key too: trusted_keys = [old, \"{public}\"]")
+    print(f"1. give agents the new public key too: trusted_keys = [old, \"{public}\"], "
+          "then `systemctl reload prunefleet-agent`")
     print("2. a running `prunefleet serve` picks the change up and signs with both keys")
     print("3. once every agent pins the new key: prunefleet keys retire")
     return 0
@@ -79,15 +81,59 @@ def _cmd_keys_retire(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"retired": old.keyid})
         return 0
-    print(f"retired previous key {old.keyid}; manifests carry the current key only")
+    print(f"retired and revoked previous key {old.keyid}: manifests carry the current key "
+          "only and revoke it; an agent that takes one never trusts the old key again")
     return 0
 
 
-def _cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import RecipeError, check_recipe, load_recipe, prepare
+def _cmd_prepare_list(args: argparse.Namespace) -> int:
+    """The shipped recipes, one line each (``--json``: with the file each is in)."""
+    from .recipes import shipped
 
+    recipes = shipped()
+    if args.json:
+        _print_json([{"name": r.name, "description": r.description, "file": str(r.file)}
+                     for r in recipes])
+        return 0
+    width = max((len(r.name) for r in recipes), default=0)
+    for r in recipes:
+        print(f"{r.name:<{width}}  {r.description}")
+    return 0
+
+
+def _load_recipe(ref: str):
+    """A recipe from a file, or a shipped one by name (``digits``)."""
+    from importlib.resources import as_file
+
+    from .prepare import RecipeError, load_recipe
+    from .recipes import shipped, shipped_recipe
+
+    by_name = not Path(ref).exists() and "/" not in ref and not ref.endswith(".toml")
     try:
-        recipe = load_recipe(args.recipe)
+        if not by_name:
+            return load_recipe(Path(ref))
+        found = shipped_recipe(ref)
+        if found is None:
+            names = ", ".join(r.name for r in shipped()) or "none"
+            raise UsageError(f"no recipe file {ref!r} and no shipped recipe of that name "
+                             f"(shipped: {names}; see prunefleet prepare --list)")
+        with as_file(found.file) as file:
+            return load_recipe(file)
+    except RecipeError as e:
+        raise UsageError(str(e)) from e
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import RecipeError, check_recipe, prepare
+    from .registry import technique_label
+
+    if args.list:
+        return _cmd_prepare_list(args)
+    if args.recipe is None or args.out is None:
+        raise UsageError("prepare needs a RECIPE (a .toml file, or a shipped recipe's name: "
+                         "prunefleet prepare --list) and --out DIR")
+    recipe = _load_recipe(args.recipe)
+    try:
         resolved = check_recipe(recipe)  # fails fast: factory, checkpoint, shape, data, export
     except RecipeError as e:
         raise UsageError(str(e)) from e
@@ -100,12 +146,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         return 0
     if result.cached:
         print(f"{args.out}: up to date (same recipe, files verified); --force to redo")
-    print(f"{'variant':<16} {'technique':<11} {'params':>10} {'MACs':>12} {'zlib KiB':>9} "
-          f"{'p50 ms':>8} {'speedup':>8} {'acc %':>6} {'pareto':>6}")
-    for v in result.variants:
+    techs = [technique_label(v.technique, v.quantize) for v in result.variants]
+    nw = max([len("variant"), *(len(v.name) for v in result.variants)])
+    tw = max([len("technique"), *(len(t) for t in techs)])
+    print(f"{'variant':<{nw}} {'technique':<{tw}} {'params':>10} {'MACs':>12} "
+          f"{'zlib KiB':>9} {'p50 ms':>8} {'speedup':>8} {'acc %':>6} {'pareto':>6}")
+    for v, tech in zip(result.variants, techs, strict=True):
         acc = "-" if v.accuracy is None else f"{100 * v.accuracy:.2f}"
-        tech = v.technique + ("+int8" if v.quantize else "")
-        print(f"{v.name:<16} {tech:<11} {v.params:>10} {v.macs:>12} "
+        print(f"{v.name:<{nw}} {tech:<{tw}} {v.params:>10} {v.macs:>12} "
               f"{v.compressed_bytes / 1024:>9.1f} {v.latency_ms_p50:>8.3f} "
               f"{v.speedup:>7.2f}x {acc:>6} {'*' if v.pareto else '':>6}")
     print(f"report: {result.report_path} (and report.md, report.png)")
@@ -136,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 failure, 2 usage error.",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS,
-                   help="(default %(default)s)")
+    add_logging_options(p, default_level=None, level_help="default INFO for "
+                        f"{' and '.join(INFO_COMMANDS)}, WARNING for the rest")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the whole loop once on embedded defaults")
@@ -150,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the fleet may run before the demo gives up (default 90)")
     d.set_defaults(func=_cmd_demo)
 
-    pr = sub.add_parser("prepare", help="prepare measured variants from a TOML recipe")
-    pr.add_argument("recipe", type=Path, metavar="RECIPE.toml")
-    pr.add_argument("--out", type=Path, required=True, metavar="DIR",
-                    help="where the ONNX variants and report.json go")
+    pr = sub.add_parser("prepare", help="prepare measured variants from a TOML recipe",
+                        description="Prepare measured variants from a recipe: a TOML file, "
+                        "or the name of a recipe shipped in the package (--list shows them).")
+    pr.add_argument("recipe", nargs="?", metavar="RECIPE",
+                    help="a .toml file, or a shipped recipe's name (e.g. digits)")
+    pr.add_argument("--list", action="store_true",
+                    help="list the shipped recipes, one line each, and exit")
+    pr.add_argument("--out", type=Path, metavar="DIR",
+                    help="where the ONNX variants and report.json go (required)")
     pr.add_argument("--force", action="store_true",
                     help="prepare again even if DIR is up to date, and replace another "
                          "recipe's variants")
@@ -169,13 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ks.add_parser("rotate", help="new signing key; the old one signs too until retired")
     _keys_option(kr)
     kr.set_defaults(func=_cmd_keys_rotate)
-    kt = ks.add_parser("retire", help="end a rotation: stop signing with the previous key")
+    kt = ks.add_parser("retire", help="end a rotation: stop signing with the previous key "
+                       "and revoke it on every agent")
     _keys_option(kt)
     kt.set_defaults(func=_cmd_keys_retire)
 
     from .admin import add_commands
 
-    add_commands(sub)  # serve, devices, variants, rollout, telemetry
+    add_commands(sub)  # serve, devices, pin, unpin, variants, rollout, telemetry
+
+    from .provisioncli import add_ca_commands
+
+    add_ca_commands(sub)  # ca init, ca broker-cert
+
+    from .migrate import add_commands as add_store_commands
+
+    add_store_commands(sub)  # store migrate
     return p
 
 
@@ -205,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit:  # --help, --version or a usage error: flush where it is caught
             sys.stdout.flush()
             raise
-        logging.basicConfig(level=args.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(
+            args.log_level or ("INFO" if args.command in INFO_COMMANDS else "WARNING"),
+            args.log_format)
         if getattr(args, "agents", 1) < 1:
             print("prunefleet: --agents must be at least 1", file=sys.stderr)
             return 2

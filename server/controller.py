@@ -21,16 +21,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
+import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.config import JsonDict
 
 from prunefleet.shared.errors import TransportError
 from prunefleet.shared.messages import (
     Manifest,
     Name,
     RolloutPhase,
+    ShadowSpec,
     SignedManifest,
     VariantSpec,
     decode,
@@ -43,22 +47,40 @@ from .rollout import (
     Action,
     Decision,
     DeviceView,
+    Evidence,
     RolloutConfig,
     RolloutView,
     Stage,
     Status,
     step,
     tally,
+    wave_of,
+    wave_stage,
 )
 from .store import RolloutRow, Store
 
 log = logging.getLogger(__name__)
 
 MAX_VARIANT_REFS = 16
+LEASE = "rollout-controller"
+
+
+_NO_DEVICES: JsonDict = {"type": "array", "maxItems": 0}
+_NO_GROUP: JsonDict = {"type": "null"}
 
 
 class Target(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # The document states the shape rules of _shape too, so a client (or a fuzzer) that
+    # follows it is never refused for them.
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"oneOf": [
+        {"properties": {"kind": {"const": "devices"},
+                        "devices": {"type": "array", "minItems": 1, "uniqueItems": True},
+                        "group": _NO_GROUP}, "required": ["kind", "devices"]},
+        {"properties": {"kind": {"const": "group"}, "devices": _NO_DEVICES,
+                        "group": {"type": "string"}}, "required": ["kind", "group"]},
+        {"properties": {"kind": {"const": "fleet"}, "devices": _NO_DEVICES,
+                        "group": _NO_GROUP}, "required": ["kind"]},
+    ]})
 
     kind: Literal["devices", "group", "fleet"]
     devices: list[Name] = Field(default_factory=list, max_length=10000)
@@ -86,7 +108,8 @@ class RolloutRequest(BaseModel):
 
     target: Target
     # Registered variants, by name (the newest registered under it) or sha256.
-    variants: list[str] = Field(min_length=1, max_length=MAX_VARIANT_REFS)
+    variants: list[str] = Field(min_length=1, max_length=MAX_VARIANT_REFS,
+                                json_schema_extra={"uniqueItems": True})
     pinned_variant: Name | None = None
     # Overrides of the agents' policy settings carried in the signed desired state.
     policy: dict[Annotated[str, Field(max_length=64)], float | int | bool | None] | None = (
@@ -95,6 +118,17 @@ class RolloutRequest(BaseModel):
     config: RolloutConfig = Field(default_factory=RolloutConfig)
     # Take over devices that an unfinished rollout still holds (it becomes "superseded").
     supersede: bool = False
+
+
+class PinRequest(BaseModel):
+    """What ``POST /v1/pins`` takes: pin ``variant`` (None: unpin) on a device or on every
+    device of a group. ``kind`` None: a device the server knows, else a group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Name
+    variant: Name | None = None
+    kind: Literal["device", "group"] | None = None
 
 
 _PUBLISH_ERRORS = (DistributionError, TransportError, RuntimeError, ValueError)
@@ -108,17 +142,89 @@ class RolloutController:
         *,
         clock: Callable[[], float] = time.time,
         max_steps: int = 16,
+        holder: str | None = None,
+        lease_ttl_s: float = 10.0,
     ):
+        """``holder``: this replica's id for the controller lease in the store; with one,
+        only the replica holding the lease applies rollout steps (None: always this one)."""
         self.fleet = fleet
         self.store = store
         self.clock = clock
         self.max_steps = max_steps
+        self.holder = holder
+        self.lease_ttl_s = lease_ttl_s
+        self._lease_until = 0.0
         # One writer: API requests and the background tick never interleave.
         self._lock = threading.RLock()
+        # Desired states published under the lock, waited for after it is released.
+        self._sent: list[mqtt.MQTTMessageInfo] = []
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the lock for the work, then wait on the broker's acknowledgements outside
+        it: an operator's pause is never stuck behind a slow or absent broker."""
+        sent: list[mqtt.MQTTMessageInfo] = []
+        try:
+            with self._lock:
+                try:
+                    yield
+                finally:
+                    sent, self._sent = self._sent, []
+        finally:
+            self._confirm(sent)
+
+    @staticmethod
+    def _confirm(sent: list[mqtt.MQTTMessageInfo], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        late = 0
+        for info in sent:
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            late += not info.is_published()
+        if late:
+            log.warning("the broker has not acknowledged %d desired state(s) yet; they are "
+                        "sent when it is reachable again", late)
+
+    # -- lease ------------------------------------------------------------------------------
+    @property
+    def holds_lease(self) -> bool:
+        """Whether this replica may apply rollout steps now."""
+        if self.holder is None:
+            return True
+        # A margin, so the lease lapses here before another replica may take it.
+        return self.clock() < self._lease_until - min(1.0, self.lease_ttl_s / 4)
+
+    def renew_lease(self) -> bool:
+        """Take or renew the controller lease (each tick); whether this replica holds it."""
+        if self.holder is None:
+            return True
+        was = self.holds_lease
+        try:
+            until = self.store.take_lease(LEASE, self.holder, self.lease_ttl_s, self.clock())
+        except StoreError as e:
+            log.error("cannot renew the rollout controller lease: %s", e)
+            until = self._lease_until  # it lapses by itself if the store stays away
+        self._lease_until = until or 0.0
+        now = self.holds_lease
+        if now and not was:
+            log.info("%s holds the rollout controller lease: this replica runs rollouts",
+                     self.holder)
+        elif was and not now:
+            log.warning("%s lost the rollout controller lease: another replica runs rollouts",
+                        self.holder)
+        return now
+
+    def release_lease(self) -> None:
+        """On a clean stop: another replica takes over at once instead of after the TTL."""
+        if self.holder is not None and self._lease_until:
+            self._lease_until = 0.0
+            try:
+                self.store.release_lease(LEASE, self.holder)
+            except StoreError as e:
+                log.warning("cannot release the rollout controller lease: %s", e)
 
     # -- operator actions -------------------------------------------------------------------
     def create(self, req: RolloutRequest) -> int:
-        with self._lock:
+        with self._locked():
             specs = self._resolve_variants(req.variants)
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
@@ -141,10 +247,12 @@ class RolloutController:
                     "roll them back, wait for them, or pass supersede", 409
                 )
             for rid in holders:
+                self._freeze_counts(self._get(rid))
                 self.store.update_rollout(
                     rid, status=Status.SUPERSEDED.value, reason="superseded by a newer rollout",
                     note="superseded by a newer rollout",
                 )
+                log.info("rollout #%d superseded by a newer rollout", rid)
             rid = self.store.create_rollout(
                 target_kind=req.target.kind,
                 target=req.target.model_dump(mode="json"),
@@ -153,7 +261,7 @@ class RolloutController:
                 policy=req.policy,
                 config=req.config.model_dump(mode="json"),
                 status=Status.ACTIVE.value,
-                stage=Stage.CANARY.value,
+                stage=wave_stage(1) if req.config.waves else Stage.CANARY.value,
                 devices=devices,
                 now=self.clock(),
             )
@@ -162,16 +270,17 @@ class RolloutController:
             return rid
 
     def pause(self, rollout_id: int) -> None:
-        with self._lock:
+        with self._locked():
             row = self._get(rollout_id)
             if row.status != Status.ACTIVE.value:
                 raise RolloutError(f"rollout #{rollout_id} is {row.status}, not active", 409)
             self.store.update_rollout(rollout_id, status=Status.PAUSED.value,
                                       reason="paused by the operator", note="paused")
+            log.info("rollout #%d paused by the operator", rollout_id)
 
     def resume(self, rollout_id: int) -> None:
         """Resume a paused or halted rollout; failures seen so far are acknowledged."""
-        with self._lock:
+        with self._locked():
             row = self._get(rollout_id)
             if row.status not in (Status.PAUSED.value, Status.HALTED.value):
                 raise RolloutError(
@@ -179,19 +288,23 @@ class RolloutController:
                     "rollout resumes", 409,
                 )
             acked = self.store.acknowledge_failures(rollout_id)
+            renewed = self._renew_shadow(row)
             note = f"resumed from {row.status}"
+            if renewed:
+                note += f"; shadow evaluation renewed on {renewed} device(s) of the wave"
             if acked:
                 note += f"; {acked} failed device(s) acknowledged"
             self.store.update_rollout(
                 rollout_id, status=Status.ACTIVE.value, reason=note,
                 stage_started_at=self.clock(), note=note,
             )
+            log.info("rollout #%d %s", rollout_id, note)
             self._advance(rollout_id)
 
     def rollback(self, rollout_id: int) -> dict:
         """Give every device this rollout offered its previous desired state, re-signed
         with a new (higher) version, since agents refuse versions below one they took."""
-        with self._lock:
+        with self._locked():
             row = self._get(rollout_id)
             if row.status in (Status.ROLLED_BACK.value, Status.SUPERSEDED.value):
                 raise RolloutError(f"rollout #{rollout_id} is {row.status}", 409)
@@ -202,37 +315,142 @@ class RolloutController:
                     f"a newer rollout (#{min(newer)}) has offered to these devices since; "
                     "roll that one back first", 409,
                 )
-            # Read every previous manifest before publishing anything: a missing or
-            # unreadable one refuses the whole rollback, leaving nothing half done.
-            plan: list[tuple[str, Manifest | None, int | None]] = []
-            for rd in rds:
-                prev = self._manifest(rd.previous_version) if rd.previous_version else None
-                plan.append((rd.device_id, prev, rd.previous_version))
-            restored: list[str] = []
-            skipped: list[str] = []
-            for device_id, prev, prev_version in plan:
-                if prev is None:
-                    skipped.append(device_id)
-                    continue
-                try:
-                    m = self.fleet.deploy(device_id, list(prev.variants),
-                                          pinned=prev.pinned_variant, policy=prev.policy)
-                except _PUBLISH_ERRORS as e:
-                    raise RolloutError(
-                        f"rollback of #{rollout_id} stopped at {device_id}: {e}; "
-                        f"{len(restored)} device(s) restored so far; run rollback again", 503,
-                    ) from e
-                self.store.mark_offered(rollout_id, device_id, stage=None, version=m.version,
-                                        previous_version=prev_version, now=self.clock())
-                restored.append(device_id)
+            restored, skipped, unchanged = self._restore(rollout_id, rds)
+            # An active or paused rollout that restores nobody still stops offering.
+            if not restored and row.status not in (Status.ACTIVE.value, Status.PAUSED.value):
+                why = (f"{len(unchanged)} device(s) already run what they ran before"
+                       if unchanged else "no device has an earlier desired state")
+                raise RolloutError(f"rollback of #{rollout_id} changes nothing: {why}", 409)
             note = f"rolled back {len(restored)} device(s)"
             if skipped:
                 note += (f"; {len(skipped)} had no earlier desired state and keep this "
                          f"one: {', '.join(skipped[:10])}")
+            if unchanged:
+                note += f"; {len(unchanged)} already ran what they ran before"
+            self._freeze_counts(row)
             self.store.update_rollout(rollout_id, status=Status.ROLLED_BACK.value,
                                       reason=note, note=note)
-            log.info("rollout #%d: %s", rollout_id, note)
-            return {"restored": restored, "skipped": skipped}
+            log.info("rollout #%d %s", rollout_id, note)
+            out: dict = {"restored": restored, "skipped": skipped}
+            if unchanged:
+                out["unchanged"] = unchanged
+            return out
+
+    def _restore(self, rollout_id: int, rds: list) -> tuple[list[str], list[str], list[str]]:
+        """Give ``rds`` their previous desired state: (restored, skipped for having none,
+        unchanged because they already follow one with the same contents)."""
+        # Read every previous manifest before publishing anything: a missing or
+        # unreadable one refuses the whole rollback, leaving nothing half done.
+        plan: list[tuple[str, Manifest | None, Manifest | None, int | None]] = []
+        for rd in rds:
+            prev = self._manifest(rd.previous_version) if rd.previous_version else None
+            cur = self._manifest(rd.offered_version) if rd.offered_version else None
+            plan.append((rd.device_id, prev, cur, rd.previous_version))
+        restored: list[str] = []
+        skipped: list[str] = []
+        unchanged: list[str] = []
+        for device_id, prev, cur, prev_version in plan:
+            if prev is None:
+                skipped.append(device_id)
+                continue
+            if cur is not None and _same_state(cur, prev):
+                unchanged.append(device_id)
+                continue
+            try:
+                m = self.fleet.deploy(device_id, list(prev.variants), sent=self._sent,
+                                      pinned=prev.pinned_variant, policy=prev.policy)
+            except _PUBLISH_ERRORS as e:
+                raise RolloutError(
+                    f"rollback of #{rollout_id} stopped at {device_id}: {e}; "
+                    f"{len(restored)} device(s) restored so far; run rollback again", 503,
+                ) from e
+            self.store.mark_offered(rollout_id, device_id, stage=None, version=m.version,
+                                    previous_version=prev_version, now=self.clock())
+            restored.append(device_id)
+        return restored, skipped, unchanged
+
+    def _renew_shadow(self, row: RolloutRow) -> int:
+        """A resumed wave gets a new observe window: its devices' desired state again, with
+        shadow evaluation until the window's end (the old one has ended on the devices)."""
+        wave = wave_of(row.stage)
+        if not wave:
+            return 0
+        cfg = RolloutConfig.model_validate(row.config)
+        count = 0
+        for rd in self.store.rollout_devices(row.id):
+            m = self._manifest(rd.offered_version) if rd.offered_version else None
+            if wave_of(rd.stage) != wave or m is None or m.shadow is None:
+                continue
+            shadow = m.shadow.model_copy(update={"until": self.clock() + cfg.gate.observe_s})
+            try:
+                new = self.fleet.deploy(rd.device_id, list(m.variants), pinned=m.pinned_variant,
+                                        policy=m.policy, shadow=shadow, sent=self._sent)
+            except _PUBLISH_ERRORS as e:
+                raise RolloutError(f"resume of #{row.id} stopped at {rd.device_id}: {e}; "
+                                   "resume again", 503) from e
+            self.store.retarget_offers(rd.device_id, m.version, new.version)
+            count += 1
+        return count
+
+    def _freeze_counts(self, row: RolloutRow) -> None:
+        """Keep a finishing rollout's counts as they are now: they never change after."""
+        counts = self._describe(row, False)["counts"]
+        self.store.put_rollout_record(row.id, "counts", counts, now=self.clock())
+
+    def pin(self, req: PinRequest) -> dict:
+        """Pin (or unpin) through the signed desired state: each device gets its current
+        desired state (the newest this server issued to it or to one of its groups) again,
+        same variants and policy, with the pin, under a new version. Nothing else can pin:
+        agents take no unsigned command."""
+        with self._locked():
+            kind = req.kind or ("device" if self.store.device(req.target) else "group")
+            if kind == "device":
+                if self.store.device(req.target) is None:
+                    raise RolloutError(f"no device {req.target!r}", 404)
+                devices = [req.target]
+            else:
+                devices = self.store.group_members(req.target)
+                if not devices:
+                    raise RolloutError(f"no device {req.target!r} and no group of that "
+                                       "name with devices", 404)
+            groups = self.store.device_groups()
+            plan: list[tuple[str, int | None, Manifest]] = []
+            skipped: list[dict] = []
+            for device_id in devices:
+                rows = [r for r in (self.store.latest_manifest(t) for t in
+                                    (device_id, *groups.get(device_id, []))) if r]
+                row = max(rows, key=lambda r: r.version, default=None)
+                m = self._manifest(row.version) if row else None
+                why = None
+                if m is None:
+                    why = "no desired state from this server yet"
+                elif req.variant and req.variant not in {v.name for v in m.variants}:
+                    why = f"{req.variant!r} is not in its desired state v{m.version}"
+                elif m.pinned_variant == req.variant:
+                    why = f"already {'pinned to ' + req.variant if req.variant else 'unpinned'}"
+                if why or m is None:
+                    skipped.append({"device_id": device_id, "reason": why})
+                    continue
+                own = row.version if row is not None and row.target == device_id else None
+                plan.append((device_id, own, m))
+            if kind == "device" and skipped and "already" not in skipped[0]["reason"]:
+                raise RolloutError(f"cannot pin {req.target}: {skipped[0]['reason']}", 409)
+            done: list[dict] = []
+            for device_id, own, m in plan:
+                try:
+                    new = self.fleet.deploy(device_id, list(m.variants), pinned=req.variant,
+                                            policy=m.policy, sent=self._sent)
+                except _PUBLISH_ERRORS as e:
+                    raise RolloutError(
+                        f"pin stopped at {device_id}: {e}; {len(done)} device(s) done so "
+                        "far; run it again", 503) from e
+                if own is not None:
+                    self.store.retarget_offers(device_id, own, new.version)
+                done.append({"device_id": device_id, "manifest_version": new.version})
+            log.info("%s %s on %d device(s)", "pinned " + req.variant if req.variant
+                     else "unpinned", req.target, len(done))
+            return {"target": req.target, "kind": kind, "variant": req.variant,
+                    "devices": done, "skipped": skipped}
 
     def refresh_desired(self, older_than_s: float | None = None) -> int:
         """Re-sign each device's current desired state under a new version, same contents.
@@ -242,7 +460,9 @@ class RolloutController:
         ``older_than_s``: only manifests issued at least that long ago. Rollouts follow the
         new version. Returns how many were republished.
         """
-        with self._lock:
+        if not self.holds_lease:
+            return 0  # the replica holding the lease refreshes them
+        with self._locked():
             now = self.clock()
             count = 0
             for dev in self.store.devices():
@@ -255,7 +475,7 @@ class RolloutController:
                 if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
                     continue
                 try:
-                    new = self.fleet.deploy(dev.device_id, list(m.variants),
+                    new = self.fleet.deploy(dev.device_id, list(m.variants), sent=self._sent,
                                             pinned=m.pinned_variant, policy=m.policy)
                 except _PUBLISH_ERRORS as e:
                     log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
@@ -268,8 +488,11 @@ class RolloutController:
 
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:
-        """Advance every unfinished rollout (the serve loop calls this every second)."""
-        with self._lock:
+        """Advance every unfinished rollout (the serve loop calls this every second), on
+        the replica that holds the controller lease."""
+        if not self.renew_lease():
+            return
+        with self._locked():
             for row in self.store.rollouts([Status.ACTIVE.value]):
                 try:
                     if row.target_kind != "devices":
@@ -307,6 +530,13 @@ class RolloutController:
         online = {d.device_id: d.online for d in self.store.devices()}
         views = [self._view(rd, online) for rd in rds]
         t = tally(cfg, views, self.clock())
+        records = self.store.rollout_records(row.id)
+        counts = {
+            "total": t.total, "waiting": t.waiting, "pending": t.pending,
+            "succeeded": t.succeeded, "failed": t.failed, "timed_out": t.timed_out,
+        }
+        if Status(row.status).finished and "counts" in records:
+            counts = records["counts"]
         out = {
             "id": row.id,
             "status": row.status,
@@ -320,11 +550,12 @@ class RolloutController:
             "config": row.config,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
-            "counts": {
-                "total": t.total, "waiting": t.waiting, "pending": t.pending,
-                "succeeded": t.succeeded, "failed": t.failed, "timed_out": t.timed_out,
-            },
+            "counts": counts,
         }
+        if cfg.waves:
+            out["wave"] = wave_of(row.stage)
+            out["waves"] = [records[k] for k in sorted(
+                (k for k in records if wave_of(k)), key=lambda k: wave_of(k) or 0)]
         if with_devices:
             out["devices"] = [
                 {
@@ -346,15 +577,46 @@ class RolloutController:
         return row
 
     @staticmethod
-    def _view(rd, online: dict[str, bool]) -> DeviceView:
+    def _view(rd, online: dict[str, bool],
+              evidence: dict[str, Evidence] | None = None) -> DeviceView:
+        wave = wave_of(rd.stage)
         return DeviceView(
             device_id=rd.device_id,
             online=online.get(rd.device_id, False),
-            stage=Stage(rd.stage) if rd.stage else None,
+            stage=Stage.WAVE if wave else Stage(rd.stage) if rd.stage else None,
             offered_at=rd.offered_at,
             phase=RolloutPhase(rd.phase) if rd.phase else None,
             acknowledged=rd.acknowledged,
+            wave=wave,
+            evidence=evidence or {},
         )
+
+    def _evidence(self, rollout_id: int, wave: int) -> dict[str, dict[str, Evidence]]:
+        """Per device of the wave, per variant: the shadow figures it reported for this
+        rollout since it was offered."""
+        out: dict[str, dict[str, Evidence]] = {}
+        for r in self.store.rollout_shadow_rows(rollout_id, wave_stage(wave)):
+            ratio = ((r.latency_ms_p95 / r.profile_latency_ms,)
+                     if r.latency_ms_p95 is not None and r.profile_latency_ms else ())
+            ev = out.setdefault(r.device_id, {})
+            ev[r.variant] = ev.get(r.variant, Evidence()) + Evidence(
+                r.samples, r.agreed, r.divergence_sum, r.errors, ratio)
+        return out
+
+    def _wave_manifest(self, row: RolloutRow, specs: list[VariantSpec], prev: Manifest | None,
+                       cfg: RolloutConfig, now: float
+                       ) -> tuple[list[VariantSpec], ShadowSpec | None]:
+        """A wave's desired state: the rollout's variants beside what the device had (the
+        reference stays installed), and shadow evaluation of those new to it."""
+        names = {s.name for s in specs}
+        kept = [v for v in prev.variants if v.name not in names] if prev else []
+        had = {v.sha256 for v in prev.variants} if prev else set()
+        new = [s.name for s in specs if s.sha256 not in had]
+        shadow = None
+        if new:
+            shadow = ShadowSpec(rollout_id=row.id, sample_share=cfg.gate.sample_share,
+                                variants=new, until=now + cfg.gate.observe_s)
+        return (specs + kept)[:MAX_VARIANT_REFS], shadow
 
     def _resolve_variants(self, refs: list[str]) -> list[VariantSpec]:
         specs = []
@@ -428,38 +690,84 @@ class RolloutController:
             row = self._get(rollout_id)
             cfg = RolloutConfig.model_validate(row.config)
             online = {d.device_id: d.online for d in self.store.devices()}
-            views = [self._view(rd, online) for rd in self.store.rollout_devices(rollout_id)]
-            rv = RolloutView(Status(row.status), Stage(row.stage), row.stage_started_at)
+            wave = wave_of(row.stage)
+            evidence = self._evidence(rollout_id, wave) if wave else {}
+            views = [self._view(rd, online, evidence.get(rd.device_id) if wave and
+                                wave_of(rd.stage) == wave else None)
+                     for rd in self.store.rollout_devices(rollout_id)]
+            rv = RolloutView(Status(row.status), Stage.WAVE if wave else Stage(row.stage),
+                             row.stage_started_at, wave or 0)
             d = step(cfg, rv, views, self.clock())
+            if d.judgement is not None:
+                rec = {**d.judgement.measured(cfg.gate), "action": d.action.value}
+                if self.store.rollout_records(rollout_id).get(wave_stage(d.judgement.wave)) \
+                        != rec:
+                    self.store.put_rollout_record(rollout_id, wave_stage(d.judgement.wave),
+                                                  rec, now=self.clock())
             if d.action is Action.WAIT or not self._apply(row, d):
                 return
 
     def _apply(self, row: RolloutRow, d: Decision) -> bool:
         """Carry out one decision; False when it could not (try again next tick)."""
+        if not self.holds_lease:
+            return False  # the replica holding the lease applies it
         now = self.clock()
         if d.action is Action.OFFER:
             specs = [VariantSpec.model_validate(v) for v in row.variants]
+            cfg = RolloutConfig.model_validate(row.config)
             for device_id in d.devices:
                 prev = self._previous_version(device_id)
+                offer, shadow = specs, None
+                if d.wave is not None:
+                    pm = self._manifest(prev) if prev else None
+                    offer, shadow = self._wave_manifest(row, specs, pm, cfg, now)
                 try:
-                    m = self.fleet.deploy(device_id, specs, pinned=row.pinned_variant,
-                                          policy=row.policy)
+                    m = self.fleet.deploy(device_id, offer, pinned=row.pinned_variant,
+                                          policy=row.policy, shadow=shadow, sent=self._sent)
                 except _PUBLISH_ERRORS as e:
                     log.warning("rollout #%d: cannot offer to %s yet: %s", row.id, device_id, e)
                     return False
-                self.store.mark_offered(row.id, device_id, stage=d.stage.value if d.stage
-                                        else None, version=m.version, previous_version=prev,
-                                        now=now)
+                stage = wave_stage(d.wave) if d.wave is not None else (
+                    d.stage.value if d.stage else None)
+                self.store.mark_offered(row.id, device_id, stage=stage, version=m.version,
+                                        previous_version=prev, now=now)
             self.store.update_rollout(row.id, note=f"offered: {d.reason}")
         elif d.action is Action.PROMOTE:
-            self.store.update_rollout(row.id, stage=Stage.REST.value, stage_started_at=now,
+            stage = wave_stage(d.wave) if d.wave is not None else Stage.REST.value
+            self.store.update_rollout(row.id, stage=stage, stage_started_at=now,
                                       reason=f"promoted: {d.reason}", note=f"promoted: {d.reason}")
         elif d.action is Action.HALT:
+            reason = f"halted: {d.reason}"
+            if d.rollback:
+                rds = [rd for rd in self.store.rollout_devices(row.id)
+                       if rd.device_id in set(d.devices) and rd.offered_version]
+                try:
+                    restored, skipped, _ = self._restore(row.id, rds)
+                except RolloutError as e:  # halt anyway: the operator finishes the rollback
+                    reason += f"; {e}"
+                else:
+                    reason += f"; rolled back its {len(restored)} device(s)"
+                    if skipped:
+                        reason += f" ({len(skipped)} had no earlier desired state)"
             self.store.update_rollout(row.id, status=Status.HALTED.value,
-                                      reason=f"halted: {d.reason}", note=f"halted: {d.reason}")
+                                      reason=reason, note=reason)
         elif d.action is Action.COMPLETE:
+            self._freeze_counts(row)
             self.store.update_rollout(row.id, status=Status.COMPLETED.value,
                                       reason=f"completed: {d.reason}",
                                       note=f"completed: {d.reason}")
-        log.info("rollout #%d: %s %s", row.id, d.action.value, d.reason)
+        if d.action is Action.HALT:
+            log.warning("rollout #%d halted: %s", row.id, d.reason)
+        else:
+            log.info("rollout #%d %s: %s", row.id, _DONE[d.action], d.reason)
         return True
+
+
+_DONE = {Action.OFFER: "offered", Action.PROMOTE: "promoted to the rest stage",
+         Action.COMPLETE: "completed"}
+
+
+def _same_state(a: Manifest, b: Manifest) -> bool:
+    """The same desired contents, whatever the version and signature."""
+    return ([v.sha256 for v in a.variants], a.pinned_variant, a.policy) == (
+        [v.sha256 for v in b.variants], b.pinned_variant, b.policy)

@@ -53,6 +53,9 @@ def demo_devices(n: int) -> list[DemoDevice]:
     return out
 
 
+DEMO_ACTIVE_POWER_W = 10.0  # watts one busy core adds: the x86_64 default
+
+
 def _agent_toml(
     dev: DemoDevice, broker_url: str, state_dir: Path, key: Path, workload: Path,
     capacity_j: float,
@@ -69,6 +72,10 @@ download_window_chunks = 8
 
 [policy]
 min_dwell_s = 1.5
+
+[energy]
+meter = "estimate"
+active_power_w = {DEMO_ACTIVE_POWER_W}
 
 [sensors]
 kind = "simulated"
@@ -143,9 +150,12 @@ def run_demo(
         out(f"published {len(specs)} variants ({sent} bytes, once, retained; the broker fans "
             f"them out) and signed desired state v{manifest.version} for group 'demo'")
 
-        # A battery sized so the most expensive variant drains ~1/3 of it in ~20 s.
-        dense = max(s.macs for s in specs)
-        capacity_j = max(1.0, 20 * 55 * (0.0005 + 2e-8 * dense) * 3)
+        # A battery sized so the most expensive variant drains ~1/3 of it in ~20 s. The
+        # agents estimate energy as CPU time x active power (the demo names both, so it
+        # behaves alike on machines with and without a power meter); CPU time per request
+        # is about 4x the bare inference latency the report measured (the request path).
+        dense_s = max((v.latency_ms or 0.1) for v in specs) / 1000.0
+        capacity_j = max(0.5, 20 * 55 * dense_s * 4 * DEMO_ACTIVE_POWER_W * 3)
 
         out(f"\n== starting {agents} agent processes")
         agents_dir = work_dir / "agents"

@@ -5,7 +5,13 @@ them out, so the server's bytes do not grow with the fleet. Desired state is a s
 manifest, retained per device or group. Ingest subscribes to every device's telemetry,
 reported state and events (through a shared subscription when ``share_group`` is set, so
 several servers can split the load) and writes them to the store; anything that does not
-validate is logged, counted and dropped.
+validate, or comes from a device over its rate limit, is counted (per reason) and dropped.
+
+Ingest acknowledges end to end (docs/ingest.md): telemetry is written a group at a time
+(what arrived while the last group committed, up to ``group_max`` messages, one
+transaction); only after the commit does the server acknowledge the broker's messages
+(``manual_ack``) and publish each device's "stored through" cursor (``TelemetryAck``,
+retained on ``<prefix>/devices/<id>/acked``), on which the agent deletes its batches.
 """
 
 from __future__ import annotations
@@ -13,18 +19,23 @@ from __future__ import annotations
 import base64
 import logging
 import queue
+import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+
 from prunefleet.shared.chunks import DEFAULT_CHUNK_BYTES, encode_frame, iter_chunks, plan
-from prunefleet.shared.errors import ProtocolError
+from prunefleet.shared.errors import ProtocolError, TopicError, TransportError
 from prunefleet.shared.messages import (
     Event,
     Golden,
     Manifest,
     ReportedState,
+    ShadowSpec,
+    TelemetryAck,
     TelemetryBatch,
     VariantSpec,
     decode,
@@ -35,10 +46,14 @@ from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
 
 from .errors import DistributionError, StoreError
+from .ingest import DROP_REASONS, DeviceRateLimiter, LagHistogram, StoredCursors
 from .keys import KeyRing
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+# What an ingest probe starts with (FleetServer.probe_ingest); never stored.
+PROBE_MAGIC = b"prunefleet-ingest-probe:"
 
 
 @dataclass
@@ -47,7 +62,18 @@ class IngestCounters:
     duplicates: int = 0
     reported: int = 0
     events: int = 0
-    invalid: int = 0
+    invalid: int = 0  # did not validate, named another device, or hit a bug
+    # Rollout reports about a manifest never issued to the reporting device: ignored.
+    unoffered_reports: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    transactions: int = 0  # telemetry write transactions (one per group of messages)
+    acks_published: int = 0  # "stored through" cursors published to devices
+    queue_depth: int = 0  # messages received and not yet handled, at the last group
+    lag: LagHistogram = field(default_factory=LagHistogram)  # interval end → commit
+
+
+class _WrongDevice(ProtocolError):
+    """A message whose body names another device than its topic."""
 
 
 def spec_from_file(
@@ -87,10 +113,17 @@ class FleetServer:
         share_group: str | None = None,
         manifest_ttl_s: float = 7 * 24 * 3600,
         persistent_session: bool = True,
+        device_rate_per_s: float = 20.0,
+        device_burst: float = 200.0,
+        group_max: int = 200,
     ):
         """``persistent_session`` keeps the ingest subscription at the broker while this
         server is away (MQTT clean session off, stable ``client_id``), so telemetry that
-        agents publish meanwhile is queued, not lost. Give each server its own id."""
+        agents publish meanwhile is queued, not lost. Give each server its own id.
+
+        ``device_rate_per_s``/``device_burst``: each device's token bucket for the messages
+        it sends (0: no limit); what is over it is dropped before parsing and counted.
+        ``group_max``: messages written per telemetry transaction at most."""
         self.store = store
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
@@ -98,6 +131,10 @@ class FleetServer:
         self.manifest_ttl_s = manifest_ttl_s
         self.counters = IngestCounters()
         self.bytes_published = 0
+        self.share_group = share_group
+        self.limiter = DeviceRateLimiter(device_rate_per_s, device_burst)
+        self.cursors = StoredCursors()
+        self.group_max = max(1, group_max)
         subs = {}
         for ch in ("telemetry", "reported", "events"):
             f = self.topics.all_devices(ch)
@@ -106,13 +143,16 @@ class FleetServer:
             BrokerAddress.parse(broker_url),
             TransportOptions(client_id=client_id, subscriptions=subs, inbound_queue_size=10000,
                              max_inflight_messages=100,
-                             clean_session=not persistent_session),
+                             clean_session=not persistent_session, manual_ack=True),
         )
         self._publish_lock = threading.Lock()
         self._deploy_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._published_artifacts: set[str] = set()
+        self.client_id = client_id
+        self._probe_token = secrets.token_hex(8).encode()
+        self._probe_seen = threading.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout_s: float = 15.0) -> None:
@@ -124,6 +164,34 @@ class FleetServer:
             )
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
         self._thread.start()
+
+    def probe_ingest(self, timeout_s: float = 5.0) -> None:
+        """Prove that the ingest subscription delivers: publish a probe on a topic it
+        matches (this server's own device-like events topic) until one comes back, else
+        raise. A broker may accept a subscription and deliver nothing to it (NATS's MQTT
+        gateway does so with ``$share/…``); a server there would be silently deaf. With a
+        shared subscription the broker may hand a probe to another replica, so it is sent
+        again every half second."""
+        topic = self.topics.events(self.client_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._publish_lock:
+                self.transport.publish(topic, PROBE_MAGIC + self._probe_token, qos=1)
+            if self._probe_seen.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+                return
+            if time.monotonic() >= deadline:
+                break
+        sub = self.topics.all_devices("events")
+        if self.share_group:
+            sub = self.topics.shared(self.share_group, sub)
+            why = ("it takes the shared subscription but does not deliver to it (NATS's "
+                   "MQTT gateway and amqtt do so); run without --share-group, or on a broker "
+                   "that supports shared subscriptions (mosquitto, EMQX, HiveMQ)")
+        else:
+            why = "check the broker's ACL for this server's user"
+        raise DistributionError(
+            f"ingest probe failed: {self.transport.address.url} delivered nothing on "
+            f"{sub} within {timeout_s:g} s; {why}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -164,12 +232,18 @@ class FleetServer:
         pinned: str | None = None,
         policy: dict[str, float | int | bool | None] | None = None,
         timeout_s: float = 30.0,
+        shadow: ShadowSpec | None = None,
+        sent: list[mqtt.MQTTMessageInfo] | None = None,
     ) -> Manifest:
         """Sign a manifest naming ``variants`` and publish it as the target's desired state.
 
         ``policy`` overrides the agents' policy settings (see ``PolicyConfig``); it is
         checked here first, so a bad value is refused before anything is published.
+        ``sent``: do not wait for the broker; refuse at once while it is not connected,
+        else append the publish to ``sent`` for the caller to wait on (outside its locks).
         """
+        if sent is not None and not self.transport.connected.is_set():
+            raise DistributionError(f"not connected to the broker {self.transport.address.url}")
         if policy:
             try:
                 apply_overrides(PolicyConfig(), policy)
@@ -182,6 +256,7 @@ class FleetServer:
                 target=target, version=version, issued_at=now,
                 expires_at=now + self.manifest_ttl_s, variants=variants,
                 pinned_variant=pinned, policy=policy,
+                revoked_keyids=list(getattr(self.key, "revoked", ())), shadow=shadow,
             )
             signed = self.key.sign(manifest)
             data = signed.encode()
@@ -189,11 +264,26 @@ class FleetServer:
         topic = self.topics.group_desired(target) if group else self.topics.desired(target)
         with self._publish_lock:
             info = self.transport.publish_info(topic, data, qos=1, retain=True)
+        self.bytes_published += len(data)
+        if sent is not None:
+            sent.append(info)
+            return manifest
         info.wait_for_publish(timeout_s)
         if not info.is_published():
             raise DistributionError(f"broker did not acknowledge the manifest for {target}")
-        self.bytes_published += len(data)
         return manifest
+
+    def clear_device_topics(self, device_id: str, timeout_s: float = 30.0) -> None:
+        """Remove a decommissioned device's retained messages from the broker (its desired
+        state, reported state and telemetry cursor): an empty retained message clears one."""
+        topics = (self.topics.desired(device_id), self.topics.reported(device_id),
+                  self.topics.acked(device_id))
+        with self._publish_lock:
+            infos = [self.transport.publish_info(t, b"", qos=1, retain=True) for t in topics]
+        for info in infos:
+            info.wait_for_publish(timeout_s)
+            if not info.is_published():
+                raise DistributionError(f"broker did not acknowledge clearing {device_id}")
 
     def publish_raw(self, topic: str, payload: bytes, retain: bool = False) -> None:
         """Publish exact bytes (tests use it to play a hostile network)."""
@@ -204,55 +294,190 @@ class FleetServer:
     # -- ingest ---------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                item = self.transport.inbound.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if item.kind == "message":
+            items = self._next_group()
+            if items:
                 try:
-                    self._ingest(item)
+                    self._ingest_group(items)
                 except Exception:
-                    # A bug or an unexpected store error costs this one message, never
-                    # the ingest thread (nothing else would notice it had died).
-                    self.counters.invalid += 1
-                    log.exception("ingest failed on %s", item.topic)
+                    # A bug costs this group, never the ingest thread (nothing else would
+                    # notice it had died); the agents send unconfirmed batches again.
+                    self._drop("error", f"a group of {len(items)} messages", len(items))
+                    log.exception("ingest failed on a group of %d messages", len(items))
+                    self._ack(items)
 
-    def _ingest(self, item: Inbound) -> None:
+    def _next_group(self) -> list[Inbound]:
+        """The messages of one transaction: what arrived while the last group was being
+        written, up to ``group_max``. Only the first is waited for, so a quiet fleet adds
+        no delay and a busy one gets larger transactions."""
+        q = self.transport.inbound
+        try:
+            item = q.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        items: list[Inbound] = []
+        while True:
+            if item.kind == "message":
+                items.append(item)
+            elif item.kind == "connected":
+                log.info("connected to the broker %s", self.transport.address.url)
+            elif item.kind == "disconnected":
+                log.warning("lost the broker %s: ingest and publishing wait for it",
+                            self.transport.address.url)
+            if len(items) >= self.group_max:
+                break
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+        self.counters.queue_depth = q.qsize()
+        return items
+
+    def _ingest_group(self, items: list[Inbound]) -> None:
+        now = time.monotonic()
+        batches: list[tuple[Inbound, TelemetryBatch]] = []
+        done: list[Inbound] = []
+        for item in items:
+            batch = self._admit(item, now)
+            if batch is None:
+                done.append(item)
+            else:
+                batches.append((item, batch))
+        if batches:
+            self._store_batches(batches)
+            done += [item for item, _ in batches]
+        self._ack(done)
+        self.counters.dropped["inbound_full"] = self.transport.dropped_inbound
+
+    def _ack(self, items: list[Inbound]) -> None:
+        """Acknowledge the broker's messages: they are stored, or dropped for good."""
+        with self._publish_lock:
+            for item in items:
+                try:
+                    self.transport.ack(item.mid, item.qos, item.connection)
+                except TransportError as e:
+                    log.warning("%s", e)  # resent after the reconnect; dedupe drops it
+                    return
+
+    def _admit(self, item: Inbound, now: float) -> TelemetryBatch | None:
+        """Check one message; a telemetry batch to store, or None when it was handled
+        (a reported state or event, written at once) or dropped."""
+        if item.payload.startswith(PROBE_MAGIC):  # a server's, or a device playing one
+            if item.payload[len(PROBE_MAGIC):] == self._probe_token:
+                self._probe_seen.set()
+            return None
         try:
             device_id, channel = self.topics.parse_device(item.topic)
+        except TopicError:
+            self._drop("invalid", item.topic)
+            return None
+        if not self.limiter.allow(device_id, now):
+            self._drop("rate_limited", item.topic)
+            return None
+        try:
             if channel == "telemetry":
                 b = decode(TelemetryBatch, item.payload)
                 self._same_device(device_id, b.device_id)
-                if self.store.add_telemetry(b):
-                    self.counters.telemetry += 1
-                else:
-                    self.counters.duplicates += 1
-            elif channel == "reported":
-                if not item.payload:
-                    return
-                r = decode(ReportedState, item.payload)
-                self._same_device(device_id, r.device_id)
-                self.store.set_reported(r)
-                if r.rollout is not None:
-                    self.store.record_rollout_report(r.device_id, r.rollout, r.ts or time.time())
-                self.counters.reported += 1
-            elif channel == "events":
-                e = decode(Event, item.payload)
-                self._same_device(device_id, e.device_id)
-                self.store.add_event(e)
-                self.counters.events += 1
+                return b
+            self._ingest_state(device_id, channel, item)
+        except _WrongDevice as e:
+            self._drop("wrong_device", item.topic, detail=str(e))
         except ProtocolError as e:
-            self.counters.invalid += 1
-            log.warning("dropped invalid message on %s: %s", item.topic, e)
+            self._drop("invalid", item.topic, detail=str(e))
         except StoreError as e:
-            # The broker redelivers nothing once acknowledged; the agent's sequence numbers
-            # show the gap. Keep ingesting rather than die on one bad write.
-            log.error("store refused a message from %s: %s", item.topic, e)
+            self._drop("store_error", item.topic, detail=str(e))
+        except Exception:
+            self._drop("error", item.topic)
+            log.exception("ingest failed on %s", item.topic)
+        return None
+
+    def _ingest_state(self, device_id: str, channel: str, item: Inbound) -> None:
+        if channel == "reported":
+            if not item.payload:
+                return
+            r = decode(ReportedState, item.payload)
+            self._same_device(device_id, r.device_id)
+            self.store.set_reported(r)
+            self._keep_measurements(r)
+            if r.rollout is not None and not self.store.record_rollout_report(
+                    r.device_id, r.rollout, r.ts or time.time()):
+                self.counters.unoffered_reports += 1
+            self.counters.reported += 1
+        elif channel == "events":
+            e = decode(Event, item.payload)
+            self._same_device(device_id, e.device_id)
+            self.store.add_event(e)
+            self.counters.events += 1
+
+    def _keep_measurements(self, r: ReportedState) -> None:
+        """The device's facts and on-device profiles, kept per device and aggregated per
+        device class (only profiles of registered variants it has installed count)."""
+        self.store.set_measurements(r)
+
+    def _store_batches(self, batches: list[tuple[Inbound, TelemetryBatch]]) -> None:
+        """One transaction for the group, then each device's cursor published."""
+        try:
+            stored = self.store.add_telemetry_batches([b for _, b in batches])
+        except StoreError as e:
+            # Unconfirmed, the agents send these again; a store that is down is not hammered.
+            self._drop("store_error", f"{len(batches)} telemetry batches", len(batches),
+                       detail=str(e))
+            self._stop.wait(0.5)
+            return
+        self.counters.transactions += 1
+        committed = time.time()
+        touched: dict[tuple[str, str], None] = {}
+        for (_, b), new in zip(batches, stored, strict=True):
+            if new:
+                self.counters.telemetry += 1
+                self.counters.lag.observe(committed - b.interval_end)
+            else:
+                self.counters.duplicates += 1
+            if b.incarnation:  # agents from before acknowledgements have none
+                self._note_stored(b)
+                touched[(b.device_id, b.incarnation)] = None
+        self._publish_acks(list(touched), committed)
+
+    def _note_stored(self, b: TelemetryBatch) -> None:
+        cursors, key = self.cursors, (b.device_id, b.incarnation)
+        if not cursors.known(*key):  # first batch of it this process sees: ask the store
+            floor = b.unconfirmed_from or 0
+            cursors.seed(*key, self.store.stored_seqs(*key, floor), floor)
+        cursors.note(*key, b.seq, b.unconfirmed_from)
+        if self.share_group and cursors.has_gap(*key):
+            # Another server may have stored what this one misses.
+            cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))
+
+    def _publish_acks(self, keys: list[tuple[str, str]], ts: float) -> None:
+        with self._publish_lock:
+            for device_id, incarnation in keys:
+                through = self.cursors.through(device_id, incarnation)
+                if through < 0:
+                    continue
+                ack = TelemetryAck(device_id=device_id, incarnation=incarnation,
+                                   stored_through=through, ts=ts)
+                try:
+                    self.transport.publish(self.topics.acked(device_id), ack.encode(), qos=1,
+                                           retain=True)
+                except TransportError as e:
+                    log.warning("telemetry acknowledgement not published: %s", e)
+                    return
+                self.counters.acks_published += 1
+
+    def _drop(self, reason: str, where: str, n: int = 1, detail: str = "") -> None:
+        """Count a drop; log the first few of each reason, then every 1000th."""
+        dropped = self.counters.dropped
+        before = dropped[reason]
+        dropped[reason] = before + n
+        if reason in ("invalid", "wrong_device", "error"):
+            self.counters.invalid += n
+        if before < 10 or before // 1000 != (before + n) // 1000:
+            log.warning("dropped (%s, %d so far) %s%s", reason, before + n, where,
+                        f": {detail}" if detail else "")
 
     @staticmethod
     def _same_device(topic_id: str, body_id: str) -> None:
         if topic_id != body_id:
-            raise ProtocolError(f"message for {body_id!r} on the topic of {topic_id!r}")
+            raise _WrongDevice(f"message for {body_id!r} on the topic of {topic_id!r}")
 
 
 def b64(data: bytes) -> str:

@@ -6,21 +6,26 @@ Files in the key directory::
     public.pem             its public key: what agents pin
     previous.pem           the key before the last rotation (0600), while it is kept
     previous-public.pem    its public key
+    revoked.json           key ids retired so far (every manifest names them)
 
 A rotation (:func:`rotate`) keeps the old key as "previous" and makes a new current one.
 While a previous key exists, :class:`KeyRing` signs every manifest with both, so agents
 that pin the old key, the new key, or both accept it (``TrustedKeys.verify`` needs one
 valid trusted signature). Once every agent pins the new key, :func:`retire_previous`
-removes the old one and manifests carry the new signature only.
+removes the old one and revokes it: every manifest signed from then on names it in
+``revoked_keyids``, and an agent that accepts one never trusts the old key again (a
+manifest someone still signs with it alone is refused), even where its configuration still
+pins it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from prunefleet.shared.fsutil import atomic_write
-from prunefleet.shared.messages import Manifest, SignedManifest
+from prunefleet.shared.messages import MAX_REVOKED_KEYS, Manifest, SignedManifest
 from prunefleet.shared.signing import SigningKey
 
 from .errors import KeyringError
@@ -29,6 +34,7 @@ SIGNING = "signing.pem"
 PUBLIC = "public.pem"
 PREVIOUS = "previous.pem"
 PREVIOUS_PUBLIC = "previous-public.pem"
+REVOKED = "revoked.json"
 
 
 def load_or_create(directory: Path) -> SigningKey:
@@ -52,6 +58,7 @@ class KeyRing:
 
     current: SigningKey
     previous: SigningKey | None = None
+    revoked: tuple[str, ...] = ()  # retired key ids, named in every manifest
 
     @property
     def keyid(self) -> str:
@@ -80,7 +87,21 @@ def load_keyring(directory: Path) -> KeyRing:
     current = load_or_create(directory)
     prev_path = directory / PREVIOUS
     previous = SigningKey.from_pem(prev_path.read_bytes()) if prev_path.exists() else None
-    return KeyRing(current, previous)
+    return KeyRing(current, previous, revoked_keyids(directory))
+
+
+def revoked_keyids(directory: Path) -> tuple[str, ...]:
+    """Key ids retired in ``directory``, oldest first (the newest MAX_REVOKED_KEYS)."""
+    path = Path(directory) / REVOKED
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return ()
+    except ValueError as e:
+        raise KeyringError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, list) or not all(isinstance(k, str) and len(k) == 64 for k in raw):
+        raise KeyringError(f"{path}: expected a list of key ids")
+    return tuple(raw[-MAX_REVOKED_KEYS:])
 
 
 def rotate(directory: Path) -> KeyRing:
@@ -115,6 +136,10 @@ def retire_previous(directory: Path) -> SigningKey | None:
     if not path.exists():
         return None
     old = SigningKey.from_pem(path.read_bytes())
+    revoked = [k for k in revoked_keyids(directory) if k != old.keyid] + [old.keyid]
+    # Revoked first: a crash before the unlink leaves a key that signs and is revoked
+    # (agents refuse what it alone signs), never one that is gone and still trusted.
+    atomic_write(directory / REVOKED, json.dumps(revoked[-MAX_REVOKED_KEYS:]).encode())
     path.unlink()
     (directory / PREVIOUS_PUBLIC).unlink(missing_ok=True)
     return old
@@ -123,7 +148,7 @@ def retire_previous(directory: Path) -> SigningKey | None:
 def fingerprint(directory: Path) -> tuple[float, ...]:
     """Changes whenever a key file changes (a running server reloads on it)."""
     out = []
-    for name in (SIGNING, PREVIOUS):
+    for name in (SIGNING, PREVIOUS, REVOKED):
         try:
             st = (Path(directory) / name).stat()
             out += [st.st_mtime_ns, st.st_ino]

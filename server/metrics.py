@@ -10,8 +10,12 @@ under ``variant="other"``.
 Two kinds of per-variant figures:
 
 * ``*_total`` counters (requests, errors, labelled and correct answers, switches, energy,
-  batches dropped) are sums over all telemetry in the store, so they only grow while the
-  store keeps its rows and ``rate()``/``increase()`` work on them as usual.
+  batches dropped) are sums over all telemetry stored, kept in memory (:class:`StoredTotals`):
+  built from the store at the first scrape, then each scrape adds only the rows stored
+  since the last one (by their ids), whichever server replica wrote them. A scrape costs
+  the rows new since the last scrape, not the whole store; pruning old telemetry does not
+  lower them (a restart rebuilds them from what the store still holds, a counter reset
+  that ``rate()``/``increase()`` handle as usual).
 * Latency and served accuracy are gauges over the last ``window_s`` seconds of telemetry
   (by ``interval_end``). Devices report p50/p95/p99 per interval, and percentiles do not
   add up: the fleet figure is the request-weighted mean of the batch percentiles, an
@@ -22,12 +26,18 @@ Two kinds of per-variant figures:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
 
@@ -59,12 +69,83 @@ QUANTILES = (("0.5", VariantUsage.latency_ms_p50), ("0.95", VariantUsage.latency
 # The keys of ReportedState.counters the agent sends; any other key a device sends is
 # ignored here (it is still shown per device by the API and the dashboard).
 DEVICE_COUNTERS = ("invalid_messages", "rejected_manifests", "install_failures",
-                   "rejected_chunks", "inbound_dropped", "telemetry_dropped")
+                   "rejected_chunks", "inbound_dropped", "telemetry_dropped",
+                   # the agent's telemetry queue: batches held (not yet confirmed stored),
+                   # sent and awaiting the server's cursor, sent again after the timeout
+                   "telemetry_queued", "telemetry_unconfirmed", "telemetry_resent")
 
 
 @dataclass(frozen=True)
 class MetricsOptions:
     window_s: float = 300.0  # latency and accuracy gauges cover this much telemetry
+
+
+# Distinct variant names kept apart in the totals; names past this many (devices may report
+# any name) are summed under OTHER, so the totals stay bounded whatever devices send.
+MAX_TOTAL_NAMES = 1000
+
+
+@dataclass
+class StoredTotals:
+    """Sums over every telemetry row stored, brought up to date by :meth:`refresh`.
+
+    Each table's rows are read once: a refresh sums the rows whose id is above the highest
+    id it summed before (ids only grow). A row whose transaction commits after a refresh
+    that saw a higher id (concurrent writers on PostgreSQL) is not counted until the next
+    rebuild.
+    """
+
+    telemetry_id: int = 0
+    usage_id: int = 0
+    switch_id: int = 0
+    # variant name -> [requests, errors, labeled, correct]
+    usage: dict[str, list[int]] = field(default_factory=dict)
+    switches: dict[str, int] = field(default_factory=dict)  # reason -> switches
+    energy_j: float = 0.0
+    batches_dropped: int = 0
+    switches_dropped: int = 0
+    batches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def refresh(self, store: Store) -> None:
+        with self._lock, store.session() as s:
+            t = s.execute(
+                select(func.max(Telemetry.id), func.sum(Telemetry.energy_j),
+                       func.sum(Telemetry.batches_dropped),
+                       func.sum(Telemetry.switches_dropped), func.count(Telemetry.id))
+                .where(Telemetry.id > self.telemetry_id)).one()
+            u_max = s.scalar(select(func.max(VariantUsage.id))
+                             .where(VariantUsage.id > self.usage_id))
+            usage = [] if u_max is None else s.execute(
+                select(VariantUsage.variant, func.sum(VariantUsage.requests),
+                       func.sum(VariantUsage.errors), func.sum(VariantUsage.labeled),
+                       func.sum(VariantUsage.correct))
+                .where(VariantUsage.id > self.usage_id, VariantUsage.id <= u_max)
+                .group_by(VariantUsage.variant)).all()
+            sw_max = s.scalar(select(func.max(Switch.id)).where(Switch.id > self.switch_id))
+            switches = [] if sw_max is None else s.execute(
+                select(Switch.reason, func.count(Switch.id))
+                .where(Switch.id > self.switch_id, Switch.id <= sw_max)
+                .group_by(Switch.reason)).all()
+        t_max, energy, b_dropped, s_dropped, n = t
+        if t_max is not None:
+            self.telemetry_id = int(t_max)
+            self.energy_j += float(energy or 0)
+            self.batches_dropped += int(b_dropped or 0)
+            self.switches_dropped += int(s_dropped or 0)
+            self.batches += int(n or 0)
+        if u_max is not None:
+            self.usage_id = int(u_max)
+            for name, *vals in usage:
+                key = name if name in self.usage or len(self.usage) < MAX_TOTAL_NAMES \
+                    else OTHER
+                acc = self.usage.setdefault(key, [0, 0, 0, 0])
+                for i, x in enumerate(vals):
+                    acc[i] += int(x or 0)
+        if sw_max is not None:
+            self.switch_id = int(sw_max)
+            for reason, k in switches:
+                self.switches[reason] = self.switches.get(reason, 0) + int(k)
 
 
 class FleetCollector(Collector):
@@ -79,6 +160,7 @@ class FleetCollector(Collector):
         self.broker_connected = broker_connected
         self.options = options or MetricsOptions()
         self.clock = clock
+        self.totals = StoredTotals()
 
     def describe(self) -> list[Metric]:
         return []  # collected on scrape only; describing would query the store at register
@@ -117,13 +199,36 @@ class FleetCollector(Collector):
              "reported states stored by this server process"),
             ("prunefleet_events_ingested", c.events,
              "device events stored by this server process"),
+            ("prunefleet_rollout_reports_unoffered_dropped", c.unoffered_reports,
+             "rollout reports about a manifest never issued to the reporting device"),
+            ("prunefleet_telemetry_ingest_transactions", c.transactions,
+             "telemetry write transactions (one per group of messages)"),
+            ("prunefleet_telemetry_acks_published", c.acks_published,
+             "'stored through' cursors published to devices after commit"),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], float(value))
             yield m
+        m = CounterMetricFamily("prunefleet_ingest_dropped",
+                                "device messages this server dropped, by reason",
+                                labels=["reason"])
+        for reason, n in c.dropped.items():
+            m.add_metric([reason], float(n))
+        yield m
+        g = GaugeMetricFamily("prunefleet_ingest_queue_depth",
+                              "messages received and not yet stored and acknowledged")
+        g.add_metric([], float(c.queue_depth))
+        yield g
+        h = HistogramMetricFamily(
+            "prunefleet_telemetry_ingest_lag_seconds",
+            "seconds from the end of a batch's interval (device clock) to its commit")
+        h.add_metric([], [(le, float(n)) for le, n in c.lag.cumulative()], c.lag.sum)
+        yield h
 
     def _from_store(self) -> Iterator[Metric]:
         since = self.clock() - self.options.window_s
+        totals = self.totals
+        totals.refresh(self.store)
         with self.store.session() as s:
             known = sorted(set(s.scalars(select(VariantRow.name))))
             names = set(known)
@@ -135,12 +240,6 @@ class FleetCollector(Collector):
                 select(Device.online, Device.active_variant, func.count())
                 .group_by(Device.online, Device.active_variant)
             ).all()
-            usage = s.execute(
-                select(VariantUsage.variant, func.sum(VariantUsage.requests),
-                       func.sum(VariantUsage.errors), func.sum(VariantUsage.labeled),
-                       func.sum(VariantUsage.correct))
-                .group_by(VariantUsage.variant)
-            ).all()
             weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
             weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
                        for _, col in QUANTILES]
@@ -151,13 +250,6 @@ class FleetCollector(Collector):
                 .where(Telemetry.interval_end >= since, VariantUsage.requests > 0)
                 .group_by(VariantUsage.variant)
             ).all()
-            switches = s.execute(
-                select(Switch.reason, func.count(Switch.id)).group_by(Switch.reason)
-            ).all()
-            totals = s.execute(
-                select(func.sum(Telemetry.energy_j), func.sum(Telemetry.batches_dropped),
-                       func.sum(Telemetry.switches_dropped), func.count(Telemetry.id))
-            ).one()
             rollouts = s.execute(
                 select(RolloutRow.status, func.count(RolloutRow.id)).group_by(RolloutRow.status)
             ).all()
@@ -192,7 +284,7 @@ class FleetCollector(Collector):
 
         # Requests, errors, accuracy counters per variant (all stored telemetry).
         sums: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in known}
-        for name, *vals in usage:
+        for name, vals in totals.usage.items():
             acc = sums.setdefault(v(name), [0, 0, 0, 0])
             for i, x in enumerate(vals):
                 acc[i] += int(x or 0)
@@ -240,7 +332,7 @@ class FleetCollector(Collector):
 
         # Switches per reason: every reason code, zero included, for stable series.
         per_reason = dict.fromkeys((r.value for r in Reason), 0)
-        for reason, n in switches:
+        for reason, n in totals.switches.items():
             key = reason if reason in per_reason else OTHER
             per_reason[key] = per_reason.get(key, 0) + int(n)
         c = CounterMetricFamily("prunefleet_switches", "variant switches on devices, by reason",
@@ -249,14 +341,14 @@ class FleetCollector(Collector):
             c.add_metric([reason], float(n))
         yield c
 
-        energy, batches_dropped, switches_dropped, batches = totals
         for name, value, doc in (
-            ("prunefleet_energy_joules", energy, "estimated energy devices spent serving"),
-            ("prunefleet_device_telemetry_batches_dropped", batches_dropped,
+            ("prunefleet_energy_joules", totals.energy_j, "estimated energy devices spent serving"),
+            ("prunefleet_device_telemetry_batches_dropped", totals.batches_dropped,
              "telemetry batches devices dropped from their full queue (reported later)"),
-            ("prunefleet_device_switches_dropped", switches_dropped,
+            ("prunefleet_device_switches_dropped", totals.switches_dropped,
              "switch records devices dropped from a full batch"),
-            ("prunefleet_telemetry_batches_stored", batches, "telemetry batches in the store"),
+            ("prunefleet_telemetry_batches_stored", totals.batches,
+             "telemetry batches stored"),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], float(value or 0))

@@ -79,6 +79,15 @@ class Registry:
         return register_file(self.store, self.fleet, path, reg)
 
 
+def technique_label(technique: str | None, quantize: str | None = None) -> str:
+    """A variant's technique as tables and the registry show it: ``structured+int8``,
+    ``int8`` for a quantized dense model, ``none`` for the dense one."""
+    t = technique or "none"
+    if not quantize:
+        return t
+    return quantize if t == "none" else f"{t}+{quantize}"
+
+
 def registration_from_report(
     entry: Mapping[str, Any], *, sha256: str, chunk_bytes: int | None = None
 ) -> VariantRegistration:
@@ -90,7 +99,8 @@ def registration_from_report(
     """
     fields: dict[str, Any] = {
         "name": entry["name"], "sha256": sha256, "macs": int(entry["macs"]),
-        "params": int(entry["params"]), "technique": str(entry.get("technique") or "none"),
+        "params": int(entry["params"]),
+        "technique": technique_label(entry.get("technique"), entry.get("quantize")),
         "input_shape": [int(d) for d in entry["input_shape"]],
         "num_classes": int(entry["num_classes"]),
         "accuracy": entry.get("accuracy"), "latency_ms": entry.get("latency_ms_p50"),

@@ -8,6 +8,8 @@ through its API.
 State directory layout (``--state-dir``, default ``.prunefleet/server``)::
 
     api-token         bearer token of the API (0600, created on first start)
+    client-id         this server's MQTT client id (random, made on first start): its
+                      persistent session holds telemetry sent while the server restarts
     keys/             signing keys (see keys.py; ``keys rotate`` is picked up live)
     blobs/            uploaded ONNX files by sha256
     fleet.db          the SQLite store, unless --db names another
@@ -16,7 +18,8 @@ State directory layout (``--state-dir``, default ``.prunefleet/server``)::
 from __future__ import annotations
 
 import logging
-import os
+import re
+import secrets
 import signal
 import socket
 import threading
@@ -27,6 +30,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 from sqlalchemy.engine import make_url
+
+from prunefleet.shared.fsutil import atomic_write
 
 from .api import ApiContext, create_app, load_or_create_token
 from .controller import RolloutController
@@ -42,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "api-token"
+CLIENT_ID_FILE = "client-id"
 
 
 @dataclass
@@ -55,8 +61,14 @@ class ServeOptions:
     share_group: str | None = None
     tick_s: float = 1.0
     refresh_check_s: float = 600.0
-    client_id: str | None = None
+    client_id: str | None = None  # None: kept in <state_dir>/client-id
     metrics_public: bool = False  # GET /metrics without the bearer token
+    device_rate_per_s: float = 20.0  # messages a device may send per second (0: no limit)
+    device_burst: float = 200.0  # … and at once
+    retention_s: float | None = None  # delete telemetry and events older than this
+    retention_check_s: float = 3600.0
+    lease_ttl_s: float = 10.0  # a replica that stops renewing hands rollouts over after this
+    probe_s: float = 5.0  # prove the ingest subscription delivers within this (0: skip)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -66,6 +78,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
         raise ServerError(f"bad --listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+def load_or_create_client_id(path: Path) -> str:
+    """The server's MQTT client id, made once and kept: the same id after a restart
+    resumes the persistent session, so the broker delivers what it queued meanwhile. It is
+    random, so a device cannot guess it and take the server's connection over."""
+    try:
+        cid = path.read_text().strip()
+    except FileNotFoundError:
+        cid = ""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", cid):
+        cid = f"pf-server-{secrets.token_hex(8)}"
+        atomic_write(path, (cid + "\n").encode(), mode=0o600)
+    return cid
 
 
 def db_url_for(url: str | None, state_dir: Path) -> str:
@@ -124,15 +150,29 @@ class FleetService:
             self.store = Store(db_url_for(self.opts.db_url, self.state_dir))
             keyring = load_keyring(self.key_dir)
             self._keys_fp = fingerprint(self.key_dir)
+            client_id = self.opts.client_id or load_or_create_client_id(
+                self.state_dir / CLIENT_ID_FILE)
             self.fleet = FleetServer(
                 broker_url, self.store, keyring, prefix=self.opts.prefix,
-                client_id=self.opts.client_id or f"pf-server-{socket.gethostname()[:20]}-"
-                f"{os.getpid()}",
+                client_id=client_id,
                 share_group=self.opts.share_group,
+                # A broker keeps a share for a replica's persistent session while it is
+                # away (mosquitto 2.0 queues it there), which a dead replica would hold for
+                # good; with a share group the replicas' sessions end with their connection
+                # and what one held is re-sent by the agents to the others.
+                persistent_session=self.opts.share_group is None,
+                device_rate_per_s=self.opts.device_rate_per_s,
+                device_burst=self.opts.device_burst,
             )
             self.fleet.start()
+            if self.opts.probe_s > 0:
+                self.fleet.probe_ingest(self.opts.probe_s)
             self.registry = Registry(self.store, self.fleet, self.state_dir / "blobs")
-            self.controller = RolloutController(self.fleet, self.store)
+            # The MQTT client id names this replica: unique per process (two sharing one
+            # would take each other's broker session), and the same after a restart, which
+            # so takes its own lease back at once.
+            self.controller = RolloutController(self.fleet, self.store, holder=client_id,
+                                                lease_ttl_s=self.opts.lease_ttl_s)
             self._republish_artifacts()
             self.controller.tick()  # continue unfinished rollouts at once
             self._ticker = threading.Thread(target=self._tick_loop, name="rollouts",
@@ -173,13 +213,17 @@ class FleetService:
         assert self._http is not None and self._sock is not None
         self._http.run(sockets=[self._sock])
 
-    def stop(self) -> None:
+    def stop(self, release: bool = True) -> None:
+        """Stop everything. ``release`` False leaves the rollout controller lease to lapse,
+        as a crash would (tests use it)."""
         self._stop.set()
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
             self._http_thread.join(10)
         if self._ticker is not None:
             self._ticker.join(10)
+        if self.controller is not None and release:
+            self.controller.release_lease()
         if self._sock is not None:
             self._sock.close()
         if self.fleet is not None:
@@ -199,7 +243,7 @@ class FleetService:
     def _tick_loop(self) -> None:
         controller, fleet = self.controller, self.fleet
         assert controller is not None and fleet is not None  # start() sets them first
-        next_refresh = 0.0
+        next_refresh = next_prune = 0.0
         while not self._stop.wait(self.opts.tick_s):
             try:
                 self._reload_keys()
@@ -209,6 +253,12 @@ class FleetService:
                     # Re-sign desired states past half their lifetime, well before expiry.
                     controller.refresh_desired(older_than_s=fleet.manifest_ttl_s / 2)
                     next_refresh = now + self.opts.refresh_check_s
+                if self.opts.retention_s and now >= next_prune and self.store is not None:
+                    next_prune = now + self.opts.retention_check_s
+                    gone = self.store.prune_telemetry(time.time() - self.opts.retention_s)
+                    if any(gone.values()):
+                        log.info("retention: deleted %d telemetry batches and %d events",
+                                 gone["telemetry"], gone["events"])
             except Exception:  # the loop must survive anything one tick meets
                 log.exception("rollout tick failed")
 

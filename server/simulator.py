@@ -13,8 +13,10 @@ directory by the real downloader.
 What is simulated (:mod:`prunefleet.agent.simulated`): no ONNX Runtime session is
 created, so a device is light; the smoke test passes, or fails for the ``fail_share`` of
 devices chosen by the seed; answers are right with each variant's declared accuracy and
-take its declared latency times the device's speed. The battery drains by the energy of
-each inference and by idling, a charger plugs in when it is nearly empty, CPU, memory
+take its declared latency times the device's speed, and each device reports simulated
+facts (class ``sim-fast`` or ``sim-slow``) and simulated profiles (that latency, its energy
+the latency times a simulated active power). The battery drains by those profiles' energy
+per inference and by idling, a charger plugs in when it is nearly empty, CPU, memory
 and temperature drift, and an application sends labelled requests at the device's rate,
 alternately calm and busy. With ``download=False`` even the chunks are not fetched: the
 download is a timed progress bar, then the variant installs as usual.
@@ -48,7 +50,12 @@ from prunefleet.agent.config import AgentConfig
 from prunefleet.agent.errors import InferenceError
 from prunefleet.agent.sensors import SimulatedBattery, SimulatedSensors
 from prunefleet.agent.service import Agent
-from prunefleet.agent.simulated import SimulatedDownloader, SimulatedEngine, encode_label
+from prunefleet.agent.simulated import (
+    SimulatedDownloader,
+    SimulatedEngine,
+    encode_label,
+    simulated_facts,
+)
 from prunefleet.agent.telemetry import MemoryQueue
 from prunefleet.shared import __version__
 from prunefleet.shared.clock import Clock, SystemClock
@@ -56,18 +63,32 @@ from prunefleet.shared.errors import PrunefleetError
 from prunefleet.shared.messages import RolloutPhase
 from prunefleet.shared.policy import PolicyConfig
 from prunefleet.shared.topics import Topics, check_name
-from prunefleet.shared.transport import BrokerAddress, Transport
+from prunefleet.shared.transport import (
+    BrokerAddress,
+    EpollLoop,
+    EpollMqttTransport,
+    Transport,
+    raise_fd_limit,
+)
 
 log = logging.getLogger(__name__)
 
 PHASES = ("none", *(p.value for p in RolloutPhase))
 MAX_QUEUED_BATCHES = 1000
-# paho-mqtt waits with select(): file descriptors past 1024 fail, and each connection
-# holds three (its socket and a wake-up pair). Measured: about 300 connect in one process.
-MAX_DEVICES = 300
+# Devices per epoll loop thread: each loop owns its connections' sockets (one descriptor
+# each); paho's own thread per client would wait with select(), which stops at 1024.
+DEVICES_PER_LOOP = 2500
+FD_RESERVE = 256  # descriptors beside the devices' sockets (logs, state files, the broker)
+# A device is stepped every STEP_PERIOD_S, or less often in a large fleet so that the whole
+# fleet takes at most STEPS_PER_S steps a second (measured: ~25 us a step without requests):
+# the steps stay within one core, and the other core is left to the broker and the server.
+# The application's requests keep their rate (a step serves those due since the last one).
+STEP_PERIOD_S = 0.05
+STEPS_PER_S = 10_000
 BATTERY_CAPACITY_J = 3600.0  # 1 Wh: a simulated battery drains visibly within minutes
 IDLE_W = 0.8
 CHARGE_W = 6.0
+SIM_ACTIVE_W = 2.0  # a busy core's draw above idle: inference energy is latency times this
 
 
 class SimulatorError(PrunefleetError):
@@ -94,16 +115,15 @@ class SimOptions:
     offline_cycle_s: float = 120.0  # without --duration: offline devices drop once per cycle
     policy: PolicyConfig | None = None  # the devices' local policy (default: the agent's)
     connect_timeout_s: float = 15.0
+    # At stop: how long devices keep sending telemetry the server has not yet confirmed
+    # storing (what is still unconfirmed then is counted in ``batches_queued``).
+    drain_s: float = 5.0
+    telemetry_ack_timeout_s: float = 30.0
 
     def check(self) -> None:
         """Raise :class:`SimulatorError` with one clear line for a bad option."""
         if self.devices < 1:
             raise SimulatorError(f"--devices must be at least 1, got {self.devices}")
-        if self.devices > MAX_DEVICES:
-            raise SimulatorError(
-                f"--devices {self.devices} is more than {MAX_DEVICES} in one process (paho "
-                "waits with select(), which stops at file descriptor 1024): run several "
-                "simulators with different --id-prefix")
         for name, v in (("--fail-share", self.fail_share),
                         ("--offline-share", self.offline_share)):
             if not (0.0 <= v <= 1.0) or math.isnan(v):
@@ -158,7 +178,7 @@ class SimDevice:
 
     def __init__(self, device_id: str, opts: SimOptions, state_dir: Path, *, fails: bool,
                  offline: bool, clock: Clock | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, loop: EpollLoop | None = None):
         self.id = device_id
         self.opts = opts
         self.rng = random.Random(f"{opts.seed}:{device_id}")
@@ -182,6 +202,7 @@ class SimDevice:
             trusted_keys=[Path(opts.keys) / "public.pem"], keepalive_s=30,
             reconnect_min_s=1.0, reconnect_max_s=30.0,
             telemetry_interval_s=opts.telemetry_interval_s,
+            telemetry_ack_timeout_s=opts.telemetry_ack_timeout_s,
             telemetry_queue_max_batches=MAX_QUEUED_BATCHES,
             download_window_chunks=8, chunk_timeout_s=5.0,
             policy=opts.policy or PolicyConfig())
@@ -193,13 +214,19 @@ class SimDevice:
             tag = hashlib.sha256(opts.prefix.encode()).hexdigest()[:6]
             transport = device_transport(cfg, address=addr, client_id=f"pf-sim-{tag}-{device_id}",
                                          inbound_queue_size=500)
+            if loop is not None:
+                transport = EpollMqttTransport(transport.address, transport.options, loop)
+        speed = r.uniform(0.8, 1.6)
         self.agent = Agent(
             cfg, sensors=sensors, transport=transport, clock=self.clock,
-            engine=SimulatedEngine(speed=r.uniform(0.8, 1.6), fails=fails,
-                                   seed=f"{opts.seed}:{device_id}"),
+            engine=SimulatedEngine(speed=speed, fails=fails, seed=f"{opts.seed}:{device_id}",
+                                   active_power_w=SIM_ACTIVE_W),
             telemetry_queue=MemoryQueue(MAX_QUEUED_BATCHES),
             downloader=None if opts.download else SimulatedDownloader(r.uniform(0.5e6, 4e6)),
-            agent_version=f"{__version__}-sim"[:32])
+            agent_version=f"{__version__}-sim"[:32],
+            # Two simulated device classes, by speed: their profiles aggregate per class.
+            facts=simulated_facts("sim-fast" if speed < 1.2 else "sim-slow",
+                                  active_power_w=SIM_ACTIVE_W))
         self.offline_window: tuple[float, float] | None = None
         if offline:
             cycle = opts.duration_s or opts.offline_cycle_s
@@ -312,14 +339,28 @@ class Simulator:
                           if opts.state_dir is None else Path(opts.state_dir))
         ids = device_ids(opts)
         fails, away = failing_devices(opts), offline_devices(opts)
+        self._loops: list[EpollLoop] = []
+        if transports is None:
+            need = opts.devices + FD_RESERVE
+            have = raise_fd_limit(need)
+            if have < need:
+                self._cleanup()
+                raise SimulatorError(
+                    f"--devices {opts.devices} needs {need} open files, this process may "
+                    f"have {have} (RLIMIT_NOFILE hard limit): raise it (`ulimit -Hn`, "
+                    "LimitNOFILE= under systemd) or run fewer devices")
+            self._loops = [EpollLoop(f"sim-mqtt-{i}")
+                           for i in range(math.ceil(opts.devices / DEVICES_PER_LOOP))]
         try:
             self.devices = [
                 SimDevice(d, opts, self.state_dir / d, fails=d in fails, offline=d in away,
                           clock=self.clock,
-                          transport=transports(d) if transports is not None else None)
-                for d in ids
+                          transport=transports(d) if transports is not None else None,
+                          loop=self._loops[i // DEVICES_PER_LOOP] if self._loops else None)
+                for i, d in enumerate(ids)
             ]
         except PrunefleetError as e:
+            self._close_loops()
             self._cleanup()
             raise SimulatorError(str(e)) from e
         n = opts.workers or min(4, os.cpu_count() or 1)
@@ -372,7 +413,7 @@ class Simulator:
             log.exception("%s: step failed", d.id)
 
     def _work(self, shard: list[SimDevice]) -> None:
-        period = 0.05
+        period = max(STEP_PERIOD_S, self.opts.devices / STEPS_PER_S)
         while not self._stop.is_set():
             t = time.monotonic()
             elapsed = self.clock.monotonic() - self._t0
@@ -381,13 +422,13 @@ class Simulator:
             self._stop.wait(max(0.0, period - (time.monotonic() - t)))
         self._finish(shard)
 
-    def _finish(self, shard: list[SimDevice], flush_s: float = 5.0) -> None:
+    def _finish(self, shard: list[SimDevice]) -> None:
         """What the agent does on SIGTERM, for the whole shard at once: the last batch,
-        queued telemetry flushed, an offline report, DISCONNECT."""
+        queued telemetry flushed (up to ``drain_s``), an offline report, DISCONNECT."""
         live = [d for d in shard if d.online]
         for d in live:
             d.agent.begin_shutdown()
-        deadline = time.monotonic() + flush_s
+        deadline = time.monotonic() + self.opts.drain_s
         while time.monotonic() < deadline:
             busy = False
             for d in live:
@@ -404,16 +445,30 @@ class Simulator:
             for d in live:
                 d.agent.step_inbound()
             time.sleep(0.02)
+        loops = set()
         for d in shard:
             if d.online:
-                d.agent.transport.stop()
+                t = d.agent.transport
+                if isinstance(t, EpollMqttTransport):  # all at once, then wait for them
+                    t.stop(wait_s=None)
+                    loops.add(t.loop)
+                else:
+                    t.stop()
                 d.online = False
+        for loop in loops:
+            loop.sync(30.0)
 
     def _close_all(self) -> None:
         for d in self.devices:
             d.agent.transport.stop(disconnect=False)
             d.online = False
+        self._close_loops()
         self._cleanup()
+
+    def _close_loops(self) -> None:
+        for loop in self._loops:
+            loop.close()
+        self._loops = []
 
     def _cleanup(self) -> None:
         if self._own_state:
@@ -430,6 +485,7 @@ class Simulator:
             if not self._threads:
                 for shard in self._shards:
                     self._finish(shard)
+            self._close_loops()
             self._cleanup()
         s = self.summary()
         s.online = online
@@ -488,7 +544,7 @@ def run(opts: SimOptions, stop: threading.Event, out: TextIO,
     finally:
         s = sim.stop()
     print(format_row(summary_row(s, "end")), file=out, flush=True)
-    print(f"{s.batches_sent} telemetry batches acknowledged by the broker "
+    print(f"{s.batches_sent} telemetry batches confirmed stored by the server "
           f"({s.batches_queued} still queued), {s.installs} installs, "
           f"{s.install_failures} install failures, {s.rejected_manifests} rejected manifests",
           file=out, flush=True)

@@ -8,7 +8,9 @@ SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreEr
 
 from __future__ import annotations
 
+import math
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,16 +20,19 @@ from sqlalchemy import (
     Boolean,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
-    UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
+    inspect,
     select,
+    update,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -56,9 +61,17 @@ class Device(Base):
 
 class Telemetry(Base):
     __tablename__ = "telemetry"
-    __table_args__ = (UniqueConstraint("device_id", "seq", name="uq_telemetry_device_seq"),)
+    __table_args__ = (
+        # The dedupe key: a batch is stored once per device, agent incarnation and seq.
+        # An index rather than a constraint, so a store from before incarnations gets it.
+        Index("uq_telemetry_device_inc_seq", "device_id", "incarnation", "seq", unique=True),
+        # history: one device over a range, and the fleet over a range (server/history.py)
+        Index("ix_telemetry_device_end", "device_id", "interval_end"),
+        Index("ix_telemetry_end", "interval_end"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), index=True)
+    incarnation: Mapped[str] = mapped_column(String(32), default="", server_default="")
     seq: Mapped[int] = mapped_column(Integer)
     interval_start: Mapped[float] = mapped_column(Float)
     interval_end: Mapped[float] = mapped_column(Float)
@@ -76,6 +89,7 @@ class Telemetry(Base):
 
 class VariantUsage(Base):
     __tablename__ = "telemetry_variants"
+    __table_args__ = (Index("ix_telemetry_variants_telemetry", "telemetry_id"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     telemetry_id: Mapped[int] = mapped_column(ForeignKey("telemetry.id", ondelete="CASCADE"))
     device_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -91,6 +105,8 @@ class VariantUsage(Base):
 
 class Switch(Base):
     __tablename__ = "switches"
+    __table_args__ = (Index("ix_switches_device_ts", "device_id", "ts"),
+                      Index("ix_switches_ts", "ts"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     telemetry_id: Mapped[int] = mapped_column(ForeignKey("telemetry.id", ondelete="CASCADE"))
     device_id: Mapped[str] = mapped_column(String(64), index=True)
@@ -98,6 +114,27 @@ class Switch(Base):
     from_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     to_variant: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(String(32))
+
+
+class ShadowRow(Base):
+    """One variant's shadow figures in one telemetry batch (``TelemetryBatch.shadow``):
+    the evidence a rollout's wave is judged on."""
+
+    __tablename__ = "telemetry_shadow"
+    __table_args__ = (Index("ix_telemetry_shadow_device_end", "device_id", "interval_end"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    telemetry_id: Mapped[int] = mapped_column(ForeignKey("telemetry.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(String(64))
+    interval_end: Mapped[float] = mapped_column(Float)
+    rollout_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    reference: Mapped[str] = mapped_column(String(64))
+    samples: Mapped[int] = mapped_column(Integer)
+    agreed: Mapped[int] = mapped_column(Integer)
+    divergence_sum: Mapped[float] = mapped_column(Float)
+    errors: Mapped[int] = mapped_column(Integer)
+    latency_ms_p95: Mapped[float | None] = mapped_column(Float, nullable=True)
+    profile_latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class EventRow(Base):
@@ -130,12 +167,41 @@ class ManifestRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+class Lease(Base):
+    """Who may run a singleton job (the rollout controller) across server replicas, until
+    when. Taken and renewed with one conditional UPDATE, so two replicas never both hold it."""
+
+    __tablename__ = "leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
 class DeviceGroup(Base):
     """A device's membership of a group (server-side labels that rollouts can target)."""
 
     __tablename__ = "device_groups"
     device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     group_name: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class GroupRequest(Base):
+    """The group a device asks to join (its agent's configured group): a request the
+    operator approves (``prunefleet devices approve``), never membership by itself."""
+
+    __tablename__ = "device_group_requests"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class DeviceRevocation(Base):
+    """A device whose broker identity was revoked (``prunefleet devices revoke``). A table of
+    its own rather than a column, so a store made by an older version gains it on start."""
+
+    __tablename__ = "device_revocations"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ts: Mapped[float] = mapped_column(Float)
 
 
 class DeviceRolloutReport(Base):
@@ -170,6 +236,19 @@ class RolloutRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+class RolloutRecord(Base):
+    """What a rollout decided, kept as decided: each wave's figures against its gate
+    (``wave<k>``) and a finished rollout's final counts (``counts``)."""
+
+    __tablename__ = "rollout_records"
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[dict] = mapped_column(JSON)
+    ts: Mapped[float] = mapped_column(Float)
+
+
 class RolloutDevice(Base):
     """One device of one rollout: its stage, the manifest it was offered, its report."""
 
@@ -188,6 +267,72 @@ class RolloutDevice(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     acknowledged: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+_TELEMETRY_COLUMNS = (
+    "device_id", "incarnation", "seq", "interval_start", "interval_end", "active_variant",
+    "battery_percent", "charging", "cpu_percent", "mem_percent", "temperature_c", "energy_j",
+    "batches_dropped", "switches_dropped", "received_at")
+_ROWS_PER_INSERT = 64  # 15 parameters each: under SQLite's oldest limit of 999
+
+
+def _upgrade_telemetry(engine) -> None:
+    """A store from before agent incarnations: add the column, drop the old dedupe key
+    ``(device_id, seq)`` (which refuses a re-flashed device's batches); the new key is
+    an index that the index pass after this creates."""
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("telemetry")}
+    if "incarnation" in columns:
+        return
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "ALTER TABLE telemetry ADD COLUMN incarnation VARCHAR(32) NOT NULL DEFAULT ''")
+            conn.exec_driver_sql(
+                "ALTER TABLE telemetry DROP CONSTRAINT IF EXISTS uq_telemetry_device_seq")
+        return
+    # SQLite cannot drop a table constraint: copy into a new table (its documented way),
+    # with foreign keys off so that dropping the old table does not cascade.
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        try:
+            _rebuild_sqlite_telemetry(conn, sorted(columns))
+            conn.commit()
+        finally:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def _rebuild_sqlite_telemetry(conn: Connection, columns: list[str]) -> None:
+    from sqlalchemy.schema import CreateTable
+
+    ddl = str(CreateTable(Telemetry.__table__).compile(conn))  # type: ignore[arg-type]
+    conn.exec_driver_sql(ddl.replace("CREATE TABLE telemetry ", "CREATE TABLE telemetry_new ",
+                                     1))
+    cols = ", ".join(columns)
+    conn.exec_driver_sql(f"INSERT INTO telemetry_new ({cols}) SELECT {cols} FROM telemetry")
+    conn.exec_driver_sql("DROP TABLE telemetry")
+    conn.exec_driver_sql("ALTER TABLE telemetry_new RENAME TO telemetry")
+
+
+class DeviceFactsRow(Base):
+    """What a device said it is (``ReportedState.facts``), kept until it says again."""
+
+    __tablename__ = "device_facts"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(64), index=True)
+    facts: Mapped[dict] = mapped_column(JSON)
+    ts: Mapped[float] = mapped_column(Float)
+
+
+class DeviceProfileRow(Base):
+    """One installed variant as measured on one device (``ReportedState.profiles``)."""
+
+    __tablename__ = "device_profiles"
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    variant: Mapped[str] = mapped_column(String(64))
+    profile: Mapped[dict] = mapped_column(JSON)
+    ts: Mapped[float] = mapped_column(Float)
 
 
 def sqlite_url(path: Path) -> str:
@@ -219,6 +364,12 @@ class Store:
                 cur.close()
         try:
             Base.metadata.create_all(self.engine)
+            _upgrade_telemetry(self.engine)
+            # create_all skips tables that exist: add indexes a newer version declares.
+            with self.engine.begin() as conn:
+                for table in Base.metadata.sorted_tables:
+                    for index in table.indexes:
+                        index.create(conn, checkfirst=True)
         except SQLAlchemyError as e:
             raise StoreError(f"cannot initialise store {_shown(url)!r}: {e}") from e
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -244,46 +395,120 @@ class Store:
 
     # -- ingest -------------------------------------------------------------------------
     def add_telemetry(self, b: TelemetryBatch, received_at: float | None = None) -> bool:
-        """Store a batch; False when ``(device_id, seq)`` was already stored."""
+        """Store a batch; False when ``(device_id, incarnation, seq)`` was already stored."""
+        for attempt in range(2):
+            try:
+                return self._insert_telemetry([b], received_at)[0]
+            except StoreConflictError as e:
+                # Another ingester stored it (the next try finds it) or added its device.
+                if attempt:
+                    raise StoreError(f"telemetry of {b.device_id} not stored: {e}") from e
+        raise AssertionError("unreachable")
+
+    def add_telemetry_batches(
+        self, batches: list[TelemetryBatch], received_at: float | None = None
+    ) -> list[bool]:
+        """Store ``batches`` in one transaction; per batch, False when it was already
+        stored (or repeats one earlier in the list). Several servers may race: on a
+        conflict, each batch is tried again on its own."""
+        if not batches:
+            return []
         try:
-            with self.session() as s:
-                exists = s.scalar(
-                    select(Telemetry.id).where(
-                        Telemetry.device_id == b.device_id, Telemetry.seq == b.seq
-                    )
-                )
-                if exists is not None:
-                    return False
-                row = Telemetry(
-                    device_id=b.device_id, seq=b.seq, interval_start=b.interval_start,
-                    interval_end=b.interval_end, active_variant=b.active_variant,
-                    battery_percent=b.battery_percent, charging=b.charging,
-                    cpu_percent=b.cpu_percent, mem_percent=b.mem_percent,
-                    temperature_c=b.temperature_c, energy_j=b.energy_j,
-                    batches_dropped=b.batches_dropped, switches_dropped=b.switches_dropped,
-                    received_at=received_at or time.time(),
-                )
-                s.add(row)
-                s.flush()
-                for name, v in b.variants.items():
-                    s.add(VariantUsage(
-                        telemetry_id=row.id, device_id=b.device_id, variant=name,
-                        requests=v.requests, errors=v.errors, labeled=v.labeled,
-                        correct=v.correct, latency_ms_p50=v.latency_ms_p50,
-                        latency_ms_p95=v.latency_ms_p95, latency_ms_p99=v.latency_ms_p99,
-                    ))
-                for sw in b.switches:
-                    s.add(Switch(
-                        telemetry_id=row.id, device_id=b.device_id, ts=sw.ts,
-                        from_variant=sw.from_variant, to_variant=sw.to_variant,
-                        reason=sw.reason.value,
-                    ))
-                # Only reported state (and its Last Will) says online or offline: a batch
-                # may have waited in a queue and arrive after the will.
-                self._touch(s, b.device_id)
-            return True
+            return self._insert_telemetry(batches, received_at)
         except StoreConflictError:
-            return False  # another ingester stored it first
+            if len(batches) == 1:
+                return [self.add_telemetry(batches[0], received_at)]
+            return [self.add_telemetry(b, received_at) for b in batches]
+
+    def _insert_telemetry(
+        self, batches: list[TelemetryBatch], received_at: float | None
+    ) -> list[bool]:
+        now = time.time()
+        received = received_at or now
+        result, fresh, seen = [], [], set()
+        for b in batches:  # a repeat within the list is a duplicate too
+            key = (b.device_id, b.incarnation, b.seq)
+            result.append(key not in seen)
+            if key not in seen:
+                seen.add(key)
+                fresh.append(b)
+        # One multi-row INSERT … ON CONFLICT DO NOTHING RETURNING (SQLite >= 3.35 and
+        # PostgreSQL) dedupes against the store and names the rows it wrote; children go
+        # by executemany. Written as SQL: building it with SQLAlchemy expressions cost
+        # several times the write itself.
+        ph = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        row = "(" + ", ".join([ph] * len(_TELEMETRY_COLUMNS)) + ")"
+        with self.session() as s:
+            conn = s.connection()
+            id_of: dict[tuple[str, str, int], int] = {}
+            for k in range(0, len(fresh), _ROWS_PER_INSERT):
+                part = fresh[k:k + _ROWS_PER_INSERT]
+                written = conn.exec_driver_sql(
+                    f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) VALUES "
+                    + ", ".join([row] * len(part))
+                    + " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
+                    " RETURNING id, device_id, incarnation, seq",
+                    tuple(v for b in part for v in (
+                        b.device_id, b.incarnation, b.seq, b.interval_start, b.interval_end,
+                        b.active_variant, b.battery_percent, b.charging, b.cpu_percent,
+                        b.mem_percent, b.temperature_c, b.energy_j, b.batches_dropped,
+                        b.switches_dropped, received)),
+                )
+                id_of.update(((d, i, q), tid) for tid, d, i, q in written)
+            stored = [b for b in fresh if (b.device_id, b.incarnation, b.seq) in id_of]
+            usage = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id, name,
+                      v.requests, v.errors, v.labeled, v.correct, v.latency_ms_p50,
+                      v.latency_ms_p95, v.latency_ms_p99)
+                     for b in stored for name, v in b.variants.items()]
+            if usage:
+                conn.exec_driver_sql(
+                    "INSERT INTO telemetry_variants (telemetry_id, device_id, variant, "
+                    "requests, errors, labeled, correct, latency_ms_p50, latency_ms_p95, "
+                    f"latency_ms_p99) VALUES ({', '.join([ph] * 10)})", usage)
+            switches = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id, sw.ts,
+                         sw.from_variant, sw.to_variant, sw.reason.value)
+                        for b in stored for sw in b.switches]
+            shadow = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id,
+                       b.interval_end, b.shadow.rollout_id, name, v.reference, v.samples,
+                       v.agreed, v.divergence_sum, v.errors, v.latency_ms_p95,
+                       v.profile_latency_ms)
+                      for b in stored if b.shadow for name, v in b.shadow.variants.items()]
+            if shadow:
+                conn.exec_driver_sql(
+                    "INSERT INTO telemetry_shadow (telemetry_id, device_id, interval_end, "
+                    "rollout_id, variant, reference, samples, agreed, divergence_sum, errors, "
+                    f"latency_ms_p95, profile_latency_ms) VALUES ({', '.join([ph] * 12)})",
+                    shadow)
+            if switches:
+                conn.exec_driver_sql(
+                    "INSERT INTO switches (telemetry_id, device_id, ts, from_variant, "
+                    f"to_variant, reason) VALUES ({', '.join([ph] * 6)})", switches)
+            # Only reported state (and its Last Will) says online or offline: a batch may
+            # have waited in a queue and arrive after the will.
+            if stored:
+                self._touch_many(s, {b.device_id for b in stored}, now)
+        return [new and (b.device_id, b.incarnation, b.seq) in id_of
+                for b, new in zip(batches, result, strict=True)]
+
+    @staticmethod
+    def _touch_many(s: Session, device_ids: set[str], now: float) -> None:
+        known = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(device_ids))))
+        if known:
+            s.execute(update(Device).where(Device.device_id.in_(known)).values(last_seen=now),
+                      execution_options={"synchronize_session": False})
+        for d in sorted(device_ids - known):
+            s.add(Device(device_id=d, installed=[], last_seen=now))
+
+    def stored_seqs(self, device_id: str, incarnation: str, start: int,
+                    limit: int = 4096) -> list[int]:
+        """Stored seqs of one agent incarnation from ``start`` up, lowest first."""
+        with self.session() as s:
+            return list(s.scalars(
+                select(Telemetry.seq).where(
+                    Telemetry.device_id == device_id, Telemetry.incarnation == incarnation,
+                    Telemetry.seq >= start)
+                .order_by(Telemetry.seq).limit(limit)
+            ))
 
     def _touch(self, s: Session, device_id: str, online: bool | None = None) -> Device:
         d = s.get(Device, device_id)
@@ -307,18 +532,26 @@ class Store:
                         d.installed = [v.model_dump() for v in r.installed]
                         d.last_error = r.last_error
                         d.counters = dict(r.counters)
-                    if r.group is not None:
-                        # The group an agent is configured with joins the labels the
-                        # operator set (`devices set-groups`); none is removed here.
-                        known = {g.group_name for g in s.scalars(
-                            select(DeviceGroup).where(DeviceGroup.device_id == r.device_id))}
-                        if r.group not in known:
-                            s.add(DeviceGroup(device_id=r.device_id, group_name=r.group))
+                        self._request_group(s, r.device_id, r.group)
                 return
             except StoreConflictError:
                 if attempt:
                     raise
                 # a concurrent insert of the same new device: update it instead
+
+    @staticmethod
+    def _request_group(s: Session, device_id: str, group: str | None) -> None:
+        """A reported group is only a request: membership is the operator's (devices
+        set-groups / approve). The request is dropped once granted or no longer asked."""
+        req = s.get(GroupRequest, device_id)
+        member = group is not None and s.get(DeviceGroup, (device_id, group)) is not None
+        if group is None or member:
+            if req is not None:
+                s.delete(req)
+        elif req is None:
+            s.add(GroupRequest(device_id=device_id, group_name=group, ts=time.time()))
+        elif req.group_name != group:
+            req.group_name, req.ts = group, time.time()
 
     def add_event(self, e: Event) -> None:
         with self.session() as s:
@@ -340,14 +573,50 @@ class Store:
             return list(s.scalars(select(VariantRow).order_by(VariantRow.created_at)))
 
     def next_manifest_version(self) -> int:
+        """Above every manifest this store issued and every version a device reports it
+        accepted: a new or restored store must not sign what agents refuse as a rollback."""
         with self.session() as s:
             cur = s.scalar(select(func.max(ManifestRow.version)))
-        return int(cur or 0) + 1
+            reported = s.scalar(select(func.max(Device.manifest_version)))
+        return max(int(cur or 0), int(reported or 0)) + 1
 
     def save_manifest(self, version: int, target: str, signed: str) -> None:
         with self.session() as s:
             s.add(ManifestRow(version=version, target=target, signed=signed,
                               created_at=time.time()))
+
+    # -- leases -------------------------------------------------------------------------
+    def take_lease(self, name: str, holder: str, ttl_s: float,
+                   now: float | None = None) -> float | None:
+        """Take or renew lease ``name`` for ``holder``: its new expiry, or None while another
+        holder's has not expired. One atomic UPDATE (… WHERE expired OR holder = me); the
+        first take is an INSERT, which a racing replica loses on the primary key."""
+        now = time.time() if now is None else now
+        until = now + ttl_s
+        try:
+            with self.session() as s:
+                res = s.execute(
+                    update(Lease).where(Lease.name == name)
+                    .where((Lease.expires_at < now) | (Lease.holder == holder))
+                    .values(holder=holder, expires_at=until))
+                if res.rowcount:  # type: ignore[attr-defined]
+                    return until
+                if s.get(Lease, name) is not None:
+                    return None
+                s.add(Lease(name=name, holder=holder, expires_at=until))
+        except StoreConflictError:
+            return None  # another replica inserted it first
+        return until
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Let the next replica take the lease at once (a clean stop)."""
+        with self.session() as s:
+            s.execute(update(Lease).where(Lease.name == name, Lease.holder == holder)
+                      .values(expires_at=0.0))
+
+    def lease(self, name: str) -> Lease | None:
+        with self.session() as s:
+            return s.get(Lease, name)
 
     # -- queries ------------------------------------------------------------------------
     def devices(self) -> list[Device]:
@@ -420,6 +689,9 @@ class Store:
             s.flush()
             for g in sorted(set(groups)):
                 s.add(DeviceGroup(device_id=device_id, group_name=g))
+            req = s.get(GroupRequest, device_id)
+            if req is not None and req.group_name in groups:
+                s.delete(req)  # granted
 
     def device_groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -427,6 +699,38 @@ class Store:
             for row in s.scalars(select(DeviceGroup).order_by(DeviceGroup.group_name)):
                 out.setdefault(row.device_id, []).append(row.group_name)
         return out
+
+    def group_requests(self) -> dict[str, str]:
+        """device id → the group it asks to join (not yet approved)."""
+        with self.session() as s:
+            return {r.device_id: r.group_name for r in s.scalars(select(GroupRequest))}
+
+    def approve_group_request(self, device_id: str) -> str | None:
+        """Make the device a member of the group it asked for; the group, or None when it
+        asked for none."""
+        with self.session() as s:
+            req = s.get(GroupRequest, device_id)
+            if req is None:
+                return None
+            group = req.group_name
+            if s.get(DeviceGroup, (device_id, group)) is None:
+                s.add(DeviceGroup(device_id=device_id, group_name=group))
+            s.delete(req)
+            return group
+
+    def revoke_device(self, device_id: str, ts: float | None = None) -> float:
+        """Mark the device revoked (kept if it already is); when it was revoked."""
+        with self.session() as s:
+            row = s.get(DeviceRevocation, device_id)
+            if row is None:
+                row = DeviceRevocation(device_id=device_id, ts=time.time() if ts is None else ts)
+                s.add(row)
+            return row.ts
+
+    def revocations(self) -> dict[str, float]:
+        """device id → when it was revoked."""
+        with self.session() as s:
+            return {r.device_id: r.ts for r in s.scalars(select(DeviceRevocation))}
 
     def group_members(self, group: str) -> list[str]:
         with self.session() as s:
@@ -440,11 +744,17 @@ class Store:
             return s.get(Device, device_id)
 
     # -- rollouts -------------------------------------------------------------------------
-    def record_rollout_report(self, device_id: str, report: RolloutReport, ts: float) -> None:
-        """Keep the device's last rollout report; update the rollout that offered it."""
+    def record_rollout_report(self, device_id: str, report: RolloutReport, ts: float) -> bool:
+        """Keep the device's last rollout report; update the rollout that offered it.
+
+        A report counts only for a manifest this server issued to the device (or to a group
+        it is in or asks for): one about a version it was never offered, or not yet, is
+        dropped (False), so it cannot be waiting when that version is offered later."""
         for attempt in range(2):
             try:
                 with self.session() as s:
+                    if not self._issued_to(s, device_id, report.manifest_version):
+                        return False
                     row = s.get(DeviceRolloutReport, device_id)
                     if row is None:
                         row = DeviceRolloutReport(device_id=device_id)
@@ -459,11 +769,23 @@ class Store:
                         RolloutDevice.offered_version == report.manifest_version,
                     )):
                         _apply_report(rd, row)
-                return
+                return True
             except StoreConflictError:
                 if attempt:
                     raise
                 # a concurrent first report of the same device: update it instead
+        return False
+
+    @staticmethod
+    def _issued_to(s: Session, device_id: str, version: int) -> bool:
+        m = s.get(ManifestRow, version)
+        if m is None:
+            return False
+        if m.target == device_id:
+            return True
+        req = s.get(GroupRequest, device_id)
+        return (s.get(DeviceGroup, (device_id, m.target)) is not None
+                or (req is not None and req.group_name == m.target))
 
     def rollout_report(self, device_id: str) -> DeviceRolloutReport | None:
         with self.session() as s:
@@ -511,6 +833,21 @@ class Store:
             if note:
                 row.history = [*(row.history or []), {"ts": now, "note": note}][-200:]
             row.updated_at = now
+
+    def put_rollout_record(self, rollout_id: int, key: str, value: dict,
+                           now: float | None = None) -> None:
+        with self.session() as s:
+            row = s.get(RolloutRecord, (rollout_id, key))
+            if row is None:
+                s.add(RolloutRecord(rollout_id=rollout_id, key=key, value=value,
+                                    ts=time.time() if now is None else now))
+            else:
+                row.value, row.ts = value, time.time() if now is None else now
+
+    def rollout_records(self, rollout_id: int) -> dict[str, dict]:
+        with self.session() as s:
+            return {r.key: r.value for r in s.scalars(
+                select(RolloutRecord).where(RolloutRecord.rollout_id == rollout_id))}
 
     def rollout_devices(self, rollout_id: int) -> list[RolloutDevice]:
         with self.session() as s:
@@ -598,6 +935,47 @@ class Store:
                 .order_by(VariantRow.created_at.desc()).limit(1)
             )
 
+    def prune_telemetry(self, before: float) -> dict[str, int]:
+        """Retention: delete telemetry of intervals that ended before ``before`` (with its
+        per-variant rows, switches and shadow figures) and events from before it."""
+        with self.session() as s:
+            old = select(Telemetry.id).where(Telemetry.interval_end < before)
+            out = {"telemetry": s.scalar(select(func.count()).select_from(old.subquery())) or 0}
+            for model in (VariantUsage, Switch, ShadowRow):
+                s.execute(delete(model).where(model.telemetry_id.in_(old)))
+            s.execute(delete(Telemetry).where(Telemetry.interval_end < before))
+            out["events"] = s.scalar(select(func.count()).select_from(EventRow)
+                                     .where(EventRow.ts < before)) or 0
+            s.execute(delete(EventRow).where(EventRow.ts < before))
+            return out
+
+    def delete_device(self, device_id: str) -> bool:
+        """Decommission: every row about the device, except its revocation (credentials
+        stay refused) and the manifests signed for it. False when it was not known."""
+        with self.session() as s:
+            known = s.get(Device, device_id) is not None
+            ids = select(Telemetry.id).where(Telemetry.device_id == device_id)
+            for child in (VariantUsage, Switch, ShadowRow):
+                s.execute(delete(child).where(child.telemetry_id.in_(ids)))
+            for model in (Telemetry, EventRow, DeviceGroup, GroupRequest, DeviceRolloutReport,
+                          RolloutDevice, DeviceFactsRow, DeviceProfileRow, Device):
+                s.execute(delete(model).where(model.device_id == device_id))
+            return known
+
+    def rollout_shadow_rows(self, rollout_id: int, wave_stage: str) -> list[ShadowRow]:
+        """In one query: the shadow figures of one rollout that devices of one wave (stage)
+        reported after they were offered."""
+        with self.session() as s:
+            return list(s.scalars(
+                select(ShadowRow).join(RolloutDevice, (RolloutDevice.device_id
+                                                       == ShadowRow.device_id))
+                .where(RolloutDevice.rollout_id == rollout_id,
+                       RolloutDevice.stage == wave_stage,
+                       RolloutDevice.offered_at.is_not(None),
+                       ShadowRow.rollout_id == rollout_id,
+                       ShadowRow.interval_end > RolloutDevice.offered_at)
+                .order_by(ShadowRow.interval_end)))
+
     def telemetry_summary(self, since: float = 0.0) -> dict:
         """Fleet-wide aggregates: devices, batches, and requests and accuracy per variant."""
         with self.session() as s:
@@ -640,6 +1018,96 @@ class Store:
             "devices": devices, "online": online, "batches": batches, "variants": variants,
             "switches": {r: int(n) for r, n in switches},
         }
+
+    # -- device measurements (facts and on-device profiles) -------------------------------
+    def set_measurements(self, r: ReportedState) -> int:
+        """Keep what an online device measured: its facts when it sent them, and the
+        profiles of variants it has installed that this server registered (a profile of
+        anything else counts for nothing). Returns the profiles kept."""
+        if not r.online:  # a Last Will or a goodbye says nothing about measurements
+            return 0
+        installed = {v.name: v.sha256 for v in r.installed}
+        now = time.time()
+        with self.session() as s:
+            if r.facts is not None:
+                frow = s.get(DeviceFactsRow, r.device_id)
+                if frow is None:
+                    frow = DeviceFactsRow(device_id=r.device_id)
+                    s.add(frow)
+                frow.device_class = r.facts.device_class
+                frow.facts = r.facts.model_dump(mode="json")
+                frow.ts = now
+            wanted = {p.sha256: n for n, p in r.profiles.items() if installed.get(n) == p.sha256}
+            known = set(s.scalars(select(VariantRow.sha256).where(
+                VariantRow.sha256.in_(list(wanted))))) if wanted else set()
+            old = {row.sha256: row for row in s.scalars(
+                select(DeviceProfileRow).where(DeviceProfileRow.device_id == r.device_id))}
+            for sha, gone in old.items():
+                if sha not in known:
+                    s.delete(gone)  # no longer installed there
+            for sha in known:
+                name = wanted[sha]
+                prow = old.get(sha)
+                if prow is None:
+                    prow = DeviceProfileRow(device_id=r.device_id, sha256=sha)
+                    s.add(prow)
+                prow.variant = name
+                prow.profile = r.profiles[name].model_dump(mode="json")
+                prow.ts = now
+        return len(known)
+
+    def device_measurements(self, device_id: str) -> tuple[dict | None, dict[str, dict]]:
+        """(facts, variant name → profile) of one device."""
+        with self.session() as s:
+            f = s.get(DeviceFactsRow, device_id)
+            rows = s.scalars(select(DeviceProfileRow).where(
+                DeviceProfileRow.device_id == device_id).order_by(DeviceProfileRow.variant))
+            return (None if f is None else dict(f.facts),
+                    {r.variant: {**r.profile, "received_at": r.ts} for r in rows})
+
+    def class_measurements(self) -> dict[str, dict]:
+        """Per device class: its devices, and each registered variant's figures as the
+        class's devices measured them (count, median, quartiles, range)."""
+        with self.session() as s:
+            classes = dict(s.execute(select(DeviceFactsRow.device_id,
+                                            DeviceFactsRow.device_class)).all())
+            rows = s.execute(select(DeviceProfileRow.device_id, DeviceProfileRow.sha256,
+                                    DeviceProfileRow.variant, DeviceProfileRow.profile)).all()
+            names = dict(s.execute(select(VariantRow.sha256, VariantRow.name)).all())
+        out: dict[str, dict] = {}
+        for cls in classes.values():
+            out.setdefault(cls, {"devices": 0, "variants": {}})["devices"] += 1
+        per: dict[tuple[str, str], list[dict]] = {}
+        for device, sha, _variant, profile in rows:
+            of = classes.get(device)
+            if of is not None and sha in names:
+                per.setdefault((of, sha), []).append(profile)
+        for (cls, sha), profiles in sorted(per.items()):
+            fig = {"name": names[sha], "sha256": sha, "devices": len(profiles),
+                   "energy_sources": dict(sorted(Counter(
+                       str(p.get("energy_source")) for p in profiles).items()))}
+            for key in _PROFILE_FIGURES:
+                fig[key] = _spread([p.get(key) for p in profiles])
+            out[cls]["variants"][names[sha]] = fig
+        return dict(sorted(out.items()))
+
+
+_PROFILE_FIGURES = ("latency_ms_p50", "latency_ms_p95", "cpu_ms", "energy_mj", "memory_mb")
+
+
+def _spread(values: list) -> dict | None:
+    """Count, median, quartiles and range of the numbers among ``values``."""
+    xs = sorted(float(v) for v in values if isinstance(v, int | float) and math.isfinite(v))
+    if not xs:
+        return None
+
+    def q(f: float) -> float:
+        k = (len(xs) - 1) * f
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    return {"n": len(xs), "median": q(0.5), "p25": q(0.25), "p75": q(0.75),
+            "min": xs[0], "max": xs[-1]}
 
 
 def _apply_report(rd: RolloutDevice, report: DeviceRolloutReport) -> None:

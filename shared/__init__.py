@@ -10,8 +10,7 @@ are plain attributes).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 SCHEMA_VERSION = 1
@@ -36,10 +35,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted([*_EXPORTS, "SCHEMA_VERSION", "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

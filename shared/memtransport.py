@@ -21,6 +21,10 @@ relies on it (``tests/test_memtransport.py`` runs the same scenarios against bot
 - sessions: a clean session ends with its connection; a persistent one
   (``clean_session=False``) keeps its subscriptions, and QoS 1 messages for it queue while it
   is away, up to ``max_queued_messages`` (then dropped and counted, like mosquitto);
+- manual acknowledgement (``manual_ack``): a QoS 1 message stays in flight until the client
+  calls ``ack()``; at most ``max_inflight_messages`` are in flight per client, the rest queue
+  (up to ``max_queued_messages``, then dropped and counted); what is still unacknowledged
+  when a persistent session reconnects is delivered again with the same message ids;
 - an outage (``set_online(False)``): clients see ``disconnected``; their QoS 1 publishes are
   kept and sent when the broker is back (``set_online(True)``), as paho does.
 
@@ -83,6 +87,15 @@ class _Session:
     clean: bool
     subs: dict[str, int] = field(default_factory=dict)  # filter (with $share/…) -> QoS
     queued: deque[tuple[str, bytes]] = field(default_factory=deque)  # while offline
+    # manual_ack: delivered, not yet acknowledged (message id -> message)
+    unacked: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    mid: int = 0
+
+    def next_mid(self) -> int:
+        while True:
+            self.mid = self.mid % 65535 + 1
+            if self.mid not in self.unacked:
+                return self.mid
 
 
 class MemoryBroker:
@@ -93,9 +106,11 @@ class MemoryBroker:
     was full.
     """
 
-    def __init__(self, name: str = "memory", *, max_queued_messages: int = 1000) -> None:
+    def __init__(self, name: str = "memory", *, max_queued_messages: int = 1000,
+                 max_inflight_messages: int = 20) -> None:
         self.address = BrokerAddress(name, 1883)
         self.max_queued_messages = max_queued_messages
+        self.max_inflight_messages = max_inflight_messages  # to manual_ack clients
         self.hold_acks = False
         self.dropped_queued = 0
         self._lock = threading.Lock()
@@ -219,11 +234,18 @@ class MemoryBroker:
         if session is None:
             session = self._sessions[cid] = _Session(cid, clean)
         self._conns[cid] = t
+        t.connection += 1
         t.connected.set()
         t._put(Inbound("connected"))
-        while session.queued:
-            topic, payload = session.queued.popleft()
-            t._put(Inbound("message", topic, payload, False))
+        if t.options.manual_ack:
+            for mid, (topic, payload) in list(session.unacked.items()):
+                self._deliver(t, session, topic, payload, mid)  # again, same id
+            self._fill(t, session)
+        else:
+            while session.queued:
+                topic, payload = session.queued.popleft()
+                t._put(Inbound("message", topic, payload, False, qos=1,
+                               connection=t.connection))
         for topic_filter, qos in t._subs.items():  # paho renews them in on_connect
             self._subscribe(t, topic_filter, qos)
         for out in t._outbox.values():
@@ -320,16 +342,53 @@ class MemoryBroker:
 
     def _send(self, cid: str, topic: str, payload: bytes, qos: int) -> None:
         t = self._conns.get(cid)
-        if t is not None:
-            t._put(Inbound("message", topic, payload, False))
-            return
         session = self._sessions.get(cid)
+        if t is not None and session is not None and qos > 0 and t.options.manual_ack:
+            if session.queued or len(session.unacked) >= self.max_inflight_messages:
+                self._enqueue(session, topic, payload)  # the in-flight window is full
+            else:
+                self._deliver(t, session, topic, payload)
+            return
+        if t is not None:
+            t._put(Inbound("message", topic, payload, False, qos=qos, connection=t.connection))
+            return
         if session is None or qos == 0:
             return  # QoS 0 is not queued for an absent client (mosquitto's default)
+        self._enqueue(session, topic, payload)
+
+    def _enqueue(self, session: _Session, topic: str, payload: bytes) -> None:
         if len(session.queued) >= self.max_queued_messages:
             self.dropped_queued += 1
             return
         session.queued.append((topic, payload))
+
+    def _deliver(self, t: MemoryTransport, session: _Session, topic: str, payload: bytes,
+                 mid: int | None = None) -> None:
+        """Hand a QoS 1 message to a manual_ack client; it stays in flight until acked."""
+        mid = session.next_mid() if mid is None else mid
+        session.unacked[mid] = (topic, payload)
+        item = Inbound("message", topic, payload, False, mid=mid, qos=1,
+                       connection=t.connection)
+        try:
+            t.inbound.put_nowait(item)
+        except queue.Full:
+            t._put(item)  # counts the drop; acknowledged at once, as MqttTransport does
+            session.unacked.pop(mid, None)
+
+    def _fill(self, t: MemoryTransport, session: _Session) -> None:
+        """Deliver queued messages into the free part of the in-flight window."""
+        while session.queued and len(session.unacked) < self.max_inflight_messages:
+            topic, payload = session.queued.popleft()
+            self._deliver(t, session, topic, payload)
+
+    def _ack_received(self, t: MemoryTransport, mid: int, connection: int | None) -> None:
+        if connection is not None and connection != t.connection:
+            return
+        session = self._sessions.get(t.options.client_id)
+        if self._conns.get(t.options.client_id) is not t or session is None:
+            return
+        if session.unacked.pop(mid, None) is not None:
+            self._fill(t, session)
 
     def _publish_from(
         self, t: MemoryTransport, topic: str, payload: bytes, qos: int, retain: bool
@@ -401,6 +460,7 @@ class MemoryTransport:
         self._outbox: dict[int, _Out] = {}  # QoS 1 publishes not yet acknowledged
         self._unsent: deque[int] = deque()
         self._inflight = 0
+        self.connection = 0  # counts connections; messages carry the one they came on
         broker._register(self)
 
     def _put(self, item: Inbound) -> None:
@@ -451,6 +511,13 @@ class MemoryTransport:
             known = self._subs.pop(topic, None) is not None
             if known and self.connected.is_set():
                 self.broker._unsubscribe(self, topic)
+
+    def ack(self, mid: int, qos: int, connection: int | None = None) -> None:
+        """Acknowledge a received message (``manual_ack``); frees its in-flight slot."""
+        if not self.options.manual_ack or qos == 0:
+            return
+        with self.broker._lock:
+            self.broker._ack_received(self, mid, connection)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish; returns the message id that a ``published`` item acknowledges."""

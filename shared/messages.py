@@ -7,7 +7,6 @@ parsing and turns every failure into :class:`ProtocolError`.
 
 from __future__ import annotations
 
-import json
 import time
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -19,10 +18,27 @@ from .topics import check_name, check_sha256
 
 MAX_ARTIFACT_BYTES = 512 * 1024 * 1024
 MAX_VARIANTS = 16
+MAX_REVOKED_KEYS = 64
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Sha256 = Annotated[str, Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]{64}$")]
-Timestamp = Annotated[float, Field(ge=0)]
+# Bounds of device-supplied figures: a device holds valid credentials, so everything it
+# sends is checked against what is physically plausible before it may reach a sum.
+MAX_TIMESTAMP = float(2**33)  # seconds since the epoch: the year 2242
+MAX_COUNT = 10**9  # requests (errors, labelled, …) in one telemetry interval
+MAX_LATENCY_MS = 3_600_000.0  # an hour
+MAX_ENERGY_J = 1e9  # in one interval (about 280 kWh)
+MAX_SEQ = 2**31 - 1  # telemetry sequence numbers and manifest versions fit an SQL INTEGER
+MAX_VERSION = 2**31 - 1
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+LatencyMs = Annotated[float, Field(ge=0, lt=MAX_LATENCY_MS, allow_inf_nan=False)]
+EnergyJ = Annotated[float, Field(ge=0, le=MAX_ENERGY_J, allow_inf_nan=False)]
+Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+CounterValue = Annotated[int, Field(ge=0, le=2**53)]  # a device's running total
+# A random id an agent makes once per state directory: telemetry sequence numbers count
+# within it, so a re-flashed device starting again at 0 is not taken for a duplicate.
+Incarnation = Annotated[str, Field(max_length=32, pattern=r"^[A-Za-z0-9_-]*$")]
 
 
 class WireModel(BaseModel):
@@ -47,28 +63,33 @@ M = TypeVar("M", bound=WireModel)
 
 
 def decode(model: type[M], payload: bytes | str) -> M:
-    """Parse ``payload`` as ``model``; any failure becomes :class:`ProtocolError`."""
-    if isinstance(payload, str):
-        payload = payload.encode()
-    limit = model.max_bytes
-    if len(payload) > limit:
-        raise ProtocolError(
-            f"{model.__name__} of {len(payload)} bytes is over its limit of {limit}"
-        )
+    """Parse ``payload`` as ``model``; any failure becomes :class:`ProtocolError`.
+
+    Any: a deeply nested document (``RecursionError``), one too large to hold
+    (``MemoryError``), an integer of thousands of digits (``ValueError``) as much as a
+    field out of its bounds. A caller counts the error and drops the message.
+    """
+    if not isinstance(payload, bytes | bytearray | str):
+        raise ProtocolError(f"{model.__name__}: payload is {type(payload).__name__}")
+    name, limit = model.__name__, model.max_bytes
+    if len(payload) > limit or (isinstance(payload, str) and len(payload.encode()) > limit):
+        raise ProtocolError(f"{name} of {len(payload)} bytes is over its limit of {limit}")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{model.__name__}: not JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"{model.__name__}: expected a JSON object")
-    try:
-        return model.model_validate(raw)
+        # pydantic's own JSON parser: twice as fast as json.loads + model_validate, and it
+        # stops deep nesting with a validation error of its own.
+        return model.model_validate_json(payload)
     except ValidationError as e:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":
+            raise ProtocolError(f"{name}: not JSON: {first['msg']}") from e
+        if first["type"] == "model_type" and not first["loc"]:
+            raise ProtocolError(f"{name}: expected a JSON object") from e
         where = ".".join(str(p) for p in first["loc"]) or "(message)"
         raise ProtocolError(
-            f"{model.__name__}: {where}: {first['msg']} ({e.error_count()} error(s))"
+            f"{name}: {where}: {first['msg']} ({e.error_count()} error(s))"
         ) from e
+    except (RecursionError, MemoryError, ValueError, TypeError) as e:
+        raise ProtocolError(f"{name}: cannot parse: {type(e).__name__}") from e
 
 
 class Reason(StrEnum):
@@ -147,6 +168,22 @@ class VariantSpec(BaseModel):
             )
 
 
+class ShadowSpec(BaseModel):
+    """Shadow evaluation while a rollout is judged: the agent replays a sampled share of
+    live requests, off the request path, on each variant under evaluation and on a
+    reference, and reports how often they agree (``TelemetryBatch.shadow``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rollout_id: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    sample_share: float = Field(default=0.05, gt=0, le=1, allow_inf_nan=False)
+    variants: list[Name] = Field(min_length=1, max_length=MAX_VARIANTS)
+    # None: the variant the device served before, else the largest installed one.
+    reference: Name | None = None
+    # The agent stops evaluating after this (the end of the wave's observe window).
+    until: Timestamp | None = None
+
+
 class Manifest(WireModel):
     """The desired state of a device or group: the payload the server signs."""
 
@@ -162,6 +199,10 @@ class Manifest(WireModel):
     policy: dict[Annotated[str, Field(max_length=64)], float | int | bool | None] | None = (
         Field(default=None, max_length=64)
     )
+    # Signing keys retired by the operator: an agent that accepts this manifest never
+    # trusts them again, even where its configuration still pins them.
+    revoked_keyids: list[Sha256] = Field(default_factory=list, max_length=MAX_REVOKED_KEYS)
+    shadow: ShadowSpec | None = None
 
     def model_post_init(self, __context: Any) -> None:
         names = [v.name for v in self.variants]
@@ -199,7 +240,7 @@ class InstalledVariant(BaseModel):
 
     name: Name
     sha256: Sha256
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=MAX_ARTIFACT_BYTES)
 
 
 class RolloutPhase(StrEnum):
@@ -216,10 +257,54 @@ class RolloutPhase(StrEnum):
 class RolloutReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    manifest_version: int = Field(ge=1)
+    manifest_version: int = Field(ge=1, le=MAX_VERSION)
     phase: RolloutPhase
-    progress: float = Field(default=0.0, ge=0, le=1)
+    progress: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     reason: str | None = Field(default=None, max_length=1024)
+
+
+# Where an energy figure comes from (see docs/hardware.md): a package energy counter, a
+# power monitor on the board, the battery's own gauge, or CPU time times the device's active power.
+EnergySource = Literal["rapl", "hwmon", "battery", "cpu_time_estimate"]
+ShortText = Annotated[str, Field(max_length=64)]
+
+
+class DeviceFacts(BaseModel):
+    """What the device is: reported once per connection, kept by the server per device."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arch: str = Field(max_length=32)
+    cpu_model: str | None = Field(default=None, max_length=128)
+    # Instruction-set features that change which kernels run fast (normalised names:
+    # avx2, avx512, avx512vnni, avxvnni, amx, neon, dotprod, i8mm, sve, fp16).
+    isa: list[Annotated[str, Field(max_length=16)]] = Field(default_factory=list, max_length=16)
+    cores: int = Field(ge=1, le=4096)
+    memory_mb: int | None = Field(default=None, ge=0, le=1 << 24)
+    ort_version: str | None = Field(default=None, max_length=32)
+    providers: list[ShortText] = Field(default_factory=list, max_length=16)
+    device_class: Name
+    # The active power the CPU-time estimate of energy uses on this device (watts per
+    # busy core).
+    active_power_w: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
+
+
+class VariantProfile(BaseModel):
+    """One installed variant measured on the device itself (batch 1, its thread setting)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sha256: Sha256
+    latency_ms_p50: LatencyMs
+    latency_ms_p95: LatencyMs
+    cpu_ms: LatencyMs  # CPU time per inference
+    # What creating the session added to the agent's resident memory.
+    memory_mb: float | None = Field(default=None, ge=0, le=1 << 20, allow_inf_nan=False)
+    energy_mj: float = Field(ge=0, le=1e7, allow_inf_nan=False)  # energy per inference
+    energy_source: EnergySource
+    runs: int = Field(ge=1, le=1_000_000)
+    threads: int = Field(ge=1, le=64)
+    ts: Timestamp = 0.0
 
 
 class ReportedState(WireModel):
@@ -230,16 +315,21 @@ class ReportedState(WireModel):
     ts: Timestamp = 0.0
     group: Name | None = None  # the group in the agent's own configuration
     agent_version: str | None = Field(default=None, max_length=32)
-    manifest_version: int | None = None
+    manifest_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
     active_variant: Name | None = None
     installed: list[InstalledVariant] = Field(default_factory=list, max_length=MAX_VARIANTS)
-    downloading: dict[Name, float] = Field(default_factory=dict, max_length=MAX_VARIANTS)
+    downloading: dict[Name, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = (
+        Field(default_factory=dict, max_length=MAX_VARIANTS))
     last_error: str | None = Field(default=None, max_length=1024)
     rollout: RolloutReport | None = None
     # What the device dropped or refused since it started (logged there, counted here).
-    counters: dict[Annotated[str, Field(max_length=32)], int] = Field(
+    counters: dict[Annotated[str, Field(max_length=32)], CounterValue] = Field(
         default_factory=dict, max_length=16
     )
+    # Sent in the first report after each connection (the server keeps the last).
+    facts: DeviceFacts | None = None
+    # Installed variant → its profile measured on this device.
+    profiles: dict[Name, VariantProfile] = Field(default_factory=dict, max_length=MAX_VARIANTS)
 
 
 class VariantStats(BaseModel):
@@ -247,13 +337,54 @@ class VariantStats(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    requests: int = Field(ge=0)
-    errors: int = Field(default=0, ge=0)
-    latency_ms_p50: float | None = Field(default=None, ge=0)
-    latency_ms_p95: float | None = Field(default=None, ge=0)
-    latency_ms_p99: float | None = Field(default=None, ge=0)
-    labeled: int = Field(default=0, ge=0)
-    correct: int = Field(default=0, ge=0)
+    requests: Count
+    errors: Count = 0
+    latency_ms_p50: LatencyMs | None = None
+    latency_ms_p95: LatencyMs | None = None
+    latency_ms_p99: LatencyMs | None = None
+    labeled: Count = 0
+    correct: Count = 0
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.correct <= self.labeled <= self.requests:
+            raise ValueError("expected correct <= labeled <= requests")
+        if self.errors > self.requests:
+            raise ValueError("more errors than requests")
+        known = [p for p in (self.latency_ms_p50, self.latency_ms_p95, self.latency_ms_p99)
+                 if p is not None]
+        if known != sorted(known):
+            raise ValueError("latency percentiles must not decrease (p50 <= p95 <= p99)")
+
+
+class ShadowStats(BaseModel):
+    """One variant's shadow runs in one telemetry interval, against ``reference``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reference: Name
+    samples: Count  # requests replayed on both
+    agreed: Count = 0  # same top-1 answer as the reference
+    # Sum over samples of the total variation distance of the two softmax outputs (0..1).
+    divergence_sum: float = Field(default=0.0, ge=0, le=MAX_COUNT, allow_inf_nan=False)
+    errors: Count = 0  # runs that raised or gave non-finite output
+    latency_ms_p95: LatencyMs | None = None  # of this variant's shadow runs
+    profile_latency_ms: LatencyMs | None = None  # its on-device profile's p95, when known
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.agreed + self.errors > self.samples or self.divergence_sum > self.samples:
+            raise ValueError("expected agreed + errors <= samples, divergence_sum <= samples")
+
+
+class ShadowReport(BaseModel):
+    """Shadow evaluation in one telemetry interval: per variant, and what it cost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rollout_id: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    variants: dict[Name, ShadowStats] = Field(default_factory=dict, max_length=MAX_VARIANTS)
+    sampled: Count = 0  # requests copied into the shadow queue
+    dropped: Count = 0  # sampled requests dropped because the queue was full
+    cpu_ms: float = Field(default=0.0, ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
 
 
 class SwitchEvent(BaseModel):
@@ -270,24 +401,48 @@ class TelemetryBatch(WireModel):
 
     max_bytes: ClassVar[int] = 128 * 1024
     device_id: Name
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    # The agent's incarnation: ``seq`` counts within it (the dedupe key is device,
+    # incarnation, seq). Empty from agents that predate it.
+    incarnation: Incarnation = ""
+    # The lowest seq the agent still held when it cut this batch: it will never send one
+    # below again, so the server's "stored through" cursor may pass any gap under it.
+    unconfirmed_from: int | None = Field(default=None, ge=0, le=MAX_SEQ)
     interval_start: Timestamp
     interval_end: Timestamp
     variants: dict[Name, VariantStats] = Field(default_factory=dict, max_length=MAX_VARIANTS)
     switches: list[SwitchEvent] = Field(default_factory=list, max_length=256)
-    switches_dropped: int = Field(default=0, ge=0)
+    switches_dropped: Count = 0
     active_variant: Name | None = None
-    battery_percent: float | None = Field(default=None, ge=0, le=100)
+    battery_percent: Percent | None = None
     charging: bool | None = None
-    cpu_percent: float | None = Field(default=None, ge=0, le=100)
-    mem_percent: float | None = Field(default=None, ge=0, le=100)
-    temperature_c: float | None = Field(default=None, ge=-100, le=200)
-    energy_j: float = Field(default=0.0, ge=0)
-    batches_dropped: int = Field(default=0, ge=0)
+    cpu_percent: Percent | None = None
+    mem_percent: Percent | None = None
+    temperature_c: float | None = Field(default=None, ge=-100, le=200, allow_inf_nan=False)
+    energy_j: EnergyJ = 0.0
+    # ``energy_j`` split by where each figure came from (a variant not profiled yet is
+    # counted by the CPU-time estimate).
+    energy_by_source: dict[EnergySource, EnergyJ] = Field(default_factory=dict, max_length=4)
+    batches_dropped: Count = 0
+    shadow: ShadowReport | None = None
 
     def model_post_init(self, __context: Any) -> None:
         if self.interval_end < self.interval_start:
             raise ValueError("interval_end before interval_start")
+        if self.unconfirmed_from is not None and self.unconfirmed_from > self.seq:
+            raise ValueError("unconfirmed_from above seq")
+
+
+class TelemetryAck(WireModel):
+    """The server's "stored through" cursor of one device's telemetry, published (retained)
+    after commit: every batch of ``incarnation`` up to ``stored_through`` is in the store
+    (or was given up by the agent), so the agent may delete it."""
+
+    max_bytes: ClassVar[int] = 1024
+    device_id: Name
+    incarnation: Incarnation
+    stored_through: int = Field(ge=-1, le=MAX_SEQ)  # -1: nothing yet
+    ts: Timestamp
 
 
 class EventKind(StrEnum):
@@ -307,8 +462,8 @@ class Event(WireModel):
 
 
 class CommandKind(StrEnum):
-    PIN = "pin"
-    UNPIN = "unpin"
+    # No pin or unpin here: a pin travels only in the signed desired state
+    # (``Manifest.pinned_variant``), and no agent subscribes to a commands topic.
     REPORT = "report"
 
 

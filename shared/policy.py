@@ -23,23 +23,44 @@ class PolicyConfig(BaseModel):
     """Thresholds of the policy; each ``*_hysteresis_*`` is the band a latched level needs
     to be crossed by before it is released."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     battery_low_percent: float = Field(default=30.0, ge=0, le=100)
+    """Battery at or below this (not charging): at most the middle of the variant table."""
     battery_critical_percent: float = Field(default=15.0, ge=0, le=100)
-    # Battery hysteresis, for both the low and the critical level.
+    """Battery at or below this (not charging): the cheapest variant, at once (no dwell). Below
+    battery_low_percent."""
     hysteresis_percent: float = Field(default=5.0, ge=0, le=100)
+    """A low or critical battery level is released only this many points above its threshold."""
     cpu_high_percent: float = Field(default=80.0, gt=0, le=100)
+    """CPU load at or above this: one step cheaper."""
     cpu_hysteresis_percent: float = Field(default=10.0, ge=0, le=100)
+    """High CPU is released only this many points below cpu_high_percent."""
     complexity_high: float = Field(default=0.6, ge=0, le=1)
+    """Input complexity (0..1) at or above this takes the dearest variant the budget allows."""
     complexity_low: float = Field(default=0.4, ge=0, le=1)
+    """Input complexity at or below this takes one step cheaper than the budget; between the two the
+    level is kept."""
     min_dwell_s: float = Field(default=2.0, ge=0)
+    """Least time between two switches (a critical battery does not wait)."""
     temperature_high_c: float = Field(default=80.0)
+    """Temperature at or above this: one step cheaper."""
     temperature_hysteresis_c: float = Field(default=5.0, ge=0)
+    """Too hot is released only this many degrees below temperature_high_c."""
     mem_low_percent: float = Field(default=10.0, ge=0, le=100)
+    """Free memory at or below this: one step cheaper, and only the active variant stays loaded."""
     mem_hysteresis_percent: float = Field(default=5.0, ge=0, le=100)
+    """Low memory is released only this many points above mem_low_percent."""
     latency_slo_ms: float | None = Field(default=None, gt=0)
+    """Recent latency above this: one more step cheaper; unset: no latency objective."""
     latency_hysteresis_percent: float = Field(default=20.0, ge=0, lt=100)
+    """The SLO step is undone only when the dearer variant is predicted to run this many percent
+    below latency_slo_ms."""
+
+    accuracy_margin_pp: float = Field(default=1.0, ge=0, le=100)
+    """A variant that is slower than another on this device is left out when it is also less
+    accurate by more than this many points; a smaller difference (within the noise of a
+    held-out set) is a tie."""
 
     @model_validator(mode="after")
     def _ordered(self) -> PolicyConfig:

@@ -65,7 +65,10 @@ class SigningKey:
         )
 
     def sign(self, manifest: Manifest) -> SignedManifest:
-        payload = manifest.model_dump_json(by_alias=True)
+        # Without revocations the field is left out, so agents of the previous release
+        # (which forbid unknown fields) still accept the manifest.
+        exclude = None if manifest.revoked_keyids else {"revoked_keyids"}
+        payload = manifest.model_dump_json(by_alias=True, exclude=exclude)
         sig = self.private.sign(payload.encode())
         return SignedManifest(
             payload=payload,
@@ -84,16 +87,28 @@ def load_public_pem(pem: bytes) -> Ed25519PublicKey:
 
 
 class TrustedKeys:
-    """The public keys an agent pins; more than one during a key rotation."""
+    """The public keys an agent pins; more than one during a key rotation.
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey]):
-        self._keys = {keyid_of(k): k for k in keys}
-        if not self._keys:
+    ``revoked`` key ids are never trusted, even when pinned: a manifest signed by a current
+    key revoked them (``Manifest.revoked_keyids``, after ``prunefleet keys retire``).
+    """
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey], revoked: Iterable[str] = ()):
+        pinned = {keyid_of(k): k for k in keys}
+        if not pinned:
             raise SignatureError("no trusted keys configured")
+        self.revoked = frozenset(revoked)
+        self._all = pinned
+        self._keys = {i: k for i, k in pinned.items() if i not in self.revoked}
 
     @property
     def keyids(self) -> frozenset[str]:
+        """The pinned keys still trusted (revoked ones left out)."""
         return frozenset(self._keys)
+
+    def without(self, keyids: Iterable[str]) -> TrustedKeys:
+        """The same pins with ``keyids`` revoked as well."""
+        return TrustedKeys(self._all.values(), self.revoked | frozenset(keyids))
 
     def verify(
         self,
@@ -110,25 +125,30 @@ class TrustedKeys:
         given, is the device or group the manifest must be addressed to.
         """
         payload = signed.payload.encode()
+        valid: set[str] = set()
         for s in signed.signatures:
             key = self._keys.get(s.keyid)
-            if key is None:
+            if key is None or s.keyid in valid:
                 continue
             try:
                 key.verify(base64.b64decode(s.sig, validate=True), payload)
             except (InvalidSignature, ValueError):
                 continue
-            break
-        else:
+            valid.add(s.keyid)
+        if not valid:
             known = any(s.keyid in self._keys for s in signed.signatures)
+            revoked = any(s.keyid in self.revoked for s in signed.signatures)
             raise SignatureError(
                 "manifest signature does not verify" if known
+                else "manifest is signed by a revoked key" if revoked
                 else "manifest is signed by no trusted key"
             )
         try:
             manifest = decode(Manifest, payload)
         except ProtocolError as e:
             raise SignatureError(f"signed payload is not a valid manifest: {e}") from e
+        if not valid - set(manifest.revoked_keyids):
+            raise SignatureError("manifest is signed only by keys it revokes")
         now = time.time() if now is None else now
         if manifest.expires_at <= now:
             raise ExpiredError(

@@ -6,7 +6,7 @@ Layout under a configurable fleet prefix (default ``prunefleet``)::
     <prefix>/devices/<device_id>/reported     device → server, retained (Last Will: offline)
     <prefix>/devices/<device_id>/telemetry    device → server, QoS 1
     <prefix>/devices/<device_id>/events       device → server, QoS 1
-    <prefix>/devices/<device_id>/commands     server → device, QoS 1
+    <prefix>/devices/<device_id>/acked        server → device, retained, telemetry stored through
     <prefix>/groups/<group>/desired           server → group, retained, signed manifest
     <prefix>/artifacts/<sha256>/<index>       server → all, retained chunks (broker fans out)
 
@@ -25,7 +25,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}){0,3}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
-DEVICE_CHANNELS = ("desired", "reported", "telemetry", "events", "commands")
+# No commands channel: everything the server asks of a device is in its signed desired state.
+DEVICE_CHANNELS = ("desired", "reported", "telemetry", "events", "acked")
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -73,8 +74,9 @@ class Topics:
     def events(self, device_id: str) -> str:
         return self.device(device_id, "events")
 
-    def commands(self, device_id: str) -> str:
-        return self.device(device_id, "commands")
+    def acked(self, device_id: str) -> str:
+        """The server's "telemetry stored through" cursor for the device (``TelemetryAck``)."""
+        return self.device(device_id, "acked")
 
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}/groups/{check_name(group, 'group')}/desired"

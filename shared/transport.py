@@ -17,6 +17,7 @@ import contextlib
 import logging
 import queue
 import random
+import selectors
 import socket
 import ssl
 import threading
@@ -32,6 +33,8 @@ from .errors import TransportError
 
 __all__ = [
     "BrokerAddress",
+    "EpollLoop",
+    "EpollMqttTransport",
     "Inbound",
     "MqttTransport",
     "Transport",
@@ -39,6 +42,7 @@ __all__ = [
     "backoff_delay",
     "check_filter",
     "check_topic",
+    "raise_fd_limit",
     "split_shared",
     "topic_matches",
 ]
@@ -176,6 +180,8 @@ class Inbound:
     payload: bytes = b""
     retain: bool = False
     mid: int = 0
+    qos: int = 0  # of a message: with ``manual_ack``, pass ``mid``, ``qos`` and ``connection``
+    connection: int = 0  # to ``ack()``; the number of the connection it arrived on
 
 
 @dataclass
@@ -194,6 +200,11 @@ class TransportOptions:
     will_payload: bytes | None = None
     clean_session: bool = True
     subscriptions: dict[str, int] = field(default_factory=dict)
+    # Acknowledge a received QoS 1 message only when the owner calls ``ack()`` (after it
+    # stored the message), not when it is queued: until then the broker keeps it, resends
+    # it to a persistent session after a reconnect and, past its in-flight window, holds
+    # further messages back (back-pressure instead of loss).
+    manual_ack: bool = False
 
 
 class Transport(Protocol):
@@ -231,21 +242,52 @@ class Transport(Protocol):
         """Queue a publish; returns its message id, later acknowledged as ``published``."""
         ...
 
+    def ack(self, mid: int, qos: int, connection: int | None = None) -> None:
+        """With ``manual_ack``: acknowledge a received message (its ``mid`` and ``qos``).
+
+        Given the message's ``connection``, an acknowledgement for an earlier connection is
+        not sent: the broker resent that message on the new one with the same id, and an
+        id may meanwhile name another message. A no-op for QoS 0 and without manual_ack.
+        """
+        ...
+
     def wait_connected(self, timeout_s: float) -> bool: ...
 
 
 # -- paho -------------------------------------------------------------------------------------
 
 
-class _JitterClient(mqtt.Client):
-    """paho's client with jittered reconnect backoff (paho's own has no jitter)."""
+# Reconnect attempts logged: the first few, then every Nth (at most one a minute or so
+# once the backoff reaches its cap), so a fleet without its broker does not flood the logs.
+LOG_FIRST_ATTEMPTS = 3
+LOG_EVERY_ATTEMPTS = 10
 
-    def __init__(self, *args, min_s: float, max_s: float, **kwargs):
+
+def _log_attempt(attempt: int) -> bool:
+    return attempt < LOG_FIRST_ATTEMPTS or attempt % LOG_EVERY_ATTEMPTS == 0
+
+
+class _JitterClient(mqtt.Client):
+    """paho's client with jittered reconnect backoff (paho's own has no jitter), which
+    logs why it waits and for how long."""
+
+    def __init__(self, *args, min_s: float, max_s: float, url: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self._pf_min_s = min_s
         self._pf_max_s = max_s
         self._pf_rng = random.Random()
+        self._pf_url = url
         self.reconnect_attempts = 0
+        self.ever_connected = False
+        self.last_error: str | None = None
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        """paho's, remembering why a connection attempt failed (for the log)."""
+        try:
+            return super().reconnect()
+        except OSError as e:
+            self.last_error = e.strerror or str(e) or type(e).__name__
+            raise
 
     def _reconnect_wait(self) -> None:  # overrides paho's private hook
         if self._reconnect_delay is None:
@@ -255,6 +297,14 @@ class _JitterClient(mqtt.Client):
             self.reconnect_attempts += 1
         delay = backoff_delay(self.reconnect_attempts, self._pf_min_s, self._pf_max_s,
                               self._pf_rng)
+        n = self.reconnect_attempts
+        if _log_attempt(n):
+            why = f" ({self.last_error})" if self.last_error else ""
+            what = "cannot reach" if n or not self.ever_connected else "lost"
+            later = (f"; further attempts logged every {LOG_EVERY_ATTEMPTS}th"
+                     if n == LOG_FIRST_ATTEMPTS - 1 else "")
+            log.warning("%s the broker %s%s; reconnecting in %.1f s (attempt %d)%s",
+                        what, self._pf_url, why, delay, n + 1, later)
         end = time.monotonic() + delay
         while not self._thread_terminate and (remaining := end - time.monotonic()) > 0:
             time.sleep(min(remaining, 0.25))
@@ -297,7 +347,10 @@ class MqttTransport:
             protocol=mqtt.MQTTv311,
             min_s=options.reconnect_min_s,
             max_s=options.reconnect_max_s,
+            url=address.url,
+            manual_ack=options.manual_ack,
         )
+        self.connection = 0  # counts connections; messages carry the one they came on
         c = self._client
         # paho raises if these are set after connect().
         c.max_inflight_messages_set(options.max_inflight_messages)
@@ -330,8 +383,13 @@ class MqttTransport:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker refused connection: %s", reason_code)
+            log.warning("broker %s refused the connection: %s", self.address.url, reason_code)
+            client.last_error = f"refused: {reason_code}"
             return
+        client.ever_connected = True
+        client.last_error = None
+        with self._lock:
+            self.connection += 1
         # paho leaves Nagle on: an UNSUBSCRIBE followed by a SUBSCRIBE (the chunk window)
         # would then wait for the broker's delayed ACK, ~40 ms per chunk.
         sock = client.socket()
@@ -357,7 +415,16 @@ class MqttTransport:
             self._put(Inbound("disconnected"))
 
     def _on_message(self, client, userdata, msg) -> None:
-        self._put(Inbound("message", msg.topic, msg.payload, bool(msg.retain)))
+        item = Inbound("message", msg.topic, msg.payload, bool(msg.retain), mid=msg.mid,
+                       qos=msg.qos, connection=self.connection)
+        try:
+            self.inbound.put_nowait(item)
+        except queue.Full:
+            self._put(item)  # counts and logs the drop
+            if self.options.manual_ack:
+                # Lost here either way; held unacknowledged it would also block one of the
+                # broker's in-flight slots until the next reconnect.
+                client.ack(msg.mid, msg.qos)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._put(Inbound("published", mid=mid))
@@ -419,6 +486,18 @@ class MqttTransport:
         if known and self.connected.is_set():
             self._client.unsubscribe(topic)
 
+    def ack(self, mid: int, qos: int, connection: int | None = None) -> None:
+        """Acknowledge a received message (``manual_ack``); see :meth:`Transport.ack`."""
+        if not self.options.manual_ack or qos == 0:
+            return
+        if (connection is not None and connection != self.connection) or (
+                not self.connected.is_set()):
+            return  # the broker resends it on the next connection
+        try:
+            self._client.ack(mid, qos)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"acknowledging message {mid} failed: {e}") from e
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its message id (acknowledged later as ``published``)."""
         return int(self.publish_info(topic, payload, qos, retain).mid)
@@ -438,7 +517,261 @@ class MqttTransport:
         return info
 
 
+# -- many connections, one thread -------------------------------------------------------------
+
+
+class EpollLoop:
+    """One thread that drives many paho clients through one ``epoll`` set.
+
+    For the fleet simulator: paho's own network thread waits with ``select()``, which cannot
+    watch descriptors past 1024, and costs a thread and a socket pair per connection. Here a
+    connection costs its socket only. paho's external-loop API does the MQTT work
+    (``loop_read``, ``loop_write``, ``loop_misc``); this thread owns every socket operation
+    (connect, reconnect with jittered backoff, close), owners only publish and subscribe, and
+    paho's ``on_socket_register_write`` wakes the thread when they queued something.
+    A blocking TCP connect (paho's) stalls every connection of the loop while it lasts: meant
+    for brokers on a near network, not for devices.
+    """
+
+    # paho's connect blocks (a TCP handshake): at most this many per pass, then the
+    # connected ones are served again before the next.
+    CONNECTS_PER_PASS = 100
+
+    def __init__(self, name: str = "mqtt-epoll") -> None:
+        self._sel = selectors.EpollSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._commands: list[tuple[str, EpollMqttTransport | None, threading.Event | None]] = []
+        self._want_write: set[EpollMqttTransport] = set()
+        self._started: set[EpollMqttTransport] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"x")
+
+    def command(self, what: str, t: EpollMqttTransport, wait_s: float | None = None) -> None:
+        done = threading.Event() if wait_s is not None else None
+        with self._lock:
+            self._commands.append((what, t, done))
+        self._wake()
+        if done is not None and threading.current_thread() is not self._thread:
+            done.wait(wait_s)
+
+    def want_write(self, t: EpollMqttTransport) -> None:
+        with self._lock:
+            self._want_write.add(t)
+        if threading.current_thread() is not self._thread:
+            self._wake()
+
+    def sync(self, timeout_s: float) -> bool:
+        """Wait until the loop has applied every start, stop and kill asked for so far."""
+        done = threading.Event()
+        with self._lock:
+            self._commands.append(("sync", None, done))
+        self._wake()
+        return done.wait(timeout_s)
+
+    def close(self) -> None:
+        """Drop every connection (no DISCONNECT) and end the thread."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(10)
+
+    # -- the loop thread --------------------------------------------------------------
+    def _mask(self, t: EpollMqttTransport, sock: socket.socket) -> None:
+        events = selectors.EVENT_READ
+        if t._client.want_write():
+            events |= selectors.EVENT_WRITE
+        try:
+            if t._registered is sock:
+                self._sel.modify(sock, events, t)
+            else:
+                self._sel.register(sock, events, t)
+                t._registered = sock
+        except (OSError, ValueError, KeyError):
+            t._registered = None
+
+    def unregister(self, t: EpollMqttTransport) -> None:
+        if t._registered is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                self._sel.unregister(t._registered)
+            t._registered = None
+
+    def _connect(self, t: EpollMqttTransport, now: float) -> None:
+        c = t._client
+        try:
+            c.reconnect()
+        except (OSError, ValueError) as e:
+            c.last_error = str(getattr(e, "strerror", None) or e or type(e).__name__)
+            c.reconnect_attempts += 1
+            delay = backoff_delay(c.reconnect_attempts, t.options.reconnect_min_s,
+                                  t.options.reconnect_max_s, c._pf_rng)
+            if _log_attempt(c.reconnect_attempts - 1):
+                log.warning("cannot reach the broker %s (%s); reconnecting in %.1f s",
+                            t.address.url, c.last_error, delay)
+            t._next_try = now + delay
+            return
+        sock = c.socket()
+        if isinstance(sock, socket.socket):
+            self._mask(t, sock)
+
+    def _apply(self, what: str, t: EpollMqttTransport, now: float) -> None:
+        c = t._client
+        if what == "start":
+            self._started.add(t)
+            c.reconnect_attempts = 0
+            t._next_try = now
+        elif what == "disconnect":
+            self._started.discard(t)
+            if c.socket() is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    c.disconnect()
+                    c.loop_write()  # paho closes the socket once DISCONNECT is written
+        if what in ("disconnect", "drop"):
+            self._started.discard(t)
+            self.unregister(t)
+            with contextlib.suppress(OSError):
+                c.drop_socket()
+            t._mark_disconnected()
+
+    def _run(self) -> None:
+        next_misc = 0.0
+        while not self._stopping:
+            now = time.monotonic()
+            timeout = max(0.0, min(next_misc, now + 0.2) - now)
+            for key, events in self._sel.select(timeout):
+                t = key.data
+                if t is None:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        while self._wake_r.recv(4096):
+                            pass
+                    continue
+                c = t._client
+                if events & selectors.EVENT_READ:
+                    c.loop_read()
+                if events & selectors.EVENT_WRITE and c.socket() is not None:
+                    c.loop_write()
+                sock = c.socket()
+                if sock is None:
+                    self.unregister(t)
+                elif isinstance(sock, socket.socket):
+                    self._mask(t, sock)
+            with self._lock:
+                commands, self._commands = self._commands, []
+                writers, self._want_write = self._want_write, set()
+            now = time.monotonic()
+            for what, t, done in commands:
+                try:
+                    if t is not None:
+                        self._apply(what, t, now)
+                finally:
+                    if done is not None:
+                        done.set()
+            for t in writers:
+                sock = t._client.socket()
+                if isinstance(sock, socket.socket):
+                    self._mask(t, sock)
+            if now >= next_misc:
+                next_misc = now + 0.5
+                connects = 0
+                for t in list(self._started):
+                    c = t._client
+                    if c.socket() is None:
+                        if now >= t._next_try and connects < self.CONNECTS_PER_PASS:
+                            connects += 1
+                            self._connect(t, now)
+                        elif now >= t._next_try:
+                            next_misc = now  # the rest after serving the connected ones
+                        continue
+                    c.loop_misc()  # keepalive; closes a connection whose PINGRESP is late
+                    if c.socket() is None:
+                        self.unregister(t)
+                        t._next_try = now + backoff_delay(
+                            0, t.options.reconnect_min_s, t.options.reconnect_max_s,
+                            c._pf_rng)
+        for t in list(self._started):
+            self.unregister(t)
+            with contextlib.suppress(OSError):
+                t._client.drop_socket()
+            t._mark_disconnected()
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class EpollMqttTransport(MqttTransport):
+    """:class:`MqttTransport` driven by a shared :class:`EpollLoop` instead of a thread of
+    its own: the same callbacks, queue and API, one descriptor per connection."""
+
+    def __init__(self, address: BrokerAddress, options: TransportOptions, loop: EpollLoop):
+        super().__init__(address, options)
+        self.loop = loop  # the EpollLoop that drives this connection
+        self._registered: socket.socket | None = None
+        self._next_try = 0.0
+        c = self._client
+        c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)
+        c.on_disconnect = self._on_lost
+
+    def _on_lost(self, client, userdata, flags, reason_code, properties) -> None:
+        # Backoff grows while connections fail before a CONNACK (a refusal), and starts
+        # again after one that was up.
+        client.reconnect_attempts = (0 if self.connected.is_set()
+                                     else client.reconnect_attempts + 1)
+        self._mark_disconnected()
+        self._next_try = time.monotonic() + backoff_delay(
+            client.reconnect_attempts, self.options.reconnect_min_s,
+            self.options.reconnect_max_s, client._pf_rng)
+
+    def start(self) -> None:
+        if self._started:
+            return
+        try:
+            self._client.connect_async(
+                self.address.host, self.address.port, keepalive=self.options.keepalive_s)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"cannot connect to {self.address.url}: {e}") from e
+        self._started = True
+        self.loop.command("start", self)
+
+    def stop(self, disconnect: bool = True, wait_s: float | None = 5.0) -> None:
+        """As :meth:`MqttTransport.stop`; with ``wait_s`` None it returns at once (stop
+        many, then :meth:`EpollLoop.sync`)."""
+        if not self._started:
+            return
+        self._started = False
+        self.loop.command("disconnect" if disconnect else "drop", self, wait_s=wait_s)
+
+    def kill(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self.loop.command("drop", self, wait_s=5.0)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit towards ``wanted`` (at most the hard
+    limit); returns the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return soft
+
+
 if TYPE_CHECKING:
 
     def _is_a_transport(t: MqttTransport) -> Transport:  # mypy checks the protocol here
+        return t
+
+    def _is_a_transport_too(t: EpollMqttTransport) -> Transport:
         return t

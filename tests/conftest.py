@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -186,6 +187,12 @@ class MosquittoProcess:
         """Stop and start again on the same port (retained messages are lost)."""
         self.stop()
         self.start()
+
+    def reload(self) -> None:
+        """SIGHUP, as `systemctl reload mosquitto` sends: it re-reads the password file and
+        the ACL and drops connected clients whose entry is gone."""
+        assert self._proc is not None and self._proc.poll() is None, "mosquitto is not running"
+        self._proc.send_signal(signal.SIGHUP)
 
     def __repr__(self) -> str:
         return f"<MosquittoProcess {self.url} {'running' if self.running else 'stopped'}>"

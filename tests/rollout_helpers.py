@@ -53,13 +53,15 @@ class Fleet:
         return AdminClient(self.svc.url, self.svc.token, timeout_s=30)
 
     # -- agents -------------------------------------------------------------------------------
-    def start_agent(self, device_id: str, trusted: list[Path] | None = None) -> Agent:
+    def start_agent(self, device_id: str, trusted: list[Path] | None = None,
+                    group: str | None = None) -> Agent:
+        """``group``: the group in the agent's own configuration (a request to the server)."""
         cfg = load_config(
             None, env={}, device_id=device_id, broker_url=self.broker_url,
             fleet_prefix=self.prefix, state_dir=self.tmp / "agents" / device_id,
             trusted_keys=trusted or [self.state_dir / "keys" / "public.pem"],
             chunk_timeout_s=2.0, telemetry_interval_s=1.0, reconnect_max_s=2.0,
-            sensors={"kind": "simulated"},
+            sensors={"kind": "simulated"}, group=group,
         )
         agent = Agent(cfg)
         stop = threading.Event()

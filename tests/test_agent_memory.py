@@ -1,5 +1,5 @@
 """The real Agent on the in-memory broker with a fake clock: distribution, telemetry and
-commands, in milliseconds and without sleeping.
+pins, in milliseconds and without sleeping.
 
 The agent is the production class; only its seams are doubles: ``MemoryTransport`` for
 MQTT, ``FakeClock`` for time, ``SimulatedEngine`` for ONNX Runtime (the smoke test always
@@ -26,14 +26,13 @@ from prunefleet.shared import chunks
 from prunefleet.shared.clock import FakeClock
 from prunefleet.shared.memtransport import MemoryBroker, MemoryTransport
 from prunefleet.shared.messages import (
-    Command,
-    CommandKind,
     Event,
     EventKind,
     Manifest,
     Reason,
     ReportedState,
     RolloutPhase,
+    TelemetryAck,
     TelemetryBatch,
     VariantSpec,
     decode,
@@ -164,10 +163,9 @@ class Fleet:
         self.server.publish(topic, signed.encode(), retain=True)
         return m
 
-    def command(self, kind: CommandKind, variant: str | None = None) -> None:
-        cmd = Command(command_id=f"c{self.version}-{kind}", kind=kind, variant=variant,
-                      issued_at=self.clock.time())
-        self.server.publish(self.topics.commands(DEVICE), cmd.encode())
+    def unsigned_command(self, body: bytes) -> None:
+        """What the old, unsigned commands topic carried (no agent subscribes to it)."""
+        self.server.publish(f"{self.topics.prefix}/devices/{DEVICE}/commands", body)
 
     # -- what the server sees ----------------------------------------------------------
     def collect(self) -> dict[str, list[bytes]]:
@@ -188,8 +186,20 @@ class Fleet:
     def events(self) -> list[Event]:
         return [decode(Event, e) for e in self.collect()["events"]]
 
+    def telemetry_batches(self) -> list[TelemetryBatch]:
+        """The batches that arrived since the last call."""
+        got = [decode(TelemetryBatch, b) for b in self.collect()["telemetry"]]
+        self.received["telemetry"] = []
+        return got
+
     def telemetry_seqs(self) -> list[int]:
-        return [decode(TelemetryBatch, b).seq for b in self.collect()["telemetry"]]
+        return [b.seq for b in self.telemetry_batches()]
+
+    def confirm(self, incarnation: str, stored_through: int) -> None:
+        """What the server publishes after a commit: its "stored through" cursor."""
+        ack = TelemetryAck(device_id=DEVICE, incarnation=incarnation,
+                           stored_through=stored_through, ts=self.clock.time())
+        self.server.publish(self.topics.acked(DEVICE), ack.encode(), retain=True)
 
 
 @pytest.fixture
@@ -317,7 +327,7 @@ def test_a_restarted_agent_fetches_only_the_chunks_it_lacks(fleet: Fleet) -> Non
     assert second.counters.rejected_manifests == 0 and second.manifest is not None
 
 
-# -- manifests and commands ----------------------------------------------------------------------
+# -- manifests and pins --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(10)
@@ -356,6 +366,10 @@ def test_a_rejected_manifest_is_counted_and_reported(fleet: Fleet) -> None:
     r = fleet.reported()
     assert r.counters["rejected_manifests"] == 1
     assert r.last_error == "manifest rejected: manifest is signed by no trusted key"
+    # Reported as that version's failure, so a rollout counts it without waiting.
+    assert r.rollout is not None and (r.rollout.manifest_version, r.rollout.phase,
+                                      r.rollout.reason) == (1, RolloutPhase.FAILED,
+                                                            r.last_error)
     assert [e.kind for e in fleet.events()] == [EventKind.REJECTED]
     # A good one afterwards is followed as usual.
     fleet.publish_chunks(SMALL, SMALL_DATA)
@@ -365,7 +379,7 @@ def test_a_rejected_manifest_is_counted_and_reported(fleet: Fleet) -> None:
 
 
 @pytest.mark.timeout(10)
-def test_a_pin_command_switches_the_served_variant(fleet: Fleet) -> None:
+def test_a_pin_comes_only_with_the_signed_desired_state(fleet: Fleet) -> None:
     fleet.publish_chunks(SMALL, SMALL_DATA)
     fleet.publish_chunks(LARGE, LARGE_DATA)
     agent = fleet.agent()
@@ -373,13 +387,20 @@ def test_a_pin_command_switches_the_served_variant(fleet: Fleet) -> None:
     fleet.run_until(agent, lambda: _installed(agent, "small", "large"))
     x = np.random.default_rng(0).normal(0, 1, (1, 1, 8, 8)).astype(np.float32)
     assert agent.predict(x).variant == "large"
-    fleet.command(CommandKind.PIN, "small")
+    fleet.deploy([SMALL, LARGE], pinned_variant="small")
     agent.step()
     served = agent.predict(x)
     assert (served.variant, served.reason) == ("small", Reason.PINNED)
     agent.step()
     assert fleet.reported().active_variant == "small"
-    fleet.command(CommandKind.UNPIN)
+    # An unsigned command, as the old commands topic carried, changes nothing.
+    for body in (b'{"schema":1,"command_id":"c1","kind":"unpin"}',
+                 b'{"schema":1,"command_id":"c2","kind":"pin","variant":"large"}'):
+        fleet.unsigned_command(body)
+    agent.step()
+    assert agent.predict(x).variant == "small"
+    assert agent.counters.invalid_messages == 0, "not even read"
+    fleet.deploy([SMALL, LARGE])  # unpinned by a newer signed desired state
     agent.step()
     assert agent.predict(x).variant == "large"
 
@@ -388,40 +409,73 @@ def test_a_pin_command_switches_the_served_variant(fleet: Fleet) -> None:
 
 
 @pytest.mark.timeout(10)
-def test_telemetry_leaves_the_queue_only_when_the_broker_acknowledged_it(fleet: Fleet) -> None:
+def test_telemetry_leaves_the_queue_only_when_the_server_confirmed_storing_it(
+        fleet: Fleet) -> None:
     agent = fleet.agent()
     agent.step()
-    fleet.broker.hold_acks = True
     fleet.clock.tick(10.0)
-    agent.step()  # a batch is cut and published; its acknowledgement is held
-    assert fleet.telemetry_seqs() == [0]
+    agent.step()  # a batch is cut and published; the broker acknowledges it at once
+    [batch] = fleet.telemetry_batches()
     for _ in range(3):
         agent.step()
+    # The broker's PUBACK is not the server's word: the batch stays until confirmed.
     assert agent.tqueue.pending() == [0] and agent.sender.in_flight == 1
-    fleet.broker.hold_acks = False
-    fleet.broker.release_acks()
+    assert batch.incarnation == agent.tqueue.incarnation and batch.unconfirmed_from == 0
+    fleet.confirm(batch.incarnation, 0)
     agent.step()
     assert agent.tqueue.pending() == [] and agent.sender.acked_total == 1
-    assert fleet.telemetry_seqs() == [0]  # sent once
+    assert fleet.telemetry_seqs() == []  # sent once
 
 
 @pytest.mark.timeout(10)
-def test_unacknowledged_telemetry_is_sent_again_after_a_disconnect(fleet: Fleet) -> None:
+def test_unconfirmed_telemetry_is_sent_again_after_the_timeout_and_counted(
+        fleet: Fleet) -> None:
+    agent = fleet.agent(telemetry_ack_timeout_s=30.0)
+    agent.step()
+    fleet.clock.tick(10.0)
+    agent.step()
+    assert fleet.telemetry_seqs() == [0]  # lost on its way to the server, say
+    fleet.clock.tick(29.0)
+    agent.step()
+    assert fleet.telemetry_seqs() == [1]  # the next interval's; 0 is not yet due again
+    fleet.clock.tick(1.0)
+    agent.step()
+    assert fleet.telemetry_seqs() == [0]  # again, with the same seq (the server dedups)
+    assert agent.sender.resent_total == 1
+    fleet.confirm(agent.tqueue.incarnation, 1)
+    agent.step()
+    assert agent.tqueue.pending() == []
+    counters = agent.reported_state().counters
+    assert counters["telemetry_resent"] == 1 and counters["telemetry_queued"] == 0
+
+
+@pytest.mark.timeout(10)
+def test_a_cursor_of_another_incarnation_deletes_nothing(fleet: Fleet) -> None:
     agent = fleet.agent()
     agent.step()
-    fleet.broker.hold_acks = True
-    fleet.clock.tick(10.0)
-    agent.step()
-    assert fleet.telemetry_seqs() == [0]
-    fleet.broker.set_online(False)  # the held acknowledgement is lost with the connection
-    fleet.clock.tick(10.0)
-    agent.step()  # offline: batch 1 is cut and queued, not sent
-    assert agent.tqueue.pending() == [0, 1] and agent.sender.in_flight == 0
-    assert fleet.telemetry_seqs() == [0]
-    fleet.broker.hold_acks = False
-    fleet.broker.set_online(True)
     for _ in range(3):
+        fleet.clock.tick(10.0)
         agent.step()
-    assert agent.tqueue.pending() == []
-    seqs = fleet.telemetry_seqs()
-    assert set(seqs) == {0, 1} and seqs.count(0) >= 2  # at least once; the server dedups
+    assert agent.tqueue.pending() == [0, 1, 2] and agent.sender.in_flight == 3
+    fleet.confirm("0123456789abcdef", 5)  # the retained cursor of an earlier install
+    agent.step()
+    assert agent.tqueue.pending() == [0, 1, 2]
+    fleet.confirm(agent.tqueue.incarnation, 1)  # cumulative: one cursor settles two
+    agent.step()
+    assert agent.tqueue.pending() == [2] and agent.sender.in_flight == 1
+    assert agent.reported_state().counters["telemetry_unconfirmed"] == 1
+
+
+@pytest.mark.timeout(10)
+def test_in_flight_is_bounded_so_a_slow_server_paces_the_device(fleet: Fleet) -> None:
+    agent = fleet.agent(telemetry_max_in_flight=2, telemetry_ack_timeout_s=1000.0)
+    agent.step()
+    for _ in range(5):
+        fleet.clock.tick(10.0)
+        agent.step()
+    assert fleet.telemetry_seqs() == [0, 1]  # the rest waits on disk for the server
+    assert agent.tqueue.pending() == [0, 1, 2, 3, 4]
+    fleet.confirm(agent.tqueue.incarnation, 1)
+    agent.step()
+    agent.step()
+    assert fleet.telemetry_seqs() == [2, 3]

@@ -258,3 +258,58 @@ def test_agent_process_serves_applications_on_its_socket(tmp_path, mosquitto):
     finally:
         stop_agent(p)
         srv.stop()
+
+
+@pytest.mark.timeout(90)
+def test_reload_pins_a_new_key_and_takes_the_state_it_signed(tmp_path, mosquitto):
+    """`systemctl reload` after a key rotation: an agent that pinned only the old key
+    refused the new key's desired state; with the new key added to trusted_keys and a
+    SIGHUP it takes the retained state, without a restart."""
+    from prunefleet.server.keys import load_keyring, retire_previous, rotate
+
+    srv = make_server(tmp_path, mosquitto.url)
+    old = tmp_path / "old-keys" / "public.pem"  # what the agent was installed with
+    old.parent.mkdir()
+    old.write_bytes((tmp_path / "keys" / "public.pem").read_bytes())
+    rotate(tmp_path / "keys")
+    retire_previous(tmp_path / "keys")
+    srv.key = load_keyring(tmp_path / "keys")  # the new key alone signs from now on
+    spec = mlp_spec(tmp_path / "v.onnx", "v", hidden=16)
+    srv.publish_artifact(spec, (tmp_path / "v.onnx").read_bytes())
+    srv.deploy("dev-k", [spec])
+    state = tmp_path / "dev-k"
+    state.mkdir()
+    cfg = state / "agent.toml"
+    sock = tmp_path / "run" / "agent.sock"
+    text = agent_toml("dev-k", mosquitto.url, state, old, extra=f'api_socket = "{sock}"')
+    cfg.write_text(text)
+    log = state / "agent.log"
+    p = spawn_agent(cfg, log)
+    try:
+        wait_for(sock.exists, 20, what="the socket", procs=[p])
+        assert _predict(sock) is None, "nothing to serve before the manifest is taken"
+        wait_for(lambda: "rejected manifest" in log.read_text(), 20,
+                 what="the new key's manifest refused", procs=[p])
+        pinned = f'trusted_keys = ["{old}"]'
+        assert pinned in text
+        cfg.write_text(text.replace(
+            pinned, f'trusted_keys = ["{old}", "{tmp_path / "keys" / "public.pem"}"]'))
+        p.send_signal(signal.SIGHUP)
+        out = wait_for(lambda: _predict(sock), 30, what="a prediction after the reload",
+                       procs=[p])
+        assert out.variant == "v"
+        assert "2 trusted key(s)" in log.read_text()
+    finally:
+        assert stop_agent(p) == 0
+        srv.stop()
+
+
+def _predict(sock):
+    """A prediction over the agent's socket, or None while it cannot serve."""
+    from prunefleet.agent.client import ApiNoVariantError, Client
+
+    try:
+        with Client(sock) as c:
+            return c.predict(_x(n=1))
+    except ApiNoVariantError:
+        return None

@@ -298,22 +298,85 @@ def test_concurrent_clients_each_get_their_own_answers(served):
     assert server.counters.connections == 7 and server.counters.errors == 0
 
 
-def test_connections_beyond_the_limit_are_refused_busy(tmp_path):
-    agent = _agent(tmp_path)
-    _install(agent, tmp_path, "v1", 16, 0)
-    with ApiServer.for_agent(agent, tmp_path / "api.sock", max_connections=2) as server:
-        a, b, c = (Client(server.socket_path) for _ in range(3))
-        a.info()
-        b.info()
+def _blocking_server(path: Path, **limits) -> tuple[ApiServer, threading.Event, list]:
+    """A server whose predict waits for ``release``; ``serving`` lists requests in it."""
+    from prunefleet.agent.runtime import Served
+    from prunefleet.shared.messages import Reason
+
+    release = threading.Event()
+    serving: list = []
+
+    def predict(x, label):
+        serving.append(x)
+        release.wait(10)
+        return Served("v", Reason.INITIAL, np.zeros((x.shape[0], 10), np.float32), 1.0)
+
+    server = ApiServer(path, predict, dict, input_shape=lambda: [1, 1, 8, 8], **limits)
+    return server, release, serving
+
+
+def test_a_new_connection_is_refused_busy_only_when_every_slot_serves(tmp_path):
+    server, release, serving = _blocking_server(tmp_path / "api.sock", max_connections=2)
+    with server:
+        answers: list = []
+        busy = [threading.Thread(target=lambda: answers.append(
+            Client(server.socket_path, timeout_s=10).predict(_inputs(1)).variant))
+            for _ in range(2)]
+        for t in busy:
+            t.start()
+        wait_for(lambda: len(serving) == 2, 5, what="two requests being served")
+        c = Client(server.socket_path)
         with pytest.raises(ServerBusyError) as info:
             c.info()
         assert info.value.code == "busy" and isinstance(info.value, ApiConnectionError)
-        a.close()
-        wait_for(lambda: server.connections == 1, 5, what="a's connection to close")
-        assert c.predict(_inputs(1)).variant == "v1", "c reconnects once a slot is free"
-        assert server.counters.refused_busy == 1
-        b.close()
+        release.set()
+        for t in busy:
+            t.join(10)
+        assert answers == ["v", "v"]
+        assert c.info()["api"]["max_connections"] == 2, "c reconnects once a slot is free"
+        assert server.counters.refused_busy == 1 and server.counters.evicted_idle == 0
         c.close()
+
+
+def test_idle_connections_cannot_lock_applications_out(tmp_path):
+    """16 connections that send nothing: the next application is served, the one idle
+    longest is closed to make room."""
+    agent = _agent(tmp_path)
+    _install(agent, tmp_path, "v1", 16, 0)
+    with ApiServer.for_agent(agent, tmp_path / "api.sock", max_connections=16,
+                             max_connections_per_peer=16) as server:
+        idle = []
+        for _ in range(16):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(server.socket_path))
+            idle.append(s)
+        wait_for(lambda: server.connections == 16, 5, what="16 idle connections accepted")
+        with Client(server.socket_path) as app:
+            assert app.predict(_inputs(1)).variant == "v1"
+        idle[0].settimeout(5)
+        assert idle[0].recv(1) == b"", "the longest idle connection was closed"
+        assert server.counters.evicted_idle == 1 and server.counters.refused_busy == 0
+        for s in idle:
+            s.close()
+
+
+def test_one_peer_holds_at_most_its_share_and_an_evicted_client_reconnects(tmp_path):
+    agent = _agent(tmp_path)
+    _install(agent, tmp_path, "v1", 16, 0)
+    with ApiServer.for_agent(agent, tmp_path / "api.sock", max_connections=16,
+                             max_connections_per_peer=2) as server:
+        a, b, c = (Client(server.socket_path) for _ in range(3))
+        a.info()
+        b.info()
+        assert c.info()["api"]["max_connections_per_peer"] == 2  # a, idle longest, closed
+        wait_for(lambda: server.connections == 2, 5, what="a's connection to end")
+        # a's next call meets its closed connection: it is sent again on a new one.
+        assert a.predict(_inputs(1)).variant == "v1"
+        assert server.counters.evicted_idle == 2  # b made room for a in turn
+        assert b.predict(_inputs(1)).variant == "v1"
+        assert server.counters.errors == 0 and server.counters.refused_busy == 0
+        for cl in (a, b, c):
+            cl.close()
 
 
 def test_socket_file_mode_stale_file_and_removal(tmp_path):

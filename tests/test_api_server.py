@@ -331,6 +331,9 @@ def test_cli_registers_a_prepared_int8_variant_with_the_golden_pair_prepare_chos
     assert cli.main(["variants", "register", str(out / "report.json"),
                      "--chunk-bytes", "4096"]) == 0, capsys.readouterr().err
     assert "registered s50-int8" in capsys.readouterr().out
+    assert cli.main(["variants", "list"]) == 0
+    techniques = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines()}
+    assert techniques["s50-int8"] == "structured+int8" and techniques["s50"] == "structured"
 
     fleet.start_agent("int8-0")
     fleet.wait_known(["int8-0"])
@@ -377,3 +380,24 @@ def test_a_store_failure_is_a_503_and_one_line_from_the_cli(fleet, capsys, monke
     assert cli.main(["telemetry"]) == 1
     err = capsys.readouterr().err
     assert "store unavailable (HTTP 503)" in err and "Traceback" not in err
+
+
+def test_no_interactive_docs_and_no_link_to_them_but_the_openapi_description(fleet):
+    """/docs and /redoc would need assets from the internet: they say where the OpenAPI
+    description is, and nothing the server or its docs show links to them."""
+    import re
+    from pathlib import Path
+
+    url = fleet.svc.url
+    for path in ("/docs", "/redoc"):
+        status, _, body = _raw(url + path)
+        assert status == 404 and "GET /openapi.json" in body["error"]["message"], body
+    status, _, spec = _raw(url + "/openapi.json")
+    assert status == 200 and spec["info"]["title"] == "prunefleet server"
+    assert "/docs" not in spec["paths"] and "/redoc" not in spec["paths"]
+    repo = Path(__file__).resolve().parent.parent
+    link = re.compile(r"""[\s"'`(=]/(docs|redoc)\b(?![/.\w])""")
+    for f in [repo / "README.md", *(repo / "docs").glob("*.md"),
+              *(repo / "server" / "static").iterdir()]:
+        found = [m.group(0) for m in link.finditer(f.read_text(errors="replace"))]
+        assert not found, f"{f.name} links to {found}"

@@ -25,6 +25,8 @@ def test_unit_is_a_notify_service_with_watchdog_restart_and_state_dir():
     assert s["Type"] == "notify"
     assert int(s["WatchdogSec"]) > 0
     assert s["Restart"] == "on-failure"
+    # `systemctl reload` sends SIGHUP, which re-reads what can change without a restart.
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert s["StateDirectory"] == "prunefleet-agent"
     for opt in ("NoNewPrivileges", "ProtectSystem", "ProtectHome", "PrivateTmp"):
         assert opt in s, opt

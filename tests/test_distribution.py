@@ -71,20 +71,21 @@ def test_garbage_on_every_topic_is_counted_and_changes_nothing(tmp_path, fleet):
     for payload in (b"", b"\x00\xff", b"{}", b'{"schema": 1}', b"[1,2]", b"x" * 100_000):
         if payload:
             srv.publish_raw(t.desired("dev-1"), payload)
-        srv.publish_raw(t.commands("dev-1"), payload or b"null")
+        # The old commands topic: no agent subscribes to it any more.
+        srv.publish_raw(f"{t.prefix}/devices/dev-1/commands", payload or b"null")
         srv.publish_raw(t.telemetry("dev-1"), payload or b"null")
         srv.publish_raw(t.reported("dev-1"), payload or b"null")
     # a well-formed batch that claims to come from another device
     srv.publish_raw(t.telemetry("dev-1"), b'{"schema":1,"device_id":"dev-2","seq":1,'
                     b'"interval_start":1,"interval_end":2}')
-    wait_for(lambda: agent.counters.invalid_messages >= agent_invalid + 10, 10,
+    wait_for(lambda: agent.counters.invalid_messages >= agent_invalid + 5, 10,
              what="the agent to count the invalid messages")
     wait_for(lambda: srv.counters.invalid >= 13, 10, what="the server to count them")
     assert "v1" in agent.pool.table and agent.predict(_x()).variant == "v1"
     assert srv.store.telemetry_count("dev-2") == 0
     # the drops are counted in the device's reported state, for operators to see
-    assert agent.reported_state().counters["invalid_messages"] >= 10
+    assert agent.reported_state().counters["invalid_messages"] >= 5
     agent.reporter.mark()  # (normally within 10 s; the test does not wait)
     wait_for(lambda: (srv.store.device("dev-1").counters or {}).get("invalid_messages", 0)
-             >= 10, 10, what="the counters stored by the server")
+             >= 5, 10, what="the counters stored by the server")
     assert agent.store.accepted_version() == 1

@@ -91,7 +91,9 @@ def test_two_agents_fetch_install_serve_and_report(tmp_path, mosquitto):
         assert not list((state / "variants").glob(".*.part"))
         seqs = srv.store.telemetry_seqs(dev)
         assert seqs and seqs == sorted(set(seqs))
-    assert srv.store.group_members("e2e") == ["e2e-a", "e2e-b"]  # reported by the agents
+    # The group in the agents' configuration is a request to the server, not membership.
+    assert srv.store.group_requests() == {"e2e-a": "e2e", "e2e-b": "e2e"}
+    assert srv.store.group_members("e2e") == []
     installed = [e for e in srv.store.events() if e.kind == "installed"]
     assert {(e.device_id, e.variant) for e in installed} >= {
         ("e2e-a", "small"), ("e2e-a", "large"), ("e2e-b", "small"), ("e2e-b", "large")

@@ -10,7 +10,14 @@ import json
 
 import pytest
 
-from prunefleet.agent.follower import Follow, ManifestFollower, Plan, Rejected, Stale
+from prunefleet.agent.follower import (
+    DEFAULT_MAX_VERSION_JUMP,
+    Follow,
+    ManifestFollower,
+    Plan,
+    Rejected,
+    Stale,
+)
 from prunefleet.shared import chunks
 from prunefleet.shared.messages import Manifest, SignedManifest, VariantSpec
 from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError
@@ -36,9 +43,10 @@ A, B, C = spec("a"), spec("b"), spec("c")
 
 def manifest(version: int, *, target: str = DEVICE, ttl: float = 3600.0,
              variants: list[VariantSpec] | None = None, policy: dict | None = None,
-             pinned: str | None = None) -> Manifest:
+             pinned: str | None = None, revoked: list[str] | None = None) -> Manifest:
     return Manifest(target=target, version=version, issued_at=NOW - 60, expires_at=NOW + ttl,
-                    variants=variants or [A], policy=policy, pinned_variant=pinned)
+                    variants=variants or [A], policy=policy, pinned_variant=pinned,
+                    revoked_keyids=revoked or [])
 
 
 def signed(version: int, key: SigningKey = KEY, **kw) -> SignedManifest:
@@ -98,6 +106,12 @@ REJECTIONS = [
      "device", "manifest policy is invalid: battery_low_percent"),
     ("critical at or above low", lambda: signed(9, policy={"battery_critical_percent": 30}),
      "device", "battery_critical_percent must be below battery_low_percent"),
+    ("version jump", lambda: signed(5 + DEFAULT_MAX_VERSION_JUMP + 1), "device",
+     f"jumps more than {DEFAULT_MAX_VERSION_JUMP} past the last accepted 5"),
+    ("version jump on the group topic", lambda: signed(10**15, target=GROUP), "group",
+     "jumps more than"),
+    ("signed only by the key it revokes", lambda: signed(9, revoked=[KEY.keyid]), "device",
+     "signed only by keys it revokes"),
 ]
 
 
@@ -114,6 +128,89 @@ def test_refused_manifest_changes_nothing(case, make, source, reason) -> None:
     assert reason in v.reason
     assert state(f) == before
     assert f.policy.battery_low_percent == 40.0
+
+
+@pytest.mark.parametrize(
+    ("make", "source", "claimed"),
+    [
+        (_tampered, "device", 9),
+        (lambda: signed(9, OTHER_KEY), "device", 9),
+        (lambda: signed(9, ttl=-1.0), "device", 9),
+        (lambda: signed(10**15), "device", 10**15),
+        (lambda: signed(9, target="dev-2"), "device", None),  # not ours to report on
+        (lambda: signed(4, OTHER_KEY, target=GROUP), "group", 4),
+    ],
+)
+def test_a_refusal_names_the_version_the_manifest_claims(make, source, claimed) -> None:
+    """So the device can report that version as failed; the server counts it only for a
+    version it offered this device."""
+    v = follower().offer(make(), source, NOW)
+    assert isinstance(v, Rejected) and v.version == claimed
+
+
+def test_a_jump_within_the_bound_is_followed_and_a_fresh_device_is_bounded_too() -> None:
+    f = follower(floors={"device": 5})
+    assert isinstance(f.offer(signed(5 + DEFAULT_MAX_VERSION_JUMP), "device", NOW), Follow)
+    fresh = ManifestFollower(TrustedKeys([KEY.public]), DEVICE, GROUP, PolicyConfig(),
+                             max_version_jump=100)
+    assert isinstance(fresh.offer(signed(101), "device", NOW), Rejected)
+    assert isinstance(fresh.offer(signed(100), "device", NOW), Follow)
+    # Later manifests are still followed: the refused jump locked nothing.
+    assert isinstance(fresh.offer(signed(150), "device", NOW), Follow)
+
+
+# -- key retirement: a signed revocation ----------------------------------------------------
+
+
+def _both() -> ManifestFollower:
+    return ManifestFollower(TrustedKeys([KEY.public, OTHER_KEY.public]), DEVICE, GROUP,
+                            PolicyConfig())
+
+
+def test_a_revocation_signed_by_a_current_key_drops_the_retired_key_for_good() -> None:
+    f = _both()
+    assert isinstance(f.offer(signed(1, OTHER_KEY), "device", NOW), Follow)  # still trusted
+    v = f.offer(signed(2, revoked=[OTHER_KEY.keyid]), "device", NOW)
+    assert isinstance(v, Follow)
+    assert f.revoked == {OTHER_KEY.keyid} and f.trusted.keyids == {KEY.keyid}
+    before = state(f)
+    refused = f.offer(signed(3, OTHER_KEY), "device", NOW)
+    assert refused == Rejected("manifest is signed by a revoked key", 3)
+    assert state(f) == before
+    # A later manifest that no longer names it does not bring it back,
+    assert isinstance(f.offer(signed(4), "device", NOW), Follow)
+    assert isinstance(f.offer(signed(5, OTHER_KEY), "device", NOW), Rejected)
+    # nor does pinning it again (a reload), nor a restart with the revocations kept on disk.
+    f.set_trusted(TrustedKeys([KEY.public, OTHER_KEY.public]))
+    assert isinstance(f.offer(signed(6, OTHER_KEY), "device", NOW), Rejected)
+    again = ManifestFollower(TrustedKeys([KEY.public, OTHER_KEY.public]), DEVICE, GROUP,
+                             PolicyConfig(), revoked=f.revoked)
+    assert isinstance(again.offer(signed(7, OTHER_KEY), "device", NOW), Rejected)
+    assert isinstance(again.offer(signed(7), "device", NOW), Follow)
+
+
+def test_a_manifest_signed_by_old_and_new_keys_may_revoke_the_old() -> None:
+    from prunefleet.server.keys import KeyRing
+
+    ring = KeyRing(KEY, OTHER_KEY, revoked=(OTHER_KEY.keyid,))
+    f = _both()
+    assert isinstance(f.offer(ring.sign(manifest(1, revoked=[OTHER_KEY.keyid])), "device",
+                              NOW), Follow)
+    assert f.revoked == {OTHER_KEY.keyid}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: signed(2, SigningKey.generate(), revoked=[KEY.keyid]),  # by an unknown key
+        lambda: signed(2, revoked=[OTHER_KEY.keyid], policy={"nope": 1}),  # refused
+        lambda: signed(2, revoked=[OTHER_KEY.keyid], ttl=-1.0),  # expired
+    ],
+)
+def test_a_refused_manifest_revokes_nothing(make) -> None:
+    f = _both()
+    assert isinstance(f.offer(make(), "device", NOW), Rejected)
+    assert f.revoked == frozenset() and f.trusted.keyids == {KEY.keyid, OTHER_KEY.keyid}
 
 
 def test_a_group_state_is_refused_by_a_device_without_a_group() -> None:

@@ -420,8 +420,8 @@ def test_a_persistent_session_queues_qos1_messages_while_away() -> None:
     dev.start()
     assert drain(dev) == [
         Inbound("connected"),
-        Inbound("message", "cmd/dev", b"0"),
-        Inbound("message", "cmd/dev", b"1"),
+        Inbound("message", "cmd/dev", b"0", qos=1, connection=2),
+        Inbound("message", "cmd/dev", b"1", qos=1, connection=2),
     ]
 
 
@@ -719,3 +719,42 @@ def test_contract_restart_renews_subscriptions_and_sends_kept_publishes(
     assert _messages(server.until(lambda i: i.kind == "message")) == [(outbox, b"kept", False)]
     server.publish_acked(inbox, b"hello again")
     assert _messages(dev.sync()) == [(inbox, b"hello again", False)]
+
+
+def test_contract_manual_ack_keeps_a_message_until_acknowledged(net: Net) -> None:
+    """A subscriber that stores before it acknowledges (the server's ingest): what it had
+    not acknowledged when its connection ended comes again on the next one."""
+    topic = f"{net.prefix}/ingest/t"
+    srv = net.peer("srv", topic, clean_session=False, manual_ack=True)
+    pub = net.peer("pub")
+    pub.publish_acked(topic, b"batch")
+
+    def received() -> list[Inbound]:
+        return [i for i in srv.sync() if i.kind == "message"]
+
+    [first] = received()
+    assert (first.payload, first.qos) == (b"batch", 1)
+    for _ in range(2):  # an acknowledgement for an earlier connection is not sent
+        srv.t.stop()
+        assert srv.until(lambda i: i.kind == "disconnected")
+        again = [i for i in net.connect(srv) if i.kind == "message"]
+        assert [i.payload for i in again] == [b"batch"]
+        srv.t.ack(first.mid, first.qos, first.connection)
+    srv.t.ack(again[0].mid, again[0].qos, again[0].connection)
+    assert received() == []  # the probe's round trip: the broker has the acknowledgement
+    srv.t.stop()
+    assert srv.until(lambda i: i.kind == "disconnected")
+    assert [i for i in net.connect(srv) if i.kind == "message"] == []
+
+
+def test_manual_ack_holds_further_messages_back_past_the_window() -> None:
+    broker = MemoryBroker(max_inflight_messages=2, max_queued_messages=3)
+    srv = client(broker, "srv", "t", clean_session=False, manual_ack=True)
+    pub = client(broker, "pub")
+    for i in range(6):
+        pub.publish("t", str(i).encode())
+    got = [i for i in drain(srv) if i.kind == "message"]
+    assert [i.payload for i in got] == [b"0", b"1"]  # two in flight, three queued
+    assert broker.dropped_queued == 1  # past the queue: dropped, as mosquitto does
+    srv.ack(got[0].mid, got[0].qos, got[0].connection)
+    assert [i.payload for i in drain(srv) if i.kind == "message"] == [b"2"]

@@ -29,6 +29,7 @@ from prunefleet.shared.messages import (
     RolloutReport,
     SwitchEvent,
     TelemetryBatch,
+    VariantSpec,
     VariantStats,
 )
 from prunefleet.shared.topics import Topics
@@ -95,12 +96,14 @@ def ghost_ids(start: int, n: int) -> list[str]:
     return [f"ghost-{i:04d}-{uuid.uuid4().hex[:6]}" for i in range(start, start + n)]
 
 
-def add_ghosts(fake: FakeDevices, ids: list[str], now: float) -> None:
-    """Devices serving ``small`` and a variant the server never registered."""
+def add_ghosts(fake: FakeDevices, ids: list[str], now: float, version: int = 1) -> None:
+    """Devices serving ``small`` and a variant the server never registered, downloading
+    the desired state ``version`` of the group they ask for (a report on a manifest the
+    server never issued to a device would not count)."""
     for i, d in enumerate(ids):
-        fake.report(d, active_variant="small" if i % 2 else f"rogue-{d}",
-                    rollout=RolloutReport(manifest_version=1, phase=RolloutPhase.DOWNLOADING,
-                                          progress=0.5),
+        fake.report(d, active_variant="small" if i % 2 else f"rogue-{d}", group="ghosts",
+                    rollout=RolloutReport(manifest_version=version,
+                                          phase=RolloutPhase.DOWNLOADING, progress=0.5),
                     counters={"rejected_chunks": 1, f"odd-{i}": 5})
         fake.telemetry(d, 0, now, energy_j=2.0, batches_dropped=1, variants={
             "small": VariantStats(requests=10, labeled=10, correct=9, latency_ms_p50=2.0,
@@ -122,7 +125,9 @@ def populated(tmp_path_factory, mosquitto):
     try:
         f.serve_two_variants(AGENTS, requests=REQUESTS_PER_AGENT)
         ghosts = ghost_ids(0, 30)
-        add_ghosts(fake, ghosts, time.time())
+        small = VariantSpec.model_validate(f.svc.store.variant("small").spec)
+        m = f.svc.fleet.deploy("ghosts", [small], group=True)
+        add_ghosts(fake, ghosts, time.time(), m.version)
         store = f.svc.store
 
         def stored_requests() -> int:
@@ -207,7 +212,7 @@ def test_no_device_id_in_any_label_and_series_do_not_grow_with_devices(populated
         for v in s.labels.values():
             assert not v.startswith(("ghost-", "m-agent-", "rogue-", "odd-")), s
     label_keys = {k for s in samples(after) for k in s.labels}
-    assert label_keys <= {"variant", "reason", "status", "phase", "quantile", "counter"}
+    assert label_keys <= {"variant", "reason", "status", "phase", "quantile", "counter", "le"}
     # Same series, however many devices report.
     key = lambda text: {(s.name, tuple(sorted(s.labels.items()))) for s in samples(text)}  # noqa: E731
     assert key(after) == key(before)
@@ -245,9 +250,11 @@ def test_grafana_dashboard_uses_only_exposed_metrics(populated):
     assert variables["DS_PROMETHEUS"]["type"] == "datasource"
     assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
     used: set[str] = set()
-    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    # A collapsed row holds its panels inside it: check those too.
+    every = [*dash["panels"], *(q for p in dash["panels"] for q in p.get("panels", []))]
+    panels = [p for p in every if p["type"] != "row"]
     assert len(panels) >= 10
-    ids = [p["id"] for p in dash["panels"]]
+    ids = [p["id"] for p in every]
     assert len(ids) == len(set(ids))
     for p in panels:
         assert p["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
@@ -289,3 +296,41 @@ def test_prometheus_config_passes_promtool(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr
+
+
+def test_totals_count_rows_any_replica_stored_and_survive_pruning(tmp_path):
+    """The per-variant totals are kept between scrapes: a scrape adds what was stored since
+    the last one, also by another server on the same store, and pruning old telemetry does
+    not lower a counter; a restarted server rebuilds them from what the store holds."""
+    from prunefleet.server.fleet import IngestCounters
+    from prunefleet.server.metrics import FleetCollector, make_registry, render
+    from prunefleet.server.store import Store, sqlite_url
+
+    url = sqlite_url(tmp_path / "fleet.db")
+    mine, other = Store(url), Store(url)
+    scrape_mine = make_registry(FleetCollector(mine, IngestCounters))
+
+    def batch(device: str, seq: int, end: float, reason: str = "battery_low") -> TelemetryBatch:
+        return TelemetryBatch(
+            device_id=device, incarnation="i1", seq=seq, interval_start=end - 10,
+            interval_end=end, energy_j=1.5, variants={
+                "small": VariantStats(requests=4, labeled=2, correct=1)},
+            switches=[SwitchEvent(ts=end - 1, from_variant=None, to_variant="small",
+                                  reason=reason)])
+
+    def figures(text: str) -> tuple[float, float, float, float]:
+        return (value(text, "prunefleet_variant_requests_total", variant="other"),
+                value(text, "prunefleet_switches_total", reason="battery_low"),
+                value(text, "prunefleet_energy_joules_total"),
+                value(text, "prunefleet_telemetry_batches_stored_total"))
+
+    old = 1_000.0
+    mine.add_telemetry_batches([batch("d-1", i, old + i) for i in range(3)])
+    assert figures(render(scrape_mine).decode()) == (12, 3, 4.5, 3)
+    other.add_telemetry_batches([batch("d-2", i, old + 100 + i) for i in range(2)])
+    assert figures(render(scrape_mine).decode()) == (20, 5, 7.5, 5)
+    mine.prune_telemetry(before=old + 50)
+    mine.add_telemetry_batches([batch("d-1", 3, old + 200)])
+    assert figures(render(scrape_mine).decode()) == (24, 6, 9.0, 6)
+    restarted = make_registry(FleetCollector(Store(url), IngestCounters))
+    assert figures(render(restarted).decode()) == (12, 3, 4.5, 3)

@@ -17,11 +17,13 @@ from prunefleet.agent.policy import (
     PolicyState,
     VariantInfo,
     decide,
+    drop_dominated,
     order_variants,
     plan_cascade,
 )
 from prunefleet.agent.sensors import Readings
-from prunefleet.shared.messages import Reason
+from prunefleet.shared import chunks
+from prunefleet.shared.messages import Reason, VariantProfile, VariantSpec
 
 SMALL = VariantInfo("small", 1_000_000, accuracy=0.95, latency_ms=1.0)
 MEDIUM = VariantInfo("medium", 4_000_000, accuracy=0.98, latency_ms=2.0)
@@ -552,6 +554,60 @@ def test_order_falls_back_to_macs_when_one_latency_is_missing() -> None:
     a, b = VariantInfo("a", 1000), VariantInfo("b", 1000, latency_ms=5.0)
     assert order_variants([a, b]) == (b, a)
     assert order_variants([VariantInfo("z", 1), VariantInfo("y", 1)])[0].name == "y"
+
+
+def measured(v: VariantInfo, latency_ms: float, energy_mj: float | None = None) -> VariantInfo:
+    """``v`` as this device measured it (its profile)."""
+    return VariantInfo(v.name, v.macs, v.accuracy, v.latency_ms, latency_ms, energy_mj)
+
+
+def test_this_devices_measured_latency_orders_the_table_over_the_declared_one() -> None:
+    # Prepared on a host where INT8 was faster; on this device it is the slowest.
+    here = [measured(SMALL, 0.4), measured(INT8, 3.0), measured(FP32, 1.0),
+            measured(LARGE, 2.0)]
+    assert [v.name for v in order_variants(here)] == ["small", "mid-fp32", "large", "mid-int8"]
+    # Equal latency: the lower energy first.
+    a, b = measured(SMALL, 1.0, energy_mj=2.0), measured(MEDIUM, 1.0, energy_mj=1.0)
+    assert order_variants([a, b]) == (b, a)
+    # One variant not profiled yet: the declared latencies, as before.
+    assert order_variants([measured(SMALL, 9.0), MEDIUM, LARGE]) == (
+        measured(SMALL, 9.0), MEDIUM, LARGE)
+
+
+def test_a_profile_counts_only_for_the_artifact_it_measured() -> None:
+    p = chunks.plan(b"variant" * 300, 1024)
+    spec = VariantSpec(name="small", sha256=p.sha256, size=p.size, chunk_bytes=1024,
+                       chunk_sha256=list(p.chunk_sha256), input_shape=[1, 1, 8, 8],
+                       num_classes=10, params=1000, macs=1000)
+    prof = VariantProfile(sha256=spec.sha256, latency_ms_p50=0.5, latency_ms_p95=0.6,
+                          cpu_ms=0.5, energy_mj=1.0, energy_source="rapl", runs=10, threads=1)
+    assert VariantInfo.from_spec(spec, prof).measured_latency_ms == 0.5
+    other = prof.model_copy(update={"sha256": "0" * 64})
+    assert VariantInfo.from_spec(spec, other).measured_latency_ms is None
+
+
+def test_a_variant_slower_and_less_accurate_than_another_here_is_never_chosen() -> None:
+    # On this device the INT8 twin is slower than FP32 and less accurate: dominated.
+    here = [measured(SMALL, 0.5), measured(INT8, 1.5), measured(FP32, 1.0),
+            measured(LARGE, 2.0)]
+    usable = drop_dominated(here)
+    assert [v.name for v in usable] == ["small", "mid-fp32", "large"]
+    # Whatever the inputs, the policy never serves it.
+    for battery in (90.0, 25.0, 5.0):
+        for cpu in (10.0, 95.0):
+            for complexity in (HARD, EASY):
+                d = decide(readings(battery=battery, cpu=cpu), usable, complexity, None,
+                           None, None, 0.0)
+                assert d.variant != "mid-int8"
+    # An operator's pin keeps it; unmeasured or unrated variants are never dropped.
+    assert "mid-int8" in {v.name for v in drop_dominated(here, keep="mid-int8")}
+    assert drop_dominated([INT8, FP32]) == (INT8, FP32)
+    # Half a point less accurate is within the noise of a held-out set: a tie at the
+    # default margin (accuracy_margin_pp = 1), so the slower twin stays.
+    margin = PolicyConfig().accuracy_margin_pp / 100
+    assert "mid-int8" in {v.name for v in drop_dominated(here, margin=margin)}
+    unrated = VariantInfo("x", 1, None, None, 5.0)
+    assert unrated in drop_dominated([*here, unrated])
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,14 @@ def toml_value(v: object) -> str:
     raise TypeError(v)
 
 
+def recipe_file(ref: str) -> Path:
+    """The file of a recipe the README names: a shipped one by name, or a path."""
+    from prunefleet.server.recipes import shipped_recipe
+
+    found = shipped_recipe(ref)
+    return Path(str(found.file)) if found is not None else REPO / ref
+
+
 def small_recipe(shipped: Path, names: set[str], out: Path) -> Path:
     """The shipped recipe cut down to ``names``, one epoch of training and fine-tuning and a
     short latency measurement: the same code path as the full recipe, in seconds."""
@@ -99,7 +107,7 @@ def small_recipe(shipped: Path, names: set[str], out: Path) -> Path:
 def test_readme_names_only_variants_the_shipped_recipe_makes():
     commands = readme_commands()
     (prepare,) = [c for c in commands if c[1] == "prepare"]
-    recipe = REPO / prepare[2]
+    recipe = recipe_file(prepare[2])
     assert recipe.is_file(), f"README's recipe {prepare[2]} does not exist"
     made = {v["name"] for v in tomllib.loads(recipe.read_text())["variant"]}
     named = {v for c in commands for v in option(c, "--variant")}
@@ -122,7 +130,7 @@ def test_operating_a_fleet_runs_as_written(tmp_path, mosquitto):
         """What cannot run here as written: addresses and sizes."""
         cmd = argv[1]
         if cmd == "prepare":
-            recipe = small_recipe(REPO / argv[2], names, tmp_path / "recipe.toml")
+            recipe = small_recipe(recipe_file(argv[2]), names, tmp_path / "recipe.toml")
             return [*argv[:2], str(recipe), *argv[3:]]
         if cmd == "serve":
             argv = replace_option(argv, "--broker", mosquitto.url)

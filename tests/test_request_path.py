@@ -17,23 +17,23 @@ import numpy as np
 import pytest
 
 from prunefleet.agent.complexity import estimate_complexity
-from prunefleet.agent.config import CascadeConfig, EnergyConfig
+from prunefleet.agent.config import CascadeConfig
 from prunefleet.agent.runtime import ModelPool
-from prunefleet.agent.sensors import Readings
+from prunefleet.agent.sensors import Readings, SimulatedBattery
 from prunefleet.agent.serving import RequestPath, ServingOptions
 from prunefleet.agent.simulated import SimulatedEngine
 from prunefleet.agent.telemetry import Aggregator
 from prunefleet.shared import chunks
 from prunefleet.shared.clock import FakeClock
-from prunefleet.shared.messages import Reason, VariantSpec
+from prunefleet.shared.messages import Reason, VariantProfile, VariantSpec
 from prunefleet.shared.policy import PolicyConfig
 
 
-def _spec(name: str, macs: int, latency_ms: float) -> VariantSpec:
+def _spec(name: str, macs: int, latency_ms: float, accuracy: float = 0.9) -> VariantSpec:
     p = chunks.plan(name.encode() * 600, 1024)
     return VariantSpec(name=name, sha256=p.sha256, size=p.size, chunk_bytes=1024,
                        chunk_sha256=list(p.chunk_sha256), input_shape=[1, 1, 8, 8],
-                       num_classes=10, params=macs, macs=macs, accuracy=0.9,
+                       num_classes=10, params=macs, macs=macs, accuracy=accuracy,
                        latency_ms=latency_ms)
 
 
@@ -52,17 +52,18 @@ class Rig:
     """A RequestPath on a pool of simulated variants; ``switches`` records ``on_switch``."""
 
     def __init__(self, *, policy: PolicyConfig | None = None, eval_interval_s: float = 10.0,
-                 complexity_interval_s: float = 0.0, alpha: float = 1.0) -> None:
+                 complexity_interval_s: float = 0.0, alpha: float = 1.0,
+                 specs: list[VariantSpec] = SPECS) -> None:
         self.clock = FakeClock()
         self.agg = Aggregator("dev-1", self.clock.time())
         engine = SimulatedEngine()
         self.pool = ModelPool(engine=engine)
-        for spec in SPECS:
+        for spec in specs:
             self.pool.put(engine.load(Path("unused"), spec))
         self.switches: list[tuple[str | None, str, Reason]] = []
         self.path = RequestPath(
             self.pool, self.agg, self.clock,
-            ServingOptions(cascade=CascadeConfig(), energy=EnergyConfig(),
+            ServingOptions(cascade=CascadeConfig(), active_power_w=2.0,
                            complexity_ewma_alpha=alpha,
                            complexity_min_interval_s=complexity_interval_s,
                            policy_eval_interval_s=eval_interval_s),
@@ -202,3 +203,62 @@ def test_a_pin_to_a_variant_not_installed_is_served_by_the_policy() -> None:
     p = Rig(eval_interval_s=10.0)
     p.path.update(pinned="huge")
     assert p.serve() == ("large", Reason.FALLBACK)
+
+
+# -- (d) this device's profiles: energy and the table ----------------------------------------
+
+
+def _profile(spec: VariantSpec, latency_ms: float, energy_mj: float,
+             source: str = "hwmon") -> VariantProfile:
+    return VariantProfile(sha256=spec.sha256, latency_ms_p50=latency_ms,
+                          latency_ms_p95=latency_ms, cpu_ms=latency_ms, energy_mj=energy_mj,
+                          energy_source=source, runs=100, threads=1)  # type: ignore[arg-type]
+
+
+def test_the_battery_drains_by_the_measured_energy_and_telemetry_names_its_source() -> None:
+    p = Rig()
+    p.path.battery = battery = SimulatedBattery(100.0, clock=p.clock)
+    # Not profiled yet: the inference time times the active power (2 W), an estimate.
+    served = p.path.predict(HARD)
+    assert served.variant == "large"
+    estimate = served.latency_ms / 1000.0 * 2.0
+    assert battery.consumed_j == pytest.approx(estimate)
+    first = p.agg.cut(0, p.clock.time(), None, p.path.active)
+    assert first.energy_by_source == {"cpu_time_estimate": pytest.approx(estimate)}
+    # Profiled: the measured energy per inference, per input of the batch.
+    p.path.set_profiles({s.name: _profile(s, 1.0, 5.0) for s in SPECS})
+    p.path.predict(np.repeat(HARD, 3, axis=0))
+    assert battery.consumed_j - estimate == pytest.approx(3 * 0.005)
+    second = p.agg.cut(1, p.clock.time(), None, p.path.active)
+    assert second.energy_by_source == {"hwmon": pytest.approx(0.015)}
+    assert second.energy_j == pytest.approx(0.015)
+
+
+def test_a_profile_of_another_artifact_does_not_count() -> None:
+    p = Rig()
+    p.path.battery = battery = SimulatedBattery(100.0, clock=p.clock)
+    stale = _profile(SPECS[2], 1.0, 500.0).model_copy(update={"sha256": "f" * 64})
+    p.path.set_profiles({"large": stale})
+    served = p.path.predict(HARD)
+    assert battery.consumed_j == pytest.approx(served.latency_ms / 1000.0 * 2.0)
+
+
+def test_a_variant_slower_and_less_accurate_here_is_never_served_unless_pinned() -> None:
+    specs = [_spec("small", 1_000, 1.0, 0.90), _spec("medium", 4_000, 2.0, 0.95),
+             _spec("large", 16_000, 4.0, 0.97)]
+    p = Rig(eval_interval_s=0.0, specs=specs)
+    p.path.update(readings=readings(battery_percent=20.0))  # low: the middle of the table
+    assert p.serve()[0] == "medium"
+    # Measured here, medium is slower than large and less accurate.
+    small, medium, large = specs
+    p.path.set_profiles({"small": _profile(small, 0.5, 1.0), "medium": _profile(medium, 5.0, 9.0),
+                         "large": _profile(large, 2.0, 4.0)})
+    served = set()
+    for battery in (90.0, 20.0, 5.0):
+        for cpu in (10.0, 95.0):
+            p.path.update(readings=readings(battery_percent=battery, cpu_percent=cpu))
+            for x in (HARD, EASY):
+                served.add(p.serve(x)[0])
+    assert "medium" not in served and served == {"small", "large"}
+    p.path.update(pinned="medium")
+    assert p.serve() == ("medium", Reason.PINNED)

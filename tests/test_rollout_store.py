@@ -14,6 +14,8 @@ from prunefleet.shared.messages import (
     ReportedState,
     RolloutPhase,
     RolloutReport,
+    ShadowReport,
+    ShadowStats,
     SwitchEvent,
     TelemetryBatch,
     VariantStats,
@@ -61,6 +63,8 @@ def test_rollout_rows_follow_reports_in_either_order(store):
         pinned_variant=None, config={}, status="active", stage="canary",
         devices=["d1", "d2"], now=50.0,
     )
+    for version, device in ((6, "d1"), (7, "d1"), (8, "d2")):
+        store.save_manifest(version, device, "{}")  # what deploy() saves before publishing
     # d1: offered first, then reports. d2: reports before its offer is recorded.
     store.mark_offered(rid, "d1", stage="canary", version=7, previous_version=3, now=60.0)
     for r in (_report("d1", 7, RolloutPhase.DOWNLOADING, progress=0.5),
@@ -89,6 +93,52 @@ def test_rollout_rows_follow_reports_in_either_order(store):
     assert store.rollouts(["active"]) == []
     store.add_rollout_devices(rid, ["d2", "d3"])
     assert [rd.device_id for rd in store.rollout_devices(rid)] == ["d1", "d2", "d3"]
+
+
+def test_a_reported_group_is_a_request_the_operator_grants(store):
+    store.set_reported(ReportedState(device_id="d1", online=True, group="field"))
+    store.set_reported(ReportedState(device_id="d2", online=True, group="lab"))
+    assert store.group_members("field") == [] and store.device_groups() == {}
+    assert store.group_requests() == {"d1": "field", "d2": "lab"}
+    assert store.approve_group_request("d1") == "field"
+    assert store.approve_group_request("d3") is None
+    store.set_device_groups("d2", ["lab", "other"])  # set-groups grants it too
+    assert store.group_members("field") == ["d1"] and store.group_members("lab") == ["d2"]
+    assert store.group_requests() == {}
+    # Reporting another group later asks again; it never changes membership by itself.
+    store.set_reported(ReportedState(device_id="d1", online=True, group="lab"))
+    assert store.group_requests() == {"d1": "lab"}
+    assert store.device_groups()["d1"] == ["field"] and store.group_members("lab") == ["d2"]
+
+
+def test_a_report_counts_only_for_a_manifest_issued_to_the_device(store):
+    store.set_device_groups("d1", ["lab"])
+    store.set_device_groups("d2", [])
+    rid = store.create_rollout(
+        target_kind="devices", target={"kind": "devices", "devices": ["d1"]}, variants=[],
+        pinned_variant=None, config={}, status="active", stage="canary", devices=["d1"])
+    store.save_manifest(5, "d1", "{}")
+    store.save_manifest(6, "d2", "{}")
+    store.save_manifest(7, "lab", "{}")
+    store.mark_offered(rid, "d1", stage="canary", version=5, previous_version=None)
+
+    def report(device: str, version: int) -> bool:
+        return store.record_rollout_report(
+            device, RolloutReport(manifest_version=version, phase=RolloutPhase.INSTALLED), 1.0)
+
+    assert not report("d1", 6), "another device's manifest"
+    assert not report("d1", 9), "a version not issued yet"
+    assert not report("d2", 5), "d1's manifest, claimed by d2"
+    assert store.rollout_report("d1") is None and store.rollout_report("d2") is None
+    assert store.rollout_devices(rid)[0].phase is None
+    assert report("d1", 7), "its group's manifest is its own business"
+    assert store.rollout_devices(rid)[0].phase is None
+    # The version claimed early is offered now: the early claim was never kept.
+    store.save_manifest(9, "d1", "{}")
+    store.mark_offered(rid, "d1", stage=None, version=9, previous_version=5)
+    assert store.rollout_devices(rid)[0].phase is None
+    assert report("d1", 9)
+    assert store.rollout_devices(rid)[0].phase == "installed"
 
 
 def test_manifests_and_variant_lookup(store):
@@ -163,3 +213,32 @@ def test_an_unreachable_database_is_a_store_error(tmp_path):
     assert "s3cret" not in str(e.value)
     with pytest.raises(StoreError, match="cannot open store"):
         Store("nosuchdialect://x")
+
+
+def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
+    def batch(dev: str, seq: int, end: float, rollout_id: int = 1) -> TelemetryBatch:
+        stats = ShadowStats(reference="base", samples=10, agreed=9, divergence_sum=0.5)
+        return TelemetryBatch(device_id=dev, seq=seq, interval_start=end - 5,
+                              interval_end=end,
+                              shadow=ShadowReport(rollout_id=rollout_id,
+                                                  variants={"v2": stats}, sampled=10))
+
+    for dev in ("d1", "d2"):
+        store.set_reported(ReportedState(device_id=dev, online=True))
+    rid = store.create_rollout(target_kind="fleet", target={"kind": "fleet"}, variants=[],
+                               pinned_variant=None, config={}, status="active",
+                               stage="wave1", devices=["d1", "d2"], now=0.0)
+    store.mark_offered(rid, "d1", stage="wave1", version=1, previous_version=None, now=100.0)
+    store.add_telemetry_batches([batch("d1", 0, 90.0), batch("d1", 1, 110.0),
+                                 batch("d1", 2, 120.0, rollout_id=rid + 1),
+                                 batch("d2", 0, 115.0)])
+    rows = store.rollout_shadow_rows(rid, "wave1")
+    assert [(r.device_id, r.interval_end, r.agreed) for r in rows] == [("d1", 110.0, 9)]
+
+    assert store.prune_telemetry(before=112.0) == {"telemetry": 2, "events": 0}
+    assert store.rollout_shadow_rows(rid, "wave1") == []
+    assert store.telemetry_seqs("d1") == [2]
+
+    assert store.delete_device("d1") and store.device("d1") is None
+    assert store.telemetry_seqs("d1") == [] and store.rollout_devices(rid)[0].device_id == "d2"
+    assert not store.delete_device("d1")

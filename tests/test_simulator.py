@@ -91,13 +91,18 @@ def test_thirty_devices_register_report_telemetry_and_take_a_staged_rollout(flee
 
 
 @pytest.mark.timeout(60)
-def test_a_group_configured_on_the_devices_is_a_rollout_target(fleet, simulate):
+def test_a_group_configured_on_the_devices_is_a_rollout_target_once_approved(fleet,
+                                                                            simulate):
     sim = simulate(6, group="field", download=False, telemetry_interval_s=0.5)
     ids = device_ids(sim.opts)
     fleet.wait_known(ids)
-    wait_for(lambda: fleet.api.devices(group="field") and
-             {d["device_id"] for d in fleet.api.devices(group="field")} == set(ids), 10,
-             what="the devices' own group known to the server")
+    wait_for(lambda: {d["device_id"] for d in fleet.api.devices()
+                      if d["requested_group"] == "field"} == set(ids), 10,
+             what="the devices' own group asked of the server")
+    assert fleet.api.devices(group="field") == [], "a request, not membership"
+    assert main(["devices", "approve", "--all", "--server", fleet.svc.url,
+                 f"--token={fleet.svc.token}"]) == 0
+    assert {d["device_id"] for d in fleet.api.devices(group="field")} == set(ids)
     fleet.register_mlp("v1", hidden=16)
     r = fleet.api.create_rollout({"target": {"kind": "group", "group": "field"},
                                   "variants": ["v1"]})
@@ -125,7 +130,6 @@ def test_a_high_fail_share_halts_the_rollout_at_the_canary(fleet, simulate):
 
 @pytest.mark.parametrize("extra, message", [
     (["--devices", "0"], "--devices must be at least 1"),
-    (["--devices", "301"], "run several simulators with different --id-prefix"),
     (["--fail-share", "1.5"], "--fail-share must be between 0 and 1"),
     (["--telemetry-interval", "0"], "--telemetry-interval must be above 0"),
     (["--broker", "http://x"], "bad broker URL"),
@@ -169,6 +173,6 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(fleet):
     assert lines[1].split()[:3] == ["TIME", "DEVICES", "ONLINE"]
     end = next(line for line in lines if line.split()[0] == "end")
     assert end.split()[1:3] == ["5", "5"]
-    assert "telemetry batches acknowledged" in lines[-1]
+    assert "telemetry batches confirmed stored" in lines[-1]
     wait_for(lambda: not any(d["online"] for d in fleet.api.devices()), 10,
              what="the simulated devices offline after SIGTERM")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from prunefleet.server.ingest import StoredCursors
 from prunefleet.server.simulator import SimDevice, SimOptions, Simulator
 from prunefleet.shared import chunks
 from prunefleet.shared.clock import FakeClock
@@ -22,6 +23,7 @@ from prunefleet.shared.messages import (
     Manifest,
     Reason,
     ReportedState,
+    TelemetryAck,
     TelemetryBatch,
     VariantSpec,
     decode,
@@ -69,6 +71,7 @@ class SimFleet:
         self.version = 0
         # device id -> [(to_variant, reason)] as telemetry reported them
         self.switches: dict[str, list[tuple[str, Reason]]] = {}
+        self.cursors = StoredCursors()
 
     def _transport(self, device_id: str) -> MemoryTransport:
         """A device's connection, with the Last Will that marks it offline."""
@@ -110,6 +113,14 @@ class SimFleet:
                 b = decode(TelemetryBatch, item.payload)
                 self.switches.setdefault(b.device_id, []).extend(
                     (s.to_variant, s.reason) for s in b.switches)
+                # As the real server does after commit: the "stored through" cursor, so
+                # the devices may delete what they sent and keep sending.
+                self.cursors.note(b.device_id, b.incarnation, b.seq, b.unconfirmed_from)
+                ack = TelemetryAck(device_id=b.device_id, incarnation=b.incarnation,
+                                   stored_through=self.cursors.through(b.device_id,
+                                                                       b.incarnation),
+                                   ts=self.clock.time())
+                self.server.publish(self.topics.acked(b.device_id), ack.encode(), retain=True)
 
     def battery_low_switches(self) -> dict[str, int]:
         return {d.id: sum(r == Reason.BATTERY_LOW for _, r in self.switches.get(d.id, []))

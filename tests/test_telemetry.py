@@ -64,7 +64,7 @@ def test_sequence_numbers_survive_a_restart(tmp_path):
     assert again.next_seq() == 3
 
 
-def test_batches_are_deleted_only_when_acknowledged(tmp_path):
+def test_batches_are_deleted_only_when_the_server_confirmed_them(tmp_path):
     q = DiskQueue(tmp_path)
     agg = Aggregator("d1", 0.0)
     for i in range(4):
@@ -75,15 +75,40 @@ def test_batches_are_deleted_only_when_acknowledged(tmp_path):
         sent.append(data)
         return 100 + len(sent)
 
-    s = TelemetrySender(q, max_in_flight=3)
-    assert s.pump(publish, connected=False) == 0
-    assert s.pump(publish, connected=True) == 3  # bounded in flight
-    assert s.pump(publish, connected=True) == 0
-    s.acked(101)
+    s = TelemetrySender(q, max_in_flight=3, ack_timeout_s=30.0)
+    assert s.pump(publish, connected=False, now=0.0) == 0
+    assert s.pump(publish, connected=True, now=0.0) == 3  # bounded in flight
+    assert s.pump(publish, connected=True, now=10.0) == 0  # waiting for the server
+    assert s.confirmed(q.incarnation, 0) == 1
     assert q.pending() == [1, 2, 3]
-    s.disconnected()  # unacknowledged ones are sent again after a reconnect
-    assert s.pump(publish, connected=True) == 3
-    assert [json.loads(d)["seq"] for d in sent] == [0, 1, 2, 1, 2, 3]
+    assert s.pump(publish, connected=True, now=10.0) == 1  # a slot freed: batch 3
+    assert s.pump(publish, connected=True, now=30.0) == 2  # 1 and 2 unconfirmed: again
+    assert s.resent_total == 2
+    assert [json.loads(d)["seq"] for d in sent] == [0, 1, 2, 3, 1, 2]
+    assert s.confirmed("another-install", 3) == 0  # not this incarnation's cursor
+    assert s.confirmed(q.incarnation, 3) == 3 and q.pending() == []
+
+
+def test_batches_queued_before_incarnations_are_adopted_by_the_new_one(tmp_path):
+    old = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(2):
+        old.put(_batch(agg, old, float(i)))  # cut without an incarnation, as before
+    (tmp_path / "incarnation").unlink()  # what an agent from before left on disk
+    q = DiskQueue(tmp_path)
+    assert q.pending() == [0, 1]
+    assert {decode(TelemetryBatch, q.read(s) or b"").incarnation for s in (0, 1)} \
+        == {q.incarnation}
+
+
+def test_incarnation_is_made_once_per_state_directory(tmp_path):
+    q = DiskQueue(tmp_path / "a")
+    assert DiskQueue(tmp_path / "a").incarnation == q.incarnation  # a restart keeps it
+    assert DiskQueue(tmp_path / "b").incarnation != q.incarnation  # a re-flash does not
+    agg = Aggregator("d1", 0.0)
+    b = agg.cut(q.next_seq(), 1.0, None, None, incarnation=q.incarnation,
+                unconfirmed_from=None)
+    assert (b.incarnation, b.unconfirmed_from) == (q.incarnation, 0)
 
 
 def test_reconnect_backoff_grows_and_is_jittered():

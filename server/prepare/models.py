@@ -1,8 +1,10 @@
-"""Small reference CNNs to prepare variants from.
+"""Small reference models to prepare variants from.
 
-They are plain ``nn.Sequential`` stacks of Conv-BN-ReLU blocks and a final ``classifier``
-Linear, which Torch-Pruning's dependency graph handles without custom pruners and both ONNX
-exporters turn into Conv (BatchNorm folded), Relu, pooling and Gemm nodes.
+The CNNs are stacks of Conv-BN-ReLU blocks and a final ``classifier`` Linear, which
+Torch-Pruning's dependency graph handles without custom pruners and both ONNX exporters turn
+into Conv (BatchNorm folded), Relu, pooling and Gemm nodes. ``row_gru``, ``gated_cnn`` and
+``row_transformer`` hold what structured pruning cannot simply narrow (a GRU, a custom layer
+with its own parameters, multi-head attention), for the rules in :mod:`.prune`.
 """
 
 from __future__ import annotations
@@ -252,4 +254,147 @@ MODELS.update({
     "resnet18_cifar": resnet18_cifar,
     "mobilenetv2_cifar": mobilenetv2_cifar,
     "branchy_net": branchy_net,
+})
+
+
+# --------------------------------------------------------------------------- beyond convolutions
+# Small models with layers structured pruning cannot simply narrow: a recurrent layer, a
+# custom module with its own parameters, multi-head attention. For tests and as examples.
+
+
+class RowGRU(nn.Module):
+    """Two Conv-BN-ReLU blocks, then each image row (averaged over its width) is one step of
+    a GRU; the last hidden state is classified. ``(N, C, H, W) -> (N, num_classes)``."""
+
+    def __init__(
+        self, in_channels: int = 1, width: int = 16, hidden: int = 32, num_classes: int = 10
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*_block(in_channels, width), *_block(width, width))
+        self.rnn = nn.GRU(width, hidden, batch_first=True)
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.features(x).mean(3).transpose(1, 2)  # (N, H, C): one step per row
+        out, _ = self.rnn(rows)
+        return self.classifier(out[:, -1])
+
+
+def row_gru(in_channels: int = 1, width: int = 16, hidden: int = 32, num_classes: int = 10
+            ) -> RowGRU:
+    return RowGRU(in_channels, width, hidden, num_classes)
+
+
+class ChannelGate(nn.Module):
+    """A custom layer: a learned per-channel gate, ``x * sigmoid(logit)``. Its parameter is
+    its own (no Conv/Linear/BatchNorm inside), so a pruning library cannot know which of its
+    entries belong to which channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.logit = nn.Parameter(torch.full((channels,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.logit).view(1, -1, 1, 1)
+
+
+class GatedCNN(nn.Module):
+    """Conv-BN-ReLU, a :class:`ChannelGate`, two more blocks (a max-pool between), global
+    average pooling and a classifier."""
+
+    def __init__(self, in_channels: int = 1, width: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_block(in_channels, width))
+        self.gate = ChannelGate(width)
+        self.body = nn.Sequential(*_block(width, 2 * width), nn.MaxPool2d(2),
+                                  *_block(2 * width, 2 * width))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.gate(self.stem(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def gated_cnn(in_channels: int = 1, width: int = 16, num_classes: int = 10) -> GatedCNN:
+    return GatedCNN(in_channels, width, num_classes)
+
+
+class HeadAttention(nn.Module):
+    """Multi-head self-attention with separate ``q``, ``k``, ``v`` projections and a
+    ``num_heads`` attribute the forward reads, the layout whose heads can be pruned."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not a multiple of num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim)
+        return self.proj(out)
+
+
+class PositionalEmbedding(nn.Module):
+    """A learned embedding added per position (a custom layer with its own parameter)."""
+
+    def __init__(self, length: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, length, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+class RowTransformer(nn.Module):
+    """Each image row is a token: a Linear embedding, a learned position embedding, one
+    pre-norm transformer block (multi-head attention and an MLP, both residual), a final
+    LayerNorm, mean pooling over tokens and a classifier."""
+
+    def __init__(
+        self, in_channels: int = 1, size: int = 8, dim: int = 32, num_heads: int = 4,
+        mlp: int = 64, num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_channels * size, dim)
+        self.pos = PositionalEmbedding(size, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = HeadAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.permute(0, 2, 1, 3).flatten(2)  # (N, H, C*W): one token per row
+        h = self.pos(self.embed(tokens))
+        h = h + self.attn(self.norm1(h))
+        h = h + self.mlp(self.norm2(h))
+        return self.classifier(self.norm(h).mean(1))
+
+
+def row_transformer(
+    in_channels: int = 1, size: int = 8, dim: int = 32, num_heads: int = 4, mlp: int = 64,
+    num_classes: int = 10,
+) -> RowTransformer:
+    return RowTransformer(in_channels, size, dim, num_heads, mlp, num_classes)
+
+
+MODELS.update({
+    "row_gru": row_gru,
+    "gated_cnn": gated_cnn,
+    "row_transformer": row_transformer,
 })

@@ -296,10 +296,17 @@ def check_recipe(recipe: Recipe) -> Resolved:
 # --------------------------------------------------------------------------- the pipeline
 
 
+def _stage(progress: bool, msg: str, *args: object) -> None:
+    """One line per stage when no progress bar shows it (stderr is not a terminal)."""
+    log.log(logging.DEBUG if progress else logging.INFO, msg, *args)
+
+
 def _train_dense(res: Resolved, progress: bool) -> float | None:
     spec, data = res.recipe.train, res.data
     if spec is None or data is None:
         return None
+    _stage(progress, "training the dense model: %d epochs on %d samples", spec.epochs,
+           len(data.train))
     cfg = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
                       noise_prob=spec.noise_prob, noise_std=spec.noise_std,
                       shift_prob=spec.shift_prob)
@@ -457,8 +464,11 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
     fp32_cache: dict[str, _Built] = {}
     bar = tqdm(res.variants, desc="variants", unit="variant", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    for spec in bar:
+    for i, spec in enumerate(bar, 1):
         bar.set_postfix_str(spec.name)
+        _stage(progress, "variant %d of %d: %s (%s)", i, len(res.variants), spec.name,
+               "+".join(t for t in (spec.technique, spec.quantize) if t and t != "none")
+               or "none")
         ts = time.perf_counter()
         key = json.dumps(spec.model_dump(exclude={"name", "quantize"}), sort_keys=True)
         base = fp32_cache.get(key)
@@ -496,6 +506,7 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
     # Measure all variants side by side.
     t0 = time.perf_counter()
     dense_name = recipe.dense_name()
+    _stage(progress, "measuring %d variants side by side (accuracy, latency)", len(built))
     sessions = {n: measure.session(b.onnx, threads=1) for n, b in built.items()}
     logits = {n: measure.run_batched(s, eval_x) for n, s in sessions.items()}
     g = _pick_golden(logits, eval_y, dense_name)
@@ -516,12 +527,16 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         zeros = sum(int((p.detach() == 0).sum()) for p in model.parameters())
         golden_y = sessions[name].run(None, {INPUT_NAME: golden_x})[0]
         pred = logits[name].argmax(1)
-        note = UNSTRUCTURED_NOTE if spec.technique == "magnitude" else None
+        notes = [UNSTRUCTURED_NOTE] if spec.technique == "magnitude" else []
+        if b.info.get("kept_whole"):
+            notes.append("Left whole: " + "; ".join(
+                f"{k['layer']} ({k['reason']})" for k in b.info["kept_whole"]) + ".")
         int8 = b.info.get("int8")
         if int8 and int8["fallback"]:
             missed = int8["attempts"][0]
-            note = (f"INT8 fallback: {int8['fallback']} (MinMax calibration missed parity: "
-                    f"top-1 agreement {missed.get('top1_agreement', 'n/a')})")
+            notes.append(f"INT8 fallback: {int8['fallback']} (MinMax calibration missed "
+                         f"parity: top-1 agreement {missed.get('top1_agreement', 'n/a')}).")
+        note = " ".join(notes) or None
         entries.append({
             "name": name,
             "technique": spec.technique,
@@ -613,6 +628,7 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "variants": entries,
     }
+    _stage(progress, "writing the report (report.json, report.md, report.png)")
     atomic_write(stage / REPORT_PNG, plot_png(report))
     atomic_write(stage / REPORT_MD, markdown(report, REPORT_PNG).encode())
     atomic_write(stage / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())

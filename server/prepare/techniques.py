@@ -37,9 +37,11 @@ from .prune import (
     ChannelGroup,
     _ignored_names,
     _is_depthwise,
+    attention_heads,
     channel_groups,
     channel_widths,
     finalize_masks,
+    kept_whole,
     prune_magnitude,
     prune_structured,
     ratio_for_macs,
@@ -207,10 +209,13 @@ def plan_sensitivity(
         if met_by(macs_kept, removed_share):
             break
         if not step_once():
+            kept = kept_whole(dense, ctx.example)
+            also = (f" (left whole, so not counted: {', '.join(k.layer for k in kept)})"
+                    if kept else "")
             raise PruningError(
                 f"sensitivity: the largest scanned ratio "
-                f"({ctx.settings.sensitivity_ratios[-1]}) does not reach the target; add "
-                "larger sensitivity_ratios")
+                f"({ctx.settings.sensitivity_ratios[-1]}) does not reach the target{also}; "
+                "add larger sensitivity_ratios or ask for less")
     scan = {root: [{"ratio": r, "accuracy_loss": round(loss, 5), "macs_saved": s,
                     "channels_removed": c} for r, loss, s, c in entries]
             for root, entries in table.items()}
@@ -258,6 +263,10 @@ def make_variant(dense: nn.Module, spec: VariantSpec, ctx: Context) -> Made:
     round_to = spec.round_to or ctx.settings.round_to
     importance = "random" if spec.technique == "random" else "magnitude"
     layers = _prunable_layers(dense, round_to)
+    kept = kept_whole(dense, ctx.example)
+    if kept:  # recurrent layers, custom modules, and what is tied to them
+        info["kept_whole"] = [k.to_dict() for k in kept]
+        log.info("%s: left whole: %s", spec.name, ", ".join(k.layer for k in kept))
     if spec.technique == "sensitivity":
         final, extra = plan_sensitivity(dense, ctx, spec, round_to)
         info.update(extra)
@@ -268,7 +277,13 @@ def make_variant(dense: nn.Module, spec: VariantSpec, ctx: Context) -> Made:
                     prune_structured(dense, ctx.example, r, round_to=round_to,
                                      importance="magnitude"), ctx.example)
 
-            uniform = ratio_for_macs(count, ctx.dense_macs, spec.macs_ratio)
+            try:
+                uniform = ratio_for_macs(count, ctx.dense_macs, spec.macs_ratio)
+            except PruningError as e:
+                if not kept:
+                    raise
+                raise PruningError(f"{e}; left whole: {', '.join(k.layer for k in kept)}"
+                                   ) from e
             info["uniform_ratio"] = round(uniform, 4)
         else:
             uniform = float(spec.ratio)  # type: ignore[arg-type]
@@ -286,6 +301,10 @@ def make_variant(dense: nn.Module, spec: VariantSpec, ctx: Context) -> Made:
             _recalibrate(model, ctx.data)
     if model is dense:
         model = copy.deepcopy(dense)
+    before = attention_heads(dense)
+    if before:
+        after = attention_heads(model)
+        info["attention_heads"] = {n: [h, after.get(n, h)] for n, h in before.items()}
     info["val_accuracy"] = val_acc
     return Made(model.eval(), info)
 

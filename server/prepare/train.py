@@ -174,9 +174,14 @@ def fit(
     n = len(yt)
     steps_per_epoch = -(-n // cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch), pct_start=0.25
-    )
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total_steps * 0.25 > 1:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25
+        )
+    else:  # OneCycleLR divides by zero when its warm-up is shorter than one step
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     if teacher is not None:
         teacher.eval()
     # (validation accuracy, epoch, weights) of the best epoch so far

@@ -1,0 +1,461 @@
+"""Ingest benchmark: how fast the server stores telemetry, and that none is lost.
+
+    python bench/ingest.py [--quick] [--json PATH] [--devices N] [--interval S]
+                           [--offer-s S] [--drain-s S]
+
+Everything runs on one local mosquitto (started here with ``deploy/mosquitto/test.conf`` on
+a free loopback port), in separate processes so that no two share a GIL:
+
+1. **Baseline** (``bare_rate``): a bare paho subscriber (QoS 1, paho's automatic
+   acknowledgement, nothing stored) counts telemetry-sized messages from two publisher
+   processes that send as fast as their in-flight window allows. Its receive rate is what
+   one MQTT connection takes from this broker on this machine.
+2. **Server**: ``FleetService`` (what ``prunefleet serve`` runs: SQLite store, manual
+   acknowledgement after commit, "stored through" cursors) in its own process, and
+   ``--devices`` simulated devices (``prunefleet.server.simulator``, ``download=False``,
+   the agent's own telemetry code: queue, in-flight window, re-sends) in another, each
+   cutting a batch every ``--interval`` seconds for ``--offer-s`` seconds. The server is
+   started once (keys, its persistent session), stopped, and started again ``--late-s``
+   seconds after the devices: meanwhile their batches pile up (unconfirmed on the devices,
+   the first ones in the server's session at the broker), so the restarted server meets
+   more than it can store at once, as after an outage. Then the devices stop cutting and
+   drain (up to ``--drain-s``) until the server has confirmed every batch.
+
+Figures (``--json`` keys as issue #9 names them):
+
+* ``bare_rate``: messages/s the bare subscriber received;
+* ``server_rate``: batches/s the server committed in its best 5 s (the rows'
+  ``received_at``), which falls while it works through the backlog: its rate when it has
+  more to store than it can;
+* ``offered``: batches the devices generated (cut), ``offered_rate`` per second of offering;
+* ``stored``: distinct batches in the store; ``lost``: batches generated that never
+  reached the store (per device, its sequence numbers minus those stored);
+  ``duplicates``: rows beyond one per (device, incarnation, seq);
+* ``p99_lag_s``: 99th percentile of commit time minus the end of the batch's interval,
+  over every stored batch (it includes the backlog the late start builds on purpose);
+  ``p99_lag_end_s`` the same for batches cut in the last 10 s of offering, and
+  ``timeline`` commits per second and median lag per 5 s;
+* ``devices``; and ``resent`` (batches devices sent again, unconfirmed after their
+  timeout), ``dedupe_dropped`` (copies the server recognised), CPU seconds per process.
+
+Targets (issue #9): lost == 0 and duplicates == 0 at any offered rate; server_rate >=
+0.7 x bare_rate on SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "deploy" / "mosquitto" / "test.conf"
+
+
+# -- broker ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_mosquitto(work: Path) -> tuple[subprocess.Popen, str]:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.access(binary, os.X_OK):
+        sys.exit("mosquitto is not installed (Debian: apt-get install -y mosquitto)")
+    port = _free_port()
+    conf = work / "mosquitto.conf"
+    conf.write_text(re.sub(r"^listener\s+\d+.*$", f"listener {port} 127.0.0.1",
+                           CONF.read_text(), count=1, flags=re.MULTILINE))
+    log = open(work / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"mqtt://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("mosquitto did not start")
+
+
+def _cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _sample_payload(i: int) -> bytes:
+    from prunefleet.shared.messages import SwitchEvent, TelemetryBatch, VariantStats
+
+    now = time.time()
+    return TelemetryBatch(
+        device_id=f"bare-{i % 100:04d}", seq=i, incarnation="0123456789abcdef",
+        unconfirmed_from=i, interval_start=now - 0.2, interval_end=now,
+        variants={v: VariantStats(requests=12, labeled=12, correct=11, latency_ms_p50=1.2,
+                                  latency_ms_p95=2.5, latency_ms_p99=3.1)
+                  for v in ("dense", "struct50")},
+        switches=[SwitchEvent(ts=now - 0.1, from_variant="dense", to_variant="struct50",
+                              reason="battery_low")],
+        active_variant="struct50", battery_percent=55.0, charging=False, cpu_percent=20.0,
+        mem_percent=40.0, temperature_c=45.0, energy_j=0.8,
+    ).encode()
+
+
+# -- 1. baseline: a bare subscriber ---------------------------------------------------------
+def _bare_publisher(url: str, topic_prefix: str, n: int, first: int, go: Any) -> None:
+    import paho.mqtt.client as mqtt
+
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bare-pub-{first}")
+    c.max_inflight_messages_set(100)
+    c.connect(host, int(port))
+    c.loop_start()
+    payloads = [_sample_payload(first + i) for i in range(200)]
+    go.wait()
+    infos = [c.publish(f"{topic_prefix}/bare-{(first + i) % 100:04d}/telemetry",
+                       payloads[i % 200], qos=1) for i in range(n)]
+    for info in infos:
+        info.wait_for_publish(120)
+    c.loop_stop()
+    c.disconnect()
+
+
+def bare_run(url: str, per_publisher: int, publishers: int = 2) -> dict:
+    import paho.mqtt.client as mqtt
+
+    prefix = f"bench-bare-{uuid.uuid4().hex[:6]}/devices"
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    times: list[float] = []
+    subscribed = threading.Event()
+
+    def on_message(_c, _u, _m) -> None:
+        times.append(time.monotonic())
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bare-sub-{os.getpid()}")
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: subscribed.set()
+    sub.connect(host, int(port))
+    sub.loop_start()
+    sub.subscribe(f"{prefix}/+/telemetry", qos=1)
+    subscribed.wait(10)
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    procs = [ctx.Process(target=_bare_publisher,
+                         args=(url, prefix, per_publisher, k * per_publisher, go))
+             for k in range(publishers)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)  # publishers connected and their payloads built
+    cpu0 = _cpu_s()
+    go.set()
+    for p in procs:
+        p.join(300)
+    sent = per_publisher * publishers
+    deadline = time.monotonic() + 10
+    while len(times) < sent and time.monotonic() < deadline:
+        n = len(times)
+        time.sleep(0.5)
+        if len(times) == n:  # nothing more is coming: the broker dropped the rest
+            break
+    sub.loop_stop()
+    sub.disconnect()
+    got = len(times)
+    rate = (got - 1) / (times[-1] - times[0]) if got > 1 else 0.0
+    return {"sent": sent, "received": got, "rate": rate, "subscriber_cpu_s": _cpu_s() - cpu0}
+
+
+# -- 2. the server and simulated devices ------------------------------------------------------
+def server_main(url: str, state_dir: str, prefix: str, conn: Any) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from prunefleet.server.serve import FleetService, ServeOptions
+
+    svc = FleetService(ServeOptions(state_dir=Path(state_dir), broker_url=url,
+                                    listen="127.0.0.1:0", prefix=prefix,
+                                    device_rate_per_s=0.0)).start()
+    conn.send("ready")
+    cpu0 = _cpu_s()
+    conn.recv()  # "stop"
+    assert svc.fleet is not None
+    c = svc.fleet.counters
+    counters = {"stored": c.telemetry, "duplicates_dropped": c.duplicates,
+                "transactions": c.transactions, "acks_published": c.acks_published,
+                "dropped": dict(c.dropped), "cpu_s": _cpu_s() - cpu0}
+    svc.stop()
+    conn.send(counters)
+
+
+def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
+             offer_s: float, drain_s: float, conn: Any) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    from prunefleet.server.simulator import SimOptions, Simulator
+
+    sim = Simulator(SimOptions(
+        broker_url=url, devices=devices, prefix=prefix, id_prefix="bench", keys=Path(keys),
+        telemetry_interval_s=interval_s, download=False, drain_s=drain_s,
+        status_interval_s=3600))
+    cpu0 = _cpu_s()
+    sim.start()
+    t0 = time.time()
+    conn.send(("offering", t0))
+    time.sleep(offer_s)
+    t1 = time.time()
+    conn.send(("draining", t1))
+    summary = sim.stop()
+    conn.send(("done", {
+        "t_offer": [t0, t1], "t_drained": time.time(),
+        "issued": {d.id: d.agent.tqueue.issued for d in sim.devices},
+        "incarnation": {d.id: d.agent.tqueue.incarnation for d in sim.devices},
+        "resent": sum(d.agent.sender.resent_total for d in sim.devices),
+        "still_queued": summary.batches_queued,
+        "dropped_on_devices": sum(d.agent.tqueue.dropped_total for d in sim.devices),
+        "cpu_s": _cpu_s() - cpu0,
+    }))
+
+
+def _start_server(ctx: Any, url: str, state: Path, prefix: str) -> tuple[Any, Any]:
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=server_main, args=(url, str(state), prefix, child))
+    proc.start()
+    if not conn.poll(60):
+        raise SystemExit("the server did not start")
+    conn.recv()
+    return proc, conn
+
+
+def _stop_server(proc: Any, conn: Any) -> dict:
+    conn.send("stop")
+    counters = conn.recv() if conn.poll(60) else {}
+    proc.join(60)
+    return counters
+
+
+def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
+               late_s: float, drain_s: float) -> dict:
+    from prunefleet.server.store import Store, sqlite_url
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    state = work / "server"
+    ctx = mp.get_context("spawn")
+    # A first start makes the keys and the server's persistent session; the server then
+    # stays away for late_s while devices offer, so a backlog builds (on the devices, and
+    # in the session at the broker) that the restarted server drains at its own pace.
+    _stop_server(*_start_server(ctx, url, state, prefix))
+    sim_conn, sim_child = ctx.Pipe()
+    sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, devices,
+                                             interval_s, offer_s, drain_s, sim_child))
+    sim.start()
+    if not sim_conn.poll(120):
+        raise SystemExit("the simulator did not start")
+    print(f"  devices {sim_conn.recv()[0]}; the server starts in {late_s:g} s", flush=True)
+    time.sleep(late_s)
+    t_server = time.time()
+    srv, srv_conn = _start_server(ctx, url, state, prefix)
+    print("  server started", flush=True)
+    result: dict = {}
+    while True:
+        if not sim_conn.poll(offer_s + drain_s + 120):
+            raise SystemExit("the simulator did not finish")
+        what, value = sim_conn.recv()
+        print(f"  devices {what}", flush=True)
+        if what == "done":
+            result = value
+            break
+    sim.join(60)
+    server = _stop_server(srv, srv_conn)
+
+    store = Store(sqlite_url(state / "fleet.db"))
+    try:
+        with store.engine.connect() as c:
+            rows = c.exec_driver_sql(
+                "SELECT device_id, incarnation, seq, interval_end, received_at FROM telemetry"
+            ).all()
+    finally:
+        store.close()
+    keys = {(d, i, s) for d, i, s, _, _ in rows}
+    per_device: dict[str, set[int]] = {}
+    for d, inc, seq, _, _ in rows:
+        if inc == result["incarnation"].get(d):
+            per_device.setdefault(d, set()).add(seq)
+    lost = sum(len(set(range(n)) - per_device.get(d, set()))
+               for d, n in result["issued"].items())
+    lags = sorted(r - e for _, _, _, e, r in rows)
+    committed = sorted(r for *_, r in rows)
+    t0, t1 = result["t_offer"]
+    cleared = _backlog_cleared(rows, t_server)
+    steady = sorted(r - e for *_, e, r in rows if t1 - 10.0 <= e <= t1)
+    offered = sum(result["issued"].values())
+    return {
+        "server_rate": _peak_rate(committed, WINDOW_S),
+        "offered": offered,
+        "offered_rate": offered / max(1e-9, t1 - t0),
+        "stored": len(keys),
+        "lost": lost,
+        "duplicates": len(rows) - len(keys),
+        "p99_lag_s": lags[min(len(lags) - 1, int(0.99 * len(lags)))] if lags else None,
+        "p50_lag_s": lags[len(lags) // 2] if lags else None,
+        "backlog_cleared_s": cleared,
+        "p99_lag_end_s": steady[min(len(steady) - 1, int(0.99 * len(steady)))]
+        if steady else None,
+        "timeline": _timeline(rows, t0, t_server),
+        "drain_s": result["t_drained"] - t1,
+        "resent": result["resent"],
+        "still_queued_on_devices": result["still_queued"],
+        "dropped_on_devices": result["dropped_on_devices"],
+        "dedupe_dropped": server.get("duplicates_dropped"),
+        "transactions": server.get("transactions"),
+        "server_dropped": server.get("dropped"),
+        "server_cpu_s": server.get("cpu_s"),
+        "devices_cpu_s": result["cpu_s"],
+    }
+
+
+WINDOW_S = 5.0
+
+
+def _peak_rate(times: list[float], window_s: float) -> float:
+    """The most commits in any ``window_s`` seconds, per second: the server's rate while
+    it had a backlog (sorted ``times``)."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] > window_s:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best / window_s
+
+
+def _timeline(rows: list, t0: float, t_server: float) -> list[dict]:
+    """Per 5 s after the devices started: batches committed per second, median lag."""
+    out = []
+    by_window: dict[int, list[float]] = {}
+    for *_, e, r in rows:
+        by_window.setdefault(int((r - t0) // WINDOW_S), []).append(r - e)
+    for w in sorted(by_window):
+        lags = sorted(by_window[w])
+        out.append({"t_s": w * WINDOW_S, "committed_per_s": round(len(lags) / WINDOW_S, 1),
+                    "p50_lag_s": round(lags[len(lags) // 2], 2)})
+    return out
+
+
+def _backlog_cleared(rows: list, t_server: float) -> float | None:
+    """Seconds after the server's start when it first committed a batch within 1 s of its
+    interval's end (it had caught up with the backlog)."""
+    fresh = [r for *_, e, r in rows if r >= t_server and r - e < 1.0]
+    return min(fresh) - t_server if fresh else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a reduced run, under two minutes")
+    ap.add_argument("--json", type=Path, metavar="PATH", help="write the figures here")
+    ap.add_argument("--devices", type=int)
+    ap.add_argument("--interval", type=float, help="seconds between a device's batches")
+    ap.add_argument("--offer-s", type=float, help="seconds devices offer telemetry")
+    ap.add_argument("--late-s", type=float,
+                    help="the server starts this long after the devices (a backlog)")
+    ap.add_argument("--drain-s", type=float, default=90.0,
+                    help="at most this long for the devices' backlog (%(default)s)")
+    args = ap.parse_args()
+    devices = args.devices or (150 if args.quick else 300)
+    interval = args.interval or (0.1 if args.quick else 0.2)
+    offer_s = args.offer_s or (45.0 if args.quick else 90.0)
+    late_s = args.late_s if args.late_s is not None else (10.0 if args.quick else 20.0)
+    per_pub = 5000 if args.quick else 15000
+
+    work = Path(tempfile.mkdtemp(prefix="pf-bench-ingest-"))
+    broker, url = start_mosquitto(work)
+    try:
+        print(f"mosquitto at {url}; baseline: bare paho subscriber, 2 publishers x {per_pub}",
+              flush=True)
+        bare = bare_run(url, per_pub)
+        print(f"  received {bare['received']} of {bare['sent']}: {bare['rate']:.0f} msg/s",
+              flush=True)
+        print(f"server + {devices} simulated devices, a batch every {interval:g} s each, "
+              f"{offer_s:g} s offering (the server away for the first {late_s:g} s), "
+              f"up to {args.drain_s:g} s draining", flush=True)
+        run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+    figures = {
+        "bare_rate": round(bare["rate"], 1),
+        "server_rate": round(run["server_rate"], 1),
+        "offered": run["offered"],
+        "stored": run["stored"],
+        "lost": run["lost"],
+        "duplicates": run["duplicates"],
+        "p99_lag_s": None if run["p99_lag_s"] is None else round(run["p99_lag_s"], 3),
+        "devices": devices,
+        "p50_lag_s": None if run["p50_lag_s"] is None else round(run["p50_lag_s"], 3),
+        "server_late_s": late_s,
+        "backlog_cleared_s": None if run["backlog_cleared_s"] is None
+        else round(run["backlog_cleared_s"], 1),
+        "p99_lag_end_s": None if run["p99_lag_end_s"] is None
+        else round(run["p99_lag_end_s"], 3),
+        "timeline": run["timeline"],
+        "ratio": round(run["server_rate"] / bare["rate"], 3) if bare["rate"] else None,
+        "offered_rate": round(run["offered_rate"], 1),
+        "interval_s": interval,
+        "offer_s": offer_s,
+        "drain_s": round(run["drain_s"], 1),
+        "resent": run["resent"],
+        "dedupe_dropped": run["dedupe_dropped"],
+        "transactions": run["transactions"],
+        "still_queued_on_devices": run["still_queued_on_devices"],
+        "dropped_on_devices": run["dropped_on_devices"],
+        "server_dropped": run["server_dropped"],
+        "bare_received": bare["received"],
+        "bare_sent": bare["sent"],
+        "cpu_s": {"server": run["server_cpu_s"], "devices": run["devices_cpu_s"],
+                  "bare_subscriber": round(bare["subscriber_cpu_s"], 2)},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"Python {platform.python_version()}",
+        "quick": args.quick,
+    }
+    rows = [
+        ("bare subscriber (msg/s)", f"{figures['bare_rate']:.0f}"),
+        ("server stored (batches/s)", f"{figures['server_rate']:.0f}"),
+        ("server / bare", f"{figures['ratio']}"),
+        ("offered (batches, per s)", f"{run['offered']} ({figures['offered_rate']:.0f}/s)"),
+        ("stored", str(run["stored"])),
+        ("lost", str(run["lost"])),
+        ("duplicates", str(run["duplicates"])),
+        ("p99 / p50 lag (s)", f"{figures['p99_lag_s']} / {figures['p50_lag_s']}"),
+        ("backlog cleared after (s)", str(figures["backlog_cleared_s"])),
+        ("p99 lag, last 10 s of offering (s)", str(figures["p99_lag_end_s"])),
+        ("drain (s)", str(figures["drain_s"])),
+        ("re-sent by devices", str(run["resent"])),
+    ]
+    print(f"{'t (s)':>6} {'stored/s':>9} {'p50 lag s':>10}   (the server started at "
+          f"{late_s:g} s)")
+    for w in run["timeline"]:
+        print(f"{w['t_s']:>6.0f} {w['committed_per_s']:>9.0f} {w['p50_lag_s']:>10.2f}")
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

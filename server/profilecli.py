@@ -1,0 +1,99 @@
+"""The CLI's commands for what devices measured: ``devices profile ID`` (a device's facts
+and on-device profiles) and ``classes`` (profiles aggregated per device class)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+
+from .adminclient import AdminClient, check_id
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _table(rows: list[list], header: list[str]) -> None:
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _median(fig: dict | None, digits: int = 3) -> str:
+    """``median [p25-p75]`` of one aggregated figure."""
+    if not fig:
+        return "-"
+    if fig["n"] == 1:
+        return _num(fig["median"], digits)
+    return f"{fig['median']:.{digits}f} [{fig['p25']:.{digits}f}-{fig['p75']:.{digits}f}]"
+
+
+def _cmd_devices_profile(args: argparse.Namespace, client: AdminClient) -> int:
+    check_id(args.device, "device id")
+    out = client.device_profile(args.device)
+    if args.json:
+        _print_json(out)
+        return 0
+    f = out["facts"]
+    if f is None:
+        print(f"{out['device_id']}: no facts reported yet")
+    else:
+        print(f"{out['device_id']}: class {f['device_class']}; {f['arch']}, "
+              f"{f.get('cpu_model') or 'unknown CPU'}, {f['cores']} cores, "
+              f"{f.get('memory_mb') or '?'} MB; ISA {', '.join(f.get('isa') or []) or '-'}; "
+              f"onnxruntime {f.get('ort_version') or '-'} "
+              f"({', '.join(f.get('providers') or []) or '-'}); "
+              f"active power {_num(f.get('active_power_w'), 2)} W/core")
+    if not out["profiles"]:
+        print("no profiles yet (the agent profiles each variant after installing it)")
+        return 0
+    _table([[n, p["sha256"][:12], _num(p["latency_ms_p50"]), _num(p["latency_ms_p95"]),
+             _num(p["cpu_ms"]), _num(p.get("memory_mb"), 1), _num(p["energy_mj"]),
+             p["energy_source"], p["runs"], p["threads"]]
+            for n, p in sorted(out["profiles"].items())],
+           ["VARIANT", "SHA256", "P50 MS", "P95 MS", "CPU MS", "MEM MB", "ENERGY MJ",
+            "SOURCE", "RUNS", "THREADS"])
+    return 0
+
+
+def _cmd_classes(args: argparse.Namespace, client: AdminClient) -> int:
+    out = client.classes()
+    if args.json:
+        _print_json(out)
+        return 0
+    classes = out["classes"]
+    if not classes:
+        print("no device has reported its facts yet")
+        return 0
+    rows = []
+    for name, c in classes.items():
+        if not c["variants"]:
+            rows.append([name, c["devices"], "-", 0, "-", "-", "-", "-"])
+        for v in sorted(c["variants"].values(), key=lambda v: v["name"]):
+            rows.append([name, c["devices"], v["name"], v["devices"],
+                         _median(v["latency_ms_p50"]), _median(v["latency_ms_p95"]),
+                         _median(v["energy_mj"]), ",".join(v["energy_sources"])])
+    _table(rows, ["CLASS", "DEVICES", "VARIANT", "PROFILED", "P50 MS [IQR]", "P95 MS [IQR]",
+                  "ENERGY MJ [IQR]", "SOURCES"])
+    return 0
+
+
+def add_profile_commands(sub: argparse._SubParsersAction, devices: argparse._SubParsersAction,
+                         client_args: Callable[..., None],
+                         client: Callable[[argparse.Namespace], AdminClient]) -> None:
+    """``devices profile`` under ``devices``' subcommands, ``classes`` at the top."""
+    dp = devices.add_parser("profile", help="a device's facts and its on-device profile "
+                            "of each installed variant")
+    client_args(dp, nested=True)
+    dp.add_argument("device", help="device id")
+    dp.set_defaults(func=lambda a: _cmd_devices_profile(a, client(a)))
+    c = sub.add_parser("classes", help="device classes: variant profiles aggregated per class "
+                       "(count, median, quartiles)")
+    client_args(c)
+    c.set_defaults(func=lambda a: _cmd_classes(a, client(a)))

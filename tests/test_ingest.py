@@ -1,0 +1,426 @@
+"""Telemetry ingest end to end, on the real server and the test mosquitto: hostile values
+refused and counted, per-device rate limits, acknowledgement after commit, agent
+incarnations, a server restart mid-stream, and manifest versions that survive a new store.
+The pure parts (token bucket, cursors) are tested at the end without a broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from fleet_helpers import make_server, run_agent, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from rollout_helpers import Fleet, pg_schema_url
+from test_brokers import connected, production_mosquitto  # noqa: F401 - a fixture
+
+from prunefleet.agent.config import load_config
+from prunefleet.agent.service import Agent
+from prunefleet.server.ingest import DeviceRateLimiter, StoredCursors
+from prunefleet.server.serve import FleetService, ServeOptions
+from prunefleet.server.store import Store, sqlite_url
+from prunefleet.shared.messages import TelemetryBatch, VariantStats
+from prunefleet.shared.topics import Topics
+
+
+class RawDevice:
+    """A device that is only an MQTT connection: it publishes exactly the bytes given."""
+
+    def __init__(self, broker_url: str, prefix: str, device_id: str):
+        host, port = broker_url.removeprefix("mqtt://").rsplit(":", 1)
+        self.device_id = device_id
+        self.topic = Topics(prefix).telemetry(device_id)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"raw-{uuid.uuid4().hex[:8]}")
+        self.client.max_inflight_messages_set(100)
+        self.client.connect(host, int(port))
+        self.client.loop_start()
+        self._lock = threading.Lock()
+
+    def publish(self, payload: bytes | str, topic: str | None = None) -> mqtt.MQTTMessageInfo:
+        with self._lock:
+            return self.client.publish(topic or self.topic, payload, qos=1)
+
+    def batch(self, seq: int, **fields) -> dict:
+        """A valid batch as JSON data, for the test to spoil."""
+        b = TelemetryBatch(device_id=self.device_id, seq=seq, incarnation="raw",
+                           interval_start=1000.0 + seq, interval_end=1001.0 + seq,
+                           variants={"small": VariantStats(requests=10, labeled=4, correct=3,
+                                                           latency_ms_p50=1.0)}, **fields)
+        return json.loads(b.encode())
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def start_agent(fleet: Fleet, device_id: str, state: str | None = None,
+                **cfg) -> tuple[Agent, threading.Event, threading.Thread]:
+    config = load_config(
+        None, env={}, device_id=device_id, broker_url=fleet.broker_url,
+        fleet_prefix=fleet.prefix, state_dir=fleet.tmp / "agents" / (state or device_id),
+        trusted_keys=[fleet.state_dir / "keys" / "public.pem"], reconnect_max_s=2.0,
+        sensors={"kind": "simulated"}, **{"telemetry_interval_s": 0.2, **cfg})
+    agent = Agent(config)
+    stop = threading.Event()
+    t = threading.Thread(target=agent.run, kwargs={"until": stop}, daemon=True,
+                         name=f"agent-{device_id}")
+    t.start()
+    return agent, stop, t
+
+
+def stop_agent(stop: threading.Event, t: threading.Thread) -> None:
+    """SIGTERM's path: the last batch is cut and flushed until the server confirmed it."""
+    stop.set()
+    t.join(20)
+    assert not t.is_alive()
+
+
+def metrics(svc: FleetService) -> dict[tuple[str, tuple], float]:
+    req = urllib.request.Request(svc.url + "/metrics",
+                                 headers={"Authorization": f"Bearer {svc.token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    yield f
+    f.close()
+
+
+# -- 1. bounds: hostile values never reach the store ------------------------------------------
+
+
+def test_impossible_telemetry_is_refused_counted_and_the_read_paths_keep_working(fleet):
+    dev = RawDevice(fleet.broker_url, fleet.prefix, "hostile-1")
+    try:
+        spoiled = []
+        for seq, change in enumerate([
+            {"variants": {"small": {"requests": 2**62}}},  # overflowed SQLite's sums
+            {"energy_j": float("nan")},
+            {"energy_j": float("inf")},
+            {"variants": {"small": {"requests": 5, "labeled": 4, "correct": 5}}},
+            {"variants": {"small": {"requests": 5, "latency_ms_p50": 9.0,
+                                    "latency_ms_p95": 2.0}}},
+            {"interval_end": 10.0},  # before its start
+            {"seq": 2**40},
+        ]):
+            body = dev.batch(seq)
+            for key, value in change.items():
+                if isinstance(value, dict):
+                    body[key]["small"] = value["small"]
+                else:
+                    body[key] = value
+            spoiled.append(json.dumps(body))  # NaN and Infinity: Python writes them
+        depth = 15_000  # 30 KB of nesting: RecursionError in json.loads before
+        spoiled.append('{"a":' * depth + "1" + "}" * depth)
+        spoiled.append(json.dumps({**dev.batch(50), "device_id": "someone-else"}))
+        for payload in spoiled:
+            dev.publish(payload)
+        dev.publish(json.dumps(dev.batch(100))).wait_for_publish(10)
+
+        store = fleet.svc.store
+        wait_for(lambda: store.telemetry_count("hostile-1") == 1, 20, what="the valid batch")
+        counters = fleet.svc.fleet.counters
+        assert counters.dropped["invalid"] == len(spoiled) - 1
+        assert counters.dropped["wrong_device"] == 1
+        m = metrics(fleet.svc)
+        assert m[("prunefleet_ingest_dropped_total", (("reason", "invalid"),))] == \
+            len(spoiled) - 1
+        summary = fleet.api.telemetry_summary()
+        assert summary["variants"]["small"]["requests"] == 10
+        assert summary["variants"]["small"]["correct"] == 3
+        assert store.usage("hostile-1") == {
+            "small": {"requests": 10, "labeled": 4, "correct": 3, "errors": 0}}
+    finally:
+        dev.close()
+
+
+# -- 2. per-device rate limits -----------------------------------------------------------------
+
+
+def test_a_flooding_device_is_limited_and_an_honest_one_loses_nothing(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.svc = FleetService(ServeOptions(
+        state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+        prefix=f.prefix, tick_s=0.2, device_rate_per_s=5.0, device_burst=10.0,
+    )).start()
+    flood = RawDevice(f.broker_url, f.prefix, "flooder")
+    try:
+        agent, stop, t = start_agent(f, "honest-1", telemetry_interval_s=0.5,
+                                     telemetry_ack_timeout_s=2.0)
+        wait_for(lambda: agent.sender.acked_total >= 2, 20, what="honest telemetry confirmed")
+        infos = [flood.publish(json.dumps(flood.batch(seq))) for seq in range(3000)]
+        for info in infos:
+            info.wait_for_publish(30)
+        issued_during_flood = agent.tqueue.issued
+        wait_for(lambda: agent.sender.acked_total >= issued_during_flood, 30,
+                 what="the honest device's batches from the flood confirmed")
+        stop_agent(stop, t)
+        store = f.svc.store
+        assert store.telemetry_seqs("honest-1") == list(range(agent.tqueue.issued))
+        assert agent.tqueue.pending() == []
+        counters = f.svc.fleet.counters
+        wait_for(lambda: counters.dropped["rate_limited"]
+                 + store.telemetry_count("flooder") == 3000, 20,
+                 what="every flooded message stored or dropped")
+        assert counters.dropped["rate_limited"] > 2000
+        m = metrics(f.svc)
+        assert m[("prunefleet_ingest_dropped_total", (("reason", "rate_limited"),))] \
+            == counters.dropped["rate_limited"]
+        assert not any("flooder" in str(labels) for _, labels in m)  # reason, not device
+    finally:
+        flood.close()
+        f.close()
+
+
+# -- 3. acknowledgement after commit, incarnations, restarts ---------------------------------
+
+
+def test_batches_the_broker_could_not_deliver_are_sent_again_until_stored(tmp_path, mosquitto):
+    """The broker acknowledges a batch nobody receives (here: no server subscribed); the
+    agent keeps it until the server's cursor says stored, and sends it again."""
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    f.stop_server()  # keys exist; nobody listens now
+    agent, stop, t = start_agent(f, "lonely-1", telemetry_ack_timeout_s=1.0)
+    try:
+        wait_for(lambda: agent.sender.sent_total >= 5, 20, what="batches published")
+        assert agent.tqueue.pending()  # acknowledged by the broker, still held
+        f.svc = FleetService(ServeOptions(
+            state_dir=tmp_path / "other-server", key_dir=f.state_dir / "keys",
+            broker_url=f.broker_url, listen="127.0.0.1:0", prefix=f.prefix)).start()
+        wait_for(lambda: agent.sender.resent_total > 0 and agent.sender.acked_total >= 5, 30,
+                 what="the lost batches sent again and confirmed")
+        stop_agent(stop, t)
+        assert f.svc.store.telemetry_seqs("lonely-1") == list(range(agent.tqueue.issued))
+        m = metrics(f.svc)
+        assert m[("prunefleet_telemetry_acks_published_total", ())] > 0
+        assert m[("prunefleet_telemetry_ingest_lag_seconds_count", ())] \
+            == agent.tqueue.issued
+    finally:
+        stop.set()
+        f.close()
+
+
+def test_a_reflashed_device_is_stored_and_true_duplicates_are_not(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    try:
+        first, stop, t = start_agent(f, "reflash-1", state="install-1")
+        wait_for(lambda: first.sender.acked_total >= 3, 20, what="first install's telemetry")
+        stop_agent(stop, t)
+        second, stop, t = start_agent(f, "reflash-1", state="install-2")  # a new disk
+        assert second.tqueue.incarnation != first.tqueue.incarnation
+        wait_for(lambda: second.sender.acked_total >= 3, 20, what="second install's telemetry")
+        stop_agent(stop, t)
+        seqs = f.svc.store.telemetry_seqs("reflash-1")
+        assert sorted(seqs) == sorted([*range(first.tqueue.issued),
+                                       *range(second.tqueue.issued)])
+        # a true duplicate (the same incarnation and seq, sent again) is dropped
+        dup = second.tqueue.incarnation
+        raw = RawDevice(f.broker_url, f.prefix, "reflash-1")
+        try:
+            body = raw.batch(0)
+            raw.publish(json.dumps({**body, "incarnation": dup})).wait_for_publish(10)
+            wait_for(lambda: f.svc.fleet.counters.duplicates >= 1, 20, what="the duplicate")
+        finally:
+            raw.close()
+        assert len(f.svc.store.telemetry_seqs("reflash-1")) == len(seqs)
+    finally:
+        f.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_store_dedupes_by_device_incarnation_and_seq_in_one_transaction(tmp_path, backend):
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        def b(seq: int, inc: str) -> TelemetryBatch:
+            return TelemetryBatch(device_id="d1", seq=seq, incarnation=inc, interval_start=1,
+                                  interval_end=2, variants={"v": VariantStats(requests=1)})
+        assert store.add_telemetry_batches([b(0, "a"), b(1, "a"), b(0, "b"), b(1, "a")]) \
+            == [True, True, True, False]
+        assert store.add_telemetry_batches([b(1, "a"), b(2, "a")]) == [False, True]
+        assert store.stored_seqs("d1", "a", 1) == [1, 2]
+        assert store.usage("d1")["v"]["requests"] == 4
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()  # drops it
+
+
+def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tmp_path, mosquitto):
+    """Batches sent while the server is away wait in its persistent session (same client
+    id, kept in its state directory) and arrive after the restart, not re-sent."""
+    f = Fleet(tmp_path, mosquitto.url)
+
+    def start() -> FleetService:
+        return FleetService(ServeOptions(
+            state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+            prefix=f.prefix)).start()
+
+    f.svc = start()
+    client_id = f.svc.fleet.transport.options.client_id
+    assert (f.state_dir / "client-id").read_text().strip() == client_id  # kept, not per PID
+    agent, stop, t = start_agent(f, "steady-1", telemetry_ack_timeout_s=600.0)
+    try:
+        wait_for(lambda: agent.sender.acked_total >= 3, 20, what="telemetry confirmed")
+        f.stop_server()
+        away_from = agent.tqueue.issued
+        wait_for(lambda: agent.tqueue.issued >= away_from + 5, 20,
+                 what="batches cut while the server is away")
+        f.svc = start()
+        assert f.svc.fleet.transport.options.client_id == client_id
+        issued = agent.tqueue.issued
+        wait_for(lambda: agent.sender.acked_total >= issued, 30,
+                 what="every batch confirmed after the restart")
+        stop_agent(stop, t)
+        assert f.svc.store.telemetry_seqs("steady-1") == list(range(agent.tqueue.issued))
+        assert agent.sender.resent_total == 0  # they came from the session, not again
+        assert f.svc.fleet.counters.duplicates == 0
+    finally:
+        stop.set()
+        f.close()
+
+
+def test_acknowledgement_after_commit_works_on_the_embedded_broker(tmp_path, embedded_broker):
+    """The demo's broker (amqtt) takes the server's late acknowledgements too."""
+    srv = make_server(tmp_path, embedded_broker.url)
+    try:
+        with run_agent(tmp_path, embedded_broker.url, device="amqtt-1",
+                       telemetry_interval_s=0.2) as agent:
+            wait_for(lambda: agent.sender.acked_total >= 5, 30,
+                     what="telemetry confirmed through amqtt")
+            assert srv.store.telemetry_seqs("amqtt-1")[:5] == [0, 1, 2, 3, 4]
+    finally:
+        srv.stop()
+
+
+def test_production_acl_lets_a_device_read_only_its_own_cursor(
+        production_mosquitto):  # noqa: F811 - the fixture imported above
+    ca = production_mosquitto.workdir / "certs" / "ca.crt"
+    base = "prunefleet/devices"
+    with (
+        connected(production_mosquitto, username="server", password="pw-server", ca_file=ca,
+                  subscribe=[f"{base}/+/acked", f"{base}/+/telemetry"]) as (server, server_rx),
+        connected(production_mosquitto, username="dev1", password="pw-dev1", ca_file=ca,
+                  subscribe=["prunefleet/#"]) as (dev1, dev1_rx),
+    ):
+        for dev in ("dev2", "dev1"):  # in this order: dev2's would arrive first
+            server.publish(f"{base}/{dev}/acked", f"cursor of {dev}".encode(),
+                           qos=1).wait_for_publish(10)
+            assert server_rx.get().topic == f"{base}/{dev}/acked"
+        got = dev1_rx.get()
+        assert (got.topic, got.payload) == (f"{base}/dev1/acked", b"cursor of dev1")
+        # a device cannot write its cursor (it could make itself delete unsent telemetry)
+        dev1.publish(f"{base}/dev1/acked", b"forged", qos=1).wait_for_publish(10)
+        dev1.publish(f"{base}/dev1/telemetry", b"t", qos=1).wait_for_publish(10)
+        got = server_rx.get()  # the forged cursor would have come first
+        assert (got.topic, got.payload) == (f"{base}/dev1/telemetry", b"t")
+
+
+# -- 4. manifest versions survive a new store --------------------------------------------------
+
+
+def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    try:
+        agent = f.start_agent("kept-1")
+        f.wait_known(["kept-1"])
+        spec = f.register_mlp("small", hidden=8)
+        from prunefleet.shared.messages import VariantSpec
+
+        variant = VariantSpec.model_validate(f.svc.store.variant(spec["sha256"]).spec)
+        for _ in range(5):
+            f.svc.fleet.deploy("kept-1", [variant])
+        wait_for(lambda: agent.manifest is not None and agent.manifest.version == 5, 30,
+                 what="version 5 accepted")
+        f.stop_server()
+        # A new store (a migration, a restored backup), the same keys and broker.
+        f.svc = FleetService(ServeOptions(
+            state_dir=tmp_path / "new-server", key_dir=f.state_dir / "keys",
+            broker_url=f.broker_url, listen="127.0.0.1:0", prefix=f.prefix)).start()
+        store = f.svc.store
+        wait_for(lambda: (d := store.device("kept-1")) is not None
+                 and d.manifest_version == 5, 20, what="the reported version known")
+        m = f.svc.fleet.deploy("kept-1", [variant])
+        assert m.version == 6
+        wait_for(lambda: agent.manifest.version == 6, 30, what="the new store's manifest")
+        assert agent.counters.rejected_manifests == 0
+    finally:
+        f.close()
+
+
+# -- the pure parts -----------------------------------------------------------------------------
+
+
+def test_token_bucket_allows_the_burst_then_the_rate():
+    lim = DeviceRateLimiter(rate_per_s=2.0, burst=3.0)
+    assert [lim.allow("d", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert lim.allow("other", 0.0)  # each device its own bucket
+    assert not lim.allow("d", 0.4) and lim.allow("d", 0.5)  # one token per 0.5 s
+    assert DeviceRateLimiter(0.0, 1.0).allow("d", 0.0)  # 0: no limit
+    small = DeviceRateLimiter(1.0, 1.0, max_devices=2)
+    for d in ("a", "b", "c"):
+        small.allow(d, 0.0)
+    assert len(small) == 2  # bounded, whatever ids arrive
+
+
+def test_cursor_passes_gaps_below_the_agents_floor_and_waits_on_others():
+    c = StoredCursors(max_above=3)
+    for seq in (0, 1, 3):
+        c.note("d", "i", seq, floor=0)
+    assert c.through("d", "i") == 1 and c.has_gap("d", "i")  # 2 is missing
+    c.note("d", "i", 2, floor=0)
+    assert c.through("d", "i") == 3
+    c.note("d", "i", 7, floor=6)  # the agent gave up 4 and 5 (its queue was full)
+    assert c.through("d", "i") == 5 and c.has_gap("d", "i")  # but still holds 6
+    c.note("d", "i", 6, floor=6)
+    assert c.through("d", "i") == 7 and not c.has_gap("d", "i")
+    assert c.through("d", "other") == -1  # incarnations are apart
+    for seq in range(20, 30):
+        c.note("d", "i", seq, floor=8)
+    assert c.through("d", "i") == 7  # 8 missing; the set past the gap stays bounded
+    c.seed("d", "i", [8, 9, 20, 21, 22])
+    assert c.through("d", "i") == 9
+
+
+@pytest.mark.parametrize("payload", [
+    '{"a":' * 15_000 + "1" + "}" * 15_000,  # 30 KB of nesting
+    "[" * 20_000 + "]" * 20_000,
+    '{"seq": ' + "9" * 5000 + "}",  # an integer of 5000 digits
+    b"\xff\xfe\x00",
+    "",
+])
+def test_every_decoder_refuses_hostile_documents_with_a_protocol_error(payload):
+    from prunefleet.shared import messages
+    from prunefleet.shared.errors import ProtocolError
+
+    models = [m for m in vars(messages).values() if isinstance(m, type)
+              and issubclass(m, messages.WireModel) and m is not messages.WireModel]
+    assert messages.TelemetryBatch in models and messages.TelemetryAck in models
+    for model in models:
+        with pytest.raises(ProtocolError):
+            messages.decode(model, payload)
+
+
+def test_metrics_expose_lag_and_drops(fleet):
+    agent = fleet.start_agent("metric-1")
+    wait_for(lambda: agent.sender.acked_total >= 1, 20, what="telemetry confirmed")
+    m = metrics(fleet.svc)
+    assert m[("prunefleet_telemetry_ingest_lag_seconds_count", ())] >= 1
+    reasons = {dict(labels)["reason"] for name, labels in m
+               if name == "prunefleet_ingest_dropped_total"}
+    assert reasons == {"invalid", "wrong_device", "rate_limited", "store_error",
+                       "inbound_full", "error"}

@@ -1,0 +1,171 @@
+"""A broker tier past one machine: a 3-node NATS cluster on loopback (JetStream, which
+replicates retained messages and MQTT sessions, and the MQTT gateway on each node). Each
+device reaches the cluster through a small TCP balancer that prefers its own node, as
+devices behind a load balancer would; the server is on node 0. Node 1 is killed during a
+rollout and steady telemetry: the rollout completes and no batch is lost."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from fleet_helpers import wait_for
+from rollout_helpers import Fleet
+from test_ingest import start_agent, stop_agent
+
+pytestmark = pytest.mark.system
+
+LOOPBACK = "127.0.0.1"
+
+
+class NatsNode:
+    def __init__(self, exe: str, root: Path, name: str, cluster_ports: list[int], index: int):
+        self.exe, self.name = exe, name
+        self.port, self.mqtt_port = free_port(), free_port()
+        self.cluster_port = cluster_ports[index]
+        self.conf = root / f"{name}.conf"
+        routes = ", ".join(f"nats-route://{LOOPBACK}:{p}" for i, p in enumerate(cluster_ports)
+                           if i != index)
+        self.conf.write_text(textwrap.dedent(f"""\
+            server_name: {name}
+            listen: {LOOPBACK}:{self.port}
+            jetstream {{ store_dir: "{root / name}" }}
+            cluster {{
+              name: pf
+              listen: {LOOPBACK}:{self.cluster_port}
+              routes: [{routes}]
+            }}
+            mqtt {{ listen: {LOOPBACK}:{self.mqtt_port} }}
+            """))
+        self.log = root / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log,
+                                         stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{LOOPBACK}:{self.mqtt_port}"
+
+
+class Balancer:
+    """A TCP balancer: each connection goes to the first node of ``ports`` that accepts."""
+
+    def __init__(self, ports: list[int]):
+        self.ports = ports
+        self.sock = socket.create_server((LOOPBACK, 0))
+        self.port = self.sock.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{LOOPBACK}:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            for port in self.ports:
+                try:
+                    upstream = socket.create_connection((LOOPBACK, port), timeout=2)
+                except OSError:
+                    continue
+                upstream.settimeout(None)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                break
+            else:
+                client.close()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path) -> Iterator[list[NatsNode]]:
+    exe = shutil.which("nats-server")
+    if exe is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    cluster_ports = [free_port() for _ in range(3)]
+    nodes = [NatsNode(exe, tmp_path, f"n{i}", cluster_ports, i) for i in range(3)]
+    for n in nodes:
+        n.start()
+    try:
+        for n in nodes:
+            if not wait_for_port(LOOPBACK, n.mqtt_port, 30):
+                pytest.fail(f"{n.name} did not open its MQTT port: {n.log.read_text()[-3000:]}")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+def test_a_rollout_completes_and_no_batch_is_lost_when_a_broker_node_dies(
+        tmp_path, nats_cluster):
+    nodes = nats_cluster
+    ports = [n.mqtt_port for n in nodes]
+    server_lb = Balancer(ports)  # node 0 first
+    f = Fleet(tmp_path, server_lb.url)
+    f.start_server()
+    devices = [f"nats-{i}" for i in range(6)]
+    balancers = []
+    agents = []
+    try:
+        for i, d in enumerate(devices):  # spread: two devices on each node
+            lb = Balancer(ports[i % 3:] + ports[:i % 3])
+            balancers.append(lb)
+            f.broker_url = lb.url
+            agents.append(start_agent(f, d, telemetry_interval_s=0.5,
+                                      telemetry_ack_timeout_s=5.0, chunk_timeout_s=2.0))
+        f.wait_known(devices, 60)
+        f.register_mlp("small", hidden=8)
+        rid = f.api.create_rollout({"target": {"kind": "devices", "devices": devices},
+                                    "variants": ["small"],
+                                    "config": {"canary_percent": 34}})["id"]
+        nodes[1].kill()  # two devices lose their node mid-rollout and mid-telemetry
+        f.wait_rollout(rid, "completed", timeout_s=180)
+        before = f.svc.store.telemetry_count()
+        wait_for(lambda: f.svc.store.telemetry_count() >= before + 30, 60,
+                 what="telemetry going on after the node died")
+        for _, stop, t in agents:
+            stop_agent(stop, t)
+        for d, (agent, _, _) in zip(devices, agents, strict=True):
+            assert f.svc.store.telemetry_seqs(d) == list(range(agent.tqueue.issued)), d
+    finally:
+        for _, stop, _ in agents:
+            stop.set()
+        f.close()
+        for lb in [server_lb, *balancers]:
+            lb.close()

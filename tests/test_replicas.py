@@ -1,0 +1,200 @@
+"""Several servers on one PostgreSQL and the test mosquitto: one rollout controller at a
+time (a lease in the store), taken over when its holder dies; ingest through a shared
+subscription with one replica killed mid-stream, every batch stored once; the ingest probe
+that refuses a broker which accepts a subscription and delivers nothing (NATS's MQTT
+gateway with ``$share/…``)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import free_port, wait_for_port
+from fleet_helpers import wait_for
+from rollout_helpers import Fleet, pg_schema_url
+from test_ingest import start_agent, stop_agent
+
+from prunefleet.server.controller import LEASE
+from prunefleet.server.errors import DistributionError
+from prunefleet.server.serve import FleetService, ServeOptions
+from prunefleet.server.store import Store, sqlite_url
+
+SHARE_GROUP = "replicas0123456789abcdef0123456789"
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    gen = pg_schema_url()
+    yield next(gen)
+    gen.close()  # drops the schema
+
+
+def replica(f: Fleet, name: str, **opts) -> FleetService:
+    """A server of fleet ``f`` with its own state directory and client id, sharing the
+    fleet's signing keys, store and topic prefix."""
+    return FleetService(ServeOptions(
+        state_dir=f.tmp / name, key_dir=f.state_dir / "keys", broker_url=f.broker_url,
+        db_url=f.db_url, listen="127.0.0.1:0", prefix=f.prefix, tick_s=0.2,
+        client_id=f"pf-{name}-{f.prefix}", lease_ttl_s=2.0, **opts)).start()
+
+
+# -- the lease ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_lease_has_one_holder_until_it_expires_or_is_released(tmp_path, backend):
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        assert store.take_lease("job", "a", 10, now=100) == 110
+        assert store.take_lease("job", "b", 10, now=105) is None  # a holds it
+        assert store.take_lease("job", "a", 10, now=108) == 118  # renewed
+        assert store.take_lease("job", "b", 10, now=117) is None
+        assert store.take_lease("job", "b", 10, now=119) == 129  # a's lapsed
+        assert store.take_lease("job", "a", 10, now=120) is None
+        store.release_lease("job", "a")  # not a's: nothing changes
+        assert store.take_lease("job", "a", 10, now=121) is None
+        store.release_lease("job", "b")
+        assert store.take_lease("job", "a", 10, now=122) == 132
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()
+
+
+def test_one_controller_applies_steps_and_another_takes_over_when_it_dies(
+        tmp_path, mosquitto, pg_url):
+    """Two replicas on one PostgreSQL: only the lease holder offers; a rollout created
+    through the other is run by the holder; the holder dies mid-rollout without releasing
+    its lease, and the rollout completes under the other after the lease's TTL."""
+    f = Fleet(tmp_path, mosquitto.url, db_url=pg_url)
+    f.start_server()  # creates the keys; replicas a and b share them
+    f.stop_server()
+    a = replica(f, "a")
+    b = replica(f, "b")
+    offered_by_b: list[str] = []
+    deploy = b.fleet.deploy
+
+    def recording(target, *args, **kw):
+        offered_by_b.append(target)
+        return deploy(target, *args, **kw)
+
+    b.fleet.deploy = recording  # type: ignore[method-assign]
+    try:
+        f.svc = b  # the API of the replica that does not hold the lease
+        for d in ("rep-1", "rep-2"):
+            f.start_agent(d)
+        f.wait_known(["rep-1", "rep-2"])
+        f.stop_agent("rep-2")  # offline: the rollout waits for it
+        f.register_mlp("small", hidden=8)
+        assert a.store.lease(LEASE).holder == a.fleet.client_id
+        assert a.controller.holds_lease and not b.controller.holds_lease
+        rid = f.api.create_rollout({"target": {"kind": "devices",
+                                               "devices": ["rep-1", "rep-2"]},
+                                    "variants": ["small"],
+                                    "config": {"canary_percent": 50}})["id"]
+        wait_for(lambda: any(d["offered_version"] for d in f.api.rollout(rid)["devices"]),
+                 20, what="the lease holder offering the rollout")
+        wait_for(lambda: any(d["phase"] == "installed"
+                             for d in f.api.rollout(rid)["devices"]),
+                 30, what="a device installing it")
+        assert f.api.rollout(rid)["status"] == "active"
+        assert offered_by_b == []  # b applied nothing while a held the lease
+        a.stop(release=False)  # dies holding the lease
+        f.start_agent("rep-2", )
+        f.wait_rollout(rid, "completed", timeout_s=60)
+        assert b.controller.holds_lease
+        assert b.store.lease(LEASE).holder == b.fleet.client_id
+        assert {d["phase"] for d in f.api.rollout(rid)["devices"]} == {"installed"}
+    finally:
+        f.close()
+        a.stop(release=False)
+
+
+def test_replicas_on_a_shared_subscription_store_every_batch_once_when_one_dies(
+        tmp_path, mosquitto, pg_url):
+    """Ingest split over two replicas (``--share-group``); one is killed mid-stream (no
+    DISCONNECT, nothing it held acknowledged): what the broker had handed it is sent
+    again by the agents and stored by the other, once."""
+    f = Fleet(tmp_path, mosquitto.url, db_url=pg_url)
+    f.start_server()
+    f.stop_server()
+    a = replica(f, "a", share_group=SHARE_GROUP)
+    b = replica(f, "b", share_group=SHARE_GROUP)
+    f.svc = b
+    devices = [f"share-{i}" for i in range(4)]
+    agents = [start_agent(f, d, telemetry_ack_timeout_s=2.0) for d in devices]
+    try:
+        wait_for(lambda: a.fleet.counters.telemetry >= 10 and b.fleet.counters.telemetry >= 10,
+                 30, what="both replicas storing their share")
+        a.fleet.transport.kill()  # a crash: its in-flight messages are never acknowledged
+        a.stop(release=False)
+        stored = b.store.telemetry_count()
+        wait_for(lambda: b.store.telemetry_count() >= stored + 40, 30,
+                 what="ingest going on at the other replica")
+        for _, stop, t in agents:
+            stop_agent(stop, t)  # flushes until the server confirmed every batch
+        for d, (agent, _, _) in zip(devices, agents, strict=True):
+            assert b.store.telemetry_seqs(d) == list(range(agent.tqueue.issued)), d
+    finally:
+        for _, stop, _ in agents:
+            stop.set()
+        f.close()
+        a.stop(release=False)
+
+
+# -- the ingest probe --------------------------------------------------------------------------
+def test_the_ingest_probe_passes_on_mosquitto_with_a_shared_subscription(tmp_path, mosquitto):
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    f.stop_server()
+    svc = replica(f, "a", share_group=SHARE_GROUP)
+    try:
+        assert svc.fleet._probe_seen.is_set()
+        assert svc.store.devices() == []  # the probe is no device and no event
+        assert svc.store.events() == []
+    finally:
+        svc.stop()
+
+
+@pytest.fixture
+def nats_mqtt(tmp_path) -> Iterator[str]:
+    """Debian's nats-server with its MQTT gateway (which needs JetStream) on free ports."""
+    exe = shutil.which("nats-server")
+    if exe is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    port, mqtt_port = free_port(), free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        listen: 127.0.0.1:{port}
+        server_name: pf-test
+        jetstream {{ store_dir: "{tmp_path / 'js'}" }}
+        mqtt {{ listen: 127.0.0.1:{mqtt_port} }}
+        """))
+    log = (tmp_path / "nats.log").open("wb")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        if not wait_for_port("127.0.0.1", mqtt_port, 15):
+            pytest.fail(f"nats-server did not open its MQTT port: "
+                        f"{Path(log.name).read_text()[-2000:]}")
+        yield f"mqtt://127.0.0.1:{mqtt_port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+def test_a_server_on_a_broker_that_does_not_deliver_shared_subscriptions_refuses_to_start(
+        tmp_path, nats_mqtt):
+    """NATS's MQTT gateway takes ``$share/…`` and delivers nothing to it: the server says
+    so in one line instead of running deaf; without the share group it starts."""
+    f = Fleet(tmp_path, nats_mqtt)
+    f.start_server()  # a plain subscription: the probe comes back
+    f.stop_server()
+    with pytest.raises(DistributionError) as e:
+        replica(f, "shared", share_group=SHARE_GROUP, probe_s=2.0)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "ingest probe failed" in msg and "--share-group" in msg
