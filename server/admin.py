@@ -487,6 +487,45 @@ def _cmd_rollout_action(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_devices_show(args: argparse.Namespace) -> int:
+    check_id(args.device, "device id")
+    client = _client(args)
+    if args.format in ("csv", "jsonl") and not args.json:
+        sys.stdout.write(client.device_history(args.device, since=args.since, until=args.until,
+                                               resolution=args.resolution, fmt=args.format))
+        return 0
+    h = client.device_history(args.device, since=args.since, until=args.until,
+                              resolution=args.resolution)
+    if args.json:
+        _print_json(h)
+        return 0
+    print(f"{h['device_id']}: {len(h['buckets'])} buckets of {h['resolution_s']:g} s from "
+          f"{_when(h['since'])} to {_when(h['until'])}")
+    cols = ["time", "batt%", "cpu%", "temp", "reqs", "p50 ms", "p95 ms", "energy J",
+            "active", "switches", "shadow"]
+    rows: list[list] = []
+    for b in h["buckets"]:
+        rows.append([_when(b["t"]), _num(b["battery_percent"]), _num(b["cpu_percent"]),
+                     _num(b["temperature_c"]), b["requests"], _num(b["latency_ms_p50"], 3),
+                     _num(b["latency_ms_p95"], 3), _num(b["energy_j"], 3),
+                     b["active_variant"] or "-", b["switches"], _num(b["shadow_agreement"], 3)])
+    _table(rows, cols)
+    if h["switches"]:
+        print("\nswitches:")
+        for sw in h["switches"]:
+            print(f"  {_when(sw['ts'])}  {sw['from_variant'] or '-'} → {sw['to_variant']}  "
+                  f"({sw['reason']})")
+    return 0
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _num(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def _cmd_devices_delete(args: argparse.Namespace) -> int:
     check_id(args.device, "device id")
     out = _client(args).delete_device(args.device)
@@ -636,6 +675,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     da.add_argument("--all", action="store_true",
                     help="every device that asks for a group")
     da.set_defaults(func=_cmd_devices_approve)
+    dh = ds.add_parser("show", help="one device's telemetry over time: battery, CPU, "
+                       "temperature, requests, latency, active variant, switches, shadow "
+                       "agreement")
+    _client_args(dh, nested=True)
+    dh.add_argument("device")
+    dh.add_argument("--since", default="24h",
+                    help="start: a duration before now (24h, 30m), ISO 8601 or epoch seconds "
+                         "(default 24h)")
+    dh.add_argument("--until", help="end (default now)")
+    dh.add_argument("--resolution", help="bucket width: 60, 5m, 1h (default: at most 240 "
+                    "buckets over the range)")
+    dh.add_argument("--format", choices=["table", "csv", "jsonl"], default="table",
+                    help="table (default), or an export: csv or jsonl")
+    dh.set_defaults(func=_cmd_devices_show)
     dd = ds.add_parser("delete", help="decommission an offline device: its store rows and "
                        "retained broker topics are removed (revoke it first)")
     _client_args(dd, nested=True)

@@ -92,7 +92,9 @@ class AdminClient:
         self.token_source = token_source  # named in the error when the server refuses it
 
     def request(self, method: str, path: str, body: Any = None, *, data=None,
-                length: int | None = None, content_type: str = "application/json") -> Any:
+                length: int | None = None, content_type: str = "application/json",
+                text: bool = False) -> Any:
+        """The decoded JSON answer (``text=True``: the body as text, e.g. a CSV export)."""
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if body is not None:
             data = json.dumps(body).encode()
@@ -127,6 +129,8 @@ class AdminClient:
             ) from e
         except ValueError as e:  # a URL urllib cannot use (http.client.InvalidURL)
             raise UsageError(f"bad request URL {self.base_url + path!r}: {e}") from e
+        if text:
+            return raw.decode()
         return json.loads(raw) if raw else None
 
     # -- endpoints ------------------------------------------------------------------------
@@ -160,6 +164,16 @@ class AdminClient:
         if group is not None:
             body["kind"] = "group" if group else "device"
         return self.request("POST", "/v1/pins", body)
+
+    def device_history(self, device_id: str, *, since: str | None = None,
+                       until: str | None = None, resolution: str | None = None,
+                       fmt: str = "json") -> Any:
+        """One device's telemetry over a time range, bucketed: a dict (``fmt="json"``) or
+        the CSV / JSON-lines text of the export."""
+        query = {k: v for k, v in (("since", since), ("until", until),
+                                   ("resolution", resolution), ("format", fmt)) if v}
+        path = f"/v1/devices/{_segment(device_id)}/telemetry?{urllib.parse.urlencode(query)}"
+        return self.request("GET", path, text=fmt != "json")
 
     def device_profile(self, device_id: str) -> dict:
         return self.request("GET", f"/v1/devices/{_segment(device_id)}/profile")

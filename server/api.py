@@ -416,9 +416,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @v1.post("/devices/{device_id}/revoke", tags=["devices"])
     def revoke_device(device_id: Annotated[Name, PathParam()], request: Request) -> dict:
         """Record that the device's broker identity was revoked (``prunefleet devices
-        revoke`` removes it from the broker's password file first). Repeating it keeps the
-        first time."""
+        revoke`` removes it from the broker's password file first): the server drops what
+        it still sends and leaves it out of rollout targets. Repeating it keeps the first
+        time."""
         ts = ctx.store.revoke_device(device_id)
+        ctx.fleet.forget_revocations()  # nothing it sends from now on counts
         _audit(request, f"device {device_id} revoked")
         return {"device_id": device_id, "revoked_at": ts}
 

@@ -628,6 +628,11 @@ class RolloutController:
         return specs
 
     def _resolve_target(self, target: Target, strict: bool) -> list[str]:
+        """The target's devices, revoked ones left out (they are offered nothing)."""
+        revoked = set(self.store.revocations())
+        return [d for d in self._target_devices(target, strict) if d not in revoked]
+
+    def _target_devices(self, target: Target, strict: bool) -> list[str]:
         known = {d.device_id for d in self.store.devices()}
         if target.kind == "devices":
             missing = [d for d in target.devices if d not in known]

@@ -52,6 +52,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+REVOKED_REFRESH_S = 5.0
+
 # What an ingest probe starts with (FleetServer.probe_ingest); never stored.
 PROBE_MAGIC = b"prunefleet-ingest-probe:"
 
@@ -133,6 +135,10 @@ class FleetServer:
         self.bytes_published = 0
         self.share_group = share_group
         self.limiter = DeviceRateLimiter(device_rate_per_s, device_burst)
+        # Revoked devices, re-read from the store at most every REVOKED_REFRESH_S: the
+        # broker refuses them once reloaded, and until then nothing they say counts.
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_read = -1e18
         self.cursors = StoredCursors()
         self.group_max = max(1, group_max)
         subs = {}
@@ -370,6 +376,9 @@ class FleetServer:
         except TopicError:
             self._drop("invalid", item.topic)
             return None
+        if device_id in self.revoked(now):
+            self._drop("revoked", item.topic)
+            return None
         if not self.limiter.allow(device_id, now):
             self._drop("rate_limited", item.topic)
             return None
@@ -389,6 +398,21 @@ class FleetServer:
             self._drop("error", item.topic)
             log.exception("ingest failed on %s", item.topic)
         return None
+
+    def revoked(self, now: float | None = None) -> frozenset[str]:
+        """The revoked devices (from the store, cached for ``REVOKED_REFRESH_S``)."""
+        now = time.monotonic() if now is None else now
+        if now - self._revoked_read >= REVOKED_REFRESH_S:
+            try:
+                self._revoked = frozenset(self.store.revocations())
+                self._revoked_read = now
+            except StoreError as e:
+                log.warning("cannot read revocations (keeping the last known): %s", e)
+        return self._revoked
+
+    def forget_revocations(self) -> None:
+        """Read the revocations again at the next message (after a revoke)."""
+        self._revoked_read = -1e18
 
     def _ingest_state(self, device_id: str, channel: str, item: Inbound) -> None:
         if channel == "reported":

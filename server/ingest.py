@@ -21,6 +21,7 @@ DROP_REASONS = (
     "invalid",  # did not validate (bounds, cross-checks, size, nesting, not JSON)
     "wrong_device",  # the body names another device than the topic
     "rate_limited",  # over the device's token bucket
+    "revoked",  # the device was revoked (`prunefleet devices revoke`): nothing it says counts
     "store_error",  # the store refused the write; the agent sends it again
     "inbound_full",  # the transport's inbound queue was full
     "error",  # an unexpected error on this message (logged with its traceback)

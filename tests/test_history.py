@@ -228,3 +228,32 @@ def test_fleet_series_and_device_pages_over_http(served):
     _, headers, body = _get(f, "/v1/devices")  # no paging asked: every device, as before
     assert len(json.loads(body)) == 60
     assert _get(f, "/v1/devices", limit=5000)[0] == 422
+
+
+def test_devices_show_prints_the_history_and_exports_it(served, capsys, monkeypatch):
+    from prunefleet.server import cli
+
+    f, h = served
+    monkeypatch.setenv("PRUNEFLEET_SERVER", f.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", f.svc.token)
+    span = ["--since", "1h", "--resolution", "1m"]
+    assert cli.main(["devices", "show", "site-000", *span]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("site-000: 55 buckets of 60 s")
+    assert lines[1].split()[:3] == ["time", "batt%", "cpu%"]
+    # one row per bucket, then every switch with its reason
+    switches = h.switches("site-000")
+    assert out.count(" → ") == len(switches) == 3
+    for _, _, to, reason in switches:
+        assert f"→ {to}  ({reason})" in out
+    assert cli.main(["devices", "show", "site-000", *span, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["buckets"]) == 55
+    assert cli.main(["devices", "show", "site-000", *span, "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [float(r["battery_percent"]) for r in rows] == [
+        b["battery_percent"] for b in doc["buckets"]]
+    # a device the server does not know: one line, exit 1
+    assert cli.main(["devices", "show", "site-999", *span]) == 1
+    assert "no device 'site-999'" in capsys.readouterr().err
