@@ -33,9 +33,17 @@ def _print_json(obj) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(
-        args.work_dir, broker_url=args.broker, agents=args.agents, timeout_s=args.timeout
-    )
+    if not args.json:
+        return run_demo(
+            args.work_dir, broker_url=args.broker, agents=args.agents, timeout_s=args.timeout
+        )
+    # Progress goes to stderr; stdout carries the summary alone.
+    summary: dict = {}
+    rc = run_demo(args.work_dir, broker_url=args.broker, agents=args.agents,
+                  timeout_s=args.timeout, out=lambda *a: print(*a, file=sys.stderr),
+                  summary=summary)
+    _print_json(summary)
+    return rc
 
 
 def _cmd_keys_init(args: argparse.Namespace) -> int:
@@ -196,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where variants, keys, agent state and the store go")
     d.add_argument("--timeout", type=float, default=90.0,
                    help="seconds the fleet may run before the demo gives up (default 90)")
+    d.add_argument("--json", action="store_true",
+                   help="print the summary as JSON on stdout (progress goes to stderr)")
     d.set_defaults(func=_cmd_demo)
 
     pr = sub.add_parser("prepare", help="prepare measured variants from a TOML recipe",

@@ -98,7 +98,10 @@ def run_demo(
     agents: int = 3,
     timeout_s: float = 90.0,
     out=print,
+    summary: dict | None = None,
 ) -> int:
+    """Run the demo; 0 when every agent switched for battery and for input complexity.
+    ``summary``, when given, is filled with what the report prints (``--json``)."""
     from .prepare import prepare_digits
 
     t0 = time.monotonic()
@@ -205,10 +208,15 @@ def run_demo(
         if broker is not None:
             broker.stop()
 
-    ok = _report(store, procs, out)
+    agents_summary: list[dict] = []
+    ok = _report(store, procs, out, agents_summary)
     out(f"\ntelemetry: {store.telemetry_count()} batches from "
         f"{len(store.devices())} devices stored in {db} (SQLite)")
     out(f"demo finished in {time.monotonic() - t0:.0f} s")
+    if summary is not None:
+        summary.update({"ok": bool(ok and done), "seconds": round(time.monotonic() - t0, 1),
+                        "store": str(db), "telemetry_batches": store.telemetry_count(),
+                        "agents": agents_summary})
     store.close()
     return 0 if ok and done else 1
 
@@ -231,7 +239,7 @@ def _settle(store: Store, quiet_s: float = 1.5, max_s: float = 10.0) -> None:
         time.sleep(0.25)
 
 
-def _report(store: Store, procs, out) -> bool:
+def _report(store: Store, procs, out, summary: list[dict]) -> bool:
     ok = True
     devices = {d.device_id: d for d in store.devices()}
     for dev, p, state in procs:
@@ -265,4 +273,14 @@ def _report(store: Store, procs, out) -> bool:
         out(f"  battery-driven switch: {'yes' if has_b else 'NO'}; "
             f"input-complexity-driven switch: {'yes' if has_c else 'NO'}")
         ok = ok and has_b and has_c and bool(rows)
+        summary.append({
+            "device_id": dev.device_id, "exit_code": p.returncode, "installed":
+            [v["name"] for v in row.installed],
+            "switches": [{"ts": s.ts, "from": s.from_variant, "to": s.to_variant,
+                          "reason": s.reason} for s in switches],
+            "requests": {name: {"requests": u["requests"], "labeled": u["labeled"],
+                                "correct": u["correct"]} for name, u in sorted(usage.items())},
+            "telemetry_batches": len(rows),
+            "battery_percent": [trace[0], trace[-1]] if trace else None,
+            "battery_switch": has_b, "complexity_switch": has_c})
     return ok

@@ -39,7 +39,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
+from sqlalchemy import Integer, case, cast, func, select
 
 from prunefleet.shared.messages import Reason, RolloutPhase
 
@@ -80,6 +80,9 @@ class MetricsOptions:
     window_s: float = 300.0  # latency and accuracy gauges cover this much telemetry
 
 
+# The latency and accuracy gauges sum the last window_s of telemetry from buckets this long
+# (by interval_end), kept in memory: the window's edge is exact to a bucket.
+BUCKET_S = 10.0
 # Distinct variant names kept apart in the totals; names past this many (devices may report
 # any name) are summed under OTHER, so the totals stay bounded whatever devices send.
 MAX_TOTAL_NAMES = 1000
@@ -105,9 +108,28 @@ class StoredTotals:
     batches_dropped: int = 0
     switches_dropped: int = 0
     batches: int = 0
+    # bucket of interval_end -> variant -> [labeled, correct, latency x requests per
+    # quantile…, requests with that quantile…] (the rows with requests only)
+    recent: dict[int, dict[str, list[float]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def refresh(self, store: Store) -> None:
+    def window(self) -> list[tuple[str, list[float]]]:
+        """Per variant, the sums over the buckets kept (see :meth:`refresh`)."""
+        out: dict[str, list[float]] = {}
+        with self._lock:
+            for per_variant in self.recent.values():
+                for name, vals in per_variant.items():
+                    acc = out.setdefault(name, [0.0] * len(vals))
+                    for i, x in enumerate(vals):
+                        acc[i] += x
+        return sorted(out.items())
+
+    def refresh(self, store: Store, since: float) -> None:
+        """Add the rows stored since the last refresh; keep the window from ``since``."""
+        bucket = cast(Telemetry.interval_end / BUCKET_S, Integer)
+        weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
+        weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
+                   for _, col in QUANTILES]
         with self._lock, store.session() as s:
             t = s.execute(
                 select(func.max(Telemetry.id), func.sum(Telemetry.energy_j),
@@ -122,6 +144,13 @@ class StoredTotals:
                        func.sum(VariantUsage.correct))
                 .where(VariantUsage.id > self.usage_id, VariantUsage.id <= u_max)
                 .group_by(VariantUsage.variant)).all()
+            recent = [] if u_max is None else s.execute(
+                select(VariantUsage.variant, bucket, func.sum(VariantUsage.labeled),
+                       func.sum(VariantUsage.correct), *weighted, *weights)
+                .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
+                .where(VariantUsage.id > self.usage_id, VariantUsage.id <= u_max,
+                       Telemetry.interval_end >= since, VariantUsage.requests > 0)
+                .group_by(VariantUsage.variant, bucket)).all()
             sw_max = s.scalar(select(func.max(Switch.id)).where(Switch.id > self.switch_id))
             switches = [] if sw_max is None else s.execute(
                 select(Switch.reason, func.count(Switch.id))
@@ -142,6 +171,16 @@ class StoredTotals:
                 acc = self.usage.setdefault(key, [0, 0, 0, 0])
                 for i, x in enumerate(vals):
                     acc[i] += int(x or 0)
+            for name, b, *figures in recent:
+                per_variant = self.recent.setdefault(int(b), {})
+                key = name if name in per_variant or len(per_variant) < MAX_TOTAL_NAMES \
+                    else OTHER
+                window = per_variant.setdefault(key, [0.0] * len(figures))
+                for i, y in enumerate(figures):
+                    window[i] += float(y or 0)
+        first = int(since // BUCKET_S)
+        for b in [b for b in self.recent if b < first]:
+            del self.recent[b]
         if sw_max is not None:
             self.switch_id = int(sw_max)
             for reason, k in switches:
@@ -228,7 +267,7 @@ class FleetCollector(Collector):
     def _from_store(self) -> Iterator[Metric]:
         since = self.clock() - self.options.window_s
         totals = self.totals
-        totals.refresh(self.store)
+        totals.refresh(self.store, since)
         with self.store.session() as s:
             known = sorted(set(s.scalars(select(VariantRow.name))))
             names = set(known)
@@ -239,16 +278,6 @@ class FleetCollector(Collector):
             devices = s.execute(
                 select(Device.online, Device.active_variant, func.count())
                 .group_by(Device.online, Device.active_variant)
-            ).all()
-            weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
-            weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
-                       for _, col in QUANTILES]
-            recent = s.execute(
-                select(VariantUsage.variant, func.sum(VariantUsage.labeled),
-                       func.sum(VariantUsage.correct), *weighted, *weights)
-                .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
-                .where(Telemetry.interval_end >= since, VariantUsage.requests > 0)
-                .group_by(VariantUsage.variant)
             ).all()
             rollouts = s.execute(
                 select(RolloutRow.status, func.count(RolloutRow.id)).group_by(RolloutRow.status)
@@ -313,12 +342,12 @@ class FleetCollector(Collector):
             labels=["variant", "quantile"])
         merged: dict[str, list[float]] = {}
         nq = len(QUANTILES)
-        for name, lab, cor, *rest in recent:
+        for name, (lab, cor, *rest) in totals.window():
             m = merged.setdefault(v(name), [0.0] * (2 + 2 * nq))
-            m[0] += float(lab or 0)
-            m[1] += float(cor or 0)
-            for i, x in enumerate(rest):
-                m[2 + i] += float(x or 0)
+            m[0] += lab
+            m[1] += cor
+            for i, w in enumerate(rest):
+                m[2 + i] += w
         for name in sorted(merged):
             m = merged[name]
             if m[0] > 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 
@@ -14,9 +15,18 @@ from prunefleet.server.cli import main
 @pytest.mark.timeout(240)
 def test_demo_runs_the_whole_loop_on_the_embedded_broker(tmp_path, capsys):
     work = tmp_path / "demo"
-    rc = main(["demo", "--agents", "2", "--work-dir", str(work), "--timeout", "90"])
-    out = capsys.readouterr().out
+    # --json: the report a user reads goes to stderr, the summary alone to stdout.
+    rc = main(["demo", "--agents", "2", "--work-dir", str(work), "--timeout", "90", "--json"])
+    captured = capsys.readouterr()
+    out = captured.err
     assert rc == 0, out
+    summary = json.loads(captured.out)
+    assert summary["ok"] is True
+    assert [a["device_id"] for a in summary["agents"]] == ["demo-1", "demo-2"]
+    for a in summary["agents"]:
+        assert a["battery_switch"] and a["complexity_switch"]
+        assert sorted(a["installed"]) == ["dense", "struct50", "struct75"]
+        assert {sw["reason"] for sw in a["switches"]} & {"battery_low", "battery_critical"}
     assert "embedded MQTT broker (amqtt" in out
     for dev in ("demo-1", "demo-2"):
         section = out.split(f"== {dev}")[1].split("==")[0]

@@ -308,15 +308,16 @@ def test_totals_count_rows_any_replica_stored_and_survive_pruning(tmp_path):
 
     url = sqlite_url(tmp_path / "fleet.db")
     mine, other = Store(url), Store(url)
-    scrape_mine = make_registry(FleetCollector(mine, IngestCounters))
+    now = [1_250.0]  # the collector's clock: the accuracy gauge covers the last 300 s
+    scrape_mine = make_registry(FleetCollector(mine, IngestCounters, clock=lambda: now[0]))
 
-    def batch(device: str, seq: int, end: float, reason: str = "battery_low") -> TelemetryBatch:
+    def batch(device: str, seq: int, end: float, correct: int = 1) -> TelemetryBatch:
         return TelemetryBatch(
             device_id=device, incarnation="i1", seq=seq, interval_start=end - 10,
             interval_end=end, energy_j=1.5, variants={
-                "small": VariantStats(requests=4, labeled=2, correct=1)},
+                "small": VariantStats(requests=4, labeled=2, correct=correct)},
             switches=[SwitchEvent(ts=end - 1, from_variant=None, to_variant="small",
-                                  reason=reason)])
+                                  reason="battery_low")])
 
     def figures(text: str) -> tuple[float, float, float, float]:
         return (value(text, "prunefleet_variant_requests_total", variant="other"),
@@ -330,7 +331,12 @@ def test_totals_count_rows_any_replica_stored_and_survive_pruning(tmp_path):
     other.add_telemetry_batches([batch("d-2", i, old + 100 + i) for i in range(2)])
     assert figures(render(scrape_mine).decode()) == (20, 5, 7.5, 5)
     mine.prune_telemetry(before=old + 50)
-    mine.add_telemetry_batches([batch("d-1", 3, old + 200)])
-    assert figures(render(scrape_mine).decode()) == (24, 6, 9.0, 6)
+    mine.add_telemetry_batches([batch("d-1", 3, old + 200, correct=2)])
+    text = render(scrape_mine).decode()
+    assert figures(text) == (24, 6, 9.0, 6)
+    assert value(text, "prunefleet_variant_accuracy_ratio", variant="other") == 7 / 12
+    now[0] = old + 450  # the window now holds the last batch only
+    text = render(scrape_mine).decode()
+    assert value(text, "prunefleet_variant_accuracy_ratio", variant="other") == 1.0
     restarted = make_registry(FleetCollector(Store(url), IngestCounters))
     assert figures(render(restarted).decode()) == (12, 3, 4.5, 3)

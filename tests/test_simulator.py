@@ -176,3 +176,25 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(fleet):
     assert "telemetry batches confirmed stored" in lines[-1]
     wait_for(lambda: not any(d["online"] for d in fleet.api.devices()), 10,
              what="the simulated devices offline after SIGTERM")
+
+
+def test_cli_refuses_more_devices_than_the_open_files_hard_limit_allows(tmp_path):
+    """Each device holds one open file (its connection): the simulator raises its own
+    limit, and when the hard limit is too low it says so in one line instead of failing
+    device by device."""
+    import resource
+
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "public.pem").write_text("unused")
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 512))
+
+    r = subprocess.run(
+        [sys.executable, "-m", "prunefleet.server.cli", "simulate", "--broker",
+         "mqtt://127.0.0.1:1", "--devices", "1000", "--keys", str(tmp_path / "keys")],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_limit)
+    assert r.returncode != 0
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "--devices 1000 needs 1256 open files" in err and "512" in err, err

@@ -90,8 +90,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
             marker = "s" if v["quantize"] else "o"
             ax.scatter([x], [y], marker=marker, s=40,
                        color="C1" if v["pareto"] else "C0", zorder=3)
-            ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+        _place_labels(fig, ax, pts)
         front = [pts[n] for n in report["pareto"] if n in pts]
         if len(front) > 1:
             ax.plot(*zip(*sorted(front), strict=True), color="C1", lw=1, zorder=2)
@@ -105,3 +104,34 @@ def plot_png(report: dict[str, Any]) -> bytes:
         return buf.getvalue()
     finally:
         plt.close(fig)
+
+
+# Where a label may go around its point (offset in points, horizontal alignment), nearest
+# first: variants of one model often sit close together, and their names must not overlap.
+_LABEL_SPOTS = [(4, 4, "left"), (4, -11, "left"), (-4, 4, "right"), (-4, -11, "right"),
+                (4, 15, "left"), (4, -22, "left"), (-4, 15, "right"), (-4, -22, "right"),
+                (4, 26, "left"), (4, -33, "left"), (-4, 26, "right"), (-4, -33, "right")]
+
+
+def _place_labels(fig, ax, pts: dict[str, tuple[float, float]]) -> list:
+    """Annotate each point with its name at the first spot where the label overlaps no
+    label placed before it and stays inside the axes; the last spot tried otherwise."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    placed: list = []
+    labels = []
+    for name, (x, y) in sorted(pts.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+        for dx, dy, ha in _LABEL_SPOTS:
+            label = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy),
+                                fontsize=8, ha=ha)
+            box = label.get_window_extent(renderer)
+            inside = (box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0
+                      and box.y1 <= frame.y1)
+            if inside and not any(box.overlaps(b) for b in placed):
+                break
+            if (dx, dy, ha) != _LABEL_SPOTS[-1]:
+                label.remove()
+        placed.append(box)
+        labels.append(label)
+    return labels
