@@ -7,9 +7,9 @@ import itertools
 import matplotlib
 
 matplotlib.use("Agg", force=True)
-from matplotlib import pyplot as plt  # noqa: E402 - the backend is chosen first
+from matplotlib import pyplot as plt
 
-from prunefleet.server.prepare.report import _place_labels, plot_png  # noqa: E402
+from prunefleet.server.prepare.report import _place_labels, plot_png
 
 # Six variants of one model: four of them within a few microseconds and tenths of a point.
 POINTS = {"dense": (0.066, 99.2), "struct50": (0.028, 99.2), "struct50-int8": (0.029, 99.1),
@@ -26,7 +26,7 @@ def test_close_variants_get_labels_that_do_not_overlap():
         fig.canvas.draw()
         boxes = [lb.get_window_extent(fig.canvas.get_renderer()) for lb in labels]
         clashes = [(a.get_text(), b.get_text())
-                   for (a, ba), (b, bb) in itertools.combinations(zip(labels, boxes), 2)
+                   for (a, ba), (b, bb) in itertools.combinations(zip(labels, boxes, strict=False), 2)
                    if ba.overlaps(bb)]
         assert clashes == []
     finally:
