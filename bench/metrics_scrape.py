@@ -6,8 +6,9 @@ Writes telemetry straight into a SQLite store (the real schema, ``Store``; rows 
 ``INSERT`` in device-major order: 10,000 devices, one variant row per batch, a switch every
 tenth batch), growing it to each size in turn, and at each size times:
 
-* ``old_s``: the scrape as it was, aggregating every stored row (per-variant sums over
-  ``telemetry_variants``, switches per reason, the telemetry totals) — the baseline;
+* ``old_s``: the scrape's store queries as they were, aggregating every stored row
+  (per-variant sums over ``telemetry_variants``, switches per reason, the telemetry
+  totals) and every row of the last 300 s (latency, accuracy) — the baseline;
 * ``rebuild_s``: the first scrape of a new ``FleetCollector`` (a server start): it sums
   every stored row once;
 * ``scrape_s``: a later scrape after 1,000 more batches were stored (what a Prometheus
@@ -37,14 +38,16 @@ REPO = Path(__file__).resolve().parent.parent
 DEVICES = 10_000
 
 
-def fill(db: Path, have: int, want: int) -> None:
-    """Add batches ``have`` … ``want - 1`` (batch k: device k % DEVICES, seq k // DEVICES)."""
+def fill(db: Path, have: int, want: int, t_end: float) -> None:
+    """Add batches ``have`` … ``want - 1`` (batch k: device k % DEVICES, seq k // DEVICES,
+    intervals of 10 s; the last batch of ``want`` ends at ``t_end``, so the metrics window,
+    the last 300 s, holds 30 batches of each device, as a 10,000-device fleet sends)."""
     con = sqlite3.connect(db)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute("PRAGMA synchronous=OFF")
     next_id = (con.execute("SELECT max(id) FROM telemetry").fetchone()[0] or 0) + 1
     u_id = (con.execute("SELECT max(id) FROM telemetry_variants").fetchone()[0] or 0) + 1
-    t0 = 1.7e9
+    t0 = t_end - 10.0 * ((want - 1) // DEVICES)
     step = 200_000
     for lo in range(have, want, step):
         hi = min(want, lo + step)
@@ -75,10 +78,11 @@ def fill(db: Path, have: int, want: int) -> None:
     con.close()
 
 
-def old_scrape(store) -> None:
+def old_scrape(store, since: float) -> None:
     """The aggregation the scrape did before the totals were kept."""
-    from sqlalchemy import func, select
+    from sqlalchemy import case, func, select
 
+    from prunefleet.server.metrics import QUANTILES
     from prunefleet.server.store import Switch, Telemetry, VariantUsage
 
     with store.session() as s:
@@ -88,6 +92,14 @@ def old_scrape(store) -> None:
         s.execute(select(Switch.reason, func.count(Switch.id)).group_by(Switch.reason)).all()
         s.execute(select(func.sum(Telemetry.energy_j), func.sum(Telemetry.batches_dropped),
                          func.sum(Telemetry.switches_dropped), func.count(Telemetry.id))).one()
+        weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
+        weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
+                   for _, col in QUANTILES]
+        s.execute(select(VariantUsage.variant, func.sum(VariantUsage.labeled),
+                         func.sum(VariantUsage.correct), *weighted, *weights)
+                  .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
+                  .where(Telemetry.interval_end >= since, VariantUsage.requests > 0)
+                  .group_by(VariantUsage.variant)).all()
 
 
 def timed(fn) -> float:
@@ -122,18 +134,20 @@ def main() -> int:
               flush=True)
         for n in sizes:
             t = time.perf_counter()
-            fill(db, have, n)
+            t_end = time.time() - 5  # the time the fleet stopped sending
+            fill(db, have, n, t_end)
             have = n
             fill_s = time.perf_counter() - t
             store = Store(url)
-            old = min(timed(lambda s=store: old_scrape(s)) for _ in range(2))
+            old = min(timed(lambda s=store: old_scrape(s, time.time() - 300))
+                      for _ in range(2))
             registry = make_registry(FleetCollector(store, IngestCounters))
             rebuild = timed(lambda r=registry: render(r))
             scrapes = []
             for _ in range(5):
                 store.add_telemetry_batches([TelemetryBatch(
                     device_id=f"sim-{i:05d}", incarnation="late", seq=extra,
-                    interval_start=1.0, interval_end=2.0,
+                    interval_start=time.time() - 10, interval_end=time.time(),
                     variants={"small": VariantStats(requests=1)}) for i in range(1000)])
                 extra += 1
                 scrapes.append(timed(lambda r=registry: render(r)))

@@ -25,8 +25,8 @@ def test_close_variants_get_labels_that_do_not_overlap():
         assert sorted(lb.get_text() for lb in labels) == sorted(POINTS)
         fig.canvas.draw()
         boxes = [lb.get_window_extent(fig.canvas.get_renderer()) for lb in labels]
-        clashes = [(a.get_text(), b.get_text())
-                   for (a, ba), (b, bb) in itertools.combinations(zip(labels, boxes, strict=False), 2)
+        pairs = itertools.combinations(zip(labels, boxes, strict=True), 2)
+        clashes = [(a.get_text(), b.get_text()) for (a, ba), (b, bb) in pairs
                    if ba.overlaps(bb)]
         assert clashes == []
     finally:
