@@ -586,7 +586,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # -- metrics and dashboard --------------------------------------------------------------
     registry = make_registry(FleetCollector(
         ctx.store, lambda: ctx.fleet.counters,
-        broker_connected=ctx.fleet.transport.connected.is_set,
+        broker_connected=ctx.fleet.transport.connected.is_set, prime=True,
     ))
     metrics_deps = [] if ctx.metrics_public else [Depends(require_token)]
 

@@ -10,17 +10,18 @@ under ``variant="other"``.
 Two kinds of per-variant figures:
 
 * ``*_total`` counters (requests, errors, labelled and correct answers, switches, energy,
-  batches dropped) are sums over all telemetry stored, kept in memory (:class:`StoredTotals`):
-  built from the store at the first scrape, then each scrape adds only the rows stored
-  since the last one (by their ids), whichever server replica wrote them. A scrape costs
-  the rows new since the last scrape, not the whole store; pruning old telemetry does not
-  lower them (a restart rebuilds them from what the store still holds, a counter reset
-  that ``rate()``/``increase()`` handle as usual).
+  batches dropped) are sums over all telemetry stored, kept in memory
+  (:class:`StoredTotals`): built from the store at the first scrape, then each scrape adds
+  only the rows stored since the last one (by their ids), whichever server replica wrote
+  them. A scrape costs the rows new since the last scrape, not the whole store; pruning
+  old telemetry does not lower them (a restart rebuilds them from what the store still
+  holds, a counter reset that ``rate()``/``increase()`` handle as usual).
 * Latency and served accuracy are gauges over the last ``window_s`` seconds of telemetry
-  (by ``interval_end``). Devices report p50/p95/p99 per interval, and percentiles do not
-  add up: the fleet figure is the request-weighted mean of the batch percentiles, an
-  approximation that is exact when every batch has the same distribution and otherwise
-  lies between the smallest and largest batch percentile.
+  (by ``interval_end``, in buckets of ``BUCKET_S`` kept in memory the same way). Devices
+  report p50/p95/p99 per interval, and percentiles do not add up: the fleet figure is the
+  request-weighted mean of the batch percentiles, an approximation that is exact when
+  every batch has the same distribution and otherwise lies between the smallest and
+  largest batch percentile.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from .store import (
 )
 
 __all__ = ["CONTENT_TYPE", "DEVICE_COUNTERS", "FleetCollector", "MetricsOptions",
-           "make_registry", "render"]
+           "StoredTotals", "make_registry", "render"]
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,23 @@ class FleetCollector(Collector):
     def __init__(self, store: Store, counters: Callable[[], IngestCounters],
                  broker_connected: Callable[[], bool] | None = None,
                  options: MetricsOptions | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, prime: bool = False):
+        """``prime``: read the stored telemetry into the totals now, on a thread of its own,
+        so that the first scrape after a server start does not pay for the whole store."""
         self.store = store
         self.counters = counters
         self.broker_connected = broker_connected
         self.options = options or MetricsOptions()
         self.clock = clock
         self.totals = StoredTotals()
+        if prime:
+            threading.Thread(target=self._prime, name="metrics-prime", daemon=True).start()
+
+    def _prime(self) -> None:
+        try:
+            self.totals.refresh(self.store, self.clock() - self.options.window_s)
+        except StoreError as e:
+            log.warning("metrics: totals not read at start (the first scrape will): %s", e)
 
     def describe(self) -> list[Metric]:
         return []  # collected on scrape only; describing would query the store at register

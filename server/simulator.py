@@ -21,9 +21,12 @@ and temperature drift, and an application sends labelled requests at the device'
 alternately calm and busy. With ``download=False`` even the chunks are not fetched: the
 download is a timed progress bar, then the variant installs as usual.
 
-Threads: the transport's network thread per connection only enqueues (as in the real
-agent); a few worker threads step every device (:meth:`Agent.step`). Each device is
-stepped by one worker only, so it publishes from one place.
+Threads: the devices' connections are :class:`EpollMqttTransport`s, driven by one
+``epoll`` thread per ``DEVICES_PER_LOOP`` connections whose paho callbacks only enqueue (as
+in the real agent), one open file each, so one process holds thousands of devices (paho's
+own thread per connection waits with ``select()``, which stops at descriptor 1024); a few
+worker threads step every device (:meth:`Agent.step`). Each device is stepped by one worker
+only, so it publishes from one place.
 """
 
 from __future__ import annotations

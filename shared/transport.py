@@ -370,6 +370,9 @@ class MqttTransport:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        # SUBSCRIBEs awaiting their SUBACK, by message id: a refused one is sent again.
+        self._subscribing: dict[int, list[tuple[str, int]]] = {}
         self._started = False
 
     # -- network-thread callbacks: enqueue only ---------------------------------------
@@ -399,7 +402,7 @@ class MqttTransport:
         with self._lock:
             subs = list(self._subs.items())
         if subs:
-            client.subscribe(subs)
+            self._send_subscribe(subs)
         self.connected.set()
         self._put(Inbound("connected"))
 
@@ -428,6 +431,33 @@ class MqttTransport:
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._put(Inbound("published", mid=mid))
+
+    def _send_subscribe(self, subs: list[tuple[str, int]]) -> None:
+        with self._lock:  # the SUBACK may come before subscribe() returns: hold it back
+            rc, mid = self._client.subscribe(subs)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscribing[mid] = subs
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        """A broker may refuse a subscription for a while (NATS's MQTT gateway does while
+        its JetStream elects a leader after a node died); ask again a second later, or a
+        device would stay connected and never hear its desired state."""
+        with self._lock:
+            subs = self._subscribing.pop(mid, [])
+            refused = [(f, q) for (f, q), rc in zip(subs, reason_codes, strict=False)
+                       if rc.is_failure and f in self._subs]
+        if refused:
+            log.warning("the broker refused the subscription to %s; asking again in 1 s",
+                        ", ".join(f for f, _ in refused))
+            t = threading.Timer(1.0, self._resubscribe, args=(refused, self.connection))
+            t.daemon = True
+            t.start()
+
+    def _resubscribe(self, subs: list[tuple[str, int]], connection: int) -> None:
+        with self._lock:
+            subs = [(f, q) for f, q in subs if f in self._subs]
+        if subs and connection == self.connection and self.connected.is_set():
+            self._send_subscribe(subs)  # on a new connection _on_connect has sent them all
 
     # -- owner API --------------------------------------------------------------------
     def start(self) -> None:
@@ -478,7 +508,7 @@ class MqttTransport:
         with self._lock:
             self._subs[topic] = qos
         if self.connected.is_set():
-            self._client.subscribe(topic, qos)
+            self._send_subscribe([(topic, qos)])
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:
@@ -641,8 +671,12 @@ class EpollLoop:
             t._mark_disconnected()
 
     def _run(self) -> None:
-        next_misc = 0.0
         while not self._stopping:
+            try:
+                self._serve()
+            except Exception:  # one client's bug must not end every connection
+                log.exception("MQTT epoll loop: unexpected error; continuing")
+        for t in list(self._started):
             now = time.monotonic()
             timeout = max(0.0, min(next_misc, now + 0.2) - now)
             for key, events in self._sel.select(timeout):
@@ -690,11 +724,16 @@ class EpollLoop:
                             next_misc = now  # the rest after serving the connected ones
                         continue
                     c.loop_misc()  # keepalive; closes a connection whose PINGRESP is late
-                    if c.socket() is None:
+                    sock = c.socket()
+                    if sock is None:
                         self.unregister(t)
                         t._next_try = now + backoff_delay(
                             0, t.options.reconnect_min_s, t.options.reconnect_max_s,
                             c._pf_rng)
+                    elif c.want_write() and isinstance(sock, socket.socket):
+                        # A publish queued while this thread finished a write may have
+                        # found paho's "write registered" flag still set: not left waiting.
+                        self._mask(t, sock)
         for t in list(self._started):
             self.unregister(t)
             with contextlib.suppress(OSError):

@@ -60,7 +60,9 @@ def test_many_connections_on_one_thread_exchange_messages(mosquitto, loop):
         for t in (sink, *devices):
             t.start()
         assert all(t.wait_connected(10) for t in (sink, *devices))
-        _next(sink, "connected")
+        # Its subscription is live once its own message comes back (SUBSCRIBE went first).
+        sink.publish(f"{base}/up/probe", b"probe")
+        assert _next(sink, "message").topic == f"{base}/up/probe"
         mids = {i: t.publish(f"{base}/up/{i}", f"hello {i}".encode()) for i, t in
                 enumerate(devices)}
         got = {_next(sink, "message").topic for _ in devices}
@@ -85,6 +87,8 @@ def test_a_dropped_connection_sends_the_last_will_and_a_clean_stop_does_not(mosq
         for t in (watcher, killed, stopped):
             t.start()
             assert t.wait_connected(10)
+        watcher.publish(f"{base}/will/probe", b"probe")  # its subscription is live
+        assert _next(watcher, "message").topic == f"{base}/will/probe"
         stopped.stop()
         assert not stopped.connected.is_set()
         killed.kill()

@@ -19,7 +19,7 @@ from test_brokers import connected, production_mosquitto  # noqa: F401 - a fixtu
 
 from prunefleet.agent.config import load_config
 from prunefleet.agent.service import Agent
-from prunefleet.server.ingest import DeviceRateLimiter, StoredCursors
+from prunefleet.server.ingest import DROP_REASONS, DeviceRateLimiter, StoredCursors
 from prunefleet.server.serve import FleetService, ServeOptions
 from prunefleet.server.store import Store, sqlite_url
 from prunefleet.shared.messages import TelemetryBatch, VariantStats
@@ -422,5 +422,5 @@ def test_metrics_expose_lag_and_drops(fleet):
     assert m[("prunefleet_telemetry_ingest_lag_seconds_count", ())] >= 1
     reasons = {dict(labels)["reason"] for name, labels in m
                if name == "prunefleet_ingest_dropped_total"}
-    assert reasons == {"invalid", "wrong_device", "rate_limited", "store_error",
-                       "inbound_full", "error"}
+    assert reasons == set(DROP_REASONS) == {"invalid", "wrong_device", "rate_limited",
+                                            "revoked", "store_error", "inbound_full", "error"}

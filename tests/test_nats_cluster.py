@@ -7,16 +7,18 @@ rollout and steady telemetry: the rollout completes and no batch is lost."""
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import socket
 import subprocess
 import textwrap
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_port
+from conftest import free_port
 from fleet_helpers import wait_for
 from rollout_helpers import Fleet
 from test_ingest import start_agent, stop_agent
@@ -29,7 +31,7 @@ LOOPBACK = "127.0.0.1"
 class NatsNode:
     def __init__(self, exe: str, root: Path, name: str, cluster_ports: list[int], index: int):
         self.exe, self.name = exe, name
-        self.port, self.mqtt_port = free_port(), free_port()
+        self.port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
         self.cluster_port = cluster_ports[index]
         self.conf = root / f"{name}.conf"
         routes = ", ".join(f"nats-route://{LOOPBACK}:{p}" for i, p in enumerate(cluster_ports)
@@ -37,13 +39,15 @@ class NatsNode:
         self.conf.write_text(textwrap.dedent(f"""\
             server_name: {name}
             listen: {LOOPBACK}:{self.port}
+            http: {LOOPBACK}:{self.http_port}
             jetstream {{ store_dir: "{root / name}" }}
             cluster {{
               name: pf
               listen: {LOOPBACK}:{self.cluster_port}
               routes: [{routes}]
             }}
-            mqtt {{ listen: {LOOPBACK}:{self.mqtt_port} }}
+            # Replicated on every node, so the cluster keeps its quorum without one.
+            mqtt {{ listen: {LOOPBACK}:{self.mqtt_port}, stream_replicas: 3 }}
             """))
         self.log = root / f"{name}.log"
         self.proc: subprocess.Popen | None = None
@@ -58,9 +62,18 @@ class NatsNode:
             self.proc.kill()
             self.proc.wait(10)
 
-    @property
-    def url(self) -> str:
-        return f"mqtt://{LOOPBACK}:{self.mqtt_port}"
+    def ready(self) -> bool:
+        """Routes to both other nodes, and JetStream current (``/healthz``)."""
+        try:
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/routez",
+                                        timeout=2) as r:
+                if json.load(r).get("num_routes") != 2:
+                    return False
+            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.http_port}/healthz",
+                                        timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
 
 class Balancer:
@@ -123,9 +136,9 @@ def nats_cluster(tmp_path) -> Iterator[list[NatsNode]]:
     for n in nodes:
         n.start()
     try:
-        for n in nodes:
-            if not wait_for_port(LOOPBACK, n.mqtt_port, 30):
-                pytest.fail(f"{n.name} did not open its MQTT port: {n.log.read_text()[-3000:]}")
+        # Clients only once the cluster has formed: MQTT's streams are made on the first
+        # connection, with as many replicas as there are nodes then.
+        wait_for(lambda: all(n.ready() for n in nodes), 60, what="the NATS cluster formed")
         yield nodes
     finally:
         for n in nodes:

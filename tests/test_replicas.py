@@ -18,6 +18,7 @@ from fleet_helpers import wait_for
 from rollout_helpers import Fleet, pg_schema_url
 from test_ingest import start_agent, stop_agent
 
+from prunefleet.server.adminclient import AdminClient
 from prunefleet.server.controller import LEASE
 from prunefleet.server.errors import DistributionError
 from prunefleet.server.serve import FleetService, ServeOptions
@@ -103,7 +104,7 @@ def test_one_controller_applies_steps_and_another_takes_over_when_it_dies(
         assert f.api.rollout(rid)["status"] == "active"
         assert offered_by_b == []  # b applied nothing while a held the lease
         a.stop(release=False)  # dies holding the lease
-        f.start_agent("rep-2", )
+        f.start_agent("rep-2")
         f.wait_rollout(rid, "completed", timeout_s=60)
         assert b.controller.holds_lease
         assert b.store.lease(LEASE).holder == b.fleet.client_id
@@ -111,6 +112,35 @@ def test_one_controller_applies_steps_and_another_takes_over_when_it_dies(
     finally:
         f.close()
         a.stop(release=False)
+
+
+def test_the_api_answers_while_the_broker_is_down_and_the_rollout_goes_on_after(
+        tmp_path, durable_mosquitto):
+    """The controller never waits on the broker under its lock: with the broker down a
+    rollout is created and paused at once (its offers wait), and it completes once the
+    broker is back. It used to hold the lock up to 30 s per device waiting for a PUBACK."""
+    f = Fleet(tmp_path, durable_mosquitto.url)
+    f.start_server()
+    try:
+        f.start_agent("calm-1")
+        f.wait_known(["calm-1"])
+        f.register_mlp("small", hidden=8)
+        durable_mosquitto.stop()
+        wait_for(lambda: not f.svc.fleet.transport.connected.is_set(), 10,
+                 what="the server noticing the broker is gone")
+        api = AdminClient(f.svc.url, f.svc.token, timeout_s=10)
+        rid = api.create_rollout({"target": {"kind": "devices", "devices": ["calm-1"]},
+                                  "variants": ["small"]})["id"]
+        r = api.rollout(rid)
+        assert r["status"] == "active"
+        assert [d["offered_version"] for d in r["devices"]] == [None]  # waits for the broker
+        api.rollout_action(rid, "pause")
+        assert api.rollout(rid)["status"] == "paused"
+        durable_mosquitto.start()
+        api.rollout_action(rid, "resume")
+        f.wait_rollout(rid, "completed", timeout_s=60)
+    finally:
+        f.close()
 
 
 def test_replicas_on_a_shared_subscription_store_every_batch_once_when_one_dies(
