@@ -578,6 +578,7 @@ class EpollLoop:
         self._want_write: set[EpollMqttTransport] = set()
         self._started: set[EpollMqttTransport] = set()
         self._stopping = False
+        self._next_misc = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -677,64 +678,6 @@ class EpollLoop:
             except Exception:  # one client's bug must not end every connection
                 log.exception("MQTT epoll loop: unexpected error; continuing")
         for t in list(self._started):
-            now = time.monotonic()
-            timeout = max(0.0, min(next_misc, now + 0.2) - now)
-            for key, events in self._sel.select(timeout):
-                t = key.data
-                if t is None:
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        while self._wake_r.recv(4096):
-                            pass
-                    continue
-                c = t._client
-                if events & selectors.EVENT_READ:
-                    c.loop_read()
-                if events & selectors.EVENT_WRITE and c.socket() is not None:
-                    c.loop_write()
-                sock = c.socket()
-                if sock is None:
-                    self.unregister(t)
-                elif isinstance(sock, socket.socket):
-                    self._mask(t, sock)
-            with self._lock:
-                commands, self._commands = self._commands, []
-                writers, self._want_write = self._want_write, set()
-            now = time.monotonic()
-            for what, t, done in commands:
-                try:
-                    if t is not None:
-                        self._apply(what, t, now)
-                finally:
-                    if done is not None:
-                        done.set()
-            for t in writers:
-                sock = t._client.socket()
-                if isinstance(sock, socket.socket):
-                    self._mask(t, sock)
-            if now >= next_misc:
-                next_misc = now + 0.5
-                connects = 0
-                for t in list(self._started):
-                    c = t._client
-                    if c.socket() is None:
-                        if now >= t._next_try and connects < self.CONNECTS_PER_PASS:
-                            connects += 1
-                            self._connect(t, now)
-                        elif now >= t._next_try:
-                            next_misc = now  # the rest after serving the connected ones
-                        continue
-                    c.loop_misc()  # keepalive; closes a connection whose PINGRESP is late
-                    sock = c.socket()
-                    if sock is None:
-                        self.unregister(t)
-                        t._next_try = now + backoff_delay(
-                            0, t.options.reconnect_min_s, t.options.reconnect_max_s,
-                            c._pf_rng)
-                    elif c.want_write() and isinstance(sock, socket.socket):
-                        # A publish queued while this thread finished a write may have
-                        # found paho's "write registered" flag still set: not left waiting.
-                        self._mask(t, sock)
-        for t in list(self._started):
             self.unregister(t)
             with contextlib.suppress(OSError):
                 t._client.drop_socket()
@@ -742,6 +685,75 @@ class EpollLoop:
         self._sel.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _serve(self) -> None:
+        """One pass: sockets that are ready, then commands and writes asked for, then
+        (every 0.5 s) keepalives and reconnects."""
+        now = time.monotonic()
+        timeout = max(0.0, min(self._next_misc, now + 0.2) - now)
+        for key, events in self._sel.select(timeout):
+            t = key.data
+            if t is None:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while self._wake_r.recv(4096):
+                        pass
+                continue
+            c = t._client
+            try:
+                if events & selectors.EVENT_READ:
+                    c.loop_read()
+                if events & selectors.EVENT_WRITE and c.socket() is not None:
+                    c.loop_write()
+            except Exception:  # counted as a lost connection; the others go on
+                log.exception("MQTT connection %s: unexpected error", t.options.client_id)
+                with contextlib.suppress(OSError):
+                    c.drop_socket()
+                t._mark_disconnected()
+            sock = c.socket()
+            if sock is None:
+                self.unregister(t)
+            elif isinstance(sock, socket.socket):
+                self._mask(t, sock)
+        with self._lock:
+            commands, self._commands = self._commands, []
+            writers, self._want_write = self._want_write, set()
+        now = time.monotonic()
+        for what, t, done in commands:
+            try:
+                if t is not None:
+                    self._apply(what, t, now)
+            except Exception:
+                log.exception("MQTT epoll loop: %s failed", what)
+            finally:
+                if done is not None:
+                    done.set()
+        for t in writers:
+            sock = t._client.socket()
+            if isinstance(sock, socket.socket):
+                self._mask(t, sock)
+        if now >= self._next_misc:
+            self._next_misc = now + 0.5
+            connects = 0
+            for t in list(self._started):
+                c = t._client
+                if c.socket() is None:
+                    if now >= t._next_try and connects < self.CONNECTS_PER_PASS:
+                        connects += 1
+                        self._connect(t, now)
+                    elif now >= t._next_try:
+                        self._next_misc = now  # the rest after serving the connected ones
+                    continue
+                c.loop_misc()  # keepalive; closes a connection whose PINGRESP is late
+                sock = c.socket()
+                if sock is None:
+                    self.unregister(t)
+                    t._next_try = now + backoff_delay(
+                        0, t.options.reconnect_min_s, t.options.reconnect_max_s,
+                        c._pf_rng)
+                elif c.want_write() and isinstance(sock, socket.socket):
+                    # A publish queued while this thread finished a write may have
+                    # found paho's "write registered" flag still set: not left waiting.
+                    self._mask(t, sock)
 
 
 class EpollMqttTransport(MqttTransport):
