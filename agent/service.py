@@ -116,7 +116,8 @@ class Agent:
                                    on_switch=lambda *_: self.reporter.mark())
         sc = config.shadow
         self.shadow = ShadowEvaluator(self.pool, ShadowOptions(
-            queue_max=sc.queue_max, cpu_share=sc.cpu_budget_percent / 100, nice=sc.nice))
+            queue_max=sc.queue_max, cpu_share=sc.cpu_budget_percent / 100, nice=sc.nice),
+            activity=self.serving.activity)
         if sc.enabled:
             self.serving.shadow = self.shadow
         self._shadow_seen: tuple[int, object] | None = None  # (manifest version, its shadow)

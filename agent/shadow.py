@@ -5,7 +5,8 @@ While a rollout is judged, its manifest carries a ``shadow`` section
 :meth:`ShadowEvaluator.offer`, which copies a sampled share into a bounded queue and never
 waits: when the queue is full the sample is dropped and counted. A worker thread at low
 priority (``os.setpriority`` where allowed) and within a CPU budget (a share of one core)
-runs each sample on each variant under evaluation and on the reference, and aggregates per
+runs each sample, in the request path's idle gaps, on each variant under evaluation and on
+the reference, and aggregates per
 variant: top-1 agreement, output divergence, errors and its latency p95. :meth:`cut`
 hands one interval's figures to telemetry.
 
@@ -27,11 +28,12 @@ import numpy as np
 
 from prunefleet.shared.messages import ShadowReport, ShadowSpec, ShadowStats, VariantProfile
 
+from .profile import Activity
 from .runtime import ModelPool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShadowEvaluator", "ShadowOptions"]
+__all__ = ["ShadowEvaluator", "ShadowOptions", "idle_wait"]
 
 _MAX_LATENCIES = 512  # per variant per interval, for the p95
 
@@ -42,6 +44,10 @@ class ShadowOptions:
     # CPU time the worker may spend per second of wall time (0.1: a tenth of one core).
     cpu_share: float = 0.1
     nice: int = 10
+    # The worker runs a sample only once the request path has been idle this long (no
+    # request in flight, none begun within it): in one process the worker's Python work
+    # would otherwise hold the interpreter lock while a request waits for it.
+    idle_gap_s: float = 0.002
     # False: no worker thread; whoever owns the evaluator calls run_once (tests).
     worker_thread: bool = True
 
@@ -60,9 +66,13 @@ class ShadowEvaluator:
     """Thread-safe: :meth:`offer` from request threads, :meth:`configure` and :meth:`cut`
     from the loop thread, :meth:`run_once` from the worker (or a test)."""
 
-    def __init__(self, pool: ModelPool, options: ShadowOptions | None = None) -> None:
+    def __init__(self, pool: ModelPool, options: ShadowOptions | None = None,
+                 activity: Activity | None = None) -> None:
         self.pool = pool
         self.options = options or ShadowOptions()
+        # The request path's activity (requests in flight, the last one's start); None:
+        # the worker does not wait for idle gaps.
+        self.activity = activity
         self._lock = threading.Lock()
         self._queue: collections.deque[np.ndarray] = collections.deque()
         self._ready = threading.Condition(self._lock)
@@ -239,6 +249,8 @@ class ShadowEvaluator:
                     self._ready.wait(timeout=1.0)
             if self._stop.is_set():
                 return
+            if not self._wait_for_idle():
+                return
             t0, c0 = time.monotonic(), time.thread_time()
             self.run_once()
             # Stay within the budget: after spending c seconds of CPU, rest c / share - c.
@@ -246,6 +258,31 @@ class ShadowEvaluator:
             rest = spent / share - (time.monotonic() - t0)
             if rest > 0:
                 self._stop.wait(min(rest, 5.0))
+
+
+    def _wait_for_idle(self) -> bool:
+        """Wait until no request is in flight and none began within ``idle_gap_s``; False
+        when the evaluator is stopping. Samples wait in the (bounded) queue meanwhile: a
+        device saturated with requests gathers no evidence, and its wave says so."""
+        act, gap = self.activity, self.options.idle_gap_s
+        if act is None or gap <= 0:
+            return not self._stop.is_set()
+        while not self._stop.is_set():
+            _, in_flight, last = act.snapshot()
+            wait = idle_wait(in_flight, last, time.monotonic(), gap)
+            if wait == 0.0:
+                return True
+            self._stop.wait(wait)
+        return False
+
+
+def idle_wait(in_flight: int, last_start: float, now: float, gap: float) -> float:
+    """Seconds to wait before the request path counts as idle (0.0: idle now): no request
+    in flight and none begun within ``gap``."""
+    if in_flight > 0:
+        return gap
+    quiet = now - last_start
+    return 0.0 if quiet >= gap else gap - quiet
 
 
 def _softmax(y: np.ndarray) -> np.ndarray:

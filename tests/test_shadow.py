@@ -124,3 +124,53 @@ def test_evaluation_stops_with_a_desired_state_without_a_shadow_section(setup) -
         agent.predict(x)
     assert not agent.shadow.run_once()
     assert _shadow_telemetry(fleet, agent) is None
+
+
+@pytest.mark.parametrize(("in_flight", "last_start", "now", "wait"), [
+    (1, 0.0, 10.0, 0.002),     # a request in flight: wait, however long ago it began
+    (0, 9.9995, 10.0, 0.0015),  # one began 0.5 ms ago: wait out the rest of the gap
+    (0, 9.998, 10.0, 0.0),     # idle for the whole gap: run now
+    (0, -1e18, 10.0, 0.0),     # no request yet
+])
+def test_the_worker_runs_only_in_the_request_paths_idle_gaps(in_flight, last_start, now,
+                                                              wait):
+    from prunefleet.agent.shadow import idle_wait
+
+    assert idle_wait(in_flight, last_start, now, 0.002) == pytest.approx(wait)
+
+
+def test_the_worker_evaluates_queued_samples_once_requests_pause(setup):
+    import threading
+
+    from prunefleet.agent.profile import Activity
+    from prunefleet.agent.shadow import ShadowEvaluator
+
+    fleet, agent, base, good, _bad = setup
+    fleet.deploy([base, good])
+    fleet.run_until(agent, lambda: set(agent.pool.table) == {"base", "good"}, steps=200)
+    activity = Activity()
+    ev = ShadowEvaluator(agent.pool, ShadowOptions(queue_max=8, cpu_share=1.0),
+                         activity=activity)
+    ev.configure(ShadowSpec(variants=["good"], sample_share=1.0, reference="base"), "base")
+    activity.begin()  # a request in flight: the samples wait in the queue
+    for x in _requests(3):
+        ev.offer(x)
+    ev.start()
+    try:
+        with ev._lock:  # the worker never takes a sample while a request is in flight
+            assert len(ev._queue) == 3
+        activity.end()
+        done = threading.Event()
+
+        def evaluated() -> None:
+            while not done.is_set():
+                with ev._lock:
+                    if not ev._queue:
+                        done.set()
+                        return
+                ev._stop.wait(0.001)
+
+        threading.Thread(target=evaluated, daemon=True).start()
+        assert done.wait(10), "the worker evaluated the queued samples once idle"
+    finally:
+        ev.close()
