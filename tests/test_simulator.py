@@ -80,10 +80,11 @@ def test_thirty_devices_register_report_telemetry_and_take_a_staged_rollout(flee
         seqs = store.telemetry_seqs(dev)
         assert len(seqs) >= 2, dev
         assert seqs == list(range(len(seqs))), f"{dev}: gaps in {seqs}"
-        # Every batch cut reached the store, but what a device offline at the end still
-        # holds in its queue.
+        # Every batch cut reached the store or is still held by its device (one offline
+        # at the end, or stored but its confirmation not yet back): none is lost.
         q = devs[dev].agent.tqueue
-        assert len(seqs) == q.issued - len(q.pending()), dev
+        assert set(range(q.issued)) <= set(seqs) | set(q.pending()), dev
+        assert len(seqs) <= q.issued, dev
     summary = fleet.api.telemetry_summary()
     assert summary["devices"] == 30
     assert set(summary["variants"]) >= {"large"}
