@@ -288,7 +288,10 @@ def test_a_retired_key_is_revoked_on_the_agents_for_good(fleet, capsys):
     # The running server re-signs every desired state, naming the retired key.
     wait_for(lambda: agent.follower.revoked == {old_id}, 20,
              what="the agent to take the revocation")
-    assert json.loads((agent.state_dir / "revoked-keys.json").read_text()) == [old_id]
+    # ...and keeps it on disk (written in the same loop step, just after).
+    saved = agent.state_dir / "revoked-keys.json"
+    wait_for(saved.exists, 10, what="the revocation kept on disk")
+    assert json.loads(saved.read_text()) == [old_id]
     following = agent.manifest
     assert following is not None
 
