@@ -48,6 +48,9 @@ class ShadowOptions:
     # request in flight, none begun within it): in one process the worker's Python work
     # would otherwise hold the interpreter lock while a request waits for it.
     idle_gap_s: float = 0.002
+    # How often a waiting worker looks again: each look takes the interpreter lock, so not
+    # more often than this (a busy device's requests would pay for it).
+    idle_poll_s: float = 0.02
     # False: no worker thread; whoever owns the evaluator calls run_once (tests).
     worker_thread: bool = True
 
@@ -272,7 +275,7 @@ class ShadowEvaluator:
             wait = idle_wait(in_flight, last, time.monotonic(), gap)
             if wait == 0.0:
                 return True
-            self._stop.wait(wait)
+            self._stop.wait(max(wait, self.options.idle_poll_s))
         return False
 
 
