@@ -46,3 +46,19 @@ def test_importing_the_packages_loads_no_heavy_module():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_pure_cores_import_without_paho_or_onnxruntime():
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('paho', 'onnxruntime'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import prunefleet.agent.follower, prunefleet.agent.phase\n"
+        "import prunefleet.agent.policy, prunefleet.agent.telemetry\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
