@@ -62,14 +62,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mosquitto(work: Path) -> tuple[subprocess.Popen, str]:
+def start_mosquitto(work: Path, *, connection_messages: bool = True
+                    ) -> tuple[subprocess.Popen, str]:
+    """The test config's mosquitto on a free loopback port (``connection_messages=False``
+    keeps its log small when thousands of devices connect). Shared by the bench scripts."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.access(binary, os.X_OK):
         sys.exit("mosquitto is not installed (Debian: apt-get install -y mosquitto)")
     port = _free_port()
     conf = work / "mosquitto.conf"
-    conf.write_text(re.sub(r"^listener\s+\d+.*$", f"listener {port} 127.0.0.1",
-                           CONF.read_text(), count=1, flags=re.MULTILINE))
+    text = re.sub(r"^listener\s+\d+.*$", f"listener {port} 127.0.0.1", CONF.read_text(),
+                  count=1, flags=re.MULTILINE)
+    if not connection_messages:
+        text = text.replace("connection_messages true", "connection_messages false")
+    conf.write_text(text)
     log = open(work / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10

@@ -49,10 +49,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,38 +58,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "deploy" / "mosquitto" / "test.conf"
+# bench/ is the script's directory, so it is on sys.path: share distribution.py's broker.
+from distribution import start_mosquitto  # isort: skip
 
 
 # -- broker ---------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_mosquitto(work: Path) -> tuple[subprocess.Popen, str]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.access(binary, os.X_OK):
-        sys.exit("mosquitto is not installed (Debian: apt-get install -y mosquitto)")
-    port = _free_port()
-    conf = work / "mosquitto.conf"
-    conf.write_text(re.sub(r"^listener\s+\d+.*$", f"listener {port} 127.0.0.1",
-                           CONF.read_text(), count=1, flags=re.MULTILINE))
-    log = open(work / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"mqtt://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("mosquitto did not start")
-
-
 def _cpu_s() -> float:
     t = os.times()
     return t.user + t.system

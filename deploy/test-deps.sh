@@ -4,6 +4,7 @@
 #   systemd                   systemd-analyze, which checks the agent's unit
 #   chromium chromium-driver  headless Chromium, which loads the dashboard
 #   prometheus                promtool, which checks deploy/prometheus/prometheus.yml
+#   nats-server               the NATS MQTT gateway the ingest probe must refuse (tests/test_replicas.py)
 # With the argument `system`, the packages of the system suite (`make test-system`) instead:
 #   debootstrap               builds the Debian arm64 root (tests/test_platforms.py)
 #   qemu-user-static          runs arm64 binaries in that root
@@ -35,6 +36,7 @@ else
     have chromium || have chromium-browser || have google-chrome || missing="$missing chromium"
     have chromedriver || missing="$missing chromium-driver"
     have promtool || missing="$missing prometheus"
+    have nats-server || missing="$missing nats-server"
 fi
 [ -n "$missing" ] || exit 0
 missing=${missing# }

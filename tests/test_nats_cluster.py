@@ -130,7 +130,8 @@ class Balancer:
 def nats_cluster(tmp_path) -> Iterator[list[NatsNode]]:
     exe = shutil.which("nats-server")
     if exe is None:
-        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+        pytest.fail("nats-server is not installed: `make deps` installs it "
+                    "(Debian package nats-server)", pytrace=False)
     cluster_ports = [free_port() for _ in range(3)]
     nodes = [NatsNode(exe, tmp_path, f"n{i}", cluster_ports, i) for i in range(3)]
     for n in nodes:

@@ -194,7 +194,8 @@ def nats_mqtt(tmp_path) -> Iterator[str]:
     """Debian's nats-server with its MQTT gateway (which needs JetStream) on free ports."""
     exe = shutil.which("nats-server")
     if exe is None:
-        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+        pytest.fail("nats-server is not installed: `make deps` installs it "
+                    "(Debian package nats-server)", pytrace=False)
     port, mqtt_port = free_port(), free_port()
     conf = tmp_path / "nats.conf"
     conf.write_text(textwrap.dedent(f"""\
