@@ -304,7 +304,10 @@ def create_app(ctx: ApiContext) -> FastAPI:
             else MAX_OTHER_BODY_BYTES
 
     # Token and body size before any route reads a byte of the body (see httpguard).
-    app.add_middleware(RequestGuard, token=ctx.token, protected=protected, body_cap=body_cap)
+    http_refused: dict[int, int] = {}  # by status; the guard counts, /metrics exports
+    app.state.http_refused = http_refused
+    app.add_middleware(RequestGuard, token=ctx.token, protected=protected, body_cap=body_cap,
+                       refused=http_refused)
     app.add_middleware(AuditLog)
 
     @app.exception_handler(ApiProblem)
@@ -587,6 +590,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     registry = make_registry(FleetCollector(
         ctx.store, lambda: ctx.fleet.counters,
         broker_connected=ctx.fleet.transport.connected.is_set, prime=True,
+        http_refused=lambda: dict(http_refused),
     ))
     metrics_deps = [] if ctx.metrics_public else [Depends(require_token)]
 

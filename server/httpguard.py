@@ -12,6 +12,11 @@ be refused costs the server nothing it did not have to read:
 
 The routes check the token too (their OpenAPI document says so); this is the layer that
 makes the check cheap.
+
+Every refusal is counted by status in ``refused`` (exported as
+``prunefleet_http_requests_refused_total``): a client that keeps sending after its 413 may
+see the connection reset instead of the answer (the server closes a socket with unread
+bytes in it), and the count is then the only trace of why.
 """
 
 from __future__ import annotations
@@ -55,8 +60,10 @@ class RequestGuard:
 
     def __init__(self, app: ASGIApp, *, token: str,
                  protected: Callable[[str], bool],
-                 body_cap: Callable[[str, str], int]) -> None:
+                 body_cap: Callable[[str, str], int],
+                 refused: MutableMapping[int, int] | None = None) -> None:
         self.app = app
+        self.refused: MutableMapping[int, int] = refused if refused is not None else {}
         self._token = token.encode()
         self.protected = protected
         self.body_cap = body_cap
@@ -69,6 +76,11 @@ class RequestGuard:
                     credentials.strip(), self._token)
         return False
 
+    async def _refuse(self, send: Send, status: int, message: str,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
+        await _reply(send, status, message, headers)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -76,17 +88,17 @@ class RequestGuard:
         path, method = scope["path"], scope["method"]
         headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
         if self.protected(path) and not self._authorized(headers):
-            await _reply(send, 401, "missing or wrong bearer token",
+            await self._refuse(send, 401, "missing or wrong bearer token",
                          [(b"www-authenticate", b"Bearer")])
             return
         cap = self.body_cap(method, path)
         lengths = [v for n, v in headers if n.lower() == b"content-length"]
         if lengths:
             if len(lengths) > 1 or not lengths[0].strip().isdigit():
-                await _reply(send, 400, "bad Content-Length")
+                await self._refuse(send, 400, "bad Content-Length")
                 return
             if int(lengths[0]) > cap:
-                await _reply(send, 413, f"request body of {int(lengths[0])} bytes is over "
+                await self._refuse(send, 413, f"request body of {int(lengths[0])} bytes is over "
                                         f"this route's limit of {cap}")
                 return
 
@@ -104,7 +116,7 @@ class RequestGuard:
                 if received > cap:
                     too_large = True
                     if not started:
-                        await _reply(send, 413, f"request body is over this route's limit "
+                        await self._refuse(send, 413, f"request body is over this route's limit "
                                                 f"of {cap} bytes")
                     # The route sees the client gone and stops reading.
                     return {"type": "http.disconnect"}

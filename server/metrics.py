@@ -194,7 +194,8 @@ class FleetCollector(Collector):
     def __init__(self, store: Store, counters: Callable[[], IngestCounters],
                  broker_connected: Callable[[], bool] | None = None,
                  options: MetricsOptions | None = None,
-                 clock: Callable[[], float] = time.time, prime: bool = False):
+                 clock: Callable[[], float] = time.time, prime: bool = False,
+                 http_refused: Callable[[], dict[int, int]] | None = None):
         """``prime``: read the stored telemetry into the totals now, on a thread of its own,
         so that the first scrape after a server start does not pay for the whole store."""
         self.store = store
@@ -202,6 +203,7 @@ class FleetCollector(Collector):
         self.broker_connected = broker_connected
         self.options = options or MetricsOptions()
         self.clock = clock
+        self.http_refused = http_refused
         self.totals = StoredTotals()
         if prime:
             threading.Thread(target=self._prime, name="metrics-prime", daemon=True).start()
@@ -222,6 +224,15 @@ class FleetCollector(Collector):
                                   "1 while this server is connected to the MQTT broker")
             g.add_metric([], 1.0 if self.broker_connected() else 0.0)
             yield g
+        if self.http_refused is not None:
+            r = CounterMetricFamily(
+                "prunefleet_http_requests_refused",
+                "HTTP requests the API refused before routing them (401 no token, 400 bad "
+                "length, 413 body over the route's cap), by status", labels=["status"])
+            refused = {400: 0, 401: 0, 413: 0, **self.http_refused()}  # zeros included
+            for status, n in sorted(refused.items()):
+                r.add_metric([str(status)], float(n))
+            yield r
         up = GaugeMetricFamily("prunefleet_store_up",
                                "1 when the store answered this scrape's queries")
         try:
