@@ -116,9 +116,12 @@ class ShadowConfig(_Strict):
 class CascadeConfig(_Strict):
     """Input complexity by cascade: the cheapest variant first, a larger one when unsure."""
 
-    enabled: bool = False
+    enabled: bool = True
     """Estimate input complexity by cascade: serve with the cheapest variant, and run the input
-    again on the variant the policy allows when the answer is unsure (reason "cascade")."""
+    again on the variant the policy allows when the answer is unsure (reason "cascade"). On by
+    default, where the variant set allows it: two or more servable variants with the same input
+    shape and the same classes (two or more), whose scores give a top-class probability; with any
+    other set, or with false, the input's own statistics estimate complexity."""
     confidence: float = Field(default=0.9, gt=0, le=1)
     """Top-class probability below which the cheap answer is unsure and escalates."""
 

@@ -51,6 +51,9 @@ REASONS: dict[Reason, str] = {
     "charging): the cheapest variant, at once.",
     Reason.BATTERY_RECOVERED: "The battery rose above its low level plus "
     "`hysteresis_percent`: dearer variants are allowed again.",
+    Reason.BATTERY_LIFETIME: "Lifetime mode (`battery_life_target_h`): the mix of "
+    "variants planned to last until the target moved to this variant (its share of "
+    "requests, or a new plan as the request rate and the charge changed).",
     Reason.CHARGING: "The device started charging: the battery no longer limits the choice.",
     Reason.CPU_HIGH: "CPU load reached `cpu_high_percent`: one step cheaper.",
     Reason.CPU_RECOVERED: "CPU load fell below `cpu_high_percent - cpu_hysteresis_percent`.",
@@ -69,9 +72,10 @@ REASONS: dict[Reason, str] = {
     Reason.COMPLEXITY_LOW: "Inputs got easier (at or below `complexity_low`): one step "
     "cheaper than the budget. With the cascade: the cheapest variant's answer was sure "
     "enough.",
-    Reason.CASCADE: "With `[cascade]` enabled, per request: the cheapest variant was unsure "
-    "(top-class probability below `cascade.confidence`) and the input ran again on the "
-    "variant the budget allows, which answered.",
+    Reason.CASCADE: "With the cascade (on by default where the variants allow it), per "
+    "request: the cheapest variant was unsure (top-class probability below "
+    "`cascade.confidence`) and the input ran again on the variant the budget allows (on a "
+    "critical battery, the middle of the table), which answered.",
 }
 
 _SECTIONS = {"": "Top level"}

@@ -205,12 +205,14 @@ class ManifestFollower:
 
     def retire(self, installed: Mapping[str, VariantSpec]) -> list[str]:
         """Installed variants the manifest no longer names (or names with another digest),
-        once one of its own serves: until then the last known good ones keep serving."""
+        once one of its own serves: until then the last known good ones keep serving. A
+        profile-only variant installed never counts as serving."""
         m = self.manifest
         if m is None:
             return []
         wanted = {v.name: v.sha256 for v in m.variants}
-        if not any(wanted.get(n) == s.sha256 for n, s in installed.items()):
+        if not any(wanted.get(n) == s.sha256 and not s.profile_only
+                   and n not in m.profile_only for n, s in installed.items()):
             return []
         return sorted(n for n, s in installed.items() if wanted.get(n) != s.sha256)
 

@@ -24,6 +24,15 @@ The rule, in order:
 3. **Complexity** picks within the budget: high complexity takes the budget; low takes
    one step cheaper (never below the cheapest).
 
+**Lifetime mode** (``battery_life_target_h`` set, on battery, before the target): the
+caller passes ``lifetime``, the variant the lifetime mix wants now
+(:mod:`prunefleet.agent.lifetime`). It *replaces* the battery rules of step 2 (low and
+critical levels) and the complexity step: the budget is that variant, capped by the other
+limits of step 2 (CPU, temperature, memory: at most one step below the dearest; the SLO: one
+more). A pin still wins, the dwell still holds, and a move the mix causes says
+``BATTERY_LIFETIME``. Charging, past the target, or without a plan (``lifetime=None``) the
+rules above apply unchanged.
+
 Every threshold is *latched* with hysteresis, and the latched levels live in the state:
 the battery enters "low" at ``battery_low_percent`` and leaves it only above
 ``battery_low_percent + hysteresis_percent``; CPU enters "high" at ``cpu_high_percent`` and
@@ -70,6 +79,7 @@ __all__ = [
     "PolicyConfig",
     "PolicyState",
     "VariantInfo",
+    "cascade_applies",
     "decide",
     "drop_dominated",
     "order_variants",
@@ -157,13 +167,33 @@ class CascadePlan:
         return self.escalate_to is not None and confidence < threshold
 
 
-def plan_cascade(variants: Iterable[VariantInfo], budget: str) -> CascadePlan:
+def cascade_applies(specs: Iterable[VariantSpec]) -> bool:
+    """Whether the confidence cascade can serve with these servable variants: two or more
+    that answer the same question, the same input shape and the same classes (two or more
+    of them). Then the cheap variant's output is class scores whose top-class probability
+    (the softmax of its scores) says how sure it is, and the dearer one's answer can stand
+    in for it. Otherwise every request is served by one variant, as the policy picks."""
+    vs = list(specs)
+    questions = {(tuple(s.input_shape[1:]), s.num_classes) for s in vs}
+    return len(vs) >= 2 and len(questions) == 1 and vs[0].num_classes >= 2
+
+
+def plan_cascade(variants: Iterable[VariantInfo], budget: str,
+                 critical: bool = False) -> CascadePlan:
     """The confidence cascade: the cheapest variant first; escalate to ``budget`` (the
-    variant the policy allows for a hard input) when it is unsure."""
+    variant the policy allows for a hard input) when it is unsure.
+
+    ``critical`` (the battery is critical, not charging): the budget is the cheapest
+    variant, yet unsure answers still escalate to the low level's budget (the middle of
+    the table). The cheapest already answers everything it is sure of; stopping the
+    escalation too would serve the cheapest's unsure answers, its wrong ones, for the last
+    of the charge (on the digits bench that was most of the default's accuracy loss)."""
     table = order_variants(variants)
     if not table:
         raise ValueError("plan_cascade needs at least one variant")
     first = table[0].name
+    if critical and budget == first:
+        budget = table[(len(table) - 1) // 2].name
     return CascadePlan(first, None if budget == first else budget)
 
 
@@ -202,10 +232,17 @@ class Levels:
     slo_violated: bool = False
     # Until the inputs say otherwise, serve the most accurate variant the budget allows.
     complexity: ComplexityLevel = ComplexityLevel.HIGH
+    # Lifetime mode: the table index of the variant its mix wants now (None: not active).
+    lifetime: int | None = None
 
     @property
     def power(self) -> _Power:
         return _Power.CHARGING if self.charging else _Power(self.battery.value)
+
+    @property
+    def critical(self) -> bool:
+        """The battery rule of a critical level holds (not charging, not lifetime mode)."""
+        return self.power == _Power.CRITICAL and self.lifetime is None
 
 
 @dataclass(frozen=True)
@@ -253,9 +290,11 @@ def decide(
     state: PolicyState | None,
     now: float,
     config: PolicyConfig = _DEFAULT_CONFIG,
+    lifetime: str | None = None,
 ) -> Decision:
     """Choose the variant to serve. Pass ``state=None`` on the first call, then the
-    ``Decision.state`` of the previous call. ``variants`` must not be empty."""
+    ``Decision.state`` of the previous call. ``variants`` must not be empty. ``lifetime``:
+    the variant lifetime mode wants now (ignored when it is not in the table)."""
     table = order_variants(variants)
     if not table:
         raise ValueError("decide needs at least one variant")
@@ -265,6 +304,7 @@ def decide(
     current = names.index(previous) if previous in names else None
 
     levels = _latch(readings, complexity, state.levels if state else Levels(), config)
+    levels = replace(levels, lifetime=names.index(lifetime) if lifetime in names else None)
     levels = replace(
         levels, slo_violated=_slo_latch(levels, recent_latency_ms, table, current, config)
     )
@@ -292,7 +332,8 @@ def decide(
     if target == current:
         return choose(state.variant, state.reason)
 
-    critical_cut = levels.power == _Power.CRITICAL and target < current
+    critical_cut = (levels.power == _Power.CRITICAL and levels.lifetime is None
+                    and target < current)
     if now - state.since < config.min_dwell_s and not critical_cut:
         return choose(state.variant, state.reason)
     reason = _attribute(state.levels_at_switch, levels, current, target, n)
@@ -403,6 +444,14 @@ def _cost_ratio(table: tuple[VariantInfo, ...], frm: int | None, to: int) -> flo
 
 def _target(levels: Levels, n: int) -> int:
     """Index into the cheapest-first table of the variant these levels call for."""
+    if levels.lifetime is not None:
+        # The mix replaces the battery budget and the complexity step; the other limits cap.
+        cap = n - 1
+        if levels.cpu_high or levels.hot or levels.memory_low:
+            cap -= 1
+        if levels.slo_violated:
+            cap -= 1
+        return max(min(levels.lifetime, cap), 0)
     power = levels.power
     if power == _Power.CRITICAL:
         return 0
@@ -422,7 +471,9 @@ def _target(levels: Levels, n: int) -> int:
 # --- reasons ----------------------------------------------------------------------------
 
 # Highest priority first: the first of these that explains a move names it.
-_INPUTS = ("power", "hot", "memory_low", "cpu_high", "slo_violated", "complexity")
+_INPUTS = ("power", "lifetime", "hot", "memory_low", "cpu_high", "slo_violated",
+           "complexity")
+_NO_LIFETIME = 1 << 30  # lifetime mode off: no limit of its own
 
 
 def _get(levels: Levels, key: str) -> object:
@@ -442,6 +493,10 @@ def _direction(key: str, old: Levels, new: Levels) -> int:
         return (delta > 0) - (delta < 0)
     if key == "complexity":
         return 1 if new.complexity == ComplexityLevel.HIGH else -1
+    if key == "lifetime":
+        a = _NO_LIFETIME if old.lifetime is None else old.lifetime
+        b = _NO_LIFETIME if new.lifetime is None else new.lifetime
+        return (b > a) - (b < a)
     return -1 if getattr(new, key) else 1
 
 
@@ -452,8 +507,10 @@ def _attribute(old: Levels, new: Levels, current: int, target: int, n: int) -> R
     target), then any changed input pushing the same way; highest priority first.
     """
     move = 1 if target > current else -1
+    # In lifetime mode the battery level limits nothing: it explains no move.
+    inputs = [k for k in _INPUTS if not (k == "power" and new.lifetime is not None)]
     same_way = [
-        k for k in _INPUTS if _get(old, k) != _get(new, k) and _direction(k, old, new) == move
+        k for k in inputs if _get(old, k) != _get(new, k) and _direction(k, old, new) == move
     ]
     decisive = [k for k in same_way if _target(_revert(new, old, k), n) != target]
     chosen = decisive or same_way
@@ -470,6 +527,8 @@ def _reason(key: str, old: Levels, new: Levels) -> Reason:
         if power == _Power.LOW and old.power != _Power.CRITICAL:
             return Reason.BATTERY_LOW
         return Reason.BATTERY_RECOVERED
+    if key == "lifetime":
+        return Reason.BATTERY_LIFETIME
     if key == "cpu_high":
         return Reason.CPU_HIGH if new.cpu_high else Reason.CPU_RECOVERED
     if key == "complexity":
@@ -490,6 +549,11 @@ _REASON_OF = {
 def _explain(levels: Levels) -> Reason:
     """The strongest constraint behind the current levels' choice (when no change explains
     it, e.g. after a pin is lifted)."""
+    if levels.lifetime is not None:
+        for key in ("hot", "memory_low", "cpu_high", "slo_violated"):
+            if getattr(levels, key):
+                return _REASON_OF[key][0] if key in _REASON_OF else Reason.CPU_HIGH
+        return Reason.BATTERY_LIFETIME
     power = levels.power
     if power == _Power.CRITICAL:
         return Reason.BATTERY_CRITICAL

@@ -9,7 +9,12 @@ Never in the way of a request: the measurement runs in its own thread at a raise
 niceness (Linux: per thread), in slices of a few inferences. Before each slice it waits
 until no request came for ``idle_gap_ms``; a slice during which a request arrived is
 thrown away (its latencies met contention, its energy includes the request's); after each
-slice it sleeps long enough to stay below ``cpu_budget_percent`` of one core.
+slice it sleeps long enough to stay below ``cpu_budget_percent`` of one core. A steady
+request stream (a camera at 30 frames a second) may never leave a gap that long: after
+waiting :data:`STARVED_AFTER_S` for one, the profiler measures single inferences in the
+stream's short gaps (no request for :data:`SHORT_GAP_S`), each thrown away if a request
+arrived meanwhile, until a full gap comes again; those slices give latency and CPU time,
+not metered energy.
 
 Energy: with a meter, the idle power is measured first (the device asleep as far as we
 are concerned), then the meter is read around every clean slice; the energy per
@@ -51,6 +56,10 @@ log = logging.getLogger(__name__)
 __all__ = ["Activity", "ProfileStore", "Profiler", "measure", "rss_bytes"]
 
 PROFILE_FILE = "profiles.json"
+# Waiting this long (or ten idle gaps, if longer) for a full idle gap means a steady stream:
+# the profiler then measures single inferences in gaps of SHORT_GAP_S.
+STARVED_AFTER_S = 0.5
+SHORT_GAP_S = 0.001
 
 
 def rss_bytes() -> int | None:
@@ -162,21 +171,38 @@ def measure(lv: LoadedVariant, infer: Callable[[LoadedVariant, np.ndarray], obje
     gap_s = settings.idle_gap_ms / 1000.0
     budget = settings.cpu_budget_percent / 100.0
 
-    def quiet() -> int:
-        """Wait until no request came for ``gap_s``; the request count then."""
+    short_s = min(gap_s, SHORT_GAP_S)
+    starve_s = max(STARVED_AFTER_S, 10 * gap_s)
+    starved = [False]  # no full gap came within starve_s; until one comes again
+
+    def quiet() -> tuple[int, bool]:
+        """Wait until no request came for ``gap_s`` (or, starved, ``short_s``); the request
+        count then, and whether only a short gap was found."""
+        t0 = time.monotonic()
         while True:
             if stop.is_set():
                 raise _Stopped
             started, in_flight, last = activity.snapshot()
-            wait = last + gap_s - time.monotonic()
+            now = time.monotonic()
+            wait = last + gap_s - now
             if in_flight == 0 and wait <= 0:
-                return started
-            stop.wait(max(wait, gap_s, 0.001))
+                starved[0] = False
+                return started, False
+            starved[0] = starved[0] or now - t0 >= starve_s
+            if starved[0]:
+                wait = last + short_s - now
+                if in_flight == 0 and wait <= 0:
+                    return started, True
+                stop.wait(max(wait, short_s))
+            else:
+                stop.wait(max(wait, gap_s, 0.001))
 
     def run_slice(n: int) -> tuple[list[float], float, float, float | None] | None:
-        """``n`` timed inferences: (latencies ms, CPU s, busy s, joules or None); None
-        when a request arrived meanwhile."""
-        seen = quiet()
+        """``n`` timed inferences (one in a short gap): (latencies ms, CPU s, busy s,
+        joules or None); None when a request arrived meanwhile."""
+        seen, short = quiet()
+        if short:
+            n = 1
         e0 = meter.joules() if meter else None
         c0, t0 = cpu_clock(), time.perf_counter()
         lat = []
@@ -194,7 +220,7 @@ def measure(lv: LoadedVariant, infer: Callable[[LoadedVariant, np.ndarray], obje
         started, in_flight, _ = activity.snapshot()
         if started != seen or in_flight or len(lat) < n:
             return None
-        joules = None if e0 is None or e1 is None else e1 - e0
+        joules = None if e0 is None or e1 is None or short else e1 - e0
         return lat, cpu, t1 - t0, joules
 
     for _ in range(-(-settings.warmup_runs // settings.slice_runs)):
@@ -247,12 +273,15 @@ def measure(lv: LoadedVariant, infer: Callable[[LoadedVariant, np.ndarray], obje
         energy_source=source, runs=runs, threads=threads, ts=wall())
 
 
-def _idle_power(meter: EnergyMeter, quiet: Callable[[], int], activity: Activity,
-                stop: threading.Event, attempts: int = 5) -> float | None:
-    """Watts the device draws while this agent serves nothing (requests void a try)."""
+def _idle_power(meter: EnergyMeter, quiet: Callable[[], tuple[int, bool]],
+                activity: Activity, stop: threading.Event, attempts: int = 5) -> float | None:
+    """Watts the device draws while this agent serves nothing (requests, and a short gap
+    only, void a try)."""
     window = max(meter.min_window_s, 0.1)
     for _ in range(attempts):
-        seen = quiet()
+        seen, short = quiet()
+        if short:
+            continue
         e0, t0 = meter.joules(), time.monotonic()
         if stop.wait(window):
             raise _Stopped

@@ -134,16 +134,21 @@ Chooser = Callable[[np.ndarray, dict[str, VariantSpec]], tuple[str, Reason]]
 class ModelPool:
     """Installed variants, and ONNX Runtime sessions for as many as memory allows.
 
-    ``specs`` holds every installed variant; ``table`` the loaded ones. Both are replaced,
-    never mutated, so a request that read them keeps a consistent view while a switch,
-    an install or an unload happens. With ``max_loaded`` > 0 the least recently used
-    sessions are unloaded; a request for an unloaded variant is served by the nearest
-    loaded one while the loop thread loads it (session creation never blocks a request).
+    ``specs`` holds every installed variant; ``table`` the loaded ones; ``servable`` the
+    installed variants that may serve: a profile-only one (``VariantSpec.profile_only``,
+    installed to be measured for ``prunefleet tune``) is left out here, the one place the
+    request path, the policy, the cascade, lifetime mode and the fallback take their
+    variants from. All three are replaced, never mutated, so a request that read them keeps
+    a consistent view while a switch, an install or an unload happens. With ``max_loaded``
+    > 0 the least recently used sessions are unloaded (profile-only ones first); a request
+    for an unloaded variant is served by the nearest servable loaded one while the loop
+    thread loads it (session creation never blocks a request).
     """
 
     def __init__(self, loader: Callable[[VariantSpec], LoadedVariant] | None = None,
                  max_loaded: int = 0, engine: Engine | None = None) -> None:
         self._specs: dict[str, VariantSpec] = {}
+        self._servable: dict[str, VariantSpec] = {}
         self._table: dict[str, LoadedVariant] = {}
         self._used: dict[str, float] = {}
         self._swap = threading.Lock()
@@ -163,23 +168,37 @@ class ModelPool:
     def specs(self) -> dict[str, VariantSpec]:
         return self._specs
 
+    @property
+    def servable(self) -> dict[str, VariantSpec]:
+        """Installed variants that may serve (every one but the profile-only)."""
+        return self._servable
+
     def serving(self, spec: VariantSpec) -> bool:
-        """Installed under its name with this exact digest."""
+        """Installed under its name with this exact digest, profile-only or not as ``spec``
+        says (a candidate the manifest now offers to serve is installed again)."""
         cur = self._specs.get(spec.name)
-        return cur is not None and cur.sha256 == spec.sha256
+        return (cur is not None and cur.sha256 == spec.sha256
+                and cur.profile_only == spec.profile_only)
+
+    def _swapped(self, specs: dict[str, VariantSpec]) -> None:
+        """Lock held."""
+        self._specs = specs
+        self._servable = {k: v for k, v in specs.items() if not v.profile_only}
 
     def put(self, lv: LoadedVariant) -> None:
         with self._swap:
-            self._specs = {**self._specs, lv.name: lv.spec}
+            self._swapped({**self._specs, lv.name: lv.spec})
             self._table = {**self._table, lv.name: lv}
             self._used[lv.name] = time.monotonic()
             self.wanted.discard(lv.name)
             self.version += 1
-        self.shrink_to(self.max_loaded, keep={lv.name})
+        # A profile-only session is the first to go under the cap (the profiler holds its
+        # own reference): it never displaces a session that serves.
+        self.shrink_to(self.max_loaded, keep=set() if lv.spec.profile_only else {lv.name})
 
     def remove(self, name: str) -> None:
         with self._swap:
-            self._specs = {k: v for k, v in self._specs.items() if k != name}
+            self._swapped({k: v for k, v in self._specs.items() if k != name})
             self._table = {k: v for k, v in self._table.items() if k != name}
             self._used.pop(name, None)
             self.wanted.discard(name)
@@ -198,12 +217,14 @@ class ModelPool:
         if n <= 0:
             return dropped
         while len(self._table) > max(n, 1):
-            victims = sorted((t, k) for k, t in list(self._used.items())
-                             if k in self._table and k not in keep)
+            table = self._table
+            victims = sorted((not table[k].spec.profile_only, t, k)
+                             for k, t in list(self._used.items())
+                             if k in table and k not in keep)
             if not victims:
                 break
-            self.unload(victims[0][1])
-            dropped.append(victims[0][1])
+            self.unload(victims[0][2])
+            dropped.append(victims[0][2])
         return dropped
 
     def load_wanted(self) -> list[str]:
@@ -243,11 +264,12 @@ class ModelPool:
         if lv is not None:
             self._used[name] = time.monotonic()
             return lv
-        if not table:
+        servable = [v for v in table.values() if not v.spec.profile_only]
+        if not servable:
             raise NoVariantError("no variant loaded")
         self.wanted.add(name)
         want = self._specs[name].macs if name in self._specs else 0
-        lv = min(table.values(), key=lambda v: (abs(v.spec.macs - want), v.spec.macs))
+        lv = min(servable, key=lambda v: (abs(v.spec.macs - want), v.spec.macs))
         self._used[lv.name] = time.monotonic()
         return lv
 
@@ -255,7 +277,7 @@ class ModelPool:
         return self.engine.infer(lv, x)
 
     def run(self, x: np.ndarray, choose: Chooser) -> Served:
-        specs = self._specs  # one read: a concurrent swap cannot change it under us
+        specs = self._servable  # one read: a concurrent swap cannot change it under us
         if not specs or not self._table:
             raise NoVariantError("no variant installed yet")
         x = self.check_input(x, next(iter(specs.values())))

@@ -135,6 +135,8 @@ class Agent:
             activity=self.serving.activity, wall=self.clock.time)
         self._profile_requests: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._profiled_pool_version = -1
+        # The highest re-profile request of a desired state acted on (kept across restarts).
+        self._reprofiled = self.store.reprofile_epoch()
         self.transport: Transport = transport or device_transport(config)
         self._desired: dict[str, Source] = {self.topics.desired(self.device_id): "device"}
         if config.group:
@@ -203,6 +205,7 @@ class Agent:
         then on every timer that is due."""
         self._drain(wait_s)
         self._follow_shadow()
+        self._follow_reprofile()
         now, due = self.clock.monotonic(), self._next
         if now >= due["sensors"]:
             due["sensors"] = now + self.config.sensor_interval_s
@@ -335,6 +338,20 @@ class Agent:
         """Measure ``variant`` (every installed one when None) again; any thread."""
         self._profile_requests.put(variant)
 
+    def _follow_reprofile(self) -> None:
+        """Profile every installed variant again when the followed desired state asks: its
+        ``reprofile`` epoch is above the highest acted on. That one is kept in the state
+        directory, so a restart does not measure again. Loop thread."""
+        m = self.follower.manifest
+        epoch = m.reprofile if m is not None else 0
+        if epoch <= self._reprofiled:
+            return
+        self._reprofiled = epoch
+        self.store.set_reprofile_epoch(epoch)
+        log.info("desired state v%d asks for new profiles (re-profile %d): measuring "
+                 "every installed variant again", m.version if m else 0, epoch)
+        self.request_profile()
+
     def _active_power_w(self, config: AgentConfig) -> float:
         """Watts a busy core adds: configured, else per class, else the facts' figure."""
         e, f = config.energy, self.facts
@@ -354,10 +371,19 @@ class Agent:
                 name = self._profile_requests.get_nowait()
             except queue.Empty:
                 break
-            for lv in list(self.pool.table.values()):
-                if name is None or lv.name == name:
-                    old = self.profiles.get(lv.name)
-                    self.profiler.want(lv, old.memory_mb if old else None, force=True)
+            table = self.pool.table
+            for n, spec in list(self.pool.specs.items()):
+                if name is not None and n != name:
+                    continue
+                lv = table.get(n)
+                if lv is None:  # unloaded (max_loaded_variants): a session for the profiler
+                    try:
+                        lv = self.installer.load(spec)
+                    except Exception as e:  # it serves as before; the next start loads it
+                        log.error("cannot load %s to profile it: %s", n, e)
+                        continue
+                old = self.profiles.get(n)
+                self.profiler.want(lv, old.memory_mb if old else None, force=True)
         changed = False
         for name, prof in self.profiler.take():
             spec = self.pool.specs.get(name)
@@ -466,5 +492,6 @@ class Agent:
             return
         self._shadow_seen = key
         self.shadow.configure(spec, self._served_before)
+        self.serving.set_evaluating(spec.variants if spec is not None else ())
         if spec is not None:
             self.shadow.start()

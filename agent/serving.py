@@ -7,6 +7,10 @@ itself is :func:`~prunefleet.agent.policy.decide` (and :func:`plan_cascade` for 
 confidence cascade); what this module adds is the bookkeeping around it, under one lock:
 the smoothed input complexity, the recent latencies, the policy's state, and a short
 cache so that the policy runs at most every ``policy_eval_interval_s`` between changes.
+With ``battery_life_target_h`` set it also keeps lifetime mode's state
+(:class:`~prunefleet.agent.lifetime.Lifetime`: request rate, plan, deficit counters) and
+passes its pick to the policy; while lifetime mode picks, the cascade is not used (the mix
+is planned on each variant's own energy).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import collections
 import logging
 import statistics
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,9 +33,11 @@ from .config import CascadeConfig
 from .devicefacts import FALLBACK_ACTIVE_POWER_W
 from .energy import estimate_j
 from .errors import NoVariantError
+from .lifetime import Lifetime, Option
 from .policy import (
     PolicyState,
     VariantInfo,
+    cascade_applies,
     decide,
     drop_dominated,
     order_variants,
@@ -103,6 +109,14 @@ class RequestPath:
         self.activity = Activity()
         # Copies a sampled share of requests for shadow evaluation (never waits).
         self.shadow: ShadowEvaluator | None = None
+        # Lifetime mode (``battery_life_target_h``): its state, and whether it picked last.
+        self.lifetime = Lifetime()
+        self._lifetime_on = False
+        self._lifetime_warned = False
+        # (pool version, whether its servable set allows the confidence cascade)
+        self._cascade_set: tuple[int, bool] = (-1, False)
+        # Variants under shadow evaluation: lifetime mode does not bet the charge on them.
+        self._evaluating: frozenset[str] = frozenset()
 
     # -- inputs (loop thread) -------------------------------------------------------------
     def update(self, *, readings: Readings | None = None, policy: PolicyConfig | None = None,
@@ -124,6 +138,13 @@ class RequestPath:
         with self._lock:
             self._profiles = dict(profiles)
             self._profiles_version += 1
+            self._inputs += 1
+
+    def set_evaluating(self, names: Iterable[str]) -> None:
+        """The variants a rollout is evaluating now (lifetime mode leaves them out of its
+        mix while another variant can serve)."""
+        with self._lock:
+            self._evaluating = frozenset(names)
             self._inputs += 1
 
     @property
@@ -156,7 +177,8 @@ class RequestPath:
         """Serve one request (N inputs) on the variant the policy picks."""
         self.activity.begin()
         try:
-            if self.options.cascade.enabled and len(self.pool.specs) > 1:
+            if self.options.cascade.enabled and self._cascade_applies() \
+                    and not self._lifetime_on:
                 served, used = self._predict_cascade(x)
             else:
                 served = self.pool.run(x, self.choose)
@@ -172,7 +194,64 @@ class RequestPath:
         joules = self._energy(used, served.logits.shape[0])
         if self.battery is not None:
             self.battery.consume(joules)
+        if self._policy.battery_life_target_h is not None:
+            with self._lock:
+                self.lifetime.served(self.clock.monotonic(), served.variant,
+                                     served.logits.shape[0], joules)
         return served
+
+    def _charge(self) -> tuple[float, float] | None:
+        """(remaining, capacity) in joules: the simulated battery's own, else the gauge's
+        percentage of ``battery_capacity_wh``; None when unknown."""
+        if self.battery is not None:
+            return self.battery.energy_j, self.battery.capacity_j
+        wh, percent = self._policy.battery_capacity_wh, self._readings.battery_percent
+        if wh is None or percent is None:
+            return None
+        return wh * 3600.0 * percent / 100.0, wh * 3600.0
+
+    def _lifetime_pick(self, now: float, table: tuple[VariantInfo, ...]) -> str | None:
+        """The variant lifetime mode wants now, or None (off, charging, past the target,
+        nothing to plan with). Lock held."""
+        target_h = self._policy.battery_life_target_h
+        r = self._readings
+        # The time on battery counts whether or not the mode is on (it may be set later).
+        on_battery = (self.battery is not None or r.battery_percent is not None) and (
+            r.charging is not True)
+        if target_h is None:
+            self.lifetime.power(now, on_battery, None)
+            return None
+        charge = self._charge()
+        if charge is None and r.battery_percent is not None and not self._lifetime_warned:
+            self._lifetime_warned = True
+            log.warning("lifetime mode: the battery gives a percentage only; set "
+                        "[policy] battery_capacity_wh to plan (battery thresholds apply)")
+        self.lifetime.power(now, on_battery, charge[0] if charge else None)
+        if charge is None or not on_battery:
+            return None
+        options = []
+        for v in table:
+            if v.accuracy is None:
+                continue
+            if v.energy_mj is not None:
+                joules = v.energy_mj / 1000.0
+            else:
+                ms = v.measured_latency_ms or v.latency_ms
+                if ms is None:
+                    continue
+                joules = estimate_j(ms / 1000.0, self.options.active_power_w)
+            options.append(Option(v.name, joules, v.accuracy))
+        settled = [o for o in options if o.name not in self._evaluating]
+        options = settled or options
+        plans = self.lifetime.plans
+        pick = self.lifetime.pick(now, options, charge[0], charge[1], target_h * 3600.0,
+                                  self._active, self._policy.min_dwell_s)
+        if pick is not None and self.lifetime.plans != plans:
+            log.debug("lifetime plan: %s (budget %.4g J/inference, %.4g h left, %.3g/s, "
+                      "idle %.3g W%s)", ", ".join(f"{n} {s:.0%}" for n, s in pick.mix.shares),
+                      pick.mix.budget_j, pick.time_left_s / 3600.0, pick.rate_hz, pick.idle_w,
+                      "" if pick.mix.reachable else "; target out of reach")
+        return None if pick is None else pick.variant
 
     def _energy(self, used: list[tuple[str, float]], n: int) -> float:
         """Joules the request took: each variant's profiled energy per inference, or, for
@@ -194,12 +273,20 @@ class RequestPath:
     def _predict_cascade(self, x: np.ndarray) -> tuple[Served, list[tuple[str, float]]]:
         """The cheapest variant first; escalate to the policy's budget for a hard input
         when any answer in the batch is less confident than the threshold."""
-        specs = self.pool.specs
+        specs = self.pool.servable
         if not specs or not self.pool.table:
             raise NoVariantError("no variant installed yet")
         x = self.pool.check_input(x, next(iter(specs.values())))
-        budget, _ = self.choose(x, specs, complexity=1.0)
-        plan = plan_cascade(self._table(specs), budget)
+        budget, why = self.choose(x, specs, complexity=1.0)
+        if why == Reason.PINNED:  # a pin wins: the pinned variant answers everything
+            lv = self.pool.resolve(budget)
+            y, ms = self.pool.infer(lv, x)
+            reason = why if lv.name == budget else Reason.FALLBACK
+            return Served(lv.name, reason, y, ms), [(lv.name, ms)]
+        with self._lock:
+            state = self._state
+        critical = state is not None and state.levels.critical
+        plan = plan_cascade(self._table(specs), budget, critical=critical)
         first = self.pool.resolve(plan.first)
         y, ms = self.pool.infer(first, x)
         if plan.escalate_to is None or not plan.escalates(
@@ -211,6 +298,16 @@ class RequestPath:
         y2, ms2 = self.pool.infer(top, x)
         return (Served(top.name, Reason.CASCADE, y2, ms + ms2),
                 [(first.name, ms), (top.name, ms2)])
+
+    def _cascade_applies(self) -> bool:
+        """Whether the installed set allows the cascade (:func:`cascade_applies`), once per
+        change of the set."""
+        seen, applies = self._cascade_set
+        version = self.pool.version  # before the set: a newer set is checked again next time
+        if seen != version:
+            applies = cascade_applies(self.pool.servable.values())
+            self._cascade_set = (version, applies)
+        return applies
 
     def _table(self, specs: dict[str, VariantSpec]) -> tuple[VariantInfo, ...]:
         """The policy's table: this device's figures where it has them, without variants
@@ -248,8 +345,11 @@ class RequestPath:
             lat = None
             if self._policy.latency_slo_ms is not None and self._latencies:
                 lat = statistics.median(self._latencies)
-            d = decide(self._readings, self._table(specs), complexity, lat, self._pinned,
-                       self._state, now, self._policy)
+            table = self._table(specs)
+            life = self._lifetime_pick(now, table)
+            self._lifetime_on = life is not None
+            d = decide(self._readings, table, complexity, lat, self._pinned,
+                       self._state, now, self._policy, lifetime=life)
             self._state = d.state
             old = self._active
             if d.variant != old:

@@ -3,12 +3,18 @@
 While a rollout is judged, its manifest carries a ``shadow`` section
 (:class:`~prunefleet.shared.messages.ShadowSpec`). The request path hands every request to
 :meth:`ShadowEvaluator.offer`, which copies a sampled share into a bounded queue and never
-waits: when the queue is full the sample is dropped and counted. A worker thread at low
-priority (``os.setpriority`` where allowed) and within a CPU budget (a share of one core)
-runs each sample, in the request path's idle gaps, on each variant under evaluation and on
-the reference, and aggregates per
-variant: top-1 agreement, output divergence, errors and its latency p95. :meth:`cut`
-hands one interval's figures to telemetry.
+waits (a request not sampled takes no lock): when the queue is full the sample is dropped
+and counted. A worker thread at low priority (``os.setpriority`` where allowed) and within
+a CPU budget (a share of one core) runs each sample on the reference and on each variant
+under evaluation, and aggregates per variant: top-1 agreement, output divergence, errors
+and its latency p95. :meth:`cut` hands one interval's figures to telemetry, with the CPU
+time the worker spent (its waiting for gaps included).
+
+The worker shares the interpreter and the cores with the request path, so it runs only in
+the request path's idle gaps: each inference of a sample (reference, then each variant)
+starts only once no request is in flight and none began within the longer of
+``idle_gap_s`` and the time one shadow inference has been taking; a request that arrives
+meanwhile waits for at most the one inference under way, never for the whole sample.
 
 The reference is the one the manifest names, else the variant the device served before the
 shadow section arrived, else the largest installed variant not under evaluation.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -29,7 +36,7 @@ import numpy as np
 from prunefleet.shared.messages import ShadowReport, ShadowSpec, ShadowStats, VariantProfile
 
 from .profile import Activity
-from .runtime import ModelPool
+from .runtime import LoadedVariant, ModelPool
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,13 @@ class ShadowOptions:
     # CPU time the worker may spend per second of wall time (0.1: a tenth of one core).
     cpu_share: float = 0.1
     nice: int = 10
-    # The worker runs a sample only once the request path has been idle this long (no
-    # request in flight, none begun within it): in one process the worker's Python work
-    # would otherwise hold the interpreter lock while a request waits for it.
+    # Each shadow inference starts only once the request path has been idle this long (no
+    # request in flight, none begun within it), or as long as one shadow inference has
+    # been taking if that is longer: in one process the worker's Python work would
+    # otherwise hold the interpreter lock while a request waits for it.
     idle_gap_s: float = 0.002
-    # How often a waiting worker looks again: each look takes the interpreter lock, so not
-    # more often than this (a busy device's requests would pay for it).
+    # How often a waiting worker looks again at most: each look takes the interpreter
+    # lock, so not more often than this (a busy device's requests would pay for it).
     idle_poll_s: float = 0.02
     # False: no worker thread; whoever owns the evaluator calls run_once (tests).
     worker_thread: bool = True
@@ -81,7 +89,12 @@ class ShadowEvaluator:
         self._ready = threading.Condition(self._lock)
         self._spec: ShadowSpec | None = None
         self._reference: str | None = None
-        self._credit = 0.0  # sampling: a request is copied each time this passes 1
+        # Requests offered since configure: the k-th is sampled when k * share passes an
+        # integer. ``next`` on it is atomic, so a request that is not sampled takes no lock.
+        self._seq = itertools.count()
+        # Wall seconds one shadow inference has been taking (smoothed): the idle gap the
+        # worker waits for is at least this long.
+        self._step_s = 0.0
         self._acc: dict[str, _Acc] = {}
         self._sampled = 0
         self._dropped = 0
@@ -91,6 +104,7 @@ class ShadowEvaluator:
         self._stop = threading.Event()
         self.sampled_total = 0
         self.dropped_total = 0
+        self.evaluated_total = 0  # samples run on the reference and the variants
 
     # -- loop thread ----------------------------------------------------------------------
     def configure(self, spec: ShadowSpec | None, served_before: str | None) -> None:
@@ -102,7 +116,7 @@ class ShadowEvaluator:
             self._spec = spec
             self._queue.clear()
             self._acc = {}
-            self._credit = 0.0
+            self._seq = itertools.count()
             if spec is None:
                 self._reference = None
             elif spec.reference is not None:
@@ -155,11 +169,10 @@ class ShadowEvaluator:
         spec = self._spec
         if spec is None:
             return
+        k, share = next(self._seq), spec.sample_share
+        if int((k + 1) * share) == int(k * share):
+            return
         with self._lock:
-            self._credit += spec.sample_share
-            if self._credit < 1.0:
-                return
-            self._credit -= 1.0
             self._sampled += 1
             self.sampled_total += 1
             if len(self._queue) >= self.options.queue_max:
@@ -167,11 +180,13 @@ class ShadowEvaluator:
                 self.dropped_total += 1
                 return
             self._queue.append(np.array(x, copy=True))
-            self._ready.notify()
+            if len(self._queue) == 1:
+                self._ready.notify()  # the worker waits only on an empty queue
 
     # -- worker ---------------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Evaluate one queued sample; False when the queue was empty."""
+        """Evaluate one queued sample; False when the queue was empty (or the evaluator is
+        stopping). The worker thread waits for an idle gap before each inference."""
         with self._lock:
             if not self._queue or self._spec is None:
                 return False
@@ -180,15 +195,47 @@ class ShadowEvaluator:
         t0 = time.thread_time()
         try:
             self._evaluate(spec, ref_name, x)
+        except _Stopping:
+            return False
+        else:
+            self.evaluated_total += 1
         finally:
             with self._lock:
                 self._cpu_s += time.thread_time() - t0
         return True
 
+    def _infer(self, spec: ShadowSpec, lv: LoadedVariant,
+               x: np.ndarray) -> tuple[np.ndarray, float]:
+        """One shadow inference, started in an idle gap (worker thread only), and its
+        milliseconds; :class:`_Stopping` if evaluation was reconfigured meanwhile. With one
+        intra-op thread the inference runs in this thread, and its figure is this thread's
+        CPU time: the worker's low priority and its waits for the interpreter lock say
+        nothing about the variant, and would count against it."""
+        if self._in_worker():
+            self._wait_for_idle()
+            if self._spec is not spec:
+                raise _Stopping
+        one_thread = getattr(self.pool.engine, "intra_op_threads", None) == 1
+        t0, c0 = time.monotonic(), time.thread_time()
+        try:
+            y, ms = self.pool.infer(lv, x)
+        finally:
+            took = time.monotonic() - t0
+            self._step_s = took if not self._step_s else 0.8 * self._step_s + 0.2 * took
+        if one_thread:
+            ms = (time.thread_time() - c0) * 1000.0
+        return y, ms
+
+    def _in_worker(self) -> bool:
+        t = self._thread
+        return t is not None and t.ident == threading.get_ident()
+
     def _evaluate(self, spec: ShadowSpec, ref_name: str | None, x: np.ndarray) -> None:
         table = self.pool.table
         if ref_name is None:
-            others = [lv for n, lv in table.items() if n not in spec.variants]
+            # A profile-only candidate (``prunefleet tune``) is never a reference.
+            others = [lv for n, lv in table.items()
+                      if n not in spec.variants and not lv.spec.profile_only]
             if not others:
                 return
             ref = max(others, key=lambda lv: (lv.spec.macs, lv.name))
@@ -198,7 +245,9 @@ class ShadowEvaluator:
                 return  # not loaded (yet): nothing to compare with
         try:
             x = self.pool.check_input(x, ref.spec)
-            y_ref, _ = self.pool.infer(ref, x)
+            y_ref, _ = self._infer(spec, ref, x)
+        except _Stopping:
+            raise
         except Exception as e:  # onnxruntime raises its own untyped errors
             log.warning("shadow: reference %s failed: %s", ref.name, e)
             return
@@ -209,8 +258,10 @@ class ShadowEvaluator:
                 continue
             ok, y, ms = True, None, 0.0
             try:
-                y, ms = self.pool.infer(lv, x)
+                y, ms = self._infer(spec, lv, x)
                 ok = y.shape == y_ref.shape and bool(np.all(np.isfinite(y)))
+            except _Stopping:
+                raise
             except Exception as e:
                 log.debug("shadow: %s failed: %s", name, e)
                 ok = False
@@ -247,36 +298,45 @@ class ShadowEvaluator:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.options.nice)
         share = max(self.options.cpu_share, 1e-3)
         while not self._stop.is_set():
+            c0 = time.thread_time()
             with self._lock:
                 while not self._queue and not self._stop.is_set():
                     self._ready.wait(timeout=1.0)
             if self._stop.is_set():
                 return
-            if not self._wait_for_idle():
-                return
-            t0, c0 = time.monotonic(), time.thread_time()
-            self.run_once()
+            t0, c1 = time.monotonic(), time.thread_time()
+            self.run_once()  # waits for an idle gap before each inference
             # Stay within the budget: after spending c seconds of CPU, rest c / share - c.
-            spent = time.thread_time() - c0
+            spent = time.thread_time() - c1
             rest = spent / share - (time.monotonic() - t0)
+            with self._lock:
+                self._cpu_s += c1 - c0  # waking up counts too
             if rest > 0:
                 self._stop.wait(min(rest, 5.0))
 
-
-    def _wait_for_idle(self) -> bool:
-        """Wait until no request is in flight and none began within ``idle_gap_s``; False
-        when the evaluator is stopping. Samples wait in the (bounded) queue meanwhile: a
-        device saturated with requests gathers no evidence, and its wave says so."""
-        act, gap = self.activity, self.options.idle_gap_s
-        if act is None or gap <= 0:
-            return not self._stop.is_set()
+    def _wait_for_idle(self) -> None:
+        """Wait until no request is in flight and none began within the idle gap; raises
+        :class:`_Stopping` when the evaluator stops. Samples wait in the (bounded) queue
+        meanwhile: a device saturated with requests gathers no evidence, and its wave says
+        so. Each look costs the request path an interpreter-lock handoff: not more often
+        than every ``idle_poll_s``. Its CPU time counts in :meth:`run_once`, around it."""
+        act = self.activity
+        gap = max(self.options.idle_gap_s, self._step_s)
+        if act is None or self.options.idle_gap_s <= 0:
+            if self._stop.is_set():
+                raise _Stopping
+            return
         while not self._stop.is_set():
             _, in_flight, last = act.snapshot()
             wait = idle_wait(in_flight, last, time.monotonic(), gap)
             if wait == 0.0:
-                return True
+                return
             self._stop.wait(max(wait, self.options.idle_poll_s))
-        return False
+        raise _Stopping
+
+
+class _Stopping(Exception):
+    """The evaluator stops, or is reconfigured, while the worker waits for a gap."""
 
 
 def idle_wait(in_flight: int, last_start: float, now: float, gap: float) -> float:

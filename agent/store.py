@@ -8,6 +8,7 @@ Layout::
     <state>/installed.json             name → spec of every installed variant
     <state>/trust.json                 highest manifest version accepted
     <state>/revoked-keys.json          signing key ids a verified manifest revoked
+    <state>/reprofile.json             the highest re-profile request acted on
 
 Every write of a small file goes through :func:`prunefleet.shared.fsutil.atomic_write`:
 temp file in the same directory, fsync, ``os.replace``, fsync of the directory.
@@ -120,6 +121,20 @@ class VariantStore:
     def add_revoked(self, keyids: frozenset[str] | set[str]) -> None:
         data = sorted(self.revoked_keyids() | set(keyids))
         atomic_write(self.state_dir / "revoked-keys.json", json.dumps(data).encode())
+
+    def reprofile_epoch(self) -> int:
+        """The highest re-profile request (``Manifest.reprofile``) acted on; 0 when none or
+        unreadable (a request is then acted on once more, which costs a profile only)."""
+        try:
+            return int(json.loads((self.state_dir / "reprofile.json").read_text())["epoch"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, TypeError, KeyError, RecursionError) as e:
+            log.error("reprofile.json unreadable (%s)", e)
+            return 0
+
+    def set_reprofile_epoch(self, epoch: int) -> None:
+        atomic_write(self.state_dir / "reprofile.json", json.dumps({"epoch": epoch}).encode())
 
     def save_manifest(self, signed: bytes) -> None:
         """The signed manifest the agent follows, kept across restarts."""

@@ -1,7 +1,14 @@
 """Ingest benchmark: how fast the server stores telemetry, and that none is lost.
 
     python bench/ingest.py [--quick] [--json PATH] [--devices N] [--interval S]
-                           [--offer-s S] [--drain-s S]
+                           [--offer-s S] [--drain-s S] [--db URL]
+    python bench/ingest.py --fleet 10000 --rate 1000[,2000,...] [--seconds 60]
+                           [--drain-s S] [--db URL] [--json PATH]
+
+``--fleet N`` is a separate mode (``bench/ingest_fleet.py``): a real ``prunefleet serve``
+behind N device connections from a light load generator, offering ``--rate`` batches/s;
+it measures the lag target "p99 < 1 s at 1,000 batches/s from 10,000 devices". What
+follows is the default mode.
 
 Everything runs on one local mosquitto (started here with ``deploy/mosquitto/test.conf`` on
 a free loopback port), in separate processes so that no two share a GIL:
@@ -10,8 +17,9 @@ a free loopback port), in separate processes so that no two share a GIL:
    acknowledgement, nothing stored) counts telemetry-sized messages from two publisher
    processes that send as fast as their in-flight window allows. Its receive rate is what
    one MQTT connection takes from this broker on this machine.
-2. **Server**: ``FleetService`` (what ``prunefleet serve`` runs: SQLite store, manual
-   acknowledgement after commit, "stored through" cursors) in its own process, and
+2. **Server**: ``FleetService`` (what ``prunefleet serve`` runs: SQLite store, or the
+   PostgreSQL database ``--db`` names, manual acknowledgement after commit, "stored
+   through" cursors) in its own process, and
    ``--devices`` simulated devices (``prunefleet.server.simulator``, ``download=False``,
    the agent's own telemetry code: queue, in-flight window, re-sends) in another, each
    cutting a batch every ``--interval`` seconds for ``--offer-s`` seconds. The server is
@@ -35,11 +43,19 @@ Figures (``--json`` keys as issue #9 names them):
   over every stored batch (it includes the backlog the late start builds on purpose);
   ``p99_lag_end_s`` the same for batches cut in the last 10 s of offering, and
   ``timeline`` commits per second and median lag per 5 s;
+* ``session`` (with ``--session``): the server alone, no simulated devices in the loop:
+  the bare run's publishers leave a backlog of distinct batches in its persistent session
+  while it is away, then it starts and stores them all; ``rate`` is batches/s from its
+  first commit to its last, ``ratio`` that over ``bare_rate``;
 * ``devices``; and ``resent`` (batches devices sent again, unconfirmed after their
   timeout), ``dedupe_dropped`` (copies the server recognised), CPU seconds per process.
 
 Targets (issue #9): lost == 0 and duplicates == 0 at any offered rate; server_rate >=
 0.7 x bare_rate on SQLite.
+
+``--db postgresql://host/db``: the server stores in a fresh schema of that database
+(``pf_bench_<random>``, the connection's ``search_path``), which the benchmark drops at the
+end; nothing else in the database is touched.
 """
 
 from __future__ import annotations
@@ -55,6 +71,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -149,14 +167,15 @@ def bare_run(url: str, per_publisher: int, publishers: int = 2) -> dict:
 
 
 # -- 2. the server and simulated devices ------------------------------------------------------
-def server_main(url: str, state_dir: str, prefix: str, conn: Any) -> None:
+def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
+                conn: Any) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
     from prunefleet.server.serve import FleetService, ServeOptions
 
     svc = FleetService(ServeOptions(state_dir=Path(state_dir), broker_url=url,
-                                    listen="127.0.0.1:0", prefix=prefix,
+                                    listen="127.0.0.1:0", prefix=prefix, db_url=db_url,
                                     device_rate_per_s=0.0)).start()
     conn.send("ready")
     cpu0 = _cpu_s()
@@ -200,9 +219,10 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
     }))
 
 
-def _start_server(ctx: Any, url: str, state: Path, prefix: str) -> tuple[Any, Any]:
+def _start_server(ctx: Any, url: str, state: Path, prefix: str,
+                  db_url: str | None) -> tuple[Any, Any]:
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=server_main, args=(url, str(state), prefix, child))
+    proc = ctx.Process(target=server_main, args=(url, str(state), prefix, db_url, child))
     proc.start()
     if not conn.poll(60):
         raise SystemExit("the server did not start")
@@ -218,8 +238,9 @@ def _stop_server(proc: Any, conn: Any) -> dict:
 
 
 def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
-               late_s: float, drain_s: float) -> dict:
-    from prunefleet.server.store import Store, sqlite_url
+               late_s: float, drain_s: float, db_url: str | None = None) -> dict:
+    from prunefleet.server.serve import db_url_for
+    from prunefleet.server.store import Store
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     state = work / "server"
@@ -227,7 +248,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     # A first start makes the keys and the server's persistent session; the server then
     # stays away for late_s while devices offer, so a backlog builds (on the devices, and
     # in the session at the broker) that the restarted server drains at its own pace.
-    _stop_server(*_start_server(ctx, url, state, prefix))
+    _stop_server(*_start_server(ctx, url, state, prefix, db_url))
     sim_conn, sim_child = ctx.Pipe()
     sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, devices,
                                              interval_s, offer_s, drain_s, sim_child))
@@ -237,7 +258,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     print(f"  devices {sim_conn.recv()[0]}; the server starts in {late_s:g} s", flush=True)
     time.sleep(late_s)
     t_server = time.time()
-    srv, srv_conn = _start_server(ctx, url, state, prefix)
+    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url)
     print("  server started", flush=True)
     result: dict = {}
     while True:
@@ -251,7 +272,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     sim.join(60)
     server = _stop_server(srv, srv_conn)
 
-    store = Store(sqlite_url(state / "fleet.db"))
+    store = Store(db_url_for(db_url, state))
     try:
         with store.engine.connect() as c:
             rows = c.exec_driver_sql(
@@ -297,6 +318,74 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     }
 
 
+# -- 3. the server alone: draining its session ---------------------------------------------
+def _session_publisher(url: str, topic_prefix: str, n: int, first: int, go: Any) -> None:
+    """Like ``_bare_publisher``, but every batch is a new one (its own seq): the server
+    stores each, none is a duplicate."""
+    import paho.mqtt.client as mqtt
+
+    host, port = url.removeprefix("mqtt://").rsplit(":", 1)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"session-pub-{first}")
+    c.max_inflight_messages_set(100)
+    c.connect(host, int(port))
+    c.loop_start()
+    payloads = [(f"{topic_prefix}/bare-{(first + i) % 100:04d}/telemetry",
+                 _sample_payload(first + i)) for i in range(n)]
+    go.wait()
+    infos = [c.publish(topic, payload, qos=1) for topic, payload in payloads]
+    for info in infos:
+        info.wait_for_publish(120)
+    c.loop_stop()
+    c.disconnect()
+
+
+def session_run(url: str, work: Path, per_publisher: int, db_url: str | None,
+                publishers: int = 2) -> dict:
+    """The server's own storing rate, without simulated devices in the loop: the bare
+    run's publishers fill the server's persistent session while it is away (at most the
+    broker's ``max_queued_messages``), then the server starts and stores it all."""
+    from prunefleet.server.serve import db_url_for
+    from prunefleet.server.store import Store
+
+    prefix = f"benchs{uuid.uuid4().hex[:6]}"
+    state = work / "session-server"
+    ctx = mp.get_context("spawn")
+    _stop_server(*_start_server(ctx, url, state, prefix, db_url))  # its session
+    go = ctx.Event()
+    procs = [ctx.Process(target=_session_publisher,
+                         args=(url, f"{prefix}/devices", per_publisher, k * per_publisher, go))
+             for k in range(publishers)]
+    for p in procs:
+        p.start()
+    time.sleep(2.0)
+    go.set()
+    for p in procs:
+        p.join(300)
+    sent = per_publisher * publishers
+    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url)
+    store = Store(db_url_for(db_url, state))
+    try:
+        deadline = time.monotonic() + 120
+        n = 0
+        while time.monotonic() < deadline:
+            with store.engine.connect() as c:
+                n = c.exec_driver_sql("SELECT count(*) FROM telemetry").scalar() or 0
+            if n >= sent:
+                break
+            time.sleep(0.5)
+        server = _stop_server(srv, srv_conn)
+        with store.engine.connect() as c:
+            committed = sorted(r for (r,) in c.exec_driver_sql(
+                "SELECT received_at FROM telemetry").all())
+    finally:
+        store.close()
+    span = committed[-1] - committed[0] if len(committed) > 1 else 0.0
+    return {"sent": sent, "stored": len(committed),
+            "rate": (len(committed) - 1) / span if span > 0 else 0.0,
+            "server_cpu_s": server.get("cpu_s"), "transactions": server.get("transactions"),
+            "server_dropped": server.get("dropped")}
+
+
 WINDOW_S = 5.0
 
 
@@ -331,6 +420,28 @@ def _backlog_cleared(rows: list, t_server: float) -> float | None:
     return min(fresh) - t_server if fresh else None
 
 
+@contextmanager
+def bench_schema(db_url: str | None) -> Iterator[str | None]:
+    """``db_url`` (PostgreSQL) with a fresh schema as its search path, dropped afterwards;
+    None (SQLite in the server's state directory) as it is."""
+    if db_url is None:
+        yield None
+        return
+    import psycopg
+
+    from prunefleet.server.serve import db_url_for
+
+    plain = db_url_for(db_url, Path(".")).replace("postgresql+psycopg://", "postgresql://")
+    schema = f"pf_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(plain, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            sep = "&" if "?" in db_url else "?"
+            yield f"{db_url}{sep}options=-csearch_path%3D{schema}"
+        finally:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a reduced run, under two minutes")
@@ -342,7 +453,26 @@ def main() -> int:
                     help="the server starts this long after the devices (a backlog)")
     ap.add_argument("--drain-s", type=float, default=90.0,
                     help="at most this long for the devices' backlog (%(default)s)")
+    ap.add_argument("--session", action="store_true",
+                    help="also measure the server alone, storing a backlog the bare run's "
+                         "publishers left in its session (no simulated devices)")
+    ap.add_argument("--db", metavar="URL",
+                    help="store in this PostgreSQL database (a fresh schema, dropped at "
+                         "the end) instead of SQLite in the server's state directory")
+    ap.add_argument("--fleet", type=int, metavar="N",
+                    help="the fleet mode (bench/ingest_fleet.py): N device connections "
+                         "from a light load generator against a `prunefleet serve`")
+    ap.add_argument("--rate", default="1000", metavar="R[,R...]",
+                    help="--fleet: batches/s the fleet offers; several: one run each "
+                         "(%(default)s)")
+    ap.add_argument("--seconds", type=float, default=60.0,
+                    help="--fleet: seconds of offering per rate (%(default)s)")
     args = ap.parse_args()
+    if args.fleet:
+        import ingest_fleet
+
+        return ingest_fleet.main(args.fleet, [float(r) for r in args.rate.split(",")],
+                                 args.seconds, min(args.drain_s, 60.0), args.db, args.json)
     devices = args.devices or (150 if args.quick else 300)
     interval = args.interval or (0.1 if args.quick else 0.2)
     offer_s = args.offer_s or (45.0 if args.quick else 90.0)
@@ -357,10 +487,22 @@ def main() -> int:
         bare = bare_run(url, per_pub)
         print(f"  received {bare['received']} of {bare['sent']}: {bare['rate']:.0f} msg/s",
               flush=True)
-        print(f"server + {devices} simulated devices, a batch every {interval:g} s each, "
-              f"{offer_s:g} s offering (the server away for the first {late_s:g} s), "
-              f"up to {args.drain_s:g} s draining", flush=True)
-        run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s)
+        print(f"server ({'PostgreSQL' if args.db else 'SQLite'}) + {devices} simulated "
+              f"devices, a batch every {interval:g} s each, {offer_s:g} s offering (the "
+              f"server away for the first {late_s:g} s), up to {args.drain_s:g} s draining",
+              flush=True)
+        with bench_schema(args.db) as db_url:
+            run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s,
+                             db_url)
+        session = None
+        if args.session:
+            per_session = 2000 if args.quick else 4900  # under max_queued_messages 10000
+            print(f"server alone: a backlog of 2 x {per_session} batches in its session",
+                  flush=True)
+            with bench_schema(args.db) as db_url:
+                session = session_run(url, work, per_session, db_url)
+            print(f"  stored {session['stored']} of {session['sent']}: "
+                  f"{session['rate']:.0f} batches/s", flush=True)
     finally:
         broker.terminate()
         broker.wait(10)
@@ -400,7 +542,15 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                    f"Python {platform.python_version()}",
         "quick": args.quick,
+        "store": "postgresql" if args.db else "sqlite",
     }
+    if session is not None:
+        figures["session"] = {
+            "rate": round(session["rate"], 1), "sent": session["sent"],
+            "stored": session["stored"],
+            "ratio": round(session["rate"] / bare["rate"], 3) if bare["rate"] else None,
+            "transactions": session["transactions"], "cpu_s": session["server_cpu_s"],
+            "server_dropped": session["server_dropped"]}
     rows = [
         ("bare subscriber (msg/s)", f"{figures['bare_rate']:.0f}"),
         ("server stored (batches/s)", f"{figures['server_rate']:.0f}"),

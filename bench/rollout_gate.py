@@ -18,9 +18,18 @@ Models (trained here with numpy, exported to ONNX):
 
 Two rollouts with waves 25, 50, 100 (percent of the fleet) and the gate below: the good
 one should complete; the bad one should halt in wave 1 with no device outside wave 1 ever serving
-it. ``shadow_overhead``: the agents' mean request latency (wall clock around
+it. Every agent has an on-device profile of ``base`` before the stream starts (checked
+through the server), and profiles each new variant under the stream; the gate's p95 ratio
+(shadow-run p95 over the profile's) is judged wherever a wave's devices had one, and
+``p95_ratio`` reports it per wave.
+
+``shadow_overhead``: the agents' mean request latency (wall clock around
 ``Agent.predict``) with shadow evaluation on over off, measured at the end on the same
-agents in interleaved blocks.
+agents. Each agent in turn, alone evaluating, gets a paced stream (random arrivals, the
+same for on and off) so that the worker finds the idle gaps a device leaves it and runs
+its samples between requests, as on a device; on and off alternate in order block by
+block. Back-to-back requests would leave the worker no gap: they would measure only the
+sampling, never a shadow run.
 
 Targets (issue #12): the good rollout completes; the bad one halts in its first wave with no
 device outside it serving the variant; shadow_overhead <= 1.05.
@@ -132,7 +141,7 @@ def make_models(work: Path, quick: bool) -> dict:
     base = _train(w0, xtr, ytr, 300 if quick else 600, lr=0.5)
     good = _train(_prune(base, 0.5), xtr, ytr, 150 if quick else 300, lr=0.2)
     bad = _prune(base, 0.05)
-    models = {}
+    models: dict = {}
     for name, w in (("base", base), (GOOD, good), (BAD, bad)):
         models[name] = {"path": _export(w, work / f"{name}.onnx"),
                         "accuracy": _accuracy(w, xte, yte),
@@ -178,26 +187,64 @@ def wait_status(api: AdminClient, rid: int, statuses: set[str], timeout_s: float
                 timeout_s, f"rollout #{rid} to reach {statuses}")
 
 
-def overhead(agents: dict[str, Agent], x: np.ndarray, blocks: int, n: int) -> float:
-    """Mean predict latency with shadow evaluation on over off, interleaved blocks."""
-    on, off = [], []
-    spec = ShadowSpec(variants=[GOOD], sample_share=0.05)
+def overhead(agents: dict[str, Agent], x: np.ndarray, blocks: int, n: int,
+             gap_s: float, share: float = 0.05) -> dict:
+    """Mean predict latency with shadow evaluation on over off (see the docstring above):
+    per block and agent (a pair), ``n`` requests at random arrivals ``gap_s`` apart on
+    average, with evaluation on and then off, or off and then on, on the same arrivals and
+    inputs. The machine's other work stalls a request now and then for milliseconds, in
+    either mode: ``ci90`` (pairs resampled) says how far that alone moves the ratio."""
+    lat: dict[bool, list[float]] = {True: [], False: []}
+    pairs: list[tuple[float, float]] = []  # (sum on, sum off) per pair
+    spec = ShadowSpec(variants=[GOOD], sample_share=share, reference="base")
+    evaluated = sampled = dropped = 0
     for b in range(blocks):
-        for mode in ((True, False) if b % 2 == 0 else (False, True)):
-            for agent in agents.values():
+        for k, agent in enumerate(agents.values()):
+            gaps = np.random.default_rng(1000 * b + k).exponential(gap_s, n)
+            sums = {True: 0.0, False: 0.0}
+            for mode in ((True, False) if (b + k) % 2 == 0 else (False, True)):
                 ev: ShadowEvaluator = agent.shadow
                 ev.configure(spec if mode else None, "base")
                 if mode:
                     ev.start()
-                t_sum = 0.0
+                    e0, s0, d0 = ev.evaluated_total, ev.sampled_total, ev.dropped_total
+                due = time.perf_counter()
                 for i in range(n):
+                    due += gaps[i]
+                    if (wait_s := due - time.perf_counter()) > 0:
+                        time.sleep(wait_s)
                     xi = x[(b * n + i) % len(x)].reshape(1, 1, 8, 8)
                     t0 = time.perf_counter()
                     agent.predict(xi)
-                    t_sum += time.perf_counter() - t0
-                (on if mode else off).append(t_sum / n)
+                    lat[mode].append(dt := time.perf_counter() - t0)
+                    sums[mode] += dt
+                if mode:  # samples still queued at the end are dropped, not counted
+                    evaluated += ev.evaluated_total - e0
+                    sampled += ev.sampled_total - s0
+                    dropped += ev.dropped_total - d0
                 ev.configure(None, None)
-    return float(np.mean(on) / np.mean(off))
+            pairs.append((sums[True], sums[False]))
+    on, off = np.array(lat[True]) * 1e6, np.array(lat[False]) * 1e6
+    sums_on, sums_off = np.array(pairs).T
+    pick = np.random.default_rng(0).integers(0, len(pairs), (2000, len(pairs)))
+    boot = sums_on[pick].sum(1) / sums_off[pick].sum(1)
+    return {"ratio": float(on.mean() / off.mean()),
+            "ci90": [round(float(v), 4) for v in np.percentile(boot, [5, 95])],
+            "p50_ratio": round(float(np.median(on) / np.median(off)), 4),
+            "mean_us": {"on": round(float(on.mean()), 2), "off": round(float(off.mean()), 2)},
+            "p50_us": {"on": round(float(np.median(on)), 2),
+                       "off": round(float(np.median(off)), 2)},
+            "p99_us": {"on": round(float(np.percentile(on, 99)), 2),
+                       "off": round(float(np.percentile(off, 99)), 2)},
+            "requests_per_mode": int(on.size), "mean_gap_ms": gap_s * 1000,
+            "sample_share": share, "sampled": sampled,
+            "evaluated_between_requests": evaluated, "dropped": dropped}
+
+
+def p95_ratios(r: dict, name: str) -> list[float | None]:
+    """The gate's p95 ratio of ``name`` per wave (None: no profile known in that wave)."""
+    return [w["variants"][name].get("p95_ratio") for w in r.get("waves", [])
+            if name in w["variants"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             agent = Agent(cfg)
             stop = threading.Event()
             threading.Thread(target=agent.run, kwargs={"until": stop}, daemon=True).start()
-            agents[d], _ = agent, stops.append(stop)
+            agents[d] = agent
+            stops.append(stop)
         wait(lambda: {x["device_id"] for x in api.devices() if x["online"]} >= set(agents),
              60, "agents online")
         for name in ("base", GOOD, BAD):
@@ -241,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                                  accuracy=round(m["accuracy"], 4))
         r0 = api.create_rollout({"target": {"kind": "fleet"}, "variants": ["base"]})
         wait_status(api, r0["id"], {"completed"}, 120)
+        # Each agent profiles what it installed before the stream starts (the server
+        # knows once it is in the device's reported state).
+        wait(lambda: all("base" in (api.device_profile(d)["profiles"] or {}) for d in agents),
+             120, "profiles of base")
 
         traffic = Traffic(agents, xte)
         traffic.thread.start()
@@ -249,8 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                                  "config": {"waves": WAVES, "gate": gate}})
         good = wait_status(api, r1["id"], {"completed", "halted"}, 3 * gate["observe_s"] + 60)
         good_s = time.monotonic() - t0
+        # A halted good rollout still holds its devices: the bad one takes them over.
         r2 = api.create_rollout({"target": {"kind": "fleet"}, "variants": [BAD],
-                                 "config": {"waves": WAVES, "gate": gate}})
+                                 "config": {"waves": WAVES, "gate": gate},
+                                 "supersede": good["status"] != "completed"})
         bad = wait_status(api, r2["id"], {"completed", "halted"}, 3 * gate["observe_s"] + 60)
         time.sleep(2.0)  # requests in flight while the rollback lands are still counted
         traffic.stop.set()
@@ -267,20 +321,24 @@ def main(argv: list[str] | None = None) -> int:
                 return None
             return sum((f["agreement"] or 0) * f["samples"] for f in figs) / n
 
-        ratio = overhead(agents, xte, blocks=6 if args.quick else 12,
-                         n=300 if args.quick else 1000)
+        over = overhead(agents, xte, blocks=8 if args.quick else 16,
+                        n=150 if args.quick else 300, gap_s=0.002)
+        ratio = over["ratio"]
         out = {
             "good": {"outcome": good["status"], "seconds": round(good_s, 1),
                      "agreement": agreement(good, GOOD), "reason": good["reason"],
+                     "p95_ratio": p95_ratios(good, GOOD),
                      "waves": good.get("waves")},
             "bad": {"outcome": bad["status"], "wave": halted_wave,
                     "devices_exposed": len(offered),
                     "served_outside_wave": sorted(served_bad - offered),
                     "agreement": agreement(bad, BAD), "waves": bad.get("waves"),
+                    "p95_ratio": p95_ratios(bad, BAD),
                     "accuracy_drop_pp": round(100 * (models["base"]["accuracy"]
                                                      - models[BAD]["accuracy"]), 2),
                     "reason": bad["reason"]},
             "shadow_overhead": round(ratio, 4),
+            "shadow_overhead_detail": over,
             "accuracy": {k: round(models[k]["accuracy"], 4) for k in ("base", GOOD, BAD)},
             "agents": n_agents, "waves": WAVES, "gate": gate, "quick": args.quick,
             "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version(),
@@ -298,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['bad']['agreement'] or 0:9.3f} {out['bad']['devices_exposed']:7d}")
     print(f"accuracy base/good/bad: {out['accuracy']}; bad drop "
           f"{out['bad']['accuracy_drop_pp']} pp; shadow overhead x{out['shadow_overhead']}")
+    print(f"p95 ratio per wave: good {out['good']['p95_ratio']}, bad {out['bad']['p95_ratio']}")
+    print(f"shadow overhead detail: {json.dumps(over)}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

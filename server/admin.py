@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prunefleet.shared.errors import PrunefleetError
 
@@ -24,6 +25,9 @@ from .adminclient import (
     find_token,
 )
 from .errors import DistributionError, ServerError
+
+if TYPE_CHECKING:
+    from .serve import ServeOptions  # imported when serve runs (uvicorn is heavy)
 
 # The share group's name keeps devices out of the servers' shared subscription.
 MIN_SHARE_GROUP_CHARS = 16
@@ -54,14 +58,20 @@ def _table(rows: list[list], header: list[str]) -> None:
 
 
 # -- serve --------------------------------------------------------------------------------------
-def _cmd_serve(args: argparse.Namespace) -> int:
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """What ``serve`` runs with: the options given on the command line (or by the
+    environment), checked here, over the ``--config`` file, checked as a whole, over the
+    defaults. :class:`UsageError` for a bad value, before anything starts."""
     from prunefleet.shared.topics import Topics
 
-    from .serve import ServeOptions, parse_listen, serve
+    from .serve import parse_listen
+    from .serverconfig import ServerConfig, ServerConfigError, load_server_config
 
     try:
-        parse_listen(args.listen)
-        Topics(args.prefix)
+        if args.listen is not None:
+            parse_listen(args.listen)
+        if args.prefix is not None:
+            Topics(args.prefix)
     except PrunefleetError as e:
         raise UsageError(str(e)) from e
     if args.share_group is not None:
@@ -73,7 +83,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                              "that knows the name can take a share of the fleet's telemetry")
     if args.client_id is not None:
         check_id(args.client_id, "--client-id")
-    if not (args.device_rate >= 0 and args.device_burst >= 1):
+    if not ((args.device_rate is None or args.device_rate >= 0)
+            and (args.device_burst is None or args.device_burst >= 1)):
         raise UsageError("--device-rate must be 0 (no limit) or more, --device-burst 1 or more")
     retention_s = None
     if args.retention:
@@ -83,22 +94,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             retention_s = parse_duration(args.retention)
         except ValueError as e:
             raise UsageError(f"--retention: {e}") from e
+        if not retention_s > 0:
+            raise UsageError(f"--retention: {args.retention!r} is not more than 0 "
+                             "(examples: 30d, 12h)")
     try:
-        return serve(ServeOptions(
-            state_dir=args.state_dir, broker_url=args.broker, db_url=args.db,
-            listen=args.listen, key_dir=args.keys, prefix=args.prefix,
-            share_group=args.share_group, metrics_public=args.metrics_public,
-            client_id=args.client_id, device_rate_per_s=args.device_rate,
-            device_burst=args.device_burst, retention_s=retention_s,
-        ))
+        config = load_server_config(args.config) if args.config else ServerConfig()
+    except ServerConfigError as e:
+        raise UsageError(str(e)) from e
+    return config.serve_options({
+        "state_dir": args.state_dir, "broker": args.broker, "db": args.db,
+        "listen": args.listen, "keys": args.keys, "prefix": args.prefix,
+        "share_group": args.share_group, "client_id": args.client_id,
+        "metrics_public": args.metrics_public, "device_rate_per_s": args.device_rate,
+        "device_burst": args.device_burst, "retention.older_than": retention_s,
+    })
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    opts = serve_options(args)
+    try:
+        return serve(opts)
     except DistributionError as e:
         if "cannot reach the broker" not in str(e):
             raise
         raise DistributionError(
-            f"{e}: start it, or point --broker at a running one (without --broker, serve "
-            "runs an embedded broker)") from e
+            f"{e}: start it, or point --broker (or broker in --config) at a running one "
+            "(without either, serve runs an embedded broker)") from e
     except OSError as e:  # the listen address is taken, a directory is not writable, …
-        where = f" ({e.filename})" if e.filename else f" (--listen {args.listen})"
+        where = f" ({e.filename})" if e.filename else f" (--listen {opts.listen})"
         raise ServerError(f"cannot start the server: {e.strerror or e}{where}") from e
 
 
@@ -296,7 +321,8 @@ def _rollout_line(r: dict) -> list:
     t = r["target"]
     target = {"devices": lambda: ",".join(t["devices"][:3]) + ("…" if len(t["devices"]) > 3
                                                                   else ""),
-              "group": lambda: f"group {t['group']}", "fleet": lambda: "fleet"}[t["kind"]]()
+              "group": lambda: f"group {t['group']}", "fleet": lambda: "fleet",
+              "class": lambda: f"class {t.get('device_class')}"}[t["kind"]]()
     return [f"#{r['id']}", r["status"], r["stage"], target,
             ",".join(v["name"] for v in r["variants"]),
             f"{c['succeeded']}/{c['total']}", c["failed"], c["pending"] + c["waiting"]]
@@ -350,16 +376,21 @@ def _print_rollout(r: dict) -> None:
 
 
 def _rollout_file(args: argparse.Namespace) -> None:
-    """Fill what the command line left out from ``--file`` (TOML): variants, target
-    (devices, group or fleet = true), waves, on_fail, pin, and a [gate] table."""
+    """Fill what the command line left out from ``--file`` (TOML, or the JSON `prunefleet
+    tune` writes): variants, target (devices, group, class or fleet = true), waves,
+    on_fail, pin, and a [gate] table."""
     import tomllib
 
     try:
-        doc = tomllib.loads(Path(args.file).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        text = Path(args.file).read_text()
+        doc = json.loads(text) if str(args.file).endswith(".json") else tomllib.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError("not a table of settings")
+    except (OSError, ValueError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise UsageError(f"cannot read the rollout file {args.file}: {e}") from e
-    unknown = set(doc) - {"variants", "devices", "group", "fleet", "waves", "on_fail", "pin",
-                          "gate"}
+    doc.pop("tune", None)  # a tune's figures: what the choice was made on
+    unknown = set(doc) - {"variants", "devices", "group", "class", "fleet", "waves", "on_fail",
+                          "pin", "gate"}
     gate = doc.get("gate", {})
     unknown |= {f"gate.{k}" for k in set(gate) - {
         "min_agreement", "max_p95_ratio", "max_error_rate", "min_requests", "observe",
@@ -367,9 +398,9 @@ def _rollout_file(args: argparse.Namespace) -> None:
     if unknown:
         raise UsageError(f"{args.file}: unknown key(s) {', '.join(sorted(unknown))}")
     args.variant = args.variant or doc.get("variants")
-    if not (args.device or args.group or args.fleet):
+    if not (args.device or args.group or args.device_class or args.fleet):
         args.device, args.group = doc.get("devices"), doc.get("group")
-        args.fleet = bool(doc.get("fleet"))
+        args.device_class, args.fleet = doc.get("class"), bool(doc.get("fleet"))
     if args.waves is None and "waves" in doc:
         args.waves = ",".join(str(w) for w in doc["waves"])
     args.on_fail = args.on_fail or doc.get("on_fail")
@@ -401,18 +432,22 @@ def _cmd_rollout_create(args: argparse.Namespace) -> int:
         _rollout_file(args)
     if not args.variant:
         raise UsageError("name at least one --variant (or variants in --file)")
-    if not (args.device or args.group or args.fleet):
-        raise UsageError("name a target: --device, --group or --fleet (or in --file)")
+    if not (args.device or args.group or args.device_class or args.fleet):
+        raise UsageError("name a target: --device, --group, --class or --fleet (or in --file)")
     for device in args.device or []:
         check_id(device, "device id")
     if args.group is not None:
         check_id(args.group, "group")
+    if args.device_class is not None:
+        check_id(args.device_class, "device class")
     for name in [*args.variant, *([args.pin] if args.pin else [])]:
         check_id(name, "variant (name or sha256)")
     if args.device:
         target = {"kind": "devices", "devices": args.device}
     elif args.group:
         target = {"kind": "group", "group": args.group}
+    elif args.device_class:
+        target = {"kind": "class", "device_class": args.device_class}
     else:
         target = {"kind": "fleet"}
     config = {k: v for k, v in {
@@ -624,29 +659,35 @@ def _client_args(p: argparse.ArgumentParser, nested: bool = False) -> None:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("serve", help="run the server: MQTT distribution, rollouts, HTTP API")
+    s = sub.add_parser("serve", help="run the server: MQTT distribution, rollouts, HTTP API",
+                       description="Run the server. Settings come from the options, then "
+                       "the --config file, then the defaults shown (docs/operations.md; "
+                       "deploy/server.toml is an example file).")
+    s.add_argument("--config", type=Path, metavar="FILE",
+                   help="a TOML file with these settings and [retention]; the options "
+                   "given here win over it")
     s.add_argument("--broker", metavar="URL",
                    help="mqtt://host:port of the broker (default: embedded amqtt on loopback)")
     s.add_argument("--db", metavar="URL",
                    help="SQLAlchemy URL, e.g. postgresql://user@host/db "
                    "(default: SQLite in the state directory)")
-    s.add_argument("--state-dir", type=Path, default=Path(".prunefleet/server"),
-                   help="API token, uploaded models, SQLite store (default %(default)s)")
-    s.add_argument("--listen", default="127.0.0.1:8080", help="HTTP HOST:PORT (%(default)s)")
-    s.add_argument("--keys", type=Path, default=Path(".prunefleet/keys"), metavar="DIR",
-                   help="signing key directory, as for `keys init` (default %(default)s)")
-    s.add_argument("--prefix", default="prunefleet", help="MQTT topic prefix (%(default)s)")
+    s.add_argument("--state-dir", type=Path,
+                   help="API token, uploaded models, SQLite store (default .prunefleet/server)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="the HTTP API (default 127.0.0.1:8080)")
+    s.add_argument("--keys", type=Path, metavar="DIR",
+                   help="signing key directory, as for `keys init` (default .prunefleet/keys)")
+    s.add_argument("--prefix", help="MQTT topic prefix (default prunefleet)")
     s.add_argument("--share-group", default=os.environ.get("PRUNEFLEET_SHARE_GROUP"),
                    help="ingest through $share/GROUP/… (several servers); a secret, as "
                         "devices must not join it (default $PRUNEFLEET_SHARE_GROUP)")
     s.add_argument("--client-id", help="MQTT client id; give each server its own (default: "
                    "random, kept in STATE_DIR/client-id, so a restart resumes its session)")
-    s.add_argument("--device-rate", type=float, default=20.0, metavar="PER_S",
+    s.add_argument("--device-rate", type=float, metavar="PER_S",
                    help="messages per second each device may send; more are dropped and "
-                   "counted (default %(default)g; 0: no limit)")
-    s.add_argument("--device-burst", type=float, default=200.0, metavar="N",
-                   help="messages a device may send at once (default %(default)g)")
-    s.add_argument("--metrics-public", action="store_true",
+                   "counted (default 20; 0: no limit)")
+    s.add_argument("--device-burst", type=float, metavar="N",
+                   help="messages a device may send at once (default 200)")
+    s.add_argument("--metrics-public", action=argparse.BooleanOptionalAction,
                    help="serve GET /metrics without the bearer token (default: token needed)")
     s.add_argument("--retention", metavar="DURATION",
                    default=os.environ.get("PRUNEFLEET_RETENTION"),
@@ -700,6 +741,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from .profilecli import add_profile_commands
 
     add_profile_commands(sub, ds, _client_args, _client)  # devices profile, classes
+    from .tune import add_tune_command
+
+    add_tune_command(sub, _client_args, _client)  # tune --class
 
     for name, helptext in (("pin", "serve one variant on a device or every device of a "
                                    "group (a new signed desired state)"),
@@ -746,6 +790,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     tg = rc.add_mutually_exclusive_group()
     tg.add_argument("--device", action="append", help="a device id (repeat for several)")
     tg.add_argument("--group", help="every device in this group")
+    tg.add_argument("--class", dest="device_class", metavar="CLASS",
+                    help="every device that reports this device class (prunefleet classes)")
     tg.add_argument("--fleet", action="store_true", help="every device the server knows")
     rc.add_argument("--pin", metavar="VARIANT", help="pin devices to this variant")
     rc.add_argument("--policy", metavar="KEY=VALUE", action="append",
@@ -764,7 +810,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rc.add_argument("--supersede", action="store_true",
                     help="take devices over from unfinished rollouts")
     rc.add_argument("--file", metavar="TOML",
-                    help="a rollout file (variants, target, waves, [gate]); flags override it")
+                    help="a rollout file (variants, target, waves, [gate]), or the JSON "
+                         "`prunefleet tune` writes; flags override it")
     rc.add_argument("--waves", metavar="PERCENTS",
                     help="gated waves instead of canary and rest: cumulative percents of the "
                          "target, e.g. 1,10,50,100")

@@ -175,11 +175,22 @@ class AdminClient:
         path = f"/v1/devices/{_segment(device_id)}/telemetry?{urllib.parse.urlencode(query)}"
         return self.request("GET", path, text=fmt != "json")
 
+    def refresh_profiles(self, target: str, group: bool | None = None) -> dict:
+        """Ask a device (``group``: every device of a group) to profile its installed
+        variants again."""
+        body: dict = {"target": target}
+        if group is not None:
+            body["kind"] = "group" if group else "device"
+        return self.request("POST", "/v1/profiles/refresh", body)
+
     def device_profile(self, device_id: str) -> dict:
         return self.request("GET", f"/v1/devices/{_segment(device_id)}/profile")
 
     def classes(self) -> dict:
         return self.request("GET", "/v1/classes")
+
+    def class_devices(self, device_class: str) -> dict:
+        return self.request("GET", f"/v1/classes/{_segment(device_class)}/devices")
 
     def variants(self) -> list[dict]:
         return self.request("GET", "/v1/variants")

@@ -19,6 +19,7 @@ unknown fields forbidden) before anything is written or published.
     POST /v1/devices/{id}/revoke           mark its broker identity revoked
     GET  /v1/devices/{id}/profile          its facts and on-device profiles per variant
     GET  /v1/classes                       device classes: profiles aggregated per variant
+    GET  /v1/classes/{class}/devices       the devices that report that class
     PUT  /v1/blobs/{sha256}                raw ONNX bytes, checked against the digest
     GET  /v1/variants
     POST /v1/variants                      register an uploaded blob; publishes its chunks
@@ -27,6 +28,7 @@ unknown fields forbidden) before anything is written or published.
     GET  /v1/rollouts/{id}                 with per-device state and history
     POST /v1/rollouts/{id}/pause | resume | rollback
     POST /v1/pins                          {"target", "variant" (null: unpin), "kind"?}
+    POST /v1/profiles/refresh              {"target", "kind"?}: profile installed variants again
     GET  /v1/telemetry/summary?since=TS    fleet-wide aggregates
     GET  /v1/devices/{id}/telemetry?since=&until=&resolution=&format=json|csv|jsonl
     GET  /v1/fleet/series?since=&until=&resolution=   fleet trends (server/history.py)
@@ -61,7 +63,7 @@ from prunefleet.shared import __version__
 from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import MAX_ARTIFACT_BYTES, Name, Sha256
 
-from .controller import PinRequest, RolloutController, RolloutRequest
+from .controller import PinRequest, ReprofileRequest, RolloutController, RolloutRequest
 from .errors import DistributionError, KeyringError, RegistryError, RolloutError, StoreError
 from .fleet import FleetServer
 from .history import (
@@ -460,6 +462,18 @@ def create_app(ctx: ApiContext) -> FastAPI:
         figures across them (count, median, quartiles, range)."""
         return {"classes": ctx.store.class_measurements()}
 
+    @v1.get("/classes/{device_class}/devices", tags=["devices"])
+    def class_devices(device_class: Annotated[Name, PathParam()]) -> dict:
+        """The devices whose last reported facts name this class (what a rollout to the
+        class targets; ``prunefleet tune`` picks from them), with whether each is online,
+        revoked, and the desired state it follows."""
+        members = set(ctx.store.class_members(device_class))
+        revoked = ctx.store.revocations()
+        return {"device_class": device_class, "devices": [
+            {"device_id": d.device_id, "online": d.online,
+             "manifest_version": d.manifest_version, "revoked": d.device_id in revoked}
+            for d in ctx.store.devices() if d.device_id in members]}
+
     # -- variants ---------------------------------------------------------------------------
     @v1.put("/blobs/{sha256}", status_code=201, tags=["variants"], responses=errors(413))
     async def put_blob(sha256: Annotated[Sha256, PathParam()], request: Request) -> dict:
@@ -495,7 +509,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         rid = ctx.controller.create(body)
         t = body.target
         to = f"group {t.group}" if t.group else f"{len(t.devices)} device(s)" \
-            if t.kind == "devices" else "the fleet"
+            if t.kind == "devices" else f"class {t.device_class}" if t.device_class \
+            else "the fleet"
         _audit(request, f"rollout #{rid} created: {', '.join(body.variants)} to {to}")
         return ctx.controller.describe(rid)
 
@@ -530,6 +545,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         out = ctx.controller.pin(body)
         _audit(request, f"{body.target} pinned to {body.variant}" if body.variant
                else f"{body.target} unpinned")
+        return out
+
+    @v1.post("/profiles/refresh", tags=["devices"], responses=errors(400, 404, 409))
+    def refresh_profiles(body: ReprofileRequest, request: Request) -> dict:
+        """Ask a device (or every device of a group) to profile each installed variant
+        again, through a new signed desired state (``Manifest.reprofile``)."""
+        out = ctx.controller.reprofile(body)
+        _audit(request, f"{body.target}: profiles refresh requested on "
+                        f"{len(out['devices'])} device(s)")
         return out
 
     # -- telemetry and keys -----------------------------------------------------------------

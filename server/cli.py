@@ -131,6 +131,34 @@ def _load_recipe(ref: str):
         raise UsageError(str(e)) from e
 
 
+def _class_model(args: argparse.Namespace):
+    """``--for-class``: the class's latency model from the fleet's profiles (``--class-profiles
+    FILE``, or the server's ``/v1/classes`` and ``/v1/variants``); None to measure here."""
+    from .adminclient import AdminClient, check_server_url, find_token
+    from .prepare.target import class_model_from_api
+
+    if args.class_profiles is not None:
+        try:
+            data = json.loads(Path(args.class_profiles).read_text(encoding="utf-8"))
+            classes, variants = data["classes"], data["variants"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--class-profiles {args.class_profiles}: not a JSON object with "
+                             f"'classes' and 'variants': {e}") from e
+    elif args.server or os.environ.get("PRUNEFLEET_SERVER"):
+        token, source = find_token(args.token, args.token_file)
+        client = AdminClient(check_server_url(args.server or os.environ["PRUNEFLEET_SERVER"]),
+                             token, token_source=source)
+        classes, variants = client.classes(), client.variants()
+    else:
+        return None
+    model = class_model_from_api(args.for_class, classes, variants)
+    if model is None:
+        print(f"prunefleet: class {args.for_class!r} has no fleet profiles to fit (two "
+              "profiled variants of one family at least): latency is measured on this host",
+              file=sys.stderr)
+    return model
+
+
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from .prepare import RecipeError, check_recipe, prepare
     from .registry import technique_label
@@ -141,12 +169,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise UsageError("prepare needs a RECIPE (a .toml file, or a shipped recipe's name: "
                          "prunefleet prepare --list) and --out DIR")
     recipe = _load_recipe(args.recipe)
+    if args.for_class is not None and not (
+            0 < len(args.for_class) <= 64
+            and all(c.isascii() and (c.isalnum() or c in "_.-") for c in args.for_class)):
+        raise UsageError(f"--for-class {args.for_class!r}: a device class name "
+                         "(letters, digits, '_', '.', '-'; 64 at most)")
+    class_model = _class_model(args) if args.for_class else None
     try:
         resolved = check_recipe(recipe)  # fails fast: factory, checkpoint, shape, data, export
     except RecipeError as e:
         raise UsageError(str(e)) from e
     result = prepare(recipe, args.out, force=args.force, progress=sys.stderr.isatty(),
-                     resolved=resolved)
+                     resolved=resolved, for_class=args.for_class, class_model=class_model)
     if args.json:
         _print_json({"out_dir": str(result.out_dir), "report": str(result.report_path),
                      "cached": result.cached,
@@ -164,6 +198,13 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         print(f"{v.name:<{nw}} {tech:<{tw}} {v.params:>10} {v.macs:>12} "
               f"{v.compressed_bytes / 1024:>9.1f} {v.latency_ms_p50:>8.3f} "
               f"{v.speedup:>7.2f}x {acc:>6} {'*' if v.pareto else '':>6}")
+    target = result.report.get("target") or {}
+    for d in target.get("dropped") or []:
+        print(f"dropped {d['name']}: {d['reason']}")
+    missed = [v.name for v in result.variants if v.target and not v.target["meets"]]
+    if missed:
+        print(f"missing the target ({target.get('latency_source')}): {', '.join(missed)} "
+              "(report.md says which budget)")
     print(f"report: {result.report_path} (and report.md, report.png)")
     return 0
 
@@ -222,6 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "recipe's variants")
     pr.add_argument("--json", action="store_true",
                     help="print the variants and their figures as JSON")
+    pr.add_argument("--for-class", metavar="CLASS",
+                    help="prepare for a device class: its instruction set picks the channel "
+                         "rounding, and its latency (fitted on the fleet's profiles, else "
+                         "measured here) the pruning ratio and INT8 (docs/hardware.md)")
+    pr.add_argument("--class-profiles", type=Path, metavar="FILE",
+                    help="with --for-class: the fleet's profiles as JSON, "
+                         '{"classes": GET /v1/classes, "variants": GET /v1/variants}, '
+                         "instead of asking --server")
+    pr.add_argument("--server", default=None,
+                    help="with --for-class: API base URL to read the class's profiles from "
+                         "(default $PRUNEFLEET_SERVER; neither: measure on this host)")
+    pr.add_argument("--token", default=None, help="API bearer token (default "
+                    "$PRUNEFLEET_TOKEN)")
+    pr.add_argument("--token-file", type=Path, default=None,
+                    help="file holding the token (default .prunefleet/server/api-token)")
     pr.set_defaults(func=_cmd_prepare)
 
     k = sub.add_parser("keys", help="manage the manifest signing key")

@@ -10,9 +10,12 @@ Targets (:class:`Target`):
 
 * ``devices``: the listed device ids; each must be known to the server.
 * ``group``: the devices the server has in that group (``PUT /v1/devices/{id}/groups``).
+* ``class``: the devices whose last reported facts name that ``device_class``. The class
+  is a fact each device reports, not membership the server grants: a device that lies
+  about it can at most put itself into a rollout offered to that class.
 * ``fleet``: every device the server knows.
 
-Group and fleet membership is resolved again on every tick while the rollout is
+Group, class and fleet membership is resolved again on every tick while the rollout is
 unfinished, so a device that joins meanwhile is offered with the rest stage.
 """
 
@@ -75,16 +78,23 @@ class Target(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"oneOf": [
         {"properties": {"kind": {"const": "devices"},
                         "devices": {"type": "array", "minItems": 1, "uniqueItems": True},
-                        "group": _NO_GROUP}, "required": ["kind", "devices"]},
+                        "group": _NO_GROUP, "device_class": _NO_GROUP},
+         "required": ["kind", "devices"]},
         {"properties": {"kind": {"const": "group"}, "devices": _NO_DEVICES,
-                        "group": {"type": "string"}}, "required": ["kind", "group"]},
+                        "group": {"type": "string"}, "device_class": _NO_GROUP},
+         "required": ["kind", "group"]},
+        {"properties": {"kind": {"const": "class"}, "devices": _NO_DEVICES,
+                        "group": _NO_GROUP, "device_class": {"type": "string"}},
+         "required": ["kind", "device_class"]},
         {"properties": {"kind": {"const": "fleet"}, "devices": _NO_DEVICES,
-                        "group": _NO_GROUP}, "required": ["kind"]},
+                        "group": _NO_GROUP, "device_class": _NO_GROUP}, "required": ["kind"]},
     ]})
 
-    kind: Literal["devices", "group", "fleet"]
+    kind: Literal["devices", "group", "class", "fleet"]
     devices: list[Name] = Field(default_factory=list, max_length=10000)
     group: Name | None = None
+    # The reported device class (``DeviceFacts.device_class``) of a "class" target.
+    device_class: Name | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Target:
@@ -98,6 +108,10 @@ class Target(BaseModel):
             raise ValueError("a 'group' target needs a group name")
         if self.kind != "group" and self.group is not None:
             raise ValueError(f"a {self.kind!r} target takes no group")
+        if self.kind == "class" and self.device_class is None:
+            raise ValueError("a 'class' target needs a device class")
+        if self.kind != "class" and self.device_class is not None:
+            raise ValueError(f"a {self.kind!r} target takes no device class")
         return self
 
 
@@ -118,6 +132,17 @@ class RolloutRequest(BaseModel):
     config: RolloutConfig = Field(default_factory=RolloutConfig)
     # Take over devices that an unfinished rollout still holds (it becomes "superseded").
     supersede: bool = False
+
+
+class ReprofileRequest(BaseModel):
+    """What ``POST /v1/profiles/refresh`` takes: profile every installed variant again on a
+    device or on every device of a group. ``kind`` None: a device the server knows, else
+    a group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Name
+    kind: Literal["device", "group"] | None = None
 
 
 class PinRequest(BaseModel):
@@ -239,6 +264,8 @@ class RolloutController:
                 except ValueError as e:
                     raise RolloutError(f"invalid policy override: {e}", 422) from e
             devices = self._resolve_target(req.target, strict=True)
+            if req.config.profile_only:
+                self._check_profile_only(req, specs, devices)
             holders = self._holders(set(devices))
             if holders and not req.supersede:
                 ids = ", ".join(f"#{r}" for r in sorted(holders))
@@ -358,7 +385,9 @@ class RolloutController:
                 continue
             try:
                 m = self.fleet.deploy(device_id, list(prev.variants), sent=self._sent,
-                                      pinned=prev.pinned_variant, policy=prev.policy)
+                                      pinned=prev.pinned_variant, policy=prev.policy,
+                                      reprofile=max(prev.reprofile,
+                                                    cur.reprofile if cur else 0))
             except _PUBLISH_ERRORS as e:
                 raise RolloutError(
                     f"rollback of #{rollout_id} stopped at {device_id}: {e}; "
@@ -384,7 +413,8 @@ class RolloutController:
             shadow = m.shadow.model_copy(update={"until": self.clock() + cfg.gate.observe_s})
             try:
                 new = self.fleet.deploy(rd.device_id, list(m.variants), pinned=m.pinned_variant,
-                                        policy=m.policy, shadow=shadow, sent=self._sent)
+                                        policy=m.policy, shadow=shadow, sent=self._sent,
+                                        reprofile=m.reprofile)
             except _PUBLISH_ERRORS as e:
                 raise RolloutError(f"resume of #{row.id} stopped at {rd.device_id}: {e}; "
                                    "resume again", 503) from e
@@ -403,43 +433,35 @@ class RolloutController:
         same variants and policy, with the pin, under a new version. Nothing else can pin:
         agents take no unsigned command."""
         with self._locked():
-            kind = req.kind or ("device" if self.store.device(req.target) else "group")
-            if kind == "device":
-                if self.store.device(req.target) is None:
-                    raise RolloutError(f"no device {req.target!r}", 404)
-                devices = [req.target]
-            else:
-                devices = self.store.group_members(req.target)
-                if not devices:
-                    raise RolloutError(f"no device {req.target!r} and no group of that "
-                                       "name with devices", 404)
+            kind, devices = self._members(req.target, req.kind)
             groups = self.store.device_groups()
             plan: list[tuple[str, int | None, Manifest]] = []
             skipped: list[dict] = []
             for device_id in devices:
-                rows = [r for r in (self.store.latest_manifest(t) for t in
-                                    (device_id, *groups.get(device_id, []))) if r]
-                row = max(rows, key=lambda r: r.version, default=None)
-                m = self._manifest(row.version) if row else None
+                own, m = self._current(device_id, groups)
                 why = None
                 if m is None:
                     why = "no desired state from this server yet"
                 elif req.variant and req.variant not in {v.name for v in m.variants}:
                     why = f"{req.variant!r} is not in its desired state v{m.version}"
+                elif req.variant in m.profile_only:
+                    why = f"{req.variant!r} is only being profiled there (prunefleet tune)"
                 elif m.pinned_variant == req.variant:
                     why = f"already {'pinned to ' + req.variant if req.variant else 'unpinned'}"
                 if why or m is None:
                     skipped.append({"device_id": device_id, "reason": why})
                     continue
-                own = row.version if row is not None and row.target == device_id else None
                 plan.append((device_id, own, m))
             if kind == "device" and skipped and "already" not in skipped[0]["reason"]:
                 raise RolloutError(f"cannot pin {req.target}: {skipped[0]['reason']}", 409)
             done: list[dict] = []
             for device_id, own, m in plan:
                 try:
+                    # The same state, pin aside: a wave's shadow section stays, so the
+                    # device keeps gathering the evidence its wave is judged on.
                     new = self.fleet.deploy(device_id, list(m.variants), pinned=req.variant,
-                                            policy=m.policy, sent=self._sent)
+                                            policy=m.policy, shadow=m.shadow, sent=self._sent,
+                                            reprofile=m.reprofile)
                 except _PUBLISH_ERRORS as e:
                     raise RolloutError(
                         f"pin stopped at {device_id}: {e}; {len(done)} device(s) done so "
@@ -451,6 +473,68 @@ class RolloutController:
                      else "unpinned", req.target, len(done))
             return {"target": req.target, "kind": kind, "variant": req.variant,
                     "devices": done, "skipped": skipped}
+
+    def reprofile(self, req: ReprofileRequest) -> dict:
+        """Ask a device, or every device of a group, to profile each installed variant
+        again: its current desired state (as :meth:`pin` finds it) under a new version,
+        with a new re-profile epoch (``Manifest.reprofile``). The epoch is the next
+        manifest version, above every one issued so far, so a device acts on it once
+        whatever desired states came before; later ones carry it on."""
+        with self._locked():
+            kind, devices = self._members(req.target, req.kind)
+            groups = self.store.device_groups()
+            epoch = self.store.next_manifest_version()
+            done: list[dict] = []
+            skipped: list[dict] = []
+            for device_id in devices:
+                own, m = self._current(device_id, groups)
+                if m is None:
+                    skipped.append({"device_id": device_id,
+                                    "reason": "no desired state from this server yet"})
+                    continue
+                try:
+                    new = self.fleet.deploy(device_id, list(m.variants), pinned=m.pinned_variant,
+                                            policy=m.policy, shadow=m.shadow, sent=self._sent,
+                                            reprofile=max(epoch, m.reprofile + 1))
+                except _PUBLISH_ERRORS as e:
+                    raise RolloutError(
+                        f"re-profile request stopped at {device_id}: {e}; {len(done)} "
+                        "device(s) done so far; run it again", 503) from e
+                if own is not None:
+                    self.store.retarget_offers(device_id, own, new.version)
+                done.append({"device_id": device_id, "manifest_version": new.version,
+                             "reprofile": new.reprofile})
+            if kind == "device" and skipped:
+                raise RolloutError(f"cannot ask {req.target} to profile again: "
+                                   f"{skipped[0]['reason']}", 409)
+            log.info("asked %d device(s) of %s to profile again", len(done), req.target)
+            return {"target": req.target, "kind": kind, "devices": done, "skipped": skipped}
+
+    def _members(self, target: str, kind: str | None) -> tuple[str, list[str]]:
+        """(kind, devices) of a device or group target; ``kind`` None: a device the server
+        knows, else a group."""
+        kind = kind or ("device" if self.store.device(target) else "group")
+        if kind == "device":
+            if self.store.device(target) is None:
+                raise RolloutError(f"no device {target!r}", 404)
+            return kind, [target]
+        devices = self.store.group_members(target)
+        if not devices:
+            raise RolloutError(f"no device {target!r} and no group of that name with "
+                               "devices", 404)
+        return kind, devices
+
+    def _current(self, device_id: str, groups: dict[str, list[str]]
+                 ) -> tuple[int | None, Manifest | None]:
+        """The device's current desired state: the newest this server issued to it or to
+        one of its groups; and that version when it is the device's own (rollouts that
+        offered it follow the new one), else None."""
+        rows = [r for r in (self.store.latest_manifest(t) for t in
+                            (device_id, *groups.get(device_id, []))) if r]
+        row = max(rows, key=lambda r: r.version, default=None)
+        m = self._manifest(row.version) if row else None
+        own = row.version if row is not None and row.target == device_id else None
+        return own, m
 
     def refresh_desired(self, older_than_s: float | None = None) -> int:
         """Re-sign each device's current desired state under a new version, same contents.
@@ -476,7 +560,8 @@ class RolloutController:
                     continue
                 try:
                     new = self.fleet.deploy(dev.device_id, list(m.variants), sent=self._sent,
-                                            pinned=m.pinned_variant, policy=m.policy)
+                                            pinned=m.pinned_variant, policy=m.policy,
+                                            shadow=m.shadow, reprofile=m.reprofile)
                 except _PUBLISH_ERRORS as e:
                     log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
                     return count
@@ -609,14 +694,41 @@ class RolloutController:
         """A wave's desired state: the rollout's variants beside what the device had (the
         reference stays installed), and shadow evaluation of those new to it."""
         names = {s.name for s in specs}
-        kept = [v for v in prev.variants if v.name not in names] if prev else []
-        had = {v.sha256 for v in prev.variants} if prev else set()
+        # Candidates a tune left behind are not carried into a wave.
+        kept = [v for v in prev.variants if v.name not in names and not v.profile_only
+                ] if prev else []
+        had = {v.sha256 for v in prev.variants if not v.profile_only} if prev else set()
         new = [s.name for s in specs if s.sha256 not in had]
         shadow = None
         if new:
             shadow = ShadowSpec(rollout_id=row.id, sample_share=cfg.gate.sample_share,
                                 variants=new, until=now + cfg.gate.observe_s)
         return (specs + kept)[:MAX_VARIANT_REFS], shadow
+
+    def _check_profile_only(self, req: RolloutRequest, specs: list[VariantSpec],
+                            devices: list[str]) -> None:
+        """A profile-only rollout keeps each device's own desired state (its variants, pin
+        and policy) and adds the candidates beside it: each device needs one, with room."""
+        if req.pinned_variant is not None or req.policy:
+            raise RolloutError("a profile-only rollout takes no pin and no policy: each "
+                               "device keeps its own", 422)
+        if req.target.kind != "devices":
+            raise RolloutError("a profile-only rollout names its devices", 422)
+        bare, full = [], []
+        for device_id in devices:
+            prev = self._previous_version(device_id)
+            pm = self._manifest(prev) if prev else None
+            if pm is None:
+                bare.append(device_id)
+            elif len(_profile_offer(specs, pm)) > MAX_VARIANT_REFS:
+                full.append(device_id)
+        if bare:
+            raise RolloutError(f"no desired state from this server yet on "
+                               f"{', '.join(bare[:10])}: nothing would serve beside the "
+                               "profile-only variants", 422)
+        if full:
+            raise RolloutError(f"more than {MAX_VARIANT_REFS} variants with the candidates "
+                               f"on {', '.join(full[:10])}: offer fewer", 422)
 
     def _resolve_variants(self, refs: list[str]) -> list[VariantSpec]:
         specs = []
@@ -646,6 +758,12 @@ class RolloutController:
             members = self.store.group_members(target.group or "")
             if not members and strict:
                 raise RolloutError(f"group {target.group!r} has no devices", 422)
+            return members
+        if target.kind == "class":
+            members = self.store.class_members(target.device_class or "")
+            if not members and strict:
+                raise RolloutError(f"no device has reported the class {target.device_class!r}",
+                                   422)
             return members
         if not known and strict:
             raise RolloutError("the fleet has no devices yet", 422)
@@ -723,12 +841,17 @@ class RolloutController:
             for device_id in d.devices:
                 prev = self._previous_version(device_id)
                 offer, shadow = specs, None
+                pinned, policy = row.pinned_variant, row.policy
+                pm = self._manifest(prev) if prev else None
                 if d.wave is not None:
-                    pm = self._manifest(prev) if prev else None
                     offer, shadow = self._wave_manifest(row, specs, pm, cfg, now)
+                elif cfg.profile_only and pm is not None:
+                    offer = _profile_offer(specs, pm)
+                    pinned, policy = pm.pinned_variant, pm.policy
                 try:
-                    m = self.fleet.deploy(device_id, offer, pinned=row.pinned_variant,
-                                          policy=row.policy, shadow=shadow, sent=self._sent)
+                    m = self.fleet.deploy(device_id, offer, pinned=pinned,
+                                          policy=policy, shadow=shadow, sent=self._sent,
+                                          reprofile=pm.reprofile if pm else 0)
                 except _PUBLISH_ERRORS as e:
                     log.warning("rollout #%d: cannot offer to %s yet: %s", row.id, device_id, e)
                     return False
@@ -772,7 +895,17 @@ _DONE = {Action.OFFER: "offered", Action.PROMOTE: "promoted to the rest stage",
          Action.COMPLETE: "completed"}
 
 
+def _profile_offer(specs: list[VariantSpec], prev: Manifest) -> list[VariantSpec]:
+    """A profile-only offer: what the device's desired state serves (leftover candidates
+    dropped), and beside it each candidate it does not have already, profile-only. A
+    candidate whose name the device's set uses for another digest is not offered there."""
+    kept = [v for v in prev.variants if not v.profile_only]
+    names, digests = {v.name for v in kept}, {v.sha256 for v in kept}
+    return kept + [s.model_copy(update={"profile_only": True}) for s in specs
+                   if s.sha256 not in digests and s.name not in names]
+
+
 def _same_state(a: Manifest, b: Manifest) -> bool:
     """The same desired contents, whatever the version and signature."""
-    return ([v.sha256 for v in a.variants], a.pinned_variant, a.policy) == (
-        [v.sha256 for v in b.variants], b.pinned_variant, b.policy)
+    return ([(v.sha256, v.profile_only) for v in a.variants], a.pinned_variant, a.policy) == (
+        [(v.sha256, v.profile_only) for v in b.variants], b.pinned_variant, b.policy)

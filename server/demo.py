@@ -73,6 +73,12 @@ download_window_chunks = 8
 [policy]
 min_dwell_s = 1.5
 
+# The demo shows the policy's switches; with the cascade (on by default) the cheapest
+# variant answers each input first and a hard one escalates per input, so the active
+# variant would not switch for input complexity.
+[cascade]
+enabled = false
+
 [energy]
 meter = "estimate"
 active_power_w = {DEMO_ACTIVE_POWER_W}

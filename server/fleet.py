@@ -177,7 +177,8 @@ class FleetServer:
         raise. A broker may accept a subscription and deliver nothing to it (NATS's MQTT
         gateway does so with ``$share/…``); a server there would be silently deaf. With a
         shared subscription the broker may hand a probe to another replica, so it is sent
-        again every half second."""
+        again every half second. Any other message the subscription delivers proves it as
+        well: a persistent session's backlog arrives before the probe."""
         topic = self.topics.events(self.client_id)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -240,6 +241,7 @@ class FleetServer:
         timeout_s: float = 30.0,
         shadow: ShadowSpec | None = None,
         sent: list[mqtt.MQTTMessageInfo] | None = None,
+        reprofile: int = 0,
     ) -> Manifest:
         """Sign a manifest naming ``variants`` and publish it as the target's desired state.
 
@@ -247,6 +249,7 @@ class FleetServer:
         checked here first, so a bad value is refused before anything is published.
         ``sent``: do not wait for the broker; refuse at once while it is not connected,
         else append the publish to ``sent`` for the caller to wait on (outside its locks).
+        ``reprofile``: the re-profile epoch (``Manifest.reprofile``) the state carries.
         """
         if sent is not None and not self.transport.connected.is_set():
             raise DistributionError(f"not connected to the broker {self.transport.address.url}")
@@ -263,6 +266,7 @@ class FleetServer:
                 expires_at=now + self.manifest_ttl_s, variants=variants,
                 pinned_variant=pinned, policy=policy,
                 revoked_keyids=list(getattr(self.key, "revoked", ())), shadow=shadow,
+                reprofile=reprofile,
             )
             signed = self.key.sign(manifest)
             data = signed.encode()
@@ -339,6 +343,10 @@ class FleetServer:
         return items
 
     def _ingest_group(self, items: list[Inbound]) -> None:
+        if not self._probe_seen.is_set():
+            # Any message on the ingest subscription proves that it delivers; after an
+            # outage the session's backlog comes before the probe, however long it takes.
+            self._probe_seen.set()
         now = time.monotonic()
         batches: list[tuple[Inbound, TelemetryBatch]] = []
         done: list[Inbound] = []
@@ -349,8 +357,15 @@ class FleetServer:
             else:
                 batches.append((item, batch))
         if batches:
-            self._store_batches(batches)
-            done += [item for item, _ in batches]
+            touched = self._store_batches(batches)
+            if touched is not None:
+                # Stored: the broker's acknowledgements go first, since they are what
+                # lets it hand this server its next messages; then the devices' cursors.
+                self._ack(done + [item for item, _ in batches])
+                self._publish_acks(touched, time.time())
+                done = []
+            else:
+                done += [item for item, _ in batches]
         self._ack(done)
         self.counters.dropped["inbound_full"] = self.transport.dropped_inbound
 
@@ -437,8 +452,11 @@ class FleetServer:
         device class (only profiles of registered variants it has installed count)."""
         self.store.set_measurements(r)
 
-    def _store_batches(self, batches: list[tuple[Inbound, TelemetryBatch]]) -> None:
-        """One transaction for the group, then each device's cursor published."""
+    def _store_batches(
+        self, batches: list[tuple[Inbound, TelemetryBatch]]
+    ) -> list[tuple[str, str]] | None:
+        """One transaction for the group; the (device, incarnation) cursors it moved, to
+        publish, or None when the store refused the group (counted as dropped)."""
         try:
             stored = self.store.add_telemetry_batches([b for _, b in batches])
         except StoreError as e:
@@ -446,7 +464,7 @@ class FleetServer:
             self._drop("store_error", f"{len(batches)} telemetry batches", len(batches),
                        detail=str(e))
             self._stop.wait(0.5)
-            return
+            return None
         self.counters.transactions += 1
         committed = time.time()
         touched: dict[tuple[str, str], None] = {}
@@ -459,7 +477,7 @@ class FleetServer:
             if b.incarnation:  # agents from before acknowledgements have none
                 self._note_stored(b)
                 touched[(b.device_id, b.incarnation)] = None
-        self._publish_acks(list(touched), committed)
+        return list(touched)
 
     def _note_stored(self, b: TelemetryBatch) -> None:
         cursors, key = self.cursors, (b.device_id, b.incarnation)

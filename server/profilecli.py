@@ -1,13 +1,15 @@
 """The CLI's commands for what devices measured: ``devices profile ID`` (a device's facts
-and on-device profiles) and ``classes`` (profiles aggregated per device class)."""
+and on-device profiles; ``--refresh``, or ``--group G --refresh``, asks for them to be
+measured again) and ``classes`` (profiles aggregated per device class)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 
-from .adminclient import AdminClient, check_id
+from .adminclient import AdminClient, UsageError, check_id
 
 
 def _print_json(obj) -> None:
@@ -34,7 +36,37 @@ def _median(fig: dict | None, digits: int = 3) -> str:
     return f"{fig['median']:.{digits}f} [{fig['p25']:.{digits}f}-{fig['p75']:.{digits}f}]"
 
 
+def _when(ts: float | None) -> str:
+    """A device's measurement time, UTC, to the second ("-" when it did not say)."""
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _cmd_refresh(args: argparse.Namespace, client: AdminClient) -> int:
+    if bool(args.group) == bool(args.device):
+        raise UsageError("devices profile --refresh: give a device id or --group, not both")
+    target = args.group or args.device
+    check_id(target, "group" if args.group else "device id")
+    out = client.refresh_profiles(target, group=bool(args.group))
+    if args.json:
+        _print_json(out)
+        return 0
+    for d in out["devices"]:
+        print(f"{d['device_id']}: asked to profile its variants again "
+              f"(desired state v{d['manifest_version']}, re-profile {d['reprofile']})")
+    for d in out["skipped"]:
+        print(f"{d['device_id']}: skipped: {d['reason']}")
+    if out["devices"]:
+        print("new profiles show here as they arrive (MEASURED: when the device measured)")
+    return 0
+
+
 def _cmd_devices_profile(args: argparse.Namespace, client: AdminClient) -> int:
+    if args.refresh:
+        return _cmd_refresh(args, client)
+    if args.group or not args.device:
+        raise UsageError("devices profile: give a device id (--group goes with --refresh)")
     check_id(args.device, "device id")
     out = client.device_profile(args.device)
     if args.json:
@@ -55,10 +87,10 @@ def _cmd_devices_profile(args: argparse.Namespace, client: AdminClient) -> int:
         return 0
     _table([[n, p["sha256"][:12], _num(p["latency_ms_p50"]), _num(p["latency_ms_p95"]),
              _num(p["cpu_ms"]), _num(p.get("memory_mb"), 1), _num(p["energy_mj"]),
-             p["energy_source"], p["runs"], p["threads"]]
+             p["energy_source"], p["runs"], p["threads"], _when(p.get("ts"))]
             for n, p in sorted(out["profiles"].items())],
            ["VARIANT", "SHA256", "P50 MS", "P95 MS", "CPU MS", "MEM MB", "ENERGY MJ",
-            "SOURCE", "RUNS", "THREADS"])
+            "SOURCE", "RUNS", "THREADS", "MEASURED"])
     return 0
 
 
@@ -91,7 +123,12 @@ def add_profile_commands(sub: argparse._SubParsersAction, devices: argparse._Sub
     dp = devices.add_parser("profile", help="a device's facts and its on-device profile "
                             "of each installed variant")
     client_args(dp, nested=True)
-    dp.add_argument("device", help="device id")
+    dp.add_argument("device", nargs="?", help="device id")
+    dp.add_argument("--refresh", action="store_true",
+                    help="ask the device (or --group) to profile every installed variant "
+                    "again, through a new signed desired state (after a firmware or ONNX "
+                    "Runtime update, a new cooling, …)")
+    dp.add_argument("--group", help="with --refresh: every device of this group")
     dp.set_defaults(func=lambda a: _cmd_devices_profile(a, client(a)))
     c = sub.add_parser("classes", help="device classes: variant profiles aggregated per class "
                        "(count, median, quartiles)")

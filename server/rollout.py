@@ -125,9 +125,14 @@ class RolloutConfig(BaseModel):
     gate: Gate = Field(default_factory=lambda: Gate())
     # A failing wave's devices: "rollback" to what they ran before, or "hold" them.
     on_fail: Literal["rollback", "hold"] = "rollback"
+    # Offer the variants as profile-only beside what each device runs (``prunefleet
+    # tune``): installed, smoke-tested and profiled, never served.
+    profile_only: bool = False
 
     @model_validator(mode="after")
     def _waves(self) -> RolloutConfig:
+        if self.profile_only and self.waves is not None:
+            raise ValueError("a profile-only rollout has no waves: nothing serves to judge")
         w = self.waves
         if w is not None:
             if any(not 0 < p <= 100 for p in w) or any(b <= a for a, b in itertools.pairwise(w)):

@@ -292,6 +292,14 @@ class FleetService:
                 log.error("variant %s not republished: %s", row.name, e)
 
 
+def _span(seconds: float) -> str:
+    """A duration as an operator wrote it: 30d, 1h, 90m, 45s."""
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def serve(opts: ServeOptions, out=print) -> int:
     svc = FleetService(opts)
     svc.start(http_in_thread=False)
@@ -308,6 +316,9 @@ def serve(opts: ServeOptions, out=print) -> int:
         out(f"dashboard: {svc.url}/dashboard#token=<contents of {svc.token_path}>; "
             f"metrics: {svc.url}/metrics"
             + (" (public)" if opts.metrics_public else " (bearer token)"))
+        if opts.retention_s:
+            out(f"retention: telemetry and events older than {_span(opts.retention_s)} "
+                f"are deleted every {_span(opts.retention_check_s)}")
         svc.serve_http()
     finally:
         svc.stop()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 from sqlalchemy import (
@@ -70,7 +71,7 @@ class Telemetry(Base):
         Index("ix_telemetry_end", "interval_end"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))  # the composite indexes cover it
     incarnation: Mapped[str] = mapped_column(String(32), default="", server_default="")
     seq: Mapped[int] = mapped_column(Integer)
     interval_start: Mapped[float] = mapped_column(Float)
@@ -109,7 +110,7 @@ class Switch(Base):
                       Index("ix_switches_ts", "ts"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     telemetry_id: Mapped[int] = mapped_column(ForeignKey("telemetry.id", ondelete="CASCADE"))
-    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64))  # ix_switches_device_ts covers it
     ts: Mapped[float] = mapped_column(Float)
     from_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     to_variant: Mapped[str] = mapped_column(String(64))
@@ -274,6 +275,50 @@ _TELEMETRY_COLUMNS = (
     "battery_percent", "charging", "cpu_percent", "mem_percent", "temperature_c", "energy_j",
     "batches_dropped", "switches_dropped", "received_at")
 _ROWS_PER_INSERT = 64  # 15 parameters each: under SQLite's oldest limit of 999
+# PostgreSQL takes the rows as one array per column (unnest): 15 parameters whatever the
+# group's size, so psycopg caches the parsed statement and the server prepares it (a
+# multi-row VALUES of 960 placeholders was parsed again on every write: 40% of the time).
+_TELEMETRY_PG_TYPES = (
+    "varchar", "varchar", "int", "float8", "float8", "varchar", "float8", "bool", "float8",
+    "float8", "float8", "float8", "int", "int", "float8")
+
+
+# Indexes of earlier versions that others cover (a composite index starting with the same
+# column): each costs every telemetry write and serves no query, so a store drops them.
+_REDUNDANT_INDEXES = ("ix_telemetry_device_id", "ix_switches_device_id")
+
+
+# A telemetry batch's child rows: (column, its PostgreSQL type for unnest).
+_VARIANT_COLUMNS = (
+    ("telemetry_id", "int"), ("device_id", "varchar"), ("variant", "varchar"),
+    ("requests", "int"), ("errors", "int"), ("labeled", "int"), ("correct", "int"),
+    ("latency_ms_p50", "float8"), ("latency_ms_p95", "float8"), ("latency_ms_p99", "float8"))
+_SWITCH_COLUMNS = (
+    ("telemetry_id", "int"), ("device_id", "varchar"), ("ts", "float8"),
+    ("from_variant", "varchar"), ("to_variant", "varchar"), ("reason", "varchar"))
+_SHADOW_COLUMNS = (
+    ("telemetry_id", "int"), ("device_id", "varchar"), ("interval_end", "float8"),
+    ("rollout_id", "int"), ("variant", "varchar"), ("reference", "varchar"),
+    ("samples", "int"), ("agreed", "int"), ("divergence_sum", "float8"), ("errors", "int"),
+    ("latency_ms_p95", "float8"), ("profile_latency_ms", "float8"))
+
+
+def _insert_rows(conn: Connection, pg: bool, table: str,
+                 columns: tuple[tuple[str, str], ...], rows: list[tuple]) -> None:
+    """Insert ``rows``: on PostgreSQL as one array per column (one statement, cached and
+    prepared whatever the number of rows), elsewhere by executemany."""
+    if not rows:
+        return
+    names = ", ".join(name for name, _ in columns)
+    if pg:
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} ({names}) SELECT * FROM unnest("
+            + ", ".join(f"%s::{t}[]" for _, t in columns) + ")",
+            tuple(list(column) for column in zip(*rows, strict=True)))
+    else:
+        conn.exec_driver_sql(
+            f"INSERT INTO {table} ({names}) VALUES ({', '.join(['?'] * len(columns))})",
+            rows)
 
 
 def _upgrade_telemetry(engine) -> None:
@@ -359,12 +404,18 @@ class Store:
             def _pragmas(conn, _record):  # WAL: ingest and readers do not block each other
                 cur = conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=NORMAL")
+                # FULL: each commit is on disk (the WAL fsynced) before it returns, since
+                # ingest acknowledges after the commit and the agent then deletes its copy;
+                # NORMAL would survive a crash of this process but not of the machine.
+                cur.execute("PRAGMA synchronous=FULL")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         try:
             Base.metadata.create_all(self.engine)
             _upgrade_telemetry(self.engine)
+            with self.engine.begin() as conn:
+                for name in _REDUNDANT_INDEXES:
+                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
             # create_all skips tables that exist: add indexes a newer version declares.
             with self.engine.begin() as conn:
                 for table in Base.metadata.sorted_tables:
@@ -438,66 +489,71 @@ class Store:
         # several times the write itself.
         ph = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         row = "(" + ", ".join([ph] * len(_TELEMETRY_COLUMNS)) + ")"
+        rows = [(b.device_id, b.incarnation, b.seq, b.interval_start, b.interval_end,
+                 b.active_variant, b.battery_percent, b.charging, b.cpu_percent,
+                 b.mem_percent, b.temperature_c, b.energy_j, b.batches_dropped,
+                 b.switches_dropped, received) for b in fresh]
+        pg = self.engine.dialect.name == "postgresql"
         with self.session() as s:
             conn = s.connection()
             id_of: dict[tuple[str, str, int], int] = {}
-            for k in range(0, len(fresh), _ROWS_PER_INSERT):
-                part = fresh[k:k + _ROWS_PER_INSERT]
+            inserts: list[tuple[str, tuple]]  # (rows as SQL, their parameters)
+            if pg:
+                inserts = [("SELECT * FROM unnest(" + ", ".join(
+                    f"%s::{t}[]" for t in _TELEMETRY_PG_TYPES) + ")",
+                    tuple(list(column) for column in zip(*rows, strict=True)))] if rows else []
+            else:
+                inserts = [("VALUES " + ", ".join([row] * len(part)),
+                            tuple(chain.from_iterable(part)))
+                           for part in (rows[k:k + _ROWS_PER_INSERT]
+                                        for k in range(0, len(rows), _ROWS_PER_INSERT))]
+            for values, params in inserts:
                 written = conn.exec_driver_sql(
-                    f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) VALUES "
-                    + ", ".join([row] * len(part))
-                    + " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
-                    " RETURNING id, device_id, incarnation, seq",
-                    tuple(v for b in part for v in (
-                        b.device_id, b.incarnation, b.seq, b.interval_start, b.interval_end,
-                        b.active_variant, b.battery_percent, b.charging, b.cpu_percent,
-                        b.mem_percent, b.temperature_c, b.energy_j, b.batches_dropped,
-                        b.switches_dropped, received)),
-                )
+                    f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) {values}"
+                    " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
+                    " RETURNING id, device_id, incarnation, seq", params)
                 id_of.update(((d, i, q), tid) for tid, d, i, q in written)
-            stored = [b for b in fresh if (b.device_id, b.incarnation, b.seq) in id_of]
-            usage = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id, name,
-                      v.requests, v.errors, v.labeled, v.correct, v.latency_ms_p50,
-                      v.latency_ms_p95, v.latency_ms_p99)
-                     for b in stored for name, v in b.variants.items()]
-            if usage:
-                conn.exec_driver_sql(
-                    "INSERT INTO telemetry_variants (telemetry_id, device_id, variant, "
-                    "requests, errors, labeled, correct, latency_ms_p50, latency_ms_p95, "
-                    f"latency_ms_p99) VALUES ({', '.join([ph] * 10)})", usage)
-            switches = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id, sw.ts,
-                         sw.from_variant, sw.to_variant, sw.reason.value)
-                        for b in stored for sw in b.switches]
-            shadow = [(id_of[(b.device_id, b.incarnation, b.seq)], b.device_id,
-                       b.interval_end, b.shadow.rollout_id, name, v.reference, v.samples,
-                       v.agreed, v.divergence_sum, v.errors, v.latency_ms_p95,
-                       v.profile_latency_ms)
-                      for b in stored if b.shadow for name, v in b.shadow.variants.items()]
-            if shadow:
-                conn.exec_driver_sql(
-                    "INSERT INTO telemetry_shadow (telemetry_id, device_id, interval_end, "
-                    "rollout_id, variant, reference, samples, agreed, divergence_sum, errors, "
-                    f"latency_ms_p95, profile_latency_ms) VALUES ({', '.join([ph] * 12)})",
-                    shadow)
-            if switches:
-                conn.exec_driver_sql(
-                    "INSERT INTO switches (telemetry_id, device_id, ts, from_variant, "
-                    f"to_variant, reason) VALUES ({', '.join([ph] * 6)})", switches)
+            stored = [(id_of[key], b) for b in fresh
+                      if (key := (b.device_id, b.incarnation, b.seq)) in id_of]
+            usage = [(tid, b.device_id, name, v.requests, v.errors, v.labeled, v.correct,
+                      v.latency_ms_p50, v.latency_ms_p95, v.latency_ms_p99)
+                     for tid, b in stored for name, v in b.variants.items()]
+            _insert_rows(conn, pg, "telemetry_variants", _VARIANT_COLUMNS, usage)
+            switches = [(tid, b.device_id, sw.ts, sw.from_variant, sw.to_variant,
+                         sw.reason.value)
+                        for tid, b in stored for sw in b.switches]
+            shadow = [(tid, b.device_id, b.interval_end, b.shadow.rollout_id, name,
+                       v.reference, v.samples, v.agreed, v.divergence_sum, v.errors,
+                       v.latency_ms_p95, v.profile_latency_ms)
+                      for tid, b in stored if b.shadow
+                      for name, v in b.shadow.variants.items()]
+            _insert_rows(conn, pg, "telemetry_shadow", _SHADOW_COLUMNS, shadow)
+            _insert_rows(conn, pg, "switches", _SWITCH_COLUMNS, switches)
             # Only reported state (and its Last Will) says online or offline: a batch may
             # have waited in a queue and arrive after the will.
             if stored:
-                self._touch_many(s, {b.device_id for b in stored}, now)
+                self._touch_many(conn, ph, sorted({b.device_id for _, b in stored}), now)
         return [new and (b.device_id, b.incarnation, b.seq) in id_of
                 for b, new in zip(batches, result, strict=True)]
 
     @staticmethod
-    def _touch_many(s: Session, device_ids: set[str], now: float) -> None:
-        known = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(device_ids))))
-        if known:
-            s.execute(update(Device).where(Device.device_id.in_(known)).values(last_seen=now),
-                      execution_options={"synchronize_session": False})
-        for d in sorted(device_ids - known):
-            s.add(Device(device_id=d, installed=[], last_seen=now))
+    def _touch_many(conn: Connection, ph: str, device_ids: list[str], now: float) -> None:
+        """``last_seen`` of these devices (sorted, so that concurrent servers lock rows in
+        one order), adding those the store does not know yet: one upsert statement (the
+        ORM's select, update and insert cost as much as the telemetry rows)."""
+        upsert = " ON CONFLICT (device_id) DO UPDATE SET last_seen = excluded.last_seen"
+        columns = "INSERT INTO devices (device_id, online, last_seen, installed, counters) "
+        if ph == "%s":  # PostgreSQL: one array, whatever the number (see _TELEMETRY_PG_TYPES)
+            conn.exec_driver_sql(
+                columns + "SELECT d, FALSE, %s, '[]'::json, '{}'::json "
+                "FROM unnest(%s::varchar[]) AS d" + upsert, (now, device_ids))
+            return
+        for k in range(0, len(device_ids), _ROWS_PER_INSERT):
+            part = device_ids[k:k + _ROWS_PER_INSERT]
+            conn.exec_driver_sql(
+                columns + "VALUES " + ", ".join(
+                    [f"({ph}, FALSE, {ph}, '[]', '{{}}')"] * len(part)) + upsert,
+                tuple(v for d in part for v in (d, now)))
 
     def stored_seqs(self, device_id: str, incarnation: str, start: int,
                     limit: int = 4096) -> list[int]:
@@ -737,6 +793,16 @@ class Store:
             return list(s.scalars(
                 select(DeviceGroup.device_id).where(DeviceGroup.group_name == group)
                 .order_by(DeviceGroup.device_id)
+            ))
+
+    def class_members(self, device_class: str) -> list[str]:
+        """Devices whose last reported facts name ``device_class`` (a reported fact, not
+        membership the server grants)."""
+        with self.session() as s:
+            return list(s.scalars(
+                select(DeviceFactsRow.device_id)
+                .where(DeviceFactsRow.device_class == device_class)
+                .order_by(DeviceFactsRow.device_id)
             ))
 
     def device(self, device_id: str) -> Device | None:

@@ -100,6 +100,7 @@ class Reason(StrEnum):
     BATTERY_LOW = "battery_low"
     BATTERY_CRITICAL = "battery_critical"
     BATTERY_RECOVERED = "battery_recovered"
+    BATTERY_LIFETIME = "battery_lifetime"
     CHARGING = "charging"
     CPU_HIGH = "cpu_high"
     CPU_RECOVERED = "cpu_recovered"
@@ -146,6 +147,9 @@ class VariantSpec(BaseModel):
     latency_ms: float | None = Field(default=None, ge=0)
     technique: str = Field(default="none", max_length=32)
     golden: Golden | None = None
+    # Install, smoke-test and profile it, never serve it (``prunefleet tune``): no policy,
+    # cascade, lifetime plan, pin or shadow reference ever picks it.
+    profile_only: bool = False
 
     @field_validator("name")
     @classmethod
@@ -203,6 +207,11 @@ class Manifest(WireModel):
     # trusts them again, even where its configuration still pins them.
     revoked_keyids: list[Sha256] = Field(default_factory=list, max_length=MAX_REVOKED_KEYS)
     shadow: ShadowSpec | None = None
+    # A request to profile every installed variant again (``prunefleet devices profile ID
+    # --refresh``): the agent measures them all when this rises above the highest it has
+    # acted on. Drawn from the manifest version sequence, so each request is higher than
+    # any before it; later desired states carry it on. 0: none ever requested.
+    reprofile: int = Field(default=0, ge=0, le=MAX_VERSION)
 
     def model_post_init(self, __context: Any) -> None:
         names = [v.name for v in self.variants]
@@ -210,8 +219,21 @@ class Manifest(WireModel):
             raise ValueError("variant names must be unique")
         if self.pinned_variant is not None and self.pinned_variant not in names:
             raise ValueError(f"pinned variant {self.pinned_variant!r} is not in the manifest")
+        profile_only = self.profile_only
+        if len(profile_only) == len(names):
+            raise ValueError("every variant is profile-only: a device needs one to serve")
+        if self.pinned_variant in profile_only:
+            raise ValueError(f"pinned variant {self.pinned_variant!r} is profile-only")
+        if self.shadow is not None and profile_only & {*self.shadow.variants,
+                                                       self.shadow.reference}:
+            raise ValueError("a profile-only variant cannot be under shadow evaluation")
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
+
+    @property
+    def profile_only(self) -> frozenset[str]:
+        """The variants the device installs and profiles but never serves."""
+        return frozenset(v.name for v in self.variants if v.profile_only)
 
     def variant(self, name: str) -> VariantSpec:
         for v in self.variants:

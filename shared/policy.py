@@ -28,8 +28,20 @@ class PolicyConfig(BaseModel):
     battery_low_percent: float = Field(default=30.0, ge=0, le=100)
     """Battery at or below this (not charging): at most the middle of the variant table."""
     battery_critical_percent: float = Field(default=15.0, ge=0, le=100)
-    """Battery at or below this (not charging): the cheapest variant, at once (no dwell). Below
+    """Battery at or below this (not charging): the cheapest variant, at once (no dwell); with the
+    cascade its unsure answers still escalate to the middle of the table. Below
     battery_low_percent."""
+    battery_life_target_h: float | None = Field(default=None, gt=0)
+    """Lifetime mode: hours on battery the device must last (counted from when the agent
+    last saw it go on battery, or started). The agent serves the mix of variants with the
+    highest expected accuracy whose measured energy lasts until then at the observed request
+    rate, and plans again as the rate and the charge change; it replaces battery_low_percent
+    and battery_critical_percent until the target has passed. Unset: off."""
+    battery_capacity_wh: float | None = Field(default=None, gt=0)
+    """The battery's capacity, for lifetime mode on a device whose gauge gives only a
+    percentage (the remaining charge is this times the percentage). A simulated battery
+    knows its own; unset elsewhere: lifetime mode cannot plan and the battery thresholds
+    apply."""
     hysteresis_percent: float = Field(default=5.0, ge=0, le=100)
     """A low or critical battery level is released only this many points above its threshold."""
     cpu_high_percent: float = Field(default=80.0, gt=0, le=100)

@@ -65,10 +65,17 @@ class SigningKey:
         )
 
     def sign(self, manifest: Manifest) -> SignedManifest:
-        # Without revocations the field is left out, so agents of the previous release
-        # (which forbid unknown fields) still accept the manifest.
-        exclude = None if manifest.revoked_keyids else {"revoked_keyids"}
-        payload = manifest.model_dump_json(by_alias=True, exclude=exclude)
+        # Without revocations (profile-only variants) the field is left out, so agents of
+        # the previous release (which forbid unknown fields) still accept the manifest; one
+        # with profile-only variants they refuse, rather than serve them.
+        exclude: dict = {}
+        if not manifest.revoked_keyids:
+            exclude["revoked_keyids"] = True
+        if not manifest.profile_only:
+            exclude["variants"] = {"__all__": {"profile_only"}}
+        if not manifest.reprofile:  # likewise: no re-profile ever requested
+            exclude["reprofile"] = True
+        payload = manifest.model_dump_json(by_alias=True, exclude=exclude or None)
         sig = self.private.sign(payload.encode())
         return SignedManifest(
             payload=payload,

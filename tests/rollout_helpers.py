@@ -54,14 +54,15 @@ class Fleet:
 
     # -- agents -------------------------------------------------------------------------------
     def start_agent(self, device_id: str, trusted: list[Path] | None = None,
-                    group: str | None = None) -> Agent:
-        """``group``: the group in the agent's own configuration (a request to the server)."""
+                    group: str | None = None, **config) -> Agent:
+        """``group``: the group in the agent's own configuration (a request to the server);
+        ``config``: other agent settings (e.g. ``device_class``)."""
         cfg = load_config(
             None, env={}, device_id=device_id, broker_url=self.broker_url,
             fleet_prefix=self.prefix, state_dir=self.tmp / "agents" / device_id,
             trusted_keys=trusted or [self.state_dir / "keys" / "public.pem"],
             chunk_timeout_s=2.0, telemetry_interval_s=1.0, reconnect_max_s=2.0,
-            sensors={"kind": "simulated"}, group=group,
+            sensors={"kind": "simulated"}, group=group, **config,
         )
         agent = Agent(cfg)
         stop = threading.Event()

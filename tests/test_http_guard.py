@@ -50,6 +50,7 @@ def _announce(svc, method: str, path: str, length: int, token: str | None = None
     ("POST", "/v1/rollouts"),
     ("PUT", "/v1/blobs/" + "a" * 64),
     ("POST", "/v1/pins"),
+    ("POST", "/v1/profiles/refresh"),
     ("PUT", "/v1/devices/dev-1/groups"),
 ])
 def test_no_token_is_refused_before_any_body_is_read(server, method, path):

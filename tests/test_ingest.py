@@ -22,7 +22,14 @@ from prunefleet.agent.service import Agent
 from prunefleet.server.ingest import DROP_REASONS, DeviceRateLimiter, StoredCursors
 from prunefleet.server.serve import FleetService, ServeOptions
 from prunefleet.server.store import Store, sqlite_url
-from prunefleet.shared.messages import TelemetryBatch, VariantStats
+from prunefleet.shared.messages import (
+    ReportedState,
+    ShadowReport,
+    ShadowStats,
+    SwitchEvent,
+    TelemetryBatch,
+    VariantStats,
+)
 from prunefleet.shared.topics import Topics
 
 
@@ -259,6 +266,108 @@ def test_store_dedupes_by_device_incarnation_and_seq_in_one_transaction(tmp_path
             schema.close()  # drops it
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_telemetry_adds_unknown_devices_and_refreshes_known_ones_without_their_state(
+        tmp_path, backend):
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        def b(device_id: str, seq: int) -> TelemetryBatch:
+            return TelemetryBatch(device_id=device_id, seq=seq, incarnation="i",
+                                  interval_start=1, interval_end=2)
+        store.set_reported(ReportedState(device_id="known", online=True, agent_version="1.2",
+                                         counters={"telemetry_resent": 3}))
+        before = store.device("known")
+        assert before is not None
+        # One group: a new device, the known one, and a batch of the new one again.
+        assert store.add_telemetry_batches([b("new", 0), b("known", 0), b("new", 1)]) \
+            == [True, True, True]
+        new, known = store.device("new"), store.device("known")
+        assert new is not None and known is not None
+        assert (new.online, new.installed, new.counters) == (False, [], {})
+        assert new.last_seen > 0
+        assert known.last_seen >= before.last_seen
+        assert (known.online, known.agent_version, known.counters) == (
+            True, "1.2", {"telemetry_resent": 3})
+        assert {d.device_id for d in store.devices()} == {"new", "known"}
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()  # drops it
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_every_field_of_a_group_of_batches_is_stored_as_sent(tmp_path, backend):
+    """Child rows (variants, switches, shadow figures) and empty fields of a whole group,
+    read back through the store's own queries."""
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        full = TelemetryBatch(
+            device_id="d1", seq=0, incarnation="i", interval_start=10.0, interval_end=20.0,
+            variants={"a": VariantStats(requests=7, errors=1, labeled=5, correct=4,
+                                        latency_ms_p50=1.5, latency_ms_p95=2.5,
+                                        latency_ms_p99=3.5),
+                      "b": VariantStats(requests=2)},
+            switches=[SwitchEvent(ts=15.0, from_variant=None, to_variant="a",
+                                  reason="initial"),
+                      SwitchEvent(ts=16.0, from_variant="a", to_variant="b",
+                                  reason="battery_low")],
+            active_variant="b", battery_percent=40.0, charging=True, cpu_percent=12.5,
+            mem_percent=30.0, temperature_c=-5.0, energy_j=2.0, batches_dropped=3,
+            switches_dropped=1,
+            shadow=ShadowReport(rollout_id=4, variants={"b": ShadowStats(
+                reference="a", samples=9, agreed=8, divergence_sum=0.25, errors=1,
+                latency_ms_p95=4.0)}))
+        bare = [TelemetryBatch(device_id=f"d{k}", seq=0, interval_start=1.0,
+                               interval_end=2.0) for k in range(2, 80)]
+        assert store.add_telemetry_batches([full, *bare]) == [True] * 79
+        assert store.telemetry_count() == 79
+        assert store.usage("d1") == {
+            "a": {"requests": 7, "errors": 1, "labeled": 5, "correct": 4},
+            "b": {"requests": 2, "errors": 0, "labeled": 0, "correct": 0}}
+        assert [(w.ts, w.from_variant, w.to_variant, w.reason)
+                for w in store.switches("d1")] == [
+            (15.0, None, "a", "initial"), (16.0, "a", "b", "battery_low")]
+        with store.engine.connect() as c:
+            row = c.exec_driver_sql(
+                "SELECT active_variant, battery_percent, charging, cpu_percent, mem_percent, "
+                "temperature_c, energy_j, batches_dropped, switches_dropped, incarnation "
+                "FROM telemetry WHERE device_id = 'd1'").one()
+            assert tuple(row) == ("b", 40.0, True, 12.5, 30.0, -5.0, 2.0, 3, 1, "i")
+            empty = c.exec_driver_sql(
+                "SELECT active_variant, battery_percent, charging, temperature_c, "
+                "incarnation FROM telemetry WHERE device_id = 'd2'").one()
+            assert tuple(empty) == (None, None, None, None, "")
+            p95 = c.exec_driver_sql(
+                "SELECT latency_ms_p95 FROM telemetry_variants WHERE device_id = 'd1' "
+                "AND variant = 'a'").scalar()
+            assert p95 == 2.5
+            shadow = c.exec_driver_sql(
+                "SELECT rollout_id, variant, reference, samples, agreed, divergence_sum, "
+                "errors, latency_ms_p95, profile_latency_ms, interval_end "
+                "FROM telemetry_shadow").all()
+            assert [tuple(r) for r in shadow] == [
+                (4, "b", "a", 9, 8, 0.25, 1, 4.0, None, 20.0)]
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()  # drops it
+
+
+def test_sqlite_store_has_a_commit_on_disk_before_ingest_acknowledges_it(tmp_path):
+    """Ingest acknowledges a batch after its commit and the agent then deletes its copy:
+    the commit must survive the machine's crash, not only the server's (WAL fsynced at
+    every commit, SQLite's synchronous=FULL)."""
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    try:
+        with store.engine.connect() as c:
+            assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert c.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        store.close()
+
+
 def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tmp_path, mosquitto):
     """Batches sent while the server is away wait in its persistent session (same client
     id, kept in its state directory) and arrive after the restart, not re-sent."""
@@ -290,6 +399,36 @@ def test_a_server_restart_mid_stream_loses_and_duplicates_nothing(tmp_path, mosq
         assert f.svc.fleet.counters.duplicates == 0
     finally:
         stop.set()
+        f.close()
+
+
+def test_a_server_restarting_into_a_backlog_starts_and_stores_all_of_it(tmp_path, mosquitto):
+    """After an outage the broker hands the server its session's backlog before the ingest
+    probe: those messages prove the subscription delivers, so the server starts however
+    long the backlog takes to store, and stores every batch once."""
+    f = Fleet(tmp_path, mosquitto.url)
+
+    def start(probe_s: float) -> FleetService:
+        return FleetService(ServeOptions(
+            state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+            prefix=f.prefix, device_rate_per_s=0.0, probe_s=probe_s)).start()
+
+    f.svc = start(5.0)
+    f.stop_server()
+    raw = RawDevice(f.broker_url, f.prefix, "backlog-1")
+    try:
+        n = 5000
+        infos = [raw.publish(json.dumps(raw.batch(seq)).encode()) for seq in range(n)]
+        for info in infos:
+            info.wait_for_publish(30)
+        f.svc = start(0.5)  # far less than storing 5,000 batches takes
+        wait_for(lambda: len(f.svc.store.telemetry_seqs("backlog-1")) == n, 60,
+                 what="the backlog stored")
+        assert f.svc.store.telemetry_seqs("backlog-1") == list(range(n))
+        assert f.svc.fleet.counters.duplicates == 0
+        assert sum(f.svc.fleet.counters.dropped.values()) == 0
+    finally:
+        raw.close()
         f.close()
 
 

@@ -625,6 +625,19 @@ def test_plan_cascade(table: list[VariantInfo], budget: str, plan: CascadePlan) 
     assert plan_cascade(table, budget) == plan
 
 
+def test_on_a_critical_battery_unsure_answers_still_escalate_to_the_middle() -> None:
+    assert plan_cascade(V3, "small", critical=True) == CascadePlan("small", "medium")
+    assert plan_cascade([SMALL, LARGE], "small", critical=True) == CascadePlan("small", None)
+    assert plan_cascade([MEDIUM], "medium", critical=True) == CascadePlan("medium", None)
+    # The policy's levels say when: critical and not charging, outside lifetime mode.
+    cfg = PolicyConfig()
+    d = decide(readings(battery=5.0), V3, 0.9, None, None, None, 0.0, cfg)
+    assert d.variant == "small" and d.state.levels.critical
+    d = decide(readings(battery=5.0, charging=True), V3, 0.9, None, None, None, 0.0,
+               cfg)
+    assert not d.state.levels.critical
+
+
 @pytest.mark.parametrize(
     ("plan", "confidence", "escalates"),
     [

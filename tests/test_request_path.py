@@ -3,7 +3,8 @@
 Simulated inference (no ONNX Runtime) and a fake clock: many threads at once lose no
 request and keep the smoothed complexity sane; the policy's short cache is invalidated by
 a change of input and otherwise holds until the clock passes the interval; a pin acts at
-once.
+once. These run with the confidence cascade off, so the input's own statistics estimate
+complexity; the cascade's default (on where the variant set allows it) is tested last.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class Rig:
 
     def __init__(self, *, policy: PolicyConfig | None = None, eval_interval_s: float = 10.0,
                  complexity_interval_s: float = 0.0, alpha: float = 1.0,
-                 specs: list[VariantSpec] = SPECS) -> None:
+                 specs: list[VariantSpec] = SPECS,
+                 cascade: CascadeConfig = CascadeConfig(enabled=False)) -> None:
         self.clock = FakeClock()
         self.agg = Aggregator("dev-1", self.clock.time())
         engine = SimulatedEngine()
@@ -63,7 +65,7 @@ class Rig:
         self.switches: list[tuple[str | None, str, Reason]] = []
         self.path = RequestPath(
             self.pool, self.agg, self.clock,
-            ServingOptions(cascade=CascadeConfig(), active_power_w=2.0,
+            ServingOptions(cascade=cascade, active_power_w=2.0,
                            complexity_ewma_alpha=alpha,
                            complexity_min_interval_s=complexity_interval_s,
                            policy_eval_interval_s=eval_interval_s),
@@ -262,3 +264,39 @@ def test_a_variant_slower_and_less_accurate_here_is_never_served_unless_pinned()
     assert "medium" not in served and served == {"small", "large"}
     p.path.update(pinned="medium")
     assert p.serve() == ("medium", Reason.PINNED)
+
+
+# -- (e) the confidence cascade by default ---------------------------------------------------
+
+
+def _served_by(p: Rig, n: int = 200) -> set[tuple[str, Reason]]:
+    rng = np.random.default_rng(2)
+    return {p.serve(rng.normal(0, 1, (1, 1, 8, 8)).astype(np.float32)) for _ in range(n)}
+
+
+def test_the_cascade_is_on_by_default_where_the_variants_answer_the_same_question() -> None:
+    p = Rig(cascade=CascadeConfig())
+    # The cheapest answers when sure, the budget (large) when unsure: nothing else serves.
+    assert _served_by(p) == {("small", Reason.COMPLEXITY_LOW), ("large", Reason.CASCADE)}
+    p.path.update(pinned="medium")  # a pin wins over the cascade: it answers everything
+    assert _served_by(p) == {("medium", Reason.PINNED)}
+
+
+def test_enabled_false_turns_the_cascade_off() -> None:
+    p = Rig(cascade=CascadeConfig(enabled=False))
+    assert {why for _, why in _served_by(p)} <= {Reason.INITIAL, Reason.COMPLEXITY_HIGH,
+                                                 Reason.COMPLEXITY_LOW}
+
+
+@pytest.mark.parametrize("other", [
+    {"num_classes": 3},  # another question: its confidence is not comparable
+    {"input_shape": [1, 1, 4, 4]},  # another input: the same request cannot run on both
+    {"num_classes": 1},  # one score, no class probabilities
+])
+def test_a_variant_set_that_does_not_allow_it_serves_without_the_cascade(other) -> None:
+    specs = [*SPECS[:2], SPECS[2].model_copy(update=other)]
+    if other.get("num_classes") == 1:
+        specs = [s.model_copy(update=other) for s in SPECS]
+    p = Rig(cascade=CascadeConfig(), specs=specs)
+    assert Reason.CASCADE not in {why for _, why in _served_by(p)}
+    assert not p.path._cascade_applies()

@@ -4,6 +4,7 @@ not; requests never wait for a shadow run."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from onnx_models import mlp_spec, scaled_copy
 from test_agent_memory import Fleet
 
+from prunefleet.agent.profile import Activity
 from prunefleet.agent.service import Agent
-from prunefleet.agent.shadow import ShadowOptions
+from prunefleet.agent.shadow import ShadowEvaluator, ShadowOptions
 from prunefleet.server.fleet import spec_from_file
 from prunefleet.shared.messages import ShadowReport, ShadowSpec, VariantSpec
 
@@ -139,38 +141,111 @@ def test_the_worker_runs_only_in_the_request_paths_idle_gaps(in_flight, last_sta
     assert idle_wait(in_flight, last_start, now, 0.002) == pytest.approx(wait)
 
 
-def test_the_worker_evaluates_queued_samples_once_requests_pause(setup):
-    import threading
+class _Watched(Activity):
+    """The request path's activity; ``busy_looks`` is set once the worker has looked twice
+    while a request was in flight."""
 
-    from prunefleet.agent.profile import Activity
-    from prunefleet.agent.shadow import ShadowEvaluator
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.looks_while_busy = 0
+        self.busy_looks = threading.Event()
 
+    def snapshot(self) -> tuple[int, int, float]:
+        snap = super().snapshot()
+        if snap[1] > 0:
+            self.looks_while_busy += 1
+            if self.looks_while_busy >= 2:
+                self.busy_looks.set()
+        return snap
+
+
+class _Recording:
+    """The agent's engine, recording which variant each shadow inference ran; with
+    ``arrive_during`` a request arrives while that variant's first inference runs."""
+
+    def __init__(self, inner, activity: Activity, arrive_during: str | None = None) -> None:
+        self.inner, self.activity, self.arrive_during = inner, activity, arrive_during
+        self.ran: list[str] = []
+        self.changed = threading.Condition()
+
+    def infer(self, lv, x):
+        if lv.name == self.arrive_during:
+            self.arrive_during = None
+            self.activity.begin()
+        out = self.inner.infer(lv, x)
+        with self.changed:
+            self.ran.append(lv.name)
+            self.changed.notify_all()
+        return out
+
+    def wait_for(self, n: int) -> list[str]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.ran) >= n, timeout=10)
+            return list(self.ran)
+
+
+def _worker(agent: Agent, activity: Activity, arrive_during: str | None = None):
+    agent.pool.engine = engine = _Recording(agent.pool.engine, activity, arrive_during)
+    ev = ShadowEvaluator(agent.pool, ShadowOptions(queue_max=8, cpu_share=1.0,
+                                                   idle_poll_s=0.001), activity=activity)
+    ev.configure(ShadowSpec(variants=["good"], sample_share=1.0, reference="base"), "base")
+    return ev, engine
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_evaluates_queued_samples_once_requests_pause(setup) -> None:
     fleet, agent, base, good, _bad = setup
     fleet.deploy([base, good])
     fleet.run_until(agent, lambda: set(agent.pool.table) == {"base", "good"}, steps=200)
-    activity = Activity()
-    ev = ShadowEvaluator(agent.pool, ShadowOptions(queue_max=8, cpu_share=1.0),
-                         activity=activity)
-    ev.configure(ShadowSpec(variants=["good"], sample_share=1.0, reference="base"), "base")
-    activity.begin()  # a request in flight: the samples wait in the queue
+    activity = _Watched()
+    ev, engine = _worker(agent, activity)
+    activity.begin()  # a request in flight: the samples wait
     for x in _requests(3):
         ev.offer(x)
     ev.start()
     try:
-        with ev._lock:  # the worker never takes a sample while a request is in flight
-            assert len(ev._queue) == 3
+        assert activity.busy_looks.wait(10)
+        assert engine.ran == []  # the worker looked, saw the request and ran nothing
         activity.end()
-        done = threading.Event()
-
-        def evaluated() -> None:
-            while not done.is_set():
-                with ev._lock:
-                    if not ev._queue:
-                        done.set()
-                        return
-                ev._stop.wait(0.001)
-
-        threading.Thread(target=evaluated, daemon=True).start()
-        assert done.wait(10), "the worker evaluated the queued samples once idle"
+        assert engine.wait_for(6) == ["base", "good"] * 3
+        report = ev.cut()
+        assert report is not None and report.variants["good"].samples == 3
+        assert report.variants["good"].agreed == 3
     finally:
         ev.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_request_arriving_mid_sample_waits_for_one_inference_not_the_sample(setup) -> None:
+    fleet, agent, base, good, _bad = setup
+    fleet.deploy([base, good])
+    fleet.run_until(agent, lambda: set(agent.pool.table) == {"base", "good"}, steps=200)
+    activity = _Watched()
+    ev, engine = _worker(agent, activity, arrive_during="base")
+    ev.offer(_requests(1)[0])
+    ev.start()
+    try:
+        # The reference ran; a request arrived meanwhile: the candidate's inference waits
+        # for the request path to be idle again.
+        assert engine.wait_for(1) == ["base"]
+        assert activity.busy_looks.wait(10)
+        assert engine.ran == ["base"]
+        activity.end()
+        assert engine.wait_for(2) == ["base", "good"]
+    finally:
+        ev.close()
+    report = ev.cut()
+    assert report is not None and report.variants["good"].samples == 1
+    assert report.cpu_ms > 0
+
+
+def test_a_share_of_requests_is_sampled_evenly(setup) -> None:
+    agent = setup[1]
+    ev = ShadowEvaluator(agent.pool, ShadowOptions(queue_max=4096, worker_thread=False))
+    for share, n, want in ((0.05, 400, 20), (0.2, 100, 20), (1 / 3, 99, 33), (1.0, 7, 7)):
+        ev.configure(ShadowSpec(variants=["bad"], sample_share=share), "base")
+        for x in _requests(n):
+            ev.offer(x)
+        report = ev.cut()
+        assert report is not None and (report.sampled, report.dropped) == (want, 0)
+        ev.configure(None, None)

@@ -112,3 +112,78 @@ def latency_many(
                 out.append(clock() - t0)
     return {k: _stats(v) for k, v in samples.items()}
 
+
+
+# --------------------------------------------------------------------------- footprint
+
+# Run in a fresh interpreter, so nothing the parent loaded (torch, other sessions) blurs
+# the figure: resident memory after importing ONNX Runtime, then after creating the session
+# and running it once; then energy per inference from the host's meter, else CPU time x
+# the architecture's active power (agent/energy.py, agent/devicefacts.py).
+_FOOTPRINT = r"""
+import json, sys, time
+import numpy as np, onnxruntime as ort, psutil
+from prunefleet.agent.devicefacts import read_facts
+from prunefleet.agent.energy import estimate_j, find_meter
+path, shape, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+proc = psutil.Process()
+x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = 1
+opts.inter_op_num_threads = 1
+opts.log_severity_level = 3
+before = proc.memory_info().rss
+s = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+feed = {s.get_inputs()[0].name: x}
+s.run(None, feed)
+after = proc.memory_info().rss
+for _ in range(min(20, runs)):
+    s.run(None, feed)
+c0 = time.thread_time()
+for _ in range(runs):
+    s.run(None, feed)
+cpu_s = (time.thread_time() - c0) / runs
+facts = read_facts(ort_version="", providers=[])
+energy_j, source = None, "cpu_time_estimate"
+meter = find_meter()
+if meter is not None:
+    window = max(2 * meter.min_window_s, 0.2)
+    j0, t0 = meter.joules(), time.perf_counter()
+    time.sleep(window)
+    j1, t1 = meter.joules(), time.perf_counter()
+    n = 0
+    while time.perf_counter() - t1 < window or n < 10:
+        s.run(None, feed)
+        n += 1
+    j2, t2 = meter.joules(), time.perf_counter()
+    if None not in (j0, j1, j2) and t1 > t0:
+        idle_w = (j1 - j0) / (t1 - t0)
+        above = (j2 - j1) - idle_w * (t2 - t1)
+        if above > 0:
+            energy_j, source = above / n, meter.source
+if energy_j is None:
+    energy_j = estimate_j(cpu_s, facts.active_power_w or 5.0)
+print(json.dumps({"memory_mb": (after - before) / 2**20, "cpu_ms": cpu_s * 1e3,
+                  "energy_mj": energy_j * 1e3, "energy_source": source,
+                  "active_power_w": facts.active_power_w}))
+"""
+
+
+def footprint(onnx_path: str | Path, input_shape: list[int], runs: int = 200,
+              timeout_s: float = 120.0) -> dict[str, object]:
+    """What a variant's ONNX Runtime session adds to a process's resident memory (MB;
+    measured in a child process: before and after creating the session and one run), its
+    CPU time and energy per inference on this host, and the energy's source."""
+    import json
+    import subprocess
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _FOOTPRINT, str(onnx_path), json.dumps(input_shape),
+             str(runs)], capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"footprint not measured: {e}"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"footprint not measured: {last}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])

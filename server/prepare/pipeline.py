@@ -47,17 +47,29 @@ from . import measure
 from .data import Dataset, Split, load_recipe_data
 from .errors import OutputExistsError, PrepareError, RecipeError
 from .export import INPUT_NAME, OUTPUT_NAME, export_onnx, to_onnx_bytes
+from .plan import plan_variants
 from .prune import channel_widths, weight_sparsity
 from .quantize import FALLBACKS, quantize_checked
-from .recipe import Recipe, VariantSpec, build_model, file_digest, parse_recipe
+from .recipe import (
+    STRUCTURAL,
+    Recipe,
+    TargetSpec,
+    VariantSpec,
+    build_model,
+    file_digest,
+    parse_recipe,
+)
 from .report import UNSTRUCTURED_NOTE, markdown, pareto_front, plot_png
+from .target import ClassModel, check_target, family_of, int8_verdict
 from .techniques import Context, generated_inputs, make_variant
 from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
 # Bump when a change to this pipeline changes what it produces: old reports stop matching.
-PIPELINE_VERSION = 3  # 3: INT8 with 7-bit weights, random calibration sample, fallbacks
+# 3: INT8 with 7-bit weights, random calibration sample, fallbacks
+# 4: session memory and host energy per variant, [target], round_to = "auto", --for-class
+PIPELINE_VERSION = 4
 REPORT_FORMAT = "prunefleet.prepare.report/2"
 REPORT_NAME = "report.json"
 REPORT_MD = "report.md"
@@ -107,6 +119,12 @@ class PreparedVariant:
     pareto: bool
     note: str | None
     details: dict[str, Any]  # technique specifics (sensitivity scan, layer ratios, ...)
+    # What creating its ONNX Runtime session and one run added to a fresh process's RSS.
+    memory_mb: float | None
+    cpu_ms: float | None  # CPU time per inference on the preparing host
+    energy_mj: float | None  # energy per inference on the preparing host
+    energy_source: str | None  # rapl, hwmon, battery or cpu_time_estimate
+    target: dict[str, Any] | None  # the [target] budgets it meets or misses
     path: Path
 
     def to_report(self) -> dict[str, Any]:
@@ -160,6 +178,10 @@ def variant_name(ratio: float) -> str:
     pct = ratio * 100
     text = f"{pct:.0f}" if abs(pct - round(pct)) < 1e-9 else f"{pct:g}".replace(".", "_")
     return f"struct{text}"
+
+
+def _round(v: object, digits: int) -> float | None:
+    return round(float(v), digits) if isinstance(v, int | float) else None
 
 
 def _b64(a: np.ndarray) -> str:
@@ -397,15 +419,24 @@ def prepare(
     replace_other: bool = False,
     progress: bool = True,
     resolved: Resolved | None = None,
+    for_class: str | None = None,
+    class_model: ClassModel | None = None,
 ) -> PreparedSet:
     """Prepare, measure and write the variants a recipe asks for (see the module doc).
 
     Returns the existing set when ``out_dir`` holds a report of the same recipe whose files
     all match, unless ``force``. A report of another recipe is replaced only with ``force``
     or ``replace_other``; otherwise :class:`OutputExistsError`.
+
+    ``for_class``: prepare for that device class (its instruction set, its latency);
+    ``class_model`` is its latency model fitted on the fleet's profiles (:mod:`.target`),
+    None to model and measure latency on this host.
     """
     out_dir = Path(out_dir)
     params = _params(recipe)
+    if for_class is not None:
+        params["for_class"] = {"name": for_class, "model": class_model.describe()
+                               if class_model else None}
     phash = params_hash(params)
     if not force:
         cached = load_report(out_dir, phash)
@@ -421,7 +452,7 @@ def prepare(
     stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
         with _torch_session(recipe.prepare.seed, recipe.prepare.torch_threads):
-            report = _run(res, stage, phash, params, progress)
+            report = _run(res, stage, phash, params, progress, for_class, class_model)
         names = [v["file"] for v in report["variants"]] + [REPORT_MD, REPORT_PNG]
         if report.get("workload"):
             names.append(WORKLOAD_NAME)
@@ -436,7 +467,8 @@ def prepare(
                        result.report_path, cached=False, report=result.report)
 
 
-def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progress: bool
+def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progress: bool,
+         for_class: str | None = None, class_model: ClassModel | None = None
          ) -> dict[str, Any]:
     recipe, data, settings = res.recipe, res.data, res.recipe.prepare
     shape = recipe.model.input_shape
@@ -460,13 +492,20 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
                   progress=progress, seed=settings.seed,
                   dense_macs=measure.count_macs(dense_model, res.example))
     t0 = time.perf_counter()
+    _stage(progress, "planning for the target (rounding, latency model)")
+    plan = plan_variants(recipe, res.variants, dense_model, res.example, ctx.dense_macs,
+                         for_class=for_class, class_model=class_model)
+    timings["plan_s"] = time.perf_counter() - t0
+    specs = plan.variants
+    t0 = time.perf_counter()
     built: dict[str, _Built] = {}
     fp32_cache: dict[str, _Built] = {}
-    bar = tqdm(res.variants, desc="variants", unit="variant", disable=not progress,
+    twin_of: dict[str, str] = {}  # INT8 variant -> the key of its FP32 twin's session
+    bar = tqdm(specs, desc="variants", unit="variant", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     for i, spec in enumerate(bar, 1):
         bar.set_postfix_str(spec.name)
-        _stage(progress, "variant %d of %d: %s (%s)", i, len(res.variants), spec.name,
+        _stage(progress, "variant %d of %d: %s (%s)", i, len(specs), spec.name,
                "+".join(t for t in (spec.technique, spec.quantize) if t and t != "none")
                or "none")
         ts = time.perf_counter()
@@ -486,6 +525,7 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
                           None, made.info, 0.0)
             fp32_cache[key] = base
         if spec.quantize == "int8":
+            twin_of[spec.name] = key
             qr = quantize_checked(base.onnx, calib, parity_x, rel_tol=settings.int8_rel_tol,
                                   min_top1=settings.int8_min_top1,
                                   reduce_range=settings.int8_reduce_range)
@@ -509,17 +549,41 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
     _stage(progress, "measuring %d variants side by side (accuracy, latency)", len(built))
     sessions = {n: measure.session(b.onnx, threads=1) for n, b in built.items()}
     logits = {n: measure.run_batched(s, eval_x) for n, s in sessions.items()}
+    # Each INT8 variant's FP32 twin is timed with them: a variant of the recipe, else the
+    # FP32 model it was quantized from, timed under a hidden name.
+    fp32_by_key = {json.dumps(b.spec.model_dump(exclude={"name", "quantize"}),
+                              sort_keys=True): n
+                   for n, b in built.items() if b.spec.quantize is None}
+    twin_name: dict[str, str] = {}
+    for name, key in twin_of.items():
+        if key not in fp32_by_key:
+            fp32_by_key[key] = f".fp32-twin.{name}"
+            sessions[fp32_by_key[key]] = measure.session(fp32_cache[key].onnx, threads=1)
+        twin_name[name] = fp32_by_key[key]
     g = _pick_golden(logits, eval_y, dense_name)
     golden_x = eval_x[g : g + 1]
     lat = measure.latency_many(
         sessions, golden_x, warmup=settings.latency_warmup, runs=settings.latency_runs,
         rounds=settings.latency_rounds, progress=progress,
     )
+    foot = {}
+    for name in built:
+        foot[name] = measure.footprint(stage / f"{name}.onnx", list(shape))
+        if "error" in foot[name]:
+            log.warning("%s: %s", name, foot[name]["error"])
     timings["measure_s"] = time.perf_counter() - t0
     dense_pred = logits[dense_name].argmax(1)
     dense_p50 = lat[dense_name].p50_ms
+    target = recipe.target
+    if target is None and for_class is not None:
+        target = TargetSpec()
+    # Latency against the target: the class's fleet model where there is one, else the host.
+    cmodel = plan.model if plan.model is not None and plan.model.source == "fleet" else None
+    dense_score = (float((logits[dense_name].argmax(1) == eval_y).mean())
+                   if eval_y is not None else 1.0)
 
     entries = []
+    dropped = []
     for name, b in built.items():
         spec, model = b.spec, b.model
         macs = measure.count_macs(model, res.example)
@@ -536,6 +600,44 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
             missed = int8["attempts"][0]
             notes.append(f"INT8 fallback: {int8['fallback']} (MinMax calibration missed "
                          f"parity: top-1 agreement {missed.get('top1_agreement', 'n/a')}).")
+        keep_why = None
+        if spec.quantize == "int8":
+            twin = twin_name[name]
+            goal = target.goal if target else "latency"
+            if cmodel is not None and {"int8", "fp32"} <= cmodel.fits.keys():
+                # The twin has the same channels, hence the same MACs.
+                keep, why = int8_verdict(cmodel.predict(macs, "int8"),
+                                         cmodel.predict(macs, "fp32"), goal,
+                                         f"predicted for class {cmodel.device_class}")
+            else:
+                keep, why = int8_verdict(lat[name].p50_ms, lat[twin].p50_ms, goal,
+                                         "on this host (p50)")
+            if not keep and target is not None:
+                dropped.append({"name": name, "reason": why})
+                (stage / f"{name}.onnx").unlink(missing_ok=True)
+                continue
+            keep_why = why
+            if not keep:  # no [target]: kept as the recipe asks, with the reason
+                notes.append(why + ".")
+        predicted = (cmodel.predict(macs, family_of(spec.technique, spec.quantize))
+                     if cmodel is not None else None)
+        fp = foot[name]
+        score = (float((pred == eval_y).mean()) if eval_y is not None
+                 else float((pred == dense_pred).mean()))
+        verdict = None
+        if target is not None:
+            verdict = check_target(
+                target,
+                round(predicted, 5) if predicted is not None else round(lat[name].p95_ms, 5),
+                f"predicted for class {cmodel.device_class}" if cmodel is not None
+                else "measured on this host", fp.get("memory_mb"),  # type: ignore[arg-type]
+                round(100 * (dense_score - score), 3))
+            if keep_why:
+                verdict["int8"] = keep_why
+            if spec.name in plan.info.get("search", {}):
+                verdict["search"] = plan.info["search"][spec.name]
+            if not verdict["meets"]:
+                notes.append("Misses the target: " + "; ".join(verdict["misses"]) + ".")
         note = " ".join(notes) or None
         entries.append({
             "name": name,
@@ -575,7 +677,14 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
             "pareto": False,
             "note": note,
             "details": {k: v for k, v in b.info.items() if k != "val_accuracy"}
-                       | {"seconds": round(b.seconds, 3)},
+                       | {"seconds": round(b.seconds, 3)}
+                       | ({"round_to": spec.round_to} if spec.technique in STRUCTURAL
+                          else {}),
+            "memory_mb": _round(fp.get("memory_mb"), 3),
+            "cpu_ms": _round(fp.get("cpu_ms"), 6),
+            "energy_mj": _round(fp.get("energy_mj"), 6),
+            "energy_source": fp.get("energy_source"),
+            "target": verdict,
         })
     metric = "accuracy" if eval_y is not None else "top1_agreement"
     front = pareto_front([(e["name"], e["latency_ms_p50"], e[metric]) for e in entries])
@@ -625,6 +734,13 @@ def _run(res: Resolved, stage: Path, phash: str, params: dict[str, Any], progres
                     "interleaved": True},
         "pareto_metric": metric,
         "pareto": front,
+        "target": None if target is None and not plan.info.get("round_to") else {
+            **(target.model_dump() if target else {}), **plan.info,
+            "latency_source": (f"fleet profiles of class {cmodel.device_class}"
+                               if cmodel is not None else "measured on this host"),
+            "dropped": dropped},
+        "footprint": {"memory": "RSS added by creating the session and one run, in a "
+                                "child process", "energy": "per inference on this host"},
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "variants": entries,
     }

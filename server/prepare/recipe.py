@@ -110,7 +110,9 @@ class Settings(_Strict):
     # PyTorch threads for training and pruning. One is the safe default: on a busy 2-core
     # machine two threads spin against each other and ran digits training 4-10x slower.
     torch_threads: int = Field(default=1, ge=1, le=256)
-    round_to: int = Field(default=8, ge=1)
+    # Channel widths stay multiples of this; "auto": from the target's instruction set,
+    # timed on the host when the host is the target (server/prepare/target.py).
+    round_to: int | Literal["auto"] = Field(default=8)
     sensitivity_ratios: list[float] = Field(default=[0.25, 0.5, 0.75], min_length=1)
     # INT8 calibration inputs: a seeded random sample of the training split (all of it when
     # smaller), or generated inputs without data.
@@ -129,12 +131,38 @@ class Settings(_Strict):
     latency_runs: int = Field(default=300, ge=10)
     latency_rounds: int = Field(default=10, ge=1)
 
+    @field_validator("round_to", mode="before")
+    @classmethod
+    def _round_to(cls, v: int | str) -> int | str:
+        return _check_round_to(v)
+
     @field_validator("sensitivity_ratios")
     @classmethod
     def _ratios(cls, v: list[float]) -> list[float]:
         if any(not 0 < r < 1 for r in v) or sorted(set(v)) != v:
             raise ValueError("must be increasing, distinct and in (0, 1)")
         return v
+
+
+def _check_round_to(v: object) -> int | str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError(f'must be a positive integer or "auto", got {v!r}')
+
+
+class TargetSpec(_Strict):
+    """``[target]``: what the variants are prepared for.
+
+    Budgets are checked per variant and every miss is marked in the report (the variant is
+    still produced: a miss on the host may be a hit on the device). ``goal = "size"``
+    keeps INT8 variants that run slower than their FP32 twin (smaller artifact); with
+    ``"latency"`` (the default) they are dropped, with the reason in the report.
+    """
+
+    latency_budget_ms: float | None = Field(default=None, gt=0)  # p95, batch 1
+    memory_budget_mb: float | None = Field(default=None, gt=0)  # what the session adds
+    max_accuracy_drop_pp: float | None = Field(default=None, ge=0, le=100)  # vs dense
+    goal: Literal["latency", "size"] = "latency"
 
 
 class VariantSpec(_Strict):
@@ -147,7 +175,13 @@ class VariantSpec(_Strict):
     quantize: Literal["int8"] | None = None
     iterative_steps: int = Field(default=1, ge=1, le=50)
     scope: Literal["global", "layer"] | None = None  # magnitude only
-    round_to: int | None = Field(default=None, ge=1)  # structural only; default [prepare]
+    # structural only; default [prepare]; "auto" as there
+    round_to: int | Literal["auto"] | None = None
+
+    @field_validator("round_to", mode="before")
+    @classmethod
+    def _round_to(cls, v: int | str | None) -> int | str | None:
+        return None if v is None else _check_round_to(v)
 
     @field_validator("name")
     @classmethod
@@ -188,6 +222,7 @@ class Recipe(_Strict):
     train: TrainSpec | None = None
     finetune: FinetuneSpec = FinetuneSpec()
     prepare: Settings = Settings()
+    target: TargetSpec | None = None
     variant: list[VariantSpec] = Field(min_length=1)
     # Where relative paths (checkpoint, .npz) are resolved; not a TOML key.
     base_dir: str = Field(default=".", exclude=True)

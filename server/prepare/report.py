@@ -47,8 +47,9 @@ def markdown(report: dict[str, Any], plot_name: str | None) -> str:
         f"speedup against `{report['dense']}` in the same run.",
         "",
         "| variant | technique | ratio | int8 | params | MACs | ONNX KiB | zlib KiB | "
-        "p50 ms | p95 ms | speedup | accuracy % | top-1 agree % | Pareto |",
-        "|---|---|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        "p50 ms | p95 ms | speedup | accuracy % | top-1 agree % | memory MB | energy mJ | "
+        "Pareto | target |",
+        "|---|---|---:|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
     ]
     for v in report["variants"]:
         ratio = (f"{v['ratio']:.2f}" if v["ratio"] is not None
@@ -59,16 +60,79 @@ def markdown(report: dict[str, Any], plot_name: str | None) -> str:
             f"{v['params']:,} | {v['macs']:,} | {v['onnx_bytes'] / 1024:.1f} | "
             f"{v['compressed_bytes'] / 1024:.1f} | {v['latency_ms_p50']:.3f} | "
             f"{v['latency_ms_p95']:.3f} | {v['speedup']:.2f}x | {acc} | "
-            f"{100 * v['top1_agreement']:.2f} | {'★' if v['pareto'] else ''} |"
+            f"{100 * v['top1_agreement']:.2f} | {_fmt(v.get('memory_mb'), '.1f')} | "
+            f"{_fmt(v.get('energy_mj'), '.4f')} | {'★' if v['pareto'] else ''} | "
+            f"{_target_cell(v.get('target'))} |"
         )
     lines += ["", f"Pareto front ({report['pareto_metric']} vs p50 latency): "
               + ", ".join(f"`{n}`" for n in report["pareto"]) + "."]
+    sources = sorted({v["energy_source"] for v in report["variants"] if v.get("energy_source")})
+    lines += ["", "Memory: what creating the variant's ONNX Runtime session and one run added "
+              "to a fresh process's resident memory. Energy: per inference on this host "
+              f"({', '.join(sources) or 'not measured'})."]
+    lines += _target_lines(report.get("target"))
     notes = [f"- `{v['name']}`: {v['note']}" for v in report["variants"] if v.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
     if plot_name:
         lines += ["", f"![{report['pareto_metric']} vs latency]({plot_name})"]
     return "\n".join(lines) + "\n"
+
+
+def _target_cell(t: dict[str, Any] | None) -> str:
+    return "" if t is None else "meets" if t["meets"] else "**misses**"
+
+
+def _target_lines(t: dict[str, Any] | None) -> list[str]:
+    """The target, how channels were rounded, the latency model, dropped INT8 variants."""
+    if not t:
+        return []
+    budgets = [f"p95 ≤ {t['latency_budget_ms']:g} ms" if t.get("latency_budget_ms") else "",
+               f"session memory ≤ {t['memory_budget_mb']:g} MB"
+               if t.get("memory_budget_mb") else "",
+               f"accuracy drop ≤ {t['max_accuracy_drop_pp']:g} points"
+               if t.get("max_accuracy_drop_pp") is not None else ""]
+    what = f"class `{t['device_class']}`" if t.get("device_class") else "this host"
+    lines = ["", f"## Target: {what}", ""]
+    if any(budgets) or t.get("goal"):
+        lines.append(f"Budgets: {', '.join(b for b in budgets if b) or 'none'}; goal: "
+                     f"{t.get('goal', 'latency')}. Latency judged from: "
+                     f"{t.get('latency_source', 'this host')}. A variant that misses a "
+                     "budget is still produced, and marked.")
+    if t.get("tier_note"):
+        lines.append(f"{t['tier_note']}.")
+    r = t.get("round_to")
+    if r:
+        timed = "; ".join(f"{k}: {v['speedup']:.2f}x of ideal {v['ideal_speedup']:.2f}x"
+                          for k, v in sorted(r.get("timed", {}).items(), key=lambda kv:
+                                             int(kv[0])))
+        lines.append(f"Channel rounding (`round_to = \"auto\"`): {r['chosen']} "
+                     f"({r['source']}; the {r['tier']} rule says {r['rule']})"
+                     + (f"; timed keeping {r.get('probe_macs_ratio')} of the MACs: {timed}"
+                        if timed else "")
+                     + (f"; not timed: {r['not_timed']}" if r.get("not_timed") else "")
+                     + ".")
+    m = t.get("latency_model")
+    if m:
+        for fam, f in m["fits"].items():
+            loo = ("leave-one-out error "
+                   f"{f['loo_mae_ms']:.4f} ms ({100 * f['loo_mape']:.1f}%)"
+                   if f.get("loo_mae_ms") is not None else "too few points for a "
+                   "leave-one-out error")
+            lines.append(f"Latency model ({m['source']}, {fam}): p95 ≈ {f['a']:.4f} ms + "
+                         f"{f['b_ms_per_mmac']:.4f} ms per million MACs, {f['n']} points, "
+                         f"{loo}.")
+        if m.get("note"):
+            lines.append(m["note"] + ".")
+    if t.get("latency_note"):
+        lines.append(t["latency_note"] + ".")
+    # One paragraph each (Markdown joins adjacent lines), then the list.
+    lines = [*lines[:3], *[x for line in lines[3:] for x in (line, "")]]
+    for name, s in (t.get("search") or {}).items():
+        lines.append(f"- `{name}`: {s['result']}.")
+    for d in t.get("dropped") or []:
+        lines.append(f"- dropped `{d['name']}`: {d['reason']}.")
+    return lines
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

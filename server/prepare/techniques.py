@@ -260,7 +260,10 @@ def make_variant(dense: nn.Module, spec: VariantSpec, ctx: Context) -> Made:
         info.update(scope=spec.scope or "global", val_accuracy=val_acc)
         return Made(model.eval(), info)
 
-    round_to = spec.round_to or ctx.settings.round_to
+    chosen = spec.round_to or ctx.settings.round_to
+    if not isinstance(chosen, int):  # "auto" is resolved by the plan (plan.py) before this
+        raise PruningError(f"{spec.name}: round_to {chosen!r} was not resolved to a number")
+    round_to = chosen
     importance = "random" if spec.technique == "random" else "magnitude"
     layers = _prunable_layers(dense, round_to)
     kept = kept_whole(dense, ctx.example)
