@@ -137,6 +137,7 @@ class Agent:
         self._profiled_pool_version = -1
         # The highest re-profile request of a desired state acted on (kept across restarts).
         self._reprofiled = self.store.reprofile_epoch()
+        self._reprofile_unsaved = 0  # asked for, not yet measured: saved once measured
         self.transport: Transport = transport or device_transport(config)
         self._desired: dict[str, Source] = {self.topics.desired(self.device_id): "device"}
         if config.group:
@@ -220,6 +221,7 @@ class Agent:
             due["tick"] = now + 1.0
             self.installer.tick(now)
         self._collect_profiles()
+        self._save_reprofile()
         if now >= due["telemetry"]:
             due["telemetry"] = now + self.config.telemetry_interval_s
             self.cut_telemetry()
@@ -341,16 +343,23 @@ class Agent:
     def _follow_reprofile(self) -> None:
         """Profile every installed variant again when the followed desired state asks: its
         ``reprofile`` epoch is above the highest acted on. That one is kept in the state
-        directory, so a restart does not measure again. Loop thread."""
+        directory once every variant is measured, so a restart does not measure again (and
+        a restart mid-way measures again). Loop thread."""
         m = self.follower.manifest
         epoch = m.reprofile if m is not None else 0
         if epoch <= self._reprofiled:
             return
-        self._reprofiled = epoch
-        self.store.set_reprofile_epoch(epoch)
+        self._reprofiled = self._reprofile_unsaved = epoch
         log.info("desired state v%d asks for new profiles (re-profile %d): measuring "
                  "every installed variant again", m.version if m else 0, epoch)
         self.request_profile()
+
+    def _save_reprofile(self) -> None:
+        """Keep the re-profile epoch once its measurements are done. Loop thread."""
+        if (self._reprofile_unsaved and self._profile_requests.empty()
+                and not self.profiler.busy):
+            self.store.set_reprofile_epoch(self._reprofile_unsaved)
+            self._reprofile_unsaved = 0
 
     def _active_power_w(self, config: AgentConfig) -> float:
         """Watts a busy core adds: configured, else per class, else the facts' figure."""

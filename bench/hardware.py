@@ -51,7 +51,7 @@ Steps, each through the code an operator runs:
 Every round also records its *foreign CPU share*: the share of the round's wall time that
 neither the class's worker nor its neighbour ran on their CPU (``/proc/PID/schedstat``),
 i.e. what the machine's other jobs and interrupts took. They are no part of either class:
-a class's round with more than 10% foreign is measured again (at most 3 times, the last
+a class's round with more than 5% foreign is measured again (at most 3 times, the last
 try kept), as the agent's profiler throws away a slice during which a request came.
 ``foreign_cpu_share`` (median over the kept rounds, per phase) and ``rounds_redone`` say
 how disturbed the figures still are.
@@ -97,7 +97,7 @@ REF_RATIOS = {True: (0.12, 0.27, 0.42, 0.57), False: (0.07, 0.17, 0.27, 0.37, 0.
 # A class's round in which the machine's other jobs took more than this share of the CPU
 # is measured again, at most MAX_REDO times: they are no part of the class (as the agent's
 # profiler throws away a slice during which a request came).
-MAX_FOREIGN = 0.10
+MAX_FOREIGN = 0.05
 MAX_REDO = 3
 BUDGET_SHARE = 0.75  # budget = this share of the fast class's dense p95
 PRED_TOLERANCE = 0.15
