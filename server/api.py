@@ -60,8 +60,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prunefleet.shared import __version__
+from prunefleet.shared.errors import ProtocolError
 from prunefleet.shared.fsutil import atomic_write
-from prunefleet.shared.messages import MAX_ARTIFACT_BYTES, Name, Sha256
+from prunefleet.shared.messages import (
+    MAX_ARTIFACT_BYTES,
+    Manifest,
+    Name,
+    Sha256,
+    SignedManifest,
+    decode,
+)
 
 from .controller import PinRequest, ReprofileRequest, RolloutController, RolloutRequest
 from .errors import DistributionError, KeyringError, RegistryError, RolloutError, StoreError
@@ -209,6 +217,19 @@ def _device_json(d, groups: list[str], report, requested: str | None = None,
             "progress": report.progress, "reason": report.reason, "ts": report.ts,
         },
     }
+
+
+def _profile_only(store: Store, version: int | None) -> list[str]:
+    """The variants the desired state a device reports holding marks profile-only
+    (installed and measured, never served): ``prunefleet tune``'s candidates."""
+    row = store.manifest(version) if version else None
+    if row is None:
+        return []
+    try:
+        m = decode(Manifest, decode(SignedManifest, row.signed).payload)
+    except ProtocolError:
+        return []
+    return sorted(m.profile_only)
 
 
 def _variant_json(row) -> dict[str, Any]:
@@ -449,12 +470,16 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @v1.get("/devices/{device_id}/profile", tags=["devices"], responses=errors(404))
     def device_profile(device_id: Annotated[Name, PathParam()]) -> dict:
         """The device's facts and its on-device profile of each installed variant."""
-        if ctx.store.device(device_id) is None:
+        d = ctx.store.device(device_id)
+        if d is None:
             raise ApiProblem(404, f"no device {device_id!r}")
         facts, profiles = ctx.store.device_measurements(device_id)
         return {"device_id": device_id,
                 "device_class": None if facts is None else facts.get("device_class"),
-                "facts": facts, "profiles": profiles}
+                "facts": facts, "profiles": profiles,
+                # What it serves, and the candidates it holds only to measure them.
+                "active_variant": d.active_variant,
+                "profile_only": _profile_only(ctx.store, d.manifest_version)}
 
     @v1.get("/classes", tags=["devices"])
     def device_classes() -> dict:

@@ -1,6 +1,7 @@
 // The prunefleet dashboard: polls the /v1 JSON API with the bearer token and renders the
-// fleet (summary tiles, trend charts, a searchable paged device table, variants, rollouts)
-// or one device (its telemetry charts, active variant band, switch markers). Charts are
+// fleet (summary tiles, trend charts, a searchable paged device table, device classes with
+// their on-device profiles, variants, rollouts) or one device (its hardware facts and
+// profiles, its telemetry charts, active variant band, switch markers). Charts are
 // SVG drawn by charts.js. Device-provided strings only ever reach the DOM as text
 // (textContent), never as markup; the page's Content-Security-Policy forbids inline
 // script as a second line.
@@ -14,8 +15,10 @@
   const C = window.PfCharts;
   let timer = null;
   let typing = null;
-  const state = { range: "24h", device: null, q: "", group: "", online: "", offset: 0 };
+  const state = { range: "24h", device: null, q: "", group: "", online: "", offset: 0,
+                  classQ: "" };
   let last = null; // the last data rendered, redrawn on resize
+  let lastClasses = null; // GET /v1/classes as last shown, refiltered as one types
   let generation = 0; // a newer refresh supersedes an older one still in flight
 
   const $ = (id) => document.getElementById(id);
@@ -272,6 +275,104 @@
             }));
   }
 
+  // -- device classes: on-device profiles aggregated per class ---------------------------
+  // A measured figure: three decimals below 1, two below 1,000, then grouped integers.
+  function fmtFig(x) {
+    if (x === null || x === undefined) return "–";
+    const a = Math.abs(x);
+    return a < 1 ? x.toFixed(3) : a < 1000 ? x.toFixed(2)
+      : Math.round(x).toLocaleString("en-US");
+  }
+
+  // One aggregated figure ({n, median, p25, p75, min, max}): the median, under it the
+  // quartiles where more than one profile stands behind it, and its count where that is
+  // fewer than the variant's profiles (a field some devices leave out, like memory).
+  function figCell(fig, profiled, field) {
+    const td = el("td", null, "num");
+    td.dataset.field = field;
+    if (!fig) {
+      td.textContent = "–";
+      return td;
+    }
+    td.dataset.median = String(fig.median);
+    td.dataset.n = String(fig.n);
+    td.appendChild(el("span", fmtFig(fig.median), "median"));
+    if (fig.n > 1) td.appendChild(el("span", `${fmtFig(fig.p25)}–${fmtFig(fig.p75)}`, "spread"));
+    if (fig.n !== profiled) td.appendChild(el("span", `n ${fig.n}`, "spread n"));
+    td.title = `median of ${fig.n} profile${fig.n === 1 ? "" : "s"}; quartiles ` +
+      `${fmtFig(fig.p25)}–${fmtFig(fig.p75)}; range ${fmtFig(fig.min)}–${fmtFig(fig.max)}`;
+    return td;
+  }
+
+  function sourcesCell(sources) {
+    const td = el("td", null, "sources");
+    for (const [src, n] of Object.entries(sources || {})) {
+      const chip = el("span", `${src} ${n}`, "chip");
+      chip.dataset.source = src;
+      chip.dataset.n = String(n);
+      td.appendChild(chip);
+    }
+    if (!td.firstChild) td.textContent = "–";
+    return td;
+  }
+
+  const p95Of = (v) => (v.latency_ms_p95 ? v.latency_ms_p95.median : Infinity);
+
+  // Classes with the most devices first; in each, the variants fastest (median p95) first.
+  // A search keeps a class whose name matches whole, else only its matching variants.
+  function renderClasses(data) {
+    lastClasses = data;
+    const classes = Object.entries(data.classes || {})
+      .sort(([a, x], [b, y]) => y.devices - x.devices || (a < b ? -1 : a > b ? 1 : 0));
+    const q = state.classQ.toLowerCase();
+    const rows = [];
+    let shown = 0, profiles = 0;
+    for (const [name, c] of classes) {
+      let variants = Object.values(c.variants || {})
+        .sort((a, b) => p95Of(a) - p95Of(b) || (a.name < b.name ? -1 : 1));
+      profiles += variants.reduce((sum, v) => sum + v.devices, 0);
+      if (q && !name.toLowerCase().includes(q)) {
+        variants = variants.filter((v) => v.name.toLowerCase().includes(q));
+        if (variants.length === 0) continue;
+      }
+      shown++;
+      const head = [el("td", name, "cls"), num(c.devices)];
+      for (const td of head) td.rowSpan = Math.max(1, variants.length);
+      if (variants.length === 0) {
+        const td = el("td", "no profiles yet", "empty");
+        td.colSpan = 8;
+        const tr = row([...head, td]);
+        tr.className = "class-first";
+        tr.dataset.class = name;
+        rows.push(tr);
+        continue;
+      }
+      variants.forEach((v, i) => {
+        const tr = row([...(i === 0 ? head : []), el("td", v.name, "variant"), num(v.devices),
+                        figCell(v.latency_ms_p95, v.devices, "latency_ms_p95"),
+                        figCell(v.latency_ms_p50, v.devices, "latency_ms_p50"),
+                        figCell(v.energy_mj, v.devices, "energy_mj"),
+                        sourcesCell(v.energy_sources),
+                        figCell(v.memory_mb, v.devices, "memory_mb"),
+                        figCell(v.cpu_ms, v.devices, "cpu_ms")]);
+        if (i === 0) tr.className = "class-first";
+        tr.dataset.class = name;
+        tr.dataset.variant = v.name;
+        rows.push(tr);
+      });
+    }
+    const devices = classes.reduce((sum, [, c]) => sum + c.devices, 0);
+    let empty = "no device has reported its facts and profiles yet (an agent profiles " +
+      "each variant after installing it)";
+    if (classes.length && q) empty = "no class or variant matches";
+    fill("classes", rows, 10, empty);
+    $("class-info").textContent = classes.length === 0 ? "" :
+      (q ? `${shown} of ${classes.length} classes` :
+        `${classes.length} class${classes.length === 1 ? "" : "es"}`) +
+      `, ${devices.toLocaleString("en-US")} devices, ` +
+      `${profiles.toLocaleString("en-US")} profiles`;
+  }
+
   // -- one device -----------------------------------------------------------------------
   function fact(dl, term, value) {
     const pair = el("div");
@@ -303,7 +404,78 @@
     return out;
   }
 
-  function renderDevice(d, hist) {
+  // The device's measured time of a profile, UTC to the second (as the CLI prints it).
+  function utc(ts) {
+    return ts ? new Date(ts * 1000).toISOString().replace(/\.\d+Z$/, "Z") : "–";
+  }
+
+  function renderHardware(prof) {
+    const dl = $("device-hardware");
+    dl.replaceChildren();
+    const f = prof.facts;
+    if (!f) {
+      fact(dl, "class", "not reported yet");
+      return;
+    }
+    fact(dl, "class", f.device_class);
+    fact(dl, "arch", f.arch);
+    fact(dl, "CPU", f.cpu_model || "unknown");
+    fact(dl, "ISA", (f.isa || []).join(", ") || "–");
+    fact(dl, "cores", f.cores);
+    fact(dl, "memory", f.memory_mb ? f.memory_mb.toLocaleString("en-US") + " MB" : "–");
+    fact(dl, "onnxruntime", f.ort_version || "–");
+    fact(dl, "providers", (f.providers || []).join(", ") || "–");
+    if (f.active_power_w) fact(dl, "active power", f.active_power_w + " W/core");
+  }
+
+  // One row per variant the device has a profile of or has installed: what it serves
+  // first, then the others it may serve, then the profile-only candidates.
+  function renderProfiles(d, prof, classes) {
+    const profiles = prof.profiles || {};
+    const only = new Set(prof.profile_only || []);
+    const active = prof.active_variant ?? d.active_variant;
+    const names = [...new Set([...Object.keys(profiles),
+                               ...(d.installed || []).map((v) => v && v.name)])]
+      .filter(Boolean);
+    const rank = (n) => (n === active ? 0 : only.has(n) ? 2 : 1);
+    names.sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : 1));
+    const cls = prof.device_class && classes.classes ? classes.classes[prof.device_class]
+      : null;
+    const rows = names.map((n) => {
+      const p = profiles[n];
+      const role = n === active ? "active" : only.has(n) ? "profile-only" : "installed";
+      const roleCell = el("td");
+      roleCell.appendChild(el("span", role === "profile-only" ? "profile-only candidate"
+        : role, "role " + role));
+      const v = cls && cls.variants ? cls.variants[n] : null;
+      const median = v && v.latency_ms_p95 ? v.latency_ms_p95 : null;
+      const classCell = el("td", median ? `${fmtFig(median.median)} (n ${median.n})` : "–",
+                           "num");
+      const cell = (x, field) => {
+        const td = el("td", fmtFig(x), "num");
+        td.dataset.field = field;
+        if (x !== null && x !== undefined) td.dataset.v = String(x);
+        return td;
+      };
+      const tr = p ? row([el("td", n, "variant"), roleCell, cell(p.latency_ms_p50, "p50"),
+                          cell(p.latency_ms_p95, "p95"), classCell, cell(p.cpu_ms, "cpu"),
+                          cell(p.memory_mb, "memory"), cell(p.energy_mj, "energy"),
+                          el("td", p.energy_source), num(p.runs), num(p.threads),
+                          el("td", utc(p.ts))])
+        : row([el("td", n, "variant"), roleCell,
+               Object.assign(el("td", "not measured yet", "empty"), { colSpan: 10 })]);
+      tr.dataset.variant = n;
+      tr.dataset.role = role;
+      if (p) tr.dataset.ts = String(p.ts);
+      return tr;
+    });
+    fill("device-profiles", rows, 12,
+         "no profiles yet (the agent profiles each variant after installing it)");
+  }
+
+  function renderDevice(d, hist, prof, classes) {
+    renderHardware(prof);
+    renderProfiles(d, prof, classes);
     $("device-title").textContent = d.device_id;
     $("crumb-device").textContent = d.device_id;
     const dl = $("device-facts");
@@ -405,10 +577,10 @@
     if (state.group) q.set("group", state.group);
     if (state.online) q.set("online", state.online);
     const s = since();
-    const [page, summary, rollouts, variants, series] = await Promise.all([
+    const [page, summary, rollouts, variants, series, classes] = await Promise.all([
       request("/v1/devices?" + q, token), get("/v1/telemetry/summary?since=" + s, token),
       get("/v1/rollouts", token), get("/v1/variants", token),
-      get("/v1/fleet/series?since=" + s, token),
+      get("/v1/fleet/series?since=" + s, token), get("/v1/classes", token),
     ]);
     const devices = await page.json();
     const total = Number(page.headers.get("X-Total-Count") || devices.length);
@@ -417,6 +589,7 @@
       return loadFleet(token);
     }
     return () => {
+      renderClasses(classes);
       renderSummary(summary);
       renderTiles(summary, series, rollouts);
       renderSeries(series, variants);
@@ -428,11 +601,12 @@
 
   async function loadDevice(token) {
     const id = encodeURIComponent(state.device);
-    const [device, hist] = await Promise.all([
+    const [device, hist, prof, classes] = await Promise.all([
       get("/v1/devices/" + id, token),
       get(`/v1/devices/${id}/telemetry?since=${since()}`, token),
+      get(`/v1/devices/${id}/profile`, token), get("/v1/classes", token),
     ]);
-    return () => renderDevice(device, hist);
+    return () => renderDevice(device, hist, prof, classes);
   }
 
   function showView() {
@@ -532,6 +706,10 @@
       });
     }
     $("device-online").addEventListener("change", filtersChanged);
+    $("class-search").addEventListener("input", () => {
+      state.classQ = $("class-search").value.trim();
+      if (lastClasses) renderClasses(lastClasses);
+    });
     $("page-prev").addEventListener("click", () => {
       state.offset = Math.max(0, state.offset - PAGE);
       refresh();
