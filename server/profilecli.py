@@ -85,11 +85,18 @@ def _cmd_devices_profile(args: argparse.Namespace, client: AdminClient) -> int:
     if not out["profiles"]:
         print("no profiles yet (the agent profiles each variant after installing it)")
         return 0
-    _table([[n, p["sha256"][:12], _num(p["latency_ms_p50"]), _num(p["latency_ms_p95"]),
+    active, candidates = out.get("active_variant"), set(out.get("profile_only") or [])
+
+    def role(name: str) -> str:
+        return "active" if name == active else (
+            "profile-only" if name in candidates else "installed")
+
+    _table([[n, role(n), p["sha256"][:12], _num(p["latency_ms_p50"]),
+             _num(p["latency_ms_p95"]),
              _num(p["cpu_ms"]), _num(p.get("memory_mb"), 1), _num(p["energy_mj"]),
              p["energy_source"], p["runs"], p["threads"], _when(p.get("ts"))]
             for n, p in sorted(out["profiles"].items())],
-           ["VARIANT", "SHA256", "P50 MS", "P95 MS", "CPU MS", "MEM MB", "ENERGY MJ",
+           ["VARIANT", "ROLE", "SHA256", "P50 MS", "P95 MS", "CPU MS", "MEM MB", "ENERGY MJ",
             "SOURCE", "RUNS", "THREADS", "MEASURED"])
     return 0
 

@@ -72,6 +72,9 @@ def test_devices_profile_their_variants_and_the_server_aggregates_them_per_class
     assert cli.main(["devices", "profile", "prof-0"]) == 0
     out = capsys.readouterr().out
     assert f"class {cls}" in out and "big" in out and "cpu_time_estimate" in out
+    # Each variant's role: both were offered for serving, neither is a profile-only candidate.
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["big"], ["small"])]
+    assert len(rows) == 2 and {r[1] for r in rows} <= {"active", "installed"}, out
     assert cli.main(["classes"]) == 0
     out = capsys.readouterr().out
     assert cls in out and "small" in out
