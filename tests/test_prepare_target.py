@@ -342,6 +342,10 @@ def test_prepare_for_a_class_with_fleet_profiles(tmp_path, capsys):
     # s30 is predicted to miss 0.3 ms: pruned harder, to the least ratio predicted to meet it.
     search = t["search"]["s30"]
     assert search["ratio"] > 0.3 and search["predicted_ms"] <= 0.3
+    # With the fit's own leave-one-out error as the margin below the budget.
+    mape = t["latency_model"]["fits"]["fp32"]["loo_mape"]
+    assert mape > 0 and search["margin"] == round(mape, 4)
+    assert search["predicted_ms"] <= 0.3 / (1 + mape) + 1e-5
     entries = {v["name"]: v for v in report["variants"]}
     s30 = entries["s30"]
     assert s30["ratio"] == search["ratio"] and s30["details"]["round_to"] == 8

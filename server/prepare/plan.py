@@ -51,6 +51,8 @@ PROBE_RUNS = 200
 PROBE_ROUNDS = 5
 PROBE_WARMUP = 10
 SEARCH_STEP = 0.05
+# The most a fit's leave-one-out error widens the budget's margin (above, a warning).
+MAX_MARGIN = 0.25
 
 
 @dataclass
@@ -216,19 +218,28 @@ def plan_variants(recipe: Recipe, variants: list[VariantSpec], dense: nn.Module,
             start = float(v.ratio)  # type: ignore[arg-type]
             macs = _macs_at(dense, example, start, v.round_to)
         predicted = fit.predict(macs)
+        # The line's own leave-one-out error is the margin: a variant predicted exactly at
+        # the budget misses it half the time (capped: a fit that bad is reported, not
+        # trusted further).
+        margin = min(fit.loo_mape or 0.0, MAX_MARGIN)
+        aim = budget / (1.0 + margin)
         entry: dict[str, Any] = {"family": fam, "own_macs": macs,
-                                 "own_predicted_ms": round(predicted, 5)}
-        if predicted <= budget:
+                                 "own_predicted_ms": round(predicted, 5),
+                                 "margin": round(margin, 4), "aim_ms": round(aim, 5)}
+        if fit.loo_mape is not None and fit.loo_mape > MAX_MARGIN:
+            entry["warning"] = (f"the latency model's leave-one-out error is "
+                                f"{fit.loo_mape:.0%}: its predictions are rough")
+        if predicted <= aim:
             entry["result"] = "kept: its own pruning is predicted to meet the budget"
         else:
-            found = search_ratio(dense, example, v.round_to, start, fit.predict, budget)
+            found = search_ratio(dense, example, v.round_to, start, fit.predict, aim)
             if found is None:
                 entry["result"] = "no pruning is predicted to meet the budget: kept as is"
             else:
                 ratio, macs = found
                 out[i] = v.model_copy(update={"ratio": ratio, "macs_ratio": None})
                 entry.update(result=f"ratio {ratio}: the least pruning predicted to meet "
-                                    f"{budget:g} ms", ratio=ratio, macs=macs,
+                                    f"{budget:g} ms with a {margin:.0%} margin", ratio=ratio, macs=macs,
                              predicted_ms=round(fit.predict(macs), 5))
         search[v.name] = entry
     info["search"] = search
