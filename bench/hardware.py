@@ -1,7 +1,7 @@
 """Device classes: the variant ``prepare --for-class`` picks per class, measured on the class.
 
     .venv/bin/python bench/hardware.py [--quick] [--json PATH] [--work DIR]
-                                       [--slow neighbour|quota] [--cpu N]
+                                       [--slow neighbour|quota] [--cpu N] [--nice N]
 
 Two device classes are emulated on this machine, each by a worker process pinned to the
 same CPU that runs variants with one intra-op thread:
@@ -48,13 +48,14 @@ Steps, each through the code an operator runs:
    separates that drift from the model's own error. ``accuracy``: the report's accuracy
    on the held-out test split (360 digits).
 
-Every round also records its *foreign CPU share*: the share of the round's wall time that
-neither the class's worker nor its neighbour ran on their CPU (``/proc/PID/schedstat``),
-i.e. what the machine's other jobs and interrupts took. They are no part of either class:
-a class's round with more than 5% foreign is measured again (at most 3 times, the last
-try kept), as the agent's profiler throws away a slice during which a request came.
-``foreign_cpu_share`` (median over the kept rounds, per phase) and ``rounds_redone`` say
-how disturbed the figures still are.
+Every profile (one variant, one round) also records its *foreign CPU share*: the share of
+its wall time that neither the class's worker nor its neighbour ran on their CPU
+(``/proc/PID/schedstat``), i.e. what the machine's other jobs and interrupts took. They
+are no part of either class: a profile with more than 5% foreign is measured again (at
+most 3 times, the last try kept), as the agent's profiler throws away a slice during
+which a request came. ``foreign_cpu_share`` (median over the kept profiles, per phase)
+and ``rounds_redone`` (profiles measured again, per phase) say how disturbed the figures
+still are.
 
 As root the workers and the neighbour run at niceness -10 (``--nice``), above the
 machine's other jobs: those are no part of either class, and at the ordinary priority on
@@ -483,26 +484,26 @@ def rounds(workers: dict[str, ClassWorker], names: dict[str, list[str]], n_round
            redone: dict[str, int] | None = None
            ) -> dict[str, dict[str, list[dict[str, float]]]]:
     """``n_rounds`` rounds; in each, every class profiles its variants (``names``). The
-    class order and the variant order alternate from round to round. A class's round in
-    which other jobs took more than :data:`MAX_FOREIGN` of the CPU is measured again (at
-    most :data:`MAX_REDO` times; the last try is kept). ``foreign`` collects each class's
-    kept rounds' foreign CPU share, ``redone`` how many rounds were measured again."""
+    class order and the variant order alternate from round to round. A variant's profile
+    during which other jobs took more than :data:`MAX_FOREIGN` of the CPU is measured
+    again (at most :data:`MAX_REDO` times; the last try is kept). ``foreign`` collects
+    each class's kept profiles' foreign CPU share, ``redone`` how many were measured
+    again."""
     out: dict[str, dict[str, list[dict[str, float]]]] = {
         c: {n: [] for n in names[c]} for c in workers}
     order = list(workers)
     for r in range(n_rounds):
         for cls in order if r % 2 == 0 else order[::-1]:
-            for attempt in range(MAX_REDO + 1):
-                got, share = workers[cls].measure(
-                    names[cls] if r % 2 == 0 else names[cls][::-1], runs)
-                if share is None or share <= MAX_FOREIGN or attempt == MAX_REDO:
-                    break
-                if redone is not None:
-                    redone[cls] = redone.get(cls, 0) + 1
-            for n, p in got.items():
-                out[cls][n].append(p)
-            if foreign is not None and share is not None:
-                foreign.setdefault(cls, []).append(share)
+            for name in names[cls] if r % 2 == 0 else names[cls][::-1]:
+                for attempt in range(MAX_REDO + 1):
+                    got, share = workers[cls].measure([name], runs)
+                    if share is None or share <= MAX_FOREIGN or attempt == MAX_REDO:
+                        break
+                    if redone is not None:
+                        redone[cls] = redone.get(cls, 0) + 1
+                out[cls][name].append(got[name])
+                if foreign is not None and share is not None:
+                    foreign.setdefault(cls, []).append(share)
         print(f"  round {r + 1}/{n_rounds}", file=sys.stderr, flush=True)
     return out
 

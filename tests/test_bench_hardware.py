@@ -94,7 +94,7 @@ def test_targets_state_misses_and_ties(hw):
     assert hw.rel_error(None, 2.0) is None
 
 
-def test_rounds_alternate_and_redo_rounds_other_jobs_disturbed(hw):
+def test_rounds_alternate_and_redo_profiles_other_jobs_disturbed(hw):
     class Fake:
         def __init__(self, shares):
             self.shares = list(shares)
@@ -104,9 +104,11 @@ def test_rounds_alternate_and_redo_rounds_other_jobs_disturbed(hw):
             self.calls.append(list(names))
             return {n: _prof(1.0) for n in names}, self.shares.pop(0)
 
-    # fast: round 1 disturbed twice, then clean; slow: always disturbed (kept after 3 redos).
-    fast = Fake([0.5, 0.4, 0.02, 0.01])
-    slow = Fake([0.9] * (2 * (hw.MAX_REDO + 1)))
+    # fast: its first profile disturbed twice, then clean; slow: "a" always disturbed
+    # (kept after the redos), "b" clean.
+    fast = Fake([0.5, 0.4, 0.02, 0.01, 0.03, 0.0])
+    worst = [0.9] * (hw.MAX_REDO + 1)
+    slow = Fake([*worst, 0.0, 0.0, *worst])
     foreign: dict = {}
     redone: dict = {}
     out = hw.rounds({"f": fast, "s": slow}, {"f": ["a", "b"], "s": ["a", "b"]}, 2, 10,
@@ -114,5 +116,7 @@ def test_rounds_alternate_and_redo_rounds_other_jobs_disturbed(hw):
     assert [len(v) for v in out["f"].values()] == [2, 2]
     assert [len(v) for v in out["s"].values()] == [2, 2]
     assert redone == {"f": 2, "s": 2 * hw.MAX_REDO}
-    assert foreign == {"f": [0.02, 0.01], "s": [0.9, 0.9]}
-    assert fast.calls[0] == ["a", "b"] and fast.calls[-1] == ["b", "a"]
+    assert foreign == {"f": [0.02, 0.01, 0.03, 0.0], "s": [0.9, 0.0, 0.0, 0.9]}
+    # Round 1 in order a, b; round 2 reversed.
+    assert fast.calls == [["a"], ["a"], ["a"], ["b"], ["b"], ["a"]]
+    assert not fast.shares and not slow.shares
