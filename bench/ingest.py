@@ -467,12 +467,16 @@ def main() -> int:
                          "(%(default)s)")
     ap.add_argument("--seconds", type=float, default=60.0,
                     help="--fleet: seconds of offering per rate (%(default)s)")
+    ap.add_argument("--warm", action="store_true",
+                    help="--fleet: every device has one batch stored before the measured "
+                         "offering (a server that already knows the fleet)")
     args = ap.parse_args()
     if args.fleet:
         import ingest_fleet
 
         return ingest_fleet.main(args.fleet, [float(r) for r in args.rate.split(",")],
-                                 args.seconds, min(args.drain_s, 60.0), args.db, args.json)
+                                 args.seconds, min(args.drain_s, 60.0), args.db, args.json,
+                                 args.warm)
     devices = args.devices or (150 if args.quick else 300)
     interval = args.interval or (0.1 if args.quick else 0.2)
     offer_s = args.offer_s or (45.0 if args.quick else 90.0)

@@ -11,9 +11,9 @@ on the wire, as cheaply as possible, so that the server's figure is its own:
 * ``--fleet`` real MQTT 3.1.1 connections to the test mosquitto (``start_mosquitto``,
   connection messages off), one client id each, clean session, keepalive 30 s like the
   agent's, each subscribed (QoS 1) to its desired state and its ``acked`` cursor, as the
-  agent is: the server's retained cursor per device per commit travels to the device and
-  is acknowledged, which is part of the real load. A minimal client on one ``epoll``
-  (raw packets, no paho, no agent loop), in its own process.
+  agent is: the server's retained cursor per device per commit travels to the device (and
+  is acknowledged if it comes at QoS 1), which is part of the real load. A minimal client
+  on one ``epoll`` (raw packets, no paho, no agent loop), in its own process.
 * Each device publishes a ``TelemetryBatch`` (QoS 1) every ``fleet / rate`` seconds at its
   own random phase (what a fleet with a fixed telemetry interval does), so the fleet
   offers ``rate`` batches/s. The batches are made from a template that
@@ -29,11 +29,16 @@ on the wire, as cheaply as possible, so that the server's figure is its own:
 Figures (per rate): ``offered`` (sent), ``broker_acked`` (PUBACKs), ``stored`` (distinct
 rows of this run), ``lost`` (per device, seqs sent minus seqs stored), ``duplicates``;
 lag = commit minus ``interval_end`` (the store's ``received_at``, taken just before the
-transaction, per batch: p50/p99/max over all batches and over the steady part, i.e. after
-the first interval, in which every device's first batch makes the server read its cursor
-from the store), the server's own histogram ``prunefleet_telemetry_ingest_lag_seconds``
+transaction, per batch: p50/p99/max over all batches, per 10 s of offering, and over the
+steady part, i.e. batches cut ``STEADY_AFTER_S`` or two intervals after the start, whichever
+is later: in the first interval every device's first batch makes the server read its
+cursor from the store and add the device's row, a backlog that takes a while to clear),
+the server's own histogram ``prunefleet_telemetry_ingest_lag_seconds``
 over the run (p50/p99 interpolated in its buckets, and the share within 1 s), and the
-device's view: send to the cursor that confirms it. CPU (psutil, over the offering
+device's view: send to the cursor that confirms it; with ``--warm`` every device has had
+one batch stored before the measured offering (a server that already knows the fleet: no
+first contact in the figures; ``lost`` and ``duplicates`` include the warm-up's batches).
+CPU (psutil, over the offering
 window, in cores): the server, the load generator, mosquitto, PostgreSQL's processes, and
 the whole machine (the rest is other work); load averages at the start and end.
 """
@@ -65,6 +70,7 @@ from distribution import _free_port, start_mosquitto  # isort: skip
 CHUNK = 250  # connections opened at once (mosquitto's accept backlog)
 KEEPALIVE_S = 30  # the agent's (TransportOptions.keepalive_s)
 VALIDATE_EVERY = 500
+STEADY_AFTER_S = 20.0  # the first contact's backlog is over (see the module's docstring)
 
 
 # -- payloads ---------------------------------------------------------------------------
@@ -436,10 +442,14 @@ class Fleet:
 
 
 def fleet_main(url: str, prefix: str, n: int, rate: float, seconds: float, drain_s: float,
-               seed: int, conn: Any) -> None:
+               seed: int, warm: bool, conn: Any) -> None:
     cpu = os.times()
     fleet = Fleet(url, prefix, n, rate, seed)
     connect_s = fleet.connect_all()
+    if warm:  # one batch per device, stored, before the measured offering
+        fleet.offer(fleet.interval, time.time() + 0.5)
+        fleet.drain(drain_s)
+        fleet.confirm_lat, fleet.lateness, fleet.pubacks = array("d"), array("d"), 0
     conn.send(("connected", connect_s))
     if conn.recv() != "go":
         return
@@ -467,6 +477,7 @@ def fleet_main(url: str, prefix: str, n: int, rate: float, seconds: float, drain
         "closed": fleet.closed, "send_errors": fleet.send_errors,
         "not_sent": fleet.not_sent, "validated": fleet.validated,
         "invalid_built": fleet.invalid_built,
+        "warm_batches": n if warm else 0,
         "cpu_offer_s": (c1.user + c1.system) - (c0.user + c0.system),
         "cpu_total_s": (c1.user + c1.system) - (cpu.user + cpu.system),
     }))
@@ -538,7 +549,8 @@ def _busy_cpu() -> float:
 
 
 def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
-              db_url: str | None, work: Path) -> dict:
+              db_url: str | None, work: Path, keep_logs: Path | None = None,
+              warm: bool = False) -> dict:
     import psutil
 
     from prunefleet.server.serve import db_url_for
@@ -573,7 +585,7 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         ctx = mp.get_context("spawn")
         conn, child = ctx.Pipe()
         gen = ctx.Process(target=fleet_main, args=(url, prefix, n, rate, seconds, drain_s,
-                                                   random.randrange(1 << 30), child))
+                                                   random.randrange(1 << 30), warm, child))
         gen.start()
         if not conn.poll(300):
             raise SystemExit("the load generator did not connect its devices")
@@ -633,6 +645,13 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         log.close()
         broker.terminate()
         broker.wait(10)
+    # mosquitto drops QoS 1 messages for a subscriber past max_queued_messages, and says
+    # so (once per episode) in its log: what the server never received.
+    if keep_logs is not None:
+        for name in ("server.log", "mosquitto.log"):
+            shutil.copy(work / name, f"{keep_logs}.{name}")
+    broker_drops = [ln for ln in (work / "mosquitto.log").read_text(errors="replace")
+                    .splitlines() if "dropped" in ln.lower()]
 
     store = Store(db_url_for(db_url, state))
     try:
@@ -644,16 +663,19 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         store.close()
     inc = dict(zip(result["ids"], result["incarnation"], strict=True))
     sent = dict(zip(result["ids"], result["sent"], strict=True))
-    ours = [r for r in rows if inc.get(r[0]) == r[1]]
-    keys = {(d, s) for d, _, s, _, _ in ours}
+    every = [r for r in rows if inc.get(r[0]) == r[1]]
+    t_start, t_end = result["t_offer"]
+    # With --warm, the warm-up's batches count for lost and duplicates, not for the lag.
+    ours = [r for r in every if r[3] >= t_start - 0.01]
+    keys = {(d, s) for d, _, s, _, _ in every}
     stored_seqs: dict[str, set[int]] = {}
-    for d, _, s, _, _ in ours:
+    for d, _, s, _, _ in every:
         stored_seqs.setdefault(d, set()).add(s)
     lost = sum(len(set(range(k)) - stored_seqs.get(d, set())) for d, k in sent.items())
-    t_start, t_end = result["t_offer"]
     interval = n / rate
     lags = sorted(r - e for *_, e, r in ours)
-    steady = sorted(r - e for *_, e, r in ours if e >= t_start + interval)
+    warm_s = max(STEADY_AFTER_S, 2 * interval)
+    steady = sorted(r - e for *_, e, r in ours if e >= t_start + warm_s)
     per10: dict[int, list[float]] = {}
     for *_, e, r in ours:
         per10.setdefault(int((e - t_start) // 10), []).append(r - e)
@@ -668,8 +690,8 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
     cores = {k: round((cpu1[k] - cpu0[k]) / span, 3) for k in cpu0}
     cores["other"] = round(cores["machine"] - cores["server"] - cores["broker"]
                            - cores["generator"] - cores["postgres"], 3)
-    offered = sum(result["sent"])
-    stored_n = len(keys)
+    offered = sum(result["sent"]) - result["warm_batches"]
+    stored_n = len({(d, s) for d, _, s, _, _ in ours})
 
     def r3(x: float | None) -> float | None:
         return None if x is None else round(x, 3)
@@ -680,10 +702,11 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         "seconds": seconds, "offered": offered,
         "offered_rate": round(offered / max(1e-9, t_end - t_start), 1),
         "broker_acked": result["broker_acked"], "stored": stored_n, "lost": lost,
-        "duplicates": len(ours) - stored_n,
+        "duplicates": len(every) - len(keys), "warm": warm,
         "p50_lag_s": r3(_pct(lags, 0.5)), "p99_lag_s": r3(p99),
         "max_lag_s": r3(lags[-1] if lags else None),
-        "p50_lag_steady_s": r3(_pct(steady, 0.5)), "p99_lag_steady_s": r3(_pct(steady, 0.99)),
+        "steady_after_s": warm_s, "p50_lag_steady_s": r3(_pct(steady, 0.5)),
+        "p99_lag_steady_s": r3(_pct(steady, 0.99)),
         "p99_lt_1s": p99 is not None and p99 < 1.0 and lost == 0,
         "histogram": {
             "count": hb[-1][1] if hb else 0, "p50_s": r3(hist_quantile(hb, 0.5)),
@@ -717,13 +740,33 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
                    "cpu_us_per_batch": round(1e6 * (cpu1["server"] - cpu0["server"])
                                              / max(1, offered), 1)},
         "drain_s": round(result["t_drained"] - t_end, 1),
+        "broker_log_drops": broker_drops[:5],
         "cores": cores, "cpu_timeline": timeline,
         "load": [round(x, 2) for x in (load0[0], load1[0])],
     }
 
 
+def _code_version() -> dict[str, str]:
+    """The commit, and a digest of uncommitted changes to the server's code: the server
+    under test is the working tree's."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> bytes:
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True,
+                                  timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return b""
+
+    diff = git("diff", "HEAD", "--", "server", "shared")
+    return {"head": git("rev-parse", "HEAD").decode().strip(),
+            "uncommitted_server_shared_sha1": hashlib.sha1(diff).hexdigest() if diff else ""}
+
+
 def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
-         db: str | None, json_path: Path | None) -> int:
+         db: str | None, json_path: Path | None, warm: bool = False) -> int:
     import platform
 
     from ingest import bench_schema
@@ -735,6 +778,7 @@ def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
         raise SystemExit(f"open files limit {hard} is under the {need} this needs "
                          "(mosquitto inherits it too): raise `ulimit -n`")
+    code = _code_version()
     runs = []
     for rate in rates:
         work = Path(tempfile.mkdtemp(prefix="pf-bench-fleet-"))
@@ -743,7 +787,9 @@ def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
               f"{os.getloadavg()[0]:.2f}", flush=True)
         try:
             with bench_schema(db) as db_url:
-                r = run_fleet(fleet, rate, seconds, drain_s, db_url, work)
+                r = run_fleet(fleet, rate, seconds, drain_s, db_url, work,
+                              json_path.with_suffix(f".{rate:g}") if json_path else None,
+                              warm)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         runs.append(r)
@@ -758,7 +804,7 @@ def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
               f"{c['broker']}, postgres {c['postgres']}, other {c['other']} (machine "
               f"{c['machine']}); load {r['load'][0]}-{r['load'][1]}", flush=True)
     out = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                      f"Python {platform.python_version()}", "runs": runs}
+                      f"Python {platform.python_version()}", "code": code, "runs": runs}
     if json_path:
         json_path.write_text(json.dumps(out, indent=2) + "\n")
     return 0

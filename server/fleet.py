@@ -149,7 +149,8 @@ class FleetServer:
             BrokerAddress.parse(broker_url),
             TransportOptions(client_id=client_id, subscriptions=subs, inbound_queue_size=10000,
                              max_inflight_messages=100,
-                             clean_session=not persistent_session, manual_ack=True),
+                             clean_session=not persistent_session, manual_ack=True,
+                             report_published=False, read_batch=64),
         )
         self._publish_lock = threading.Lock()
         self._deploy_lock = threading.Lock()
@@ -371,13 +372,13 @@ class FleetServer:
 
     def _ack(self, items: list[Inbound]) -> None:
         """Acknowledge the broker's messages: they are stored, or dropped for good."""
+        if not items:
+            return
         with self._publish_lock:
-            for item in items:
-                try:
-                    self.transport.ack(item.mid, item.qos, item.connection)
-                except TransportError as e:
-                    log.warning("%s", e)  # resent after the reconnect; dedupe drops it
-                    return
+            try:  # one write of the group's PUBACKs, one wake-up of the network thread
+                self.transport.ack_many([(i.mid, i.qos, i.connection) for i in items])
+            except TransportError as e:
+                log.warning("%s", e)  # resent after the reconnect; dedupe drops it
 
     def _admit(self, item: Inbound, now: float) -> TelemetryBatch | None:
         """Check one message; a telemetry batch to store, or None when it was handled
@@ -490,20 +491,23 @@ class FleetServer:
             cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))
 
     def _publish_acks(self, keys: list[tuple[str, str]], ts: float) -> None:
+        """Each device's cursor, retained at QoS 0 (docs/ingest.md: a lost one costs a
+        re-send, which the next cursor confirms), the group's cursors as one write."""
         with self._publish_lock:
+            messages = []
             for device_id, incarnation in keys:
                 through = self.cursors.through(device_id, incarnation)
                 if through < 0:
                     continue
                 ack = TelemetryAck(device_id=device_id, incarnation=incarnation,
                                    stored_through=through, ts=ts)
-                try:
-                    self.transport.publish(self.topics.acked(device_id), ack.encode(), qos=1,
-                                           retain=True)
-                except TransportError as e:
-                    log.warning("telemetry acknowledgement not published: %s", e)
-                    return
-                self.counters.acks_published += 1
+                messages.append((self.topics.acked(device_id), ack.encode(), True))
+            if not messages:
+                return
+            try:
+                self.counters.acks_published += self.transport.publish_many(messages)
+            except TransportError as e:
+                log.warning("telemetry acknowledgements not published: %s", e)
 
     def _drop(self, reason: str, where: str, n: int = 1, detail: str = "") -> None:
         """Count a drop; log the first few of each reason, then every 1000th."""

@@ -20,8 +20,10 @@ import random
 import selectors
 import socket
 import ssl
+import struct
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import unquote, urlparse
@@ -51,6 +53,22 @@ log = logging.getLogger(__name__)
 
 _MAX_TOPIC_BYTES = 65535
 _SHARE_PREFIX = "$share/"
+_PUBACK = struct.Struct("!BBH")  # MQTT 3.1.1 PUBACK: type, remaining length 2, message id
+_PUBACK_BYTE = int(mqtt.PUBACK)
+_PUBLISH_BYTE = int(mqtt.PUBLISH)  # QoS 0, no DUP; | 1 for retain
+_TOPIC_LEN = struct.Struct("!H")
+
+
+def _remaining_length(n: int) -> bytes:
+    """MQTT's variable-length "remaining length" (7 bits a byte, low bits first)."""
+    if n > 268_435_455:
+        raise TransportError(f"MQTT packet too large ({n} bytes)")
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) -> float:
@@ -205,6 +223,14 @@ class TransportOptions:
     # it to a persistent session after a reconnect and, past its in-flight window, holds
     # further messages back (back-pressure instead of loss).
     manual_ack: bool = False
+    # Put a ``published`` item on ``inbound`` for each publish the broker acknowledged. An
+    # owner that never waits for them (the server) turns it off: one queue item less for
+    # every publish.
+    report_published: bool = True
+    # Packets paho's network thread reads per wake-up while the socket has them (0: paho's
+    # own, one per select() unless QoS handshakes are open). A busy subscriber (the server)
+    # saves a select() and a keepalive check per message.
+    read_batch: int = 0
 
 
 class Transport(Protocol):
@@ -318,6 +344,44 @@ class _JitterClient(mqtt.Client):
                 wake.send(b"0")
         self.loop_stop()
 
+    # Packets read per wake-up of the network thread; 0: paho's own count (one, or as many
+    # as it has QoS 1/2 handshakes open), which costs a select() and a keepalive check per
+    # message received.
+    read_batch = 0
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:  # overrides paho's
+        """paho's, reading up to ``read_batch`` packets while the socket has them (it
+        stops at the first read that would block, as paho's does)."""
+        if not self.read_batch:
+            return super().loop_read(max_packets)
+        for _ in range(self.read_batch):
+            if self._sock is None:
+                return mqtt.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == mqtt.MQTT_ERR_AGAIN:
+                break
+        return mqtt.MQTT_ERR_SUCCESS
+
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:  # overrides paho's
+        """paho's, without matching the topic against per-topic callbacks (a tree walk
+        per message) while none is registered: the transport registers none."""
+        root = getattr(self._on_message_filtered, "_root", None)
+        if getattr(root, "_children", True) or getattr(root, "_content", True) is not None:
+            super()._handle_on_message(message)
+            return
+        on_message = self.on_message
+        if on_message is None:
+            return
+        with self._in_callback_mutex:
+            try:
+                on_message(self, self._userdata, message)
+            except Exception as err:
+                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
+
     def drop_socket(self) -> None:
         """Close the socket without DISCONNECT (the loop must be stopped).
 
@@ -352,6 +416,7 @@ class MqttTransport:
         )
         self.connection = 0  # counts connections; messages carry the one they came on
         c = self._client
+        c.read_batch = max(0, options.read_batch)
         # paho raises if these are set after connect().
         c.max_inflight_messages_set(options.max_inflight_messages)
         c.max_queued_messages_set(options.max_queued_messages)
@@ -369,7 +434,10 @@ class MqttTransport:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        c.on_publish = self._on_publish
+        if options.report_published:
+            # Without it paho skips the callback entirely (for a QoS 0 publish it would
+            # build a reason code and properties per message just to call it).
+            c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         # SUBSCRIBEs awaiting their SUBACK, by message id: a refused one is sent again.
         self._subscribing: dict[int, list[tuple[str, int]]] = {}
@@ -430,7 +498,8 @@ class MqttTransport:
                 client.ack(msg.mid, msg.qos)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._put(Inbound("published", mid=mid))
+        if self.options.report_published:
+            self._put(Inbound("published", mid=mid))
 
     def _send_subscribe(self, subs: list[tuple[str, int]]) -> None:
         with self._lock:  # the SUBACK may come before subscribe() returns: hold it back
@@ -527,6 +596,57 @@ class MqttTransport:
             self._client.ack(mid, qos)
         except (OSError, ValueError) as e:
             raise TransportError(f"acknowledging message {mid} failed: {e}") from e
+
+    def ack_many(self, acks: Iterable[tuple[int, int, int | None]]) -> None:
+        """:meth:`ack` for many ``(mid, qos, connection)``: the QoS 1 ones go as one packet
+        of their PUBACKs together (one write, one wake-up of the network thread), not one
+        packet and one wake-up each."""
+        if not self.options.manual_ack or not self.connected.is_set():
+            return  # the broker resends them on the next connection
+        current = self.connection
+        pubacks: list[bytes] = []
+        others: list[tuple[int, int]] = []
+        for mid, qos, connection in acks:
+            if qos == 0 or (connection is not None and connection != current):
+                continue
+            if qos == 1:
+                pubacks.append(_PUBACK.pack(_PUBACK_BYTE, 2, mid))
+            else:
+                others.append((mid, qos))
+        if not pubacks and not others:
+            return
+        c = self._client
+        try:
+            if pubacks:  # paho's own ack() queues a packet and wakes its thread per message
+                c._packet_queue(mqtt.PUBACK, b"".join(pubacks), 0, 0)
+            for mid, qos in others:
+                c.ack(mid, qos)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"acknowledging {len(pubacks) + len(others)} messages "
+                                 f"failed: {e}") from e
+
+    def publish_many(self, messages: Iterable[tuple[str, bytes, bool]]) -> int:
+        """QoS 0 publishes, ``(topic, payload, retain)`` each, written as one packet with
+        one wake-up of the network thread, for messages nobody waits on (the server's
+        cursors); paho's ``publish()`` would build a message info with its own lock for
+        each. Returns how many were queued. Raises while disconnected (QoS 0 is not kept).
+        With ``report_published`` the block is reported as one ``published`` item, mid 0.
+        """
+        if not self.connected.is_set():
+            raise TransportError(f"not connected to {self.address.url}")
+        parts: list[bytes] = []
+        for topic, payload, retain in messages:
+            name = check_topic(topic).encode("utf-8")
+            parts.append(bytes((_PUBLISH_BYTE | (1 if retain else 0),))
+                         + _remaining_length(2 + len(name) + len(payload))
+                         + _TOPIC_LEN.pack(len(name)) + name + payload)
+        if parts:
+            try:
+                self._client._packet_queue(mqtt.PUBLISH, b"".join(parts), 0, 0,
+                                           mqtt.MQTTMessageInfo(0))
+            except (OSError, ValueError) as e:
+                raise TransportError(f"publishing {len(parts)} messages failed: {e}") from e
+        return len(parts)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its message id (acknowledged later as ``published``)."""

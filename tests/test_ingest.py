@@ -219,6 +219,39 @@ def test_batches_the_broker_could_not_deliver_are_sent_again_until_stored(tmp_pa
         f.close()
 
 
+def test_a_lost_cursor_costs_a_resend_and_nothing_else(tmp_path, mosquitto):
+    """Cursors go retained at QoS 0: one can be lost with a dropped connection. Here none
+    is published until the agent re-sends; the batches wait on its disk, go again after
+    its timeout, the server recognises the copies and the next cursor confirms them."""
+    f = Fleet(tmp_path, mosquitto.url)
+    svc = f.start_server()
+    assert svc.fleet is not None
+    server = svc.fleet
+    publish = server._publish_acks
+    agent: Agent | None = None
+    lost: list[object] = []
+
+    def lossy(keys, ts):
+        if agent is None or agent.sender.resent_total == 0:
+            lost.append(keys)  # a cursor that never reached the broker
+            return
+        publish(keys, ts)
+
+    server._publish_acks = lossy
+    agent, stop, t = start_agent(f, "lossy-1", telemetry_ack_timeout_s=1.0)
+    try:
+        wait_for(lambda: agent.sender.resent_total > 0 and agent.sender.acked_total >= 5, 30,
+                 what="unconfirmed batches sent again and then confirmed")
+        stop_agent(stop, t)
+        assert lost
+        assert agent.tqueue.pending() == []
+        assert svc.store.telemetry_seqs("lossy-1") == list(range(agent.tqueue.issued))
+        assert server.counters.duplicates > 0  # the re-sent copies, not stored twice
+    finally:
+        stop.set()
+        f.close()
+
+
 def test_a_reflashed_device_is_stored_and_true_duplicates_are_not(tmp_path, mosquitto):
     f = Fleet(tmp_path, mosquitto.url)
     f.start_server()

@@ -1,0 +1,103 @@
+"""The paho transport's shortcuts around paho's per-message costs, without a broker: a
+group's PUBACKs as one packet, QoS 0 publishes as one packet encoded as paho would, and
+messages handed to ``on_message`` without the per-topic callback walk. (Against a real
+broker: tests/test_ingest.py.)"""
+
+from __future__ import annotations
+
+import socket
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from prunefleet.shared.errors import TransportError
+from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
+
+
+def _transport(**options) -> MqttTransport:
+    return MqttTransport(BrokerAddress.parse("mqtt://127.0.0.1:1"),
+                         TransportOptions(client_id="t", **options))
+
+
+def test_acks_of_a_group_go_as_one_write_and_skip_other_connections():
+    """``ack_many``: the group's PUBACKs as one packet (one send, one wake-up of paho's
+    network thread), none for QoS 0 or for a message of an earlier connection."""
+    t = _transport(manual_ack=True)
+    c = t._client
+    t.ack_many([(5, 1, 0)])
+    assert not c._out_packet  # not connected: the broker resends them after reconnecting
+    t.connected.set()
+    t.connection = 3
+    t.ack_many([(5, 1, 3), (6, 1, None), (7, 0, 3), (8, 1, 2), (300, 1, 3)])
+    assert [p["packet"] for p in c._out_packet] == [
+        b"\x40\x02\x00\x05" b"\x40\x02\x00\x06" b"\x40\x02\x01\x2c"]
+
+
+def test_messages_reach_on_message_and_per_topic_callbacks_still_win():
+    t = _transport(manual_ack=True)
+    c = t._client
+    msg = mqtt.MQTTMessage(mid=7, topic=b"p/devices/d1/telemetry")
+    msg.qos, msg.payload = 1, b"{}"
+    c._handle_on_message(msg)
+    got = t.inbound.get_nowait()
+    assert (got.kind, got.topic, got.payload, got.mid, got.qos) == (
+        "message", "p/devices/d1/telemetry", b"{}", 7, 1)
+    seen: list[str] = []
+    c.message_callback_add("p/devices/+/telemetry", lambda cl, u, m: seen.append(m.topic))
+    c._handle_on_message(msg)  # paho's own path: the filtered callback, not on_message
+    assert seen == ["p/devices/d1/telemetry"] and t.inbound.empty()
+
+
+def test_published_items_are_reported_unless_turned_off():
+    on = _transport()
+    assert on._client.on_publish is not None
+    on._on_publish(on._client, None, 5, None, None)
+    assert on.inbound.get_nowait() == Inbound("published", mid=5)
+    off = _transport(report_published=False)
+    assert off._client.on_publish is None  # paho then skips the callback altogether
+
+
+def test_qos0_publishes_go_as_one_packet_paho_would_have_written():
+    t = _transport()
+    c = t._client
+    with pytest.raises(TransportError):
+        t.publish_many([("a/b", b"xy", True)])  # QoS 0 is not kept while disconnected
+    t.connected.set()
+    big = bytes(200)
+    assert t.publish_many([("a/b", b"xy", True), ("p/devices/d1/acked", big, False)]) == 2
+    assert t.publish_many([]) == 0
+    [packet] = c._out_packet
+    assert packet["packet"] == (
+        b"\x31\x07\x00\x03a/bxy"  # PUBLISH, retained, QoS 0: 7 bytes follow
+        + b"\x30\xdc\x01\x00\x12p/devices/d1/acked" + big)  # 220 = 0xdc 0x01
+    with pytest.raises(TransportError):
+        t.publish_many([("a/+", b"", False)])  # no wildcards in a topic
+
+
+def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
+    return bytes((0x32, len(body))) + body  # PUBLISH, QoS 1; bodies under 128 bytes here
+
+
+def _reads(read_batch: int) -> int:
+    """Messages one loop_read() hands on, with 3 PUBLISH packets waiting on the socket."""
+    t = _transport(manual_ack=True, read_batch=read_batch)
+    c = t._client
+    mine, broker = socket.socketpair()
+    mine.setblocking(False)
+    try:
+        broker.sendall(b"".join(_publish_packet(b"p/devices/d1/telemetry", mid, b"{}")
+                                for mid in (1, 2, 3)))
+        c._sock = mine
+        assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS
+        return t.inbound.qsize()
+    finally:
+        c._sock = None
+        mine.close()
+        broker.close()
+
+
+def test_a_busy_subscriber_reads_what_the_socket_holds_per_wake_up():
+    assert _reads(0) == 1  # paho's own: one packet per select()
+    assert _reads(64) == 3  # up to 64 while the socket has them, then back to select()
+    assert _reads(2) == 2
