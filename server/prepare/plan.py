@@ -239,7 +239,8 @@ def plan_variants(recipe: Recipe, variants: list[VariantSpec], dense: nn.Module,
                 ratio, macs = found
                 out[i] = v.model_copy(update={"ratio": ratio, "macs_ratio": None})
                 entry.update(result=f"ratio {ratio}: the least pruning predicted to meet "
-                                    f"{budget:g} ms with a {margin:.0%} margin", ratio=ratio, macs=macs,
+                                    f"{budget:g} ms with a {margin:.0%} margin",
+                             ratio=ratio, macs=macs,
                              predicted_ms=round(fit.predict(macs), 5))
         search[v.name] = entry
     info["search"] = search
