@@ -113,3 +113,46 @@ def test_only_profiles_of_registered_variants_a_device_has_installed_count(tmp_p
     # A Last Will says nothing about measurements.
     store.set_measurements(ReportedState(device_id="d0", online=False))
     assert set(store.device_measurements("d0")[1]) == {"v"}
+
+
+@pytest.mark.timeout(240)
+def test_prepare_for_a_class_fits_the_profiles_real_agents_reported(
+        fleet, capsys, monkeypatch, tmp_path):
+    """``prepare --for-class`` against a running server: the class's latency line comes
+    from what this fleet's agents measured, joined to the registered variants' MACs."""
+    from test_prepare_target import RECIPE, _with_target
+
+    devices = ["cls-0", "cls-1"]
+    for d in devices:
+        fleet.start_agent(d)
+    fleet.wait_known(devices)
+    for name, hidden, seed in (("h8", 8, 0), ("h64", 64, 1), ("h256", 256, 2)):
+        fleet.register_mlp(name, hidden=hidden, seed=seed)
+    names = {"h8", "h64", "h256"}
+    r = fleet.api.create_rollout({"target": {"kind": "devices", "devices": devices},
+                                  "variants": sorted(names)})
+    fleet.wait_rollout(r["id"], "completed")
+    cls = fleet.agent(devices[0]).facts.device_class
+    wait_for(lambda: all(names <= set(fleet.api.device_profile(d)["profiles"])
+                         for d in devices), 90, what="every variant profiled on both devices")
+    classes = fleet.api.classes()["classes"][cls]["variants"]
+
+    monkeypatch.setenv("PRUNEFLEET_SERVER", fleet.svc.url)
+    monkeypatch.setenv("PRUNEFLEET_TOKEN", fleet.svc.token)
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(_with_target(RECIPE, "latency_budget_ms = 50"))
+    out = tmp_path / "out"
+    rc = cli.main(["prepare", str(recipe), "--out", str(out), "--for-class", cls])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    t = json.loads((out / "report.json").read_text())["target"]
+    assert t["device_class"] == cls and t["latency_source"] == f"fleet profiles of class {cls}"
+    fit = t["latency_model"]["fits"]["fp32"]
+    # The fit's points are the server's medians of what the agents measured, per variant.
+    points = {name: (macs, ms) for name, macs, ms in fit["points"]}
+    assert set(points) == names
+    registered = {v["name"]: v for v in fleet.api.variants()}
+    for name, (macs, ms) in points.items():
+        assert macs == registered[name]["macs"]
+        assert ms == pytest.approx(classes[name]["latency_ms_p95"]["median"])
+    assert fit["loo_mae_ms"] is not None  # three points: a leave-one-out error
