@@ -469,6 +469,7 @@ class FleetServer:
         self.counters.transactions += 1
         committed = time.time()
         touched: dict[tuple[str, str], None] = {}
+        self._seed_cursors([b for _, b in batches])
         for (_, b), new in zip(batches, stored, strict=True):
             if new:
                 self.counters.telemetry += 1
@@ -479,6 +480,20 @@ class FleetServer:
                 self._note_stored(b)
                 touched[(b.device_id, b.incarnation)] = None
         return list(touched)
+
+    def _seed_cursors(self, batches: list[TelemetryBatch]) -> None:
+        """Seed the cursors of the group's (device, incarnation) keys this process has not
+        met yet from the store, in one query for all of them (after a restart, or the first
+        contact with a fleet, every key of a group is new)."""
+        starts: dict[tuple[str, str], int] = {}
+        for b in batches:
+            key = (b.device_id, b.incarnation)
+            if b.incarnation and key not in starts and not self.cursors.known(*key):
+                starts[key] = b.unconfirmed_from or 0
+        if not starts:
+            return
+        for key, seqs in self.store.stored_seqs_many(starts).items():
+            self.cursors.seed(*key, seqs, starts[key])
 
     def _note_stored(self, b: TelemetryBatch) -> None:
         cursors, key = self.cursors, (b.device_id, b.incarnation)

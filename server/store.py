@@ -25,11 +25,13 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    and_,
     create_engine,
     delete,
     event,
     func,
     inspect,
+    or_,
     select,
     update,
 )
@@ -565,6 +567,24 @@ class Store:
                     Telemetry.seq >= start)
                 .order_by(Telemetry.seq).limit(limit)
             ))
+
+    def stored_seqs_many(self, starts: dict[tuple[str, str], int], limit: int = 4096
+                         ) -> dict[tuple[str, str], list[int]]:
+        """:meth:`stored_seqs` for several (device, incarnation) keys in one query (a
+        group's devices this process meets for the first time), at most ``limit`` per key
+        on average."""
+        out: dict[tuple[str, str], list[int]] = {k: [] for k in starts}
+        if not starts:
+            return out
+        cond = or_(*(and_(Telemetry.device_id == d, Telemetry.incarnation == i,
+                          Telemetry.seq >= start) for (d, i), start in starts.items()))
+        with self.session() as s:
+            rows = s.execute(
+                select(Telemetry.device_id, Telemetry.incarnation, Telemetry.seq)
+                .where(cond).order_by(Telemetry.seq).limit(limit * len(starts)))
+            for d, i, seq in rows:
+                out[(d, i)].append(seq)
+        return out
 
     def _touch(self, s: Session, device_id: str, online: bool | None = None) -> Device:
         d = s.get(Device, device_id)

@@ -292,6 +292,9 @@ def test_store_dedupes_by_device_incarnation_and_seq_in_one_transaction(tmp_path
             == [True, True, True, False]
         assert store.add_telemetry_batches([b(1, "a"), b(2, "a")]) == [False, True]
         assert store.stored_seqs("d1", "a", 1) == [1, 2]
+        # A group's new cursors are seeded in one query: the same seqs, per key.
+        assert store.stored_seqs_many({("d1", "a"): 1, ("d1", "b"): 0, ("d2", "a"): 0}) == {
+            ("d1", "a"): [1, 2], ("d1", "b"): [0], ("d2", "a"): []}
         assert store.usage("d1")["v"]["requests"] == 4
     finally:
         store.close()
