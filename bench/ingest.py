@@ -230,6 +230,21 @@ def _start_server(ctx: Any, url: str, state: Path, prefix: str,
     return proc, conn
 
 
+def stored_rows(db_url: str | None, state: Path) -> list[Any]:
+    """Every stored batch's (device_id, incarnation, seq, interval_end, received_at)."""
+    from prunefleet.server.serve import db_url_for
+    from prunefleet.server.store import Store
+
+    store = Store(db_url_for(db_url, state))
+    try:
+        with store.engine.connect() as c:
+            return list(c.exec_driver_sql(
+                "SELECT device_id, incarnation, seq, interval_end, received_at FROM telemetry"
+            ).all())
+    finally:
+        store.close()
+
+
 def _stop_server(proc: Any, conn: Any) -> dict:
     conn.send("stop")
     counters = conn.recv() if conn.poll(60) else {}
@@ -239,8 +254,6 @@ def _stop_server(proc: Any, conn: Any) -> dict:
 
 def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
                late_s: float, drain_s: float, db_url: str | None = None) -> dict:
-    from prunefleet.server.serve import db_url_for
-    from prunefleet.server.store import Store
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     state = work / "server"
@@ -272,14 +285,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     sim.join(60)
     server = _stop_server(srv, srv_conn)
 
-    store = Store(db_url_for(db_url, state))
-    try:
-        with store.engine.connect() as c:
-            rows = c.exec_driver_sql(
-                "SELECT device_id, incarnation, seq, interval_end, received_at FROM telemetry"
-            ).all()
-    finally:
-        store.close()
+    rows = stored_rows(db_url, state)
     keys = {(d, i, s) for d, i, s, _, _ in rows}
     per_device: dict[str, set[int]] = {}
     for d, inc, seq, _, _ in rows:

@@ -553,8 +553,6 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
               warm: bool = False) -> dict:
     import psutil
 
-    from prunefleet.server.serve import db_url_for
-    from prunefleet.server.store import Store
 
     payload_template()  # fails here, not in the generator, if it cannot be made
     broker, url = start_mosquitto(work, connection_messages=False)
@@ -653,14 +651,9 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
     broker_drops = [ln for ln in (work / "mosquitto.log").read_text(errors="replace")
                     .splitlines() if "dropped" in ln.lower()]
 
-    store = Store(db_url_for(db_url, state))
-    try:
-        with store.engine.connect() as c:
-            rows = c.exec_driver_sql(
-                "SELECT device_id, incarnation, seq, interval_end, received_at FROM telemetry"
-            ).all()
-    finally:
-        store.close()
+    from ingest import stored_rows  # isort: skip
+
+    rows = stored_rows(db_url, state)
     inc = dict(zip(result["ids"], result["incarnation"], strict=True))
     sent = dict(zip(result["ids"], result["sent"], strict=True))
     every = [r for r in rows if inc.get(r[0]) == r[1]]
