@@ -13,6 +13,14 @@ be refused costs the server nothing it did not have to read:
 The routes check the token too (their OpenAPI document says so); this is the layer that
 makes the check cheap.
 
+A refused request whose body is small and framed by its ``Content-Length`` keeps its
+connection: the HTTP server reads the rest of that body and drops it, as it does after any
+answer. Only a body that is large, chunked or unframeable closes the connection, since
+reading it would be the cost the guard is there to avoid; closing a socket that still has
+unread bytes in it makes the kernel reset the connection, and the reset can overtake the
+answer on its way to the client (a client that sends its headers and its body in separate
+writes, as most do, would otherwise see a reset instead of its 401 now and then).
+
 Every refusal is counted by status in ``refused`` (exported as
 ``prunefleet_http_requests_refused_total``): a client that keeps sending after its 413 may
 see the connection reset instead of the answer (the server closes a socket with unread
@@ -37,6 +45,20 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MAX_JSON_BODY_BYTES = 4 * 1024 * 1024
 # Requests that take no body (GET, HEAD, DELETE, OPTIONS) may still carry a little.
 MAX_OTHER_BODY_BYTES = 64 * 1024
+# A refused request announcing at most this many body bytes keeps its connection (the
+# server reads them and drops them); a larger one is answered and closed.
+DRAIN_BODY_BYTES = 64 * 1024
+
+
+def _small_framed_body(headers: list[tuple[bytes, bytes]], lengths: list[bytes]) -> bool:
+    """The request's body is framed by one ``Content-Length`` (or absent) and is small
+    enough for the server to read and drop after the answer."""
+    if any(n.lower() == b"transfer-encoding" for n, _ in headers) or len(lengths) > 1:
+        return False
+    if not lengths:
+        return True
+    value = lengths[0].strip()
+    return value.isdigit() and int(value) <= DRAIN_BODY_BYTES
 
 
 def problem(status: int, message: str) -> bytes:
@@ -45,11 +67,11 @@ def problem(status: int, message: str) -> bytes:
 
 
 async def _reply(send: Send, status: int, message: str,
-                 headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                 headers: list[tuple[bytes, bytes]] | None = None, *, close: bool) -> None:
     body = problem(status, message)
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"), *(headers or []),
+        *([(b"connection", b"close")] if close else []), *(headers or []),
     ]})
     await send({"type": "http.response.body", "body": body})
 
@@ -77,9 +99,10 @@ class RequestGuard:
         return False
 
     async def _refuse(self, send: Send, status: int, message: str,
-                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                      headers: list[tuple[bytes, bytes]] | None = None, *,
+                      close: bool = True) -> None:
         self.refused[status] = self.refused.get(status, 0) + 1
-        await _reply(send, status, message, headers)
+        await _reply(send, status, message, headers, close=close)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,12 +110,13 @@ class RequestGuard:
             return
         path, method = scope["path"], scope["method"]
         headers: list[tuple[bytes, bytes]] = scope.get("headers") or []
+        lengths = [v for n, v in headers if n.lower() == b"content-length"]
         if self.protected(path) and not self._authorized(headers):
             await self._refuse(send, 401, "missing or wrong bearer token",
-                         [(b"www-authenticate", b"Bearer")])
+                               [(b"www-authenticate", b"Bearer")],
+                               close=not _small_framed_body(headers, lengths))
             return
         cap = self.body_cap(method, path)
-        lengths = [v for n, v in headers if n.lower() == b"content-length"]
         if lengths:
             if len(lengths) > 1 or not lengths[0].strip().isdigit():
                 await self._refuse(send, 400, "bad Content-Length")

@@ -61,6 +61,32 @@ def test_no_token_is_refused_before_any_body_is_read(server, method, path):
     assert status == 401
 
 
+def test_a_refused_small_body_keeps_the_connection_and_is_never_reset(server):
+    """A client that writes its headers and its body separately (most do) gets its 401
+    whole, and the connection stays usable: the server drops the late body instead of
+    closing on it (a close with unread bytes resets the connection, and the reset can
+    overtake the 401)."""
+    sock = socket.create_connection((server.host, server.port), timeout=10)
+    body = json.dumps({"target": "0", "kind": None}).encode()
+    try:
+        sock.sendall((f"POST /v1/profiles/refresh HTTP/1.1\r\nHost: {server.host}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                      ).encode())
+        first = http.client.HTTPResponse(sock)
+        first.begin()
+        assert first.status == 401 and first.getheader("Connection") != "close"
+        assert json.loads(first.read())["error"]["message"] == "missing or wrong bearer token"
+        sock.sendall(body)  # late, after the answer: read and dropped, not a reset
+        sock.sendall((f"GET /v1/devices HTTP/1.1\r\nHost: {server.host}\r\n"
+                      f"Authorization: Bearer {server.token}\r\n\r\n").encode())
+        second = http.client.HTTPResponse(sock)
+        second.begin()
+        assert second.status == 200, second.read()[:200]
+        assert isinstance(json.loads(second.read()), (list, dict))
+    finally:
+        sock.close()
+
+
 def test_a_body_over_the_routes_cap_is_refused_from_its_length(server):
     status, body = _announce(server, "POST", "/v1/rollouts", MAX_JSON_BODY_BYTES + 1,
                              token=server.token)
