@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Annotated, Literal
 
 import paho.mqtt.client as mqtt
@@ -44,7 +44,7 @@ from prunefleet.shared.messages import (
 )
 from prunefleet.shared.policy import PolicyConfig, apply_overrides
 
-from .errors import DistributionError, RolloutError, StoreError
+from .errors import DistributionError, LeaseLostError, RolloutError, StoreError
 from .fleet import FleetServer
 from .rollout import (
     Action,
@@ -179,6 +179,7 @@ class RolloutController:
         self.holder = holder
         self.lease_ttl_s = lease_ttl_s
         self._lease_until = 0.0
+        self.lease_lost = 0  # steps refused by the fence: the lease went while one ran
         # One writer: API requests and the background tick never interleave.
         self._lock = threading.RLock()
         # Desired states published under the lock, waited for after it is released.
@@ -216,7 +217,7 @@ class RolloutController:
         if self.holder is None:
             return True
         # A margin, so the lease lapses here before another replica may take it.
-        return self.clock() < self._lease_until - min(1.0, self.lease_ttl_s / 4)
+        return self.clock() < self._lease_until - self._margin_s
 
     def renew_lease(self) -> bool:
         """Take or renew the controller lease (each tick); whether this replica holds it."""
@@ -237,6 +238,25 @@ class RolloutController:
             log.warning("%s lost the rollout controller lease: another replica runs rollouts",
                         self.holder)
         return now
+
+    @property
+    def _margin_s(self) -> float:
+        # The lease lapses here this long before another replica may take it.
+        return min(1.0, self.lease_ttl_s / 4)
+
+    def _fenced(self) -> AbstractContextManager[None]:
+        """The store writes of a rollout step, fenced by the lease: each transaction first
+        proves in the store that this replica still holds it, so a holder that stalled
+        after its check (a frozen VM, SIGSTOP) writes, signs and publishes nothing once
+        another replica took over (``Store.fenced``)."""
+        if self.holder is None:
+            return nullcontext()
+        return self.store.fenced(LEASE, self.holder, self.clock, self._margin_s)
+
+    def _lost_lease(self, e: LeaseLostError, what: str) -> None:
+        self._lease_until = 0.0
+        self.lease_lost += 1
+        log.warning("%s stopped: %s (another replica runs rollouts)", what, e)
 
     def release_lease(self) -> None:
         """On a clean stop: another replica takes over at once instead of after the TTL."""
@@ -546,30 +566,38 @@ class RolloutController:
         """
         if not self.holds_lease:
             return 0  # the replica holding the lease refreshes them
+        done: list[str] = []
         with self._locked():
-            now = self.clock()
-            count = 0
-            for dev in self.store.devices():
-                row = self.store.latest_manifest(dev.device_id)
-                if row is None:
-                    continue
-                if dev.manifest_version is not None and dev.manifest_version > row.version:
-                    continue  # it follows a newer (group) manifest: leave that in charge
-                m = self._manifest(row.version)
-                if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
-                    continue
-                try:
-                    new = self.fleet.deploy(dev.device_id, list(m.variants), sent=self._sent,
-                                            pinned=m.pinned_variant, policy=m.policy,
-                                            shadow=m.shadow, reprofile=m.reprofile)
-                except _PUBLISH_ERRORS as e:
-                    log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
-                    return count
-                self.store.retarget_offers(dev.device_id, row.version, new.version)
-                count += 1
-            if count:
-                log.info("re-signed the desired state of %d device(s)", count)
-            return count
+            try:
+                with self._fenced():
+                    self._refresh_desired(older_than_s, done)
+            except LeaseLostError as e:
+                self._lost_lease(e, "re-signing desired states")
+        count = len(done)
+        if count:
+            log.info("re-signed the desired state of %d device(s)", count)
+        return count
+
+    def _refresh_desired(self, older_than_s: float | None, done: list[str]) -> None:
+        now = self.clock()
+        for dev in self.store.devices():
+            row = self.store.latest_manifest(dev.device_id)
+            if row is None:
+                continue
+            if dev.manifest_version is not None and dev.manifest_version > row.version:
+                continue  # it follows a newer (group) manifest: leave that in charge
+            m = self._manifest(row.version)
+            if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
+                continue
+            try:
+                new = self.fleet.deploy(dev.device_id, list(m.variants), sent=self._sent,
+                                        pinned=m.pinned_variant, policy=m.policy,
+                                        shadow=m.shadow, reprofile=m.reprofile)
+            except _PUBLISH_ERRORS as e:
+                log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
+                return
+            self.store.retarget_offers(dev.device_id, row.version, new.version)
+            done.append(dev.device_id)
 
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:
@@ -577,7 +605,7 @@ class RolloutController:
         the replica that holds the controller lease."""
         if not self.renew_lease():
             return
-        with self._locked():
+        with self._locked(), self._fenced():
             for row in self.store.rollouts([Status.ACTIVE.value]):
                 try:
                     if row.target_kind != "devices":
@@ -591,6 +619,9 @@ class RolloutController:
                                 row.id, note=f"{len(new)} device(s) joined the target"
                             )
                     self._advance(row.id)
+                except LeaseLostError as e:
+                    self._lost_lease(e, f"rollout #{row.id}")
+                    return
                 except (StoreError, ValidationError) as e:
                     log.error("rollout #%d: %s", row.id, e)
 
@@ -834,6 +865,14 @@ class RolloutController:
         """Carry out one decision; False when it could not (try again next tick)."""
         if not self.holds_lease:
             return False  # the replica holding the lease applies it
+        try:
+            with self._fenced():
+                return self._apply_step(row, d)
+        except LeaseLostError as e:
+            self._lost_lease(e, f"rollout #{row.id}: {d.action.value}")
+            return False
+
+    def _apply_step(self, row: RolloutRow, d: Decision) -> bool:
         now = self.clock()
         if d.action is Action.OFFER:
             specs = [VariantSpec.model_validate(v) for v in row.variants]

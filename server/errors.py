@@ -28,6 +28,12 @@ class StoreConflictError(StoreError):
     """A write that broke a unique constraint: another writer stored the same row first."""
 
 
+class LeaseLostError(StoreError):
+    """A fenced write refused: this process no longer holds the lease it writes under
+    (another replica took it over, or it lapsed while this one was stalled). Nothing of
+    the transaction was written."""
+
+
 class DistributionError(ServerError):
     pass
 

@@ -195,15 +195,19 @@ class FleetCollector(Collector):
                  broker_connected: Callable[[], bool] | None = None,
                  options: MetricsOptions | None = None,
                  clock: Callable[[], float] = time.time, prime: bool = False,
-                 http_refused: Callable[[], dict[int, int]] | None = None):
-        """``prime``: read the stored telemetry into the totals now, on a thread of its own,
-        so that the first scrape after a server start does not pay for the whole store."""
+                 http_refused: Callable[[], dict[int, int]] | None = None,
+                 controller: Callable[[], tuple[bool, int]] | None = None):
+        """``controller``: whether this replica holds the rollout controller lease, and how
+        many of its steps the lease's fence refused. ``prime``: read the stored telemetry
+        into the totals now, on a thread of its own, so that the first scrape after a
+        server start does not pay for the whole store."""
         self.store = store
         self.counters = counters
         self.broker_connected = broker_connected
         self.options = options or MetricsOptions()
         self.clock = clock
         self.http_refused = http_refused
+        self.controller = controller
         self.totals = StoredTotals()
         if prime:
             threading.Thread(target=self._prime, name="metrics-prime", daemon=True).start()
@@ -233,6 +237,18 @@ class FleetCollector(Collector):
             for status, n in sorted(refused.items()):
                 r.add_metric([str(status)], float(n))
             yield r
+        if self.controller is not None:
+            held, fenced = self.controller()
+            g = GaugeMetricFamily("prunefleet_rollout_controller_lease_held",
+                                  "1 when this replica holds the rollout controller lease")
+            g.add_metric([], 1.0 if held else 0.0)
+            yield g
+            f = CounterMetricFamily(
+                "prunefleet_rollout_steps_fenced",
+                "rollout steps the store refused because this replica had lost the lease "
+                "while it ran one (it stalled past the lease's expiry): nothing was written")
+            f.add_metric([], float(fenced))
+            yield f
         up = GaugeMetricFamily("prunefleet_store_up",
                                "1 when the store answered this scrape's queries")
         try:

@@ -9,12 +9,14 @@ SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreEr
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -41,7 +43,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from prunefleet.shared.messages import Event, ReportedState, RolloutReport, TelemetryBatch
 
-from .errors import StoreConflictError, StoreError
+from .errors import LeaseLostError, StoreConflictError, StoreError
 
 
 class Base(DeclarativeBase):
@@ -382,6 +384,13 @@ class DeviceProfileRow(Base):
     ts: Mapped[float] = mapped_column(Float)
 
 
+_FENCE_PROVEN = "prunefleet_fence_proven"
+
+
+def _forget_fence(conn: Connection) -> None:
+    conn.info.pop(_FENCE_PROVEN, None)  # the next transaction proves it again
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
@@ -426,10 +435,18 @@ class Store:
         except SQLAlchemyError as e:
             raise StoreError(f"cannot initialise store {_shown(url)!r}: {e}") from e
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # The lease this thread's writes are fenced by (see ``fenced``).
+        self._fence = threading.local()
+        event.listen(self.engine, "before_cursor_execute", self._fence_write)
+        for end in ("commit", "rollback"):
+            event.listen(self.engine, end, _forget_fence)
+        event.listen(self.engine, "checkin", lambda _dbapi, record: record.info.pop(
+            _FENCE_PROVEN, None))
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """One transaction, committed at the end; SQLAlchemy errors become StoreError."""
+        """One transaction, committed at the end; SQLAlchemy errors become StoreError
+        (inside ``fenced``, a lost lease is LeaseLostError)."""
         s = self._session()
         try:
             yield s
@@ -683,6 +700,41 @@ class Store:
         except StoreConflictError:
             return None  # another replica inserted it first
         return until
+
+    @contextmanager
+    def fenced(self, name: str, holder: str, clock: Callable[[], float],
+               margin_s: float = 0.0) -> Iterator[None]:
+        """Fence this thread's writes by lease ``name``: the first write of each
+        transaction inside first proves, in that transaction, that ``holder`` holds the
+        lease until at least ``clock() + margin_s``, and raises LeaseLostError when not (the
+        transaction is rolled back: nothing of it is written). Reads are not fenced, nor
+        are other threads' transactions.
+
+        A process that checked its lease and then stalled (a frozen VM, SIGSTOP, a long
+        pause) so writes nothing once another took over. The proof is a no-op ``UPDATE``
+        of the lease row, which holds the row (PostgreSQL) or the database (SQLite) until
+        the commit: a takeover waits for it, then finds the lease as the commit left it."""
+        prev = getattr(self._fence, "lease", None)
+        self._fence.lease = (name, holder, clock, margin_s)
+        try:
+            yield
+        finally:
+            self._fence.lease = prev
+
+    def _fence_write(self, conn: Connection, cursor: Any, statement: str, parameters: Any,
+                     context: Any, executemany: bool) -> None:
+        fence = getattr(self._fence, "lease", None)
+        if fence is None or conn.info.get(_FENCE_PROVEN) or \
+                statement.lstrip()[:6].upper() not in ("INSERT", "UPDATE", "DELETE"):
+            return
+        name, holder, clock, margin_s = fence
+        conn.info[_FENCE_PROVEN] = True  # this transaction's proof, not a write to fence
+        ph = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        cursor.execute(f"UPDATE leases SET holder = {ph} WHERE name = {ph} AND holder = {ph}"
+                       f" AND expires_at > {ph}", (holder, name, holder, clock() + margin_s))
+        if cursor.rowcount != 1:
+            raise LeaseLostError(f"{holder} no longer holds the lease {name!r}: "
+                                 "nothing written")
 
     def release_lease(self, name: str, holder: str) -> None:
         """Let the next replica take the lease at once (a clean stop)."""

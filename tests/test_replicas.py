@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import textwrap
+import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,9 +22,9 @@ from test_ingest import start_agent, stop_agent
 
 from prunefleet.server.adminclient import AdminClient
 from prunefleet.server.controller import LEASE
-from prunefleet.server.errors import DistributionError
+from prunefleet.server.errors import DistributionError, LeaseLostError
 from prunefleet.server.serve import FleetService, ServeOptions
-from prunefleet.server.store import Store, sqlite_url
+from prunefleet.server.store import ManifestRow, Store, sqlite_url
 
 SHARE_GROUP = "replicas0123456789abcdef0123456789"
 
@@ -63,6 +65,113 @@ def test_lease_has_one_holder_until_it_expires_or_is_released(tmp_path, backend)
         store.close()
         if schema is not None:
             schema.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_write_fenced_by_a_lost_lease_is_refused_and_writes_nothing(tmp_path, backend):
+    """Under ``Store.fenced``, a write succeeds while its thread holds the lease, and is
+    refused once the lease lapsed or another holder took it, with nothing of its
+    transaction written; reads, and other threads' writes, are not fenced."""
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    now = [100.0]
+    try:
+        assert store.take_lease("job", "a", 10, now=100) == 110
+        with store.fenced("job", "a", lambda: now[0], margin_s=1.0):
+            store.save_manifest(1, "dev-1", "{}")  # held until 110 > 100 + 1
+            now[0] = 109.5  # within the margin of the expiry: refused already
+            with pytest.raises(LeaseLostError):
+                store.save_manifest(2, "dev-1", "{}")
+            assert store.lease("job").holder == "a"  # reads go on
+            taken: list[float | None] = []  # b, another replica: its own thread
+            other = threading.Thread(target=lambda: taken.append(
+                store.take_lease("job", "b", 10, now=111)))
+            other.start()
+            other.join()
+            assert taken == [121]
+            now[0] = 105.0  # a's clock says its lease runs, the store says b holds it
+            with pytest.raises(LeaseLostError):
+                store.save_manifest(3, "dev-1", "{}")
+            other = threading.Thread(target=store.save_manifest, args=(4, "dev-2", "{}"))
+            other.start()
+            other.join()
+        store.save_manifest(5, "dev-1", "{}")  # outside the fence
+        with store.session() as s:
+            assert sorted(v for (v,) in s.query(ManifestRow.version)) == [1, 4, 5]
+        assert store.lease("job").holder == "b"
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()
+
+
+def _metrics(svc: FleetService) -> str:
+    req = urllib.request.Request(svc.url + "/metrics",
+                                 headers={"Authorization": f"Bearer {svc.token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_a_holder_that_stalls_mid_step_writes_nothing_after_the_takeover(
+        tmp_path, mosquitto, pg_url):
+    """The holder checks its lease and then stalls before its step's first write (as a
+    frozen VM or SIGSTOP would make it); the other replica takes the lease over and runs
+    the rollout to the end. When the stalled one wakes, the store refuses its step: it
+    signs, saves and publishes no desired state, and the rollout stays as the new holder
+    left it."""
+    f = Fleet(tmp_path, mosquitto.url, db_url=pg_url)
+    f.start_server()
+    f.stop_server()
+    a = replica(f, "a")
+    b = replica(f, "b")
+    stalled, wake = threading.Event(), threading.Event()
+    outcomes: list[object] = []
+    deploy = a.fleet.deploy
+
+    def stalling(target, *args, **kw):
+        if not stalled.is_set():
+            stalled.set()
+            wake.wait(60)  # frozen: a's tick thread is here, so a renews nothing
+        try:
+            outcomes.append(deploy(target, *args, **kw))
+        except LeaseLostError as e:
+            outcomes.append(e)
+            raise
+        return outcomes[-1]
+
+    a.fleet.deploy = stalling  # type: ignore[method-assign]
+    try:
+        f.svc = b
+        f.start_agent("rep-1")
+        f.wait_known(["rep-1"])
+        f.register_mlp("small", hidden=8)
+        assert a.controller.holds_lease
+        rid = f.api.create_rollout({"target": {"kind": "devices", "devices": ["rep-1"]},
+                                    "variants": ["small"]})["id"]
+        wait_for(stalled.is_set, 20, what="the holder starting the offer")
+        wait_for(lambda: b.controller.holds_lease, 20, what="b taking the lease over")
+        f.wait_rollout(rid, "completed", timeout_s=60)
+        with b.store.session() as s:
+            manifests = s.query(ManifestRow).count()
+        offered = f.api.rollout(rid)["devices"][0]["offered_version"]
+        wake.set()
+        wait_for(lambda: outcomes, 20, what="the stalled holder waking")
+        assert isinstance(outcomes[0], LeaseLostError), outcomes
+        assert a.controller.lease_lost >= 1 and not a.controller.holds_lease
+        for svc, held in ((a, 0.0), (b, 1.0)):  # what an operator's dashboard shows
+            text = _metrics(svc)
+            assert f"prunefleet_rollout_controller_lease_held {held}" in text
+        assert "prunefleet_rollout_steps_fenced_total 1.0" in _metrics(a)
+        with b.store.session() as s:
+            assert s.query(ManifestRow).count() == manifests  # nothing signed by a
+        view = f.api.rollout(rid)
+        assert view["status"] == "completed"
+        assert view["devices"][0]["offered_version"] == offered
+        assert view["devices"][0]["phase"] == "installed"
+    finally:
+        wake.set()
+        f.close()
+        a.stop(release=False)
 
 
 def test_one_controller_applies_steps_and_another_takes_over_when_it_dies(
