@@ -407,7 +407,11 @@ class Store:
     def __init__(self, url: str):
         self.url = url
         try:
-            self.engine = create_engine(url, future=True, pool_pre_ping=True)
+            # A pooled PostgreSQL connection may have been closed by the server or the
+            # network: checked on checkout. A SQLite file cannot be (and the ping would
+            # be one more statement per ingest transaction).
+            self.engine = create_engine(url, future=True,
+                                        pool_pre_ping=not url.startswith("sqlite"))
         except (SQLAlchemyError, ImportError, ValueError) as e:
             raise StoreError(f"cannot open store {_shown(url)!r}: {e}") from e
         if self.engine.dialect.name == "sqlite":

@@ -693,6 +693,7 @@ class EpollLoop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._wake_pending = False
         self._lock = threading.Lock()
         self._commands: list[tuple[str, EpollMqttTransport | None, threading.Event | None]] = []
         self._want_write: set[EpollMqttTransport] = set()
@@ -703,6 +704,13 @@ class EpollLoop:
         self._thread.start()
 
     def _wake(self) -> None:
+        # One byte per wake-up, not per request: a device's publish (thousands a second
+        # in a simulated fleet) costs a send only when the loop has none pending. The loop
+        # clears the flag before it reads the byte and then takes every request queued
+        # so far, so none is left waiting.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             self._wake_w.send(b"x")
 
@@ -814,6 +822,7 @@ class EpollLoop:
         for key, events in self._sel.select(timeout):
             t = key.data
             if t is None:
+                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._wake_r.recv(4096):
                         pass
