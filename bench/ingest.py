@@ -168,7 +168,7 @@ def bare_run(url: str, per_publisher: int, publishers: int = 2) -> dict:
 
 # -- 2. the server and simulated devices ------------------------------------------------------
 def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
-                conn: Any) -> None:
+                conn: Any, procs: int = 0) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
@@ -176,7 +176,7 @@ def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
 
     svc = FleetService(ServeOptions(state_dir=Path(state_dir), broker_url=url,
                                     listen="127.0.0.1:0", prefix=prefix, db_url=db_url,
-                                    device_rate_per_s=0.0)).start()
+                                    device_rate_per_s=0.0, ingest_processes=procs)).start()
     conn.send("ready")
     cpu0 = _cpu_s()
     conn.recv()  # "stop"
@@ -184,8 +184,10 @@ def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
     c = svc.fleet.counters
     counters = {"stored": c.telemetry, "duplicates_dropped": c.duplicates,
                 "transactions": c.transactions, "acks_published": c.acks_published,
-                "dropped": dict(c.dropped), "cpu_s": _cpu_s() - cpu0}
-    svc.stop()
+                "dropped": dict(c.dropped)}
+    svc.stop()  # ingest worker processes, if any, end here: their CPU time is counted
+    t = os.times()
+    counters["cpu_s"] = t.user + t.system + t.children_user + t.children_system - cpu0
     conn.send(counters)
 
 
@@ -220,9 +222,10 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
 
 
 def _start_server(ctx: Any, url: str, state: Path, prefix: str,
-                  db_url: str | None) -> tuple[Any, Any]:
+                  db_url: str | None, procs: int = 0) -> tuple[Any, Any]:
     conn, child = ctx.Pipe()
-    proc = ctx.Process(target=server_main, args=(url, str(state), prefix, db_url, child))
+    proc = ctx.Process(target=server_main,
+                       args=(url, str(state), prefix, db_url, child, procs))
     proc.start()
     if not conn.poll(60):
         raise SystemExit("the server did not start")
@@ -253,7 +256,8 @@ def _stop_server(proc: Any, conn: Any) -> dict:
 
 
 def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
-               late_s: float, drain_s: float, db_url: str | None = None) -> dict:
+               late_s: float, drain_s: float, db_url: str | None = None,
+               procs: int = 0) -> dict:
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     state = work / "server"
@@ -261,7 +265,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     # A first start makes the keys and the server's persistent session; the server then
     # stays away for late_s while devices offer, so a backlog builds (on the devices, and
     # in the session at the broker) that the restarted server drains at its own pace.
-    _stop_server(*_start_server(ctx, url, state, prefix, db_url))
+    _stop_server(*_start_server(ctx, url, state, prefix, db_url, procs))
     sim_conn, sim_child = ctx.Pipe()
     sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, devices,
                                              interval_s, offer_s, drain_s, sim_child))
@@ -271,7 +275,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     print(f"  devices {sim_conn.recv()[0]}; the server starts in {late_s:g} s", flush=True)
     time.sleep(late_s)
     t_server = time.time()
-    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url)
+    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url, procs)
     print("  server started", flush=True)
     result: dict = {}
     while True:
@@ -346,7 +350,7 @@ def _session_publisher(url: str, topic_prefix: str, n: int, first: int, go: Any)
 
 
 def session_run(url: str, work: Path, per_publisher: int, db_url: str | None,
-                publishers: int = 2) -> dict:
+                publishers: int = 2, procs: int = 0) -> dict:
     """The server's own storing rate, without simulated devices in the loop: the bare
     run's publishers fill the server's persistent session while it is away (at most the
     broker's ``max_queued_messages``), then the server starts and stores it all."""
@@ -356,19 +360,19 @@ def session_run(url: str, work: Path, per_publisher: int, db_url: str | None,
     prefix = f"benchs{uuid.uuid4().hex[:6]}"
     state = work / "session-server"
     ctx = mp.get_context("spawn")
-    _stop_server(*_start_server(ctx, url, state, prefix, db_url))  # its session
+    _stop_server(*_start_server(ctx, url, state, prefix, db_url, procs))  # its session
     go = ctx.Event()
-    procs = [ctx.Process(target=_session_publisher,
-                         args=(url, f"{prefix}/devices", per_publisher, k * per_publisher, go))
-             for k in range(publishers)]
-    for p in procs:
+    pubs = [ctx.Process(target=_session_publisher,
+                        args=(url, f"{prefix}/devices", per_publisher, k * per_publisher, go))
+            for k in range(publishers)]
+    for p in pubs:
         p.start()
     time.sleep(2.0)
     go.set()
-    for p in procs:
+    for p in pubs:
         p.join(300)
     sent = per_publisher * publishers
-    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url)
+    srv, srv_conn = _start_server(ctx, url, state, prefix, db_url, procs)
     store = Store(db_url_for(db_url, state))
     try:
         deadline = time.monotonic() + 120
@@ -465,6 +469,9 @@ def main() -> int:
     ap.add_argument("--db", metavar="URL",
                     help="store in this PostgreSQL database (a fresh schema, dropped at "
                          "the end) instead of SQLite in the server's state directory")
+    ap.add_argument("--ingest-processes", type=int, default=0, metavar="N",
+                    help="the server's ingest worker processes (`serve --ingest-processes`; "
+                         "default 0: its ingest thread)")
     ap.add_argument("--fleet", type=int, metavar="N",
                     help="the fleet mode (bench/ingest_fleet.py): N device connections "
                          "from a light load generator against a `prunefleet serve`")
@@ -503,14 +510,15 @@ def main() -> int:
               flush=True)
         with bench_schema(args.db) as db_url:
             run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s,
-                             db_url)
+                             db_url, procs=args.ingest_processes)
         session = None
         if args.session:
             per_session = 2000 if args.quick else 4900  # under max_queued_messages 10000
             print(f"server alone: a backlog of 2 x {per_session} batches in its session",
                   flush=True)
             with bench_schema(args.db) as db_url:
-                session = session_run(url, work, per_session, db_url)
+                session = session_run(url, work, per_session, db_url,
+                                      procs=args.ingest_processes)
             print(f"  stored {session['stored']} of {session['sent']}: "
                   f"{session['rate']:.0f} batches/s", flush=True)
     finally:
@@ -553,6 +561,7 @@ def main() -> int:
                    f"Python {platform.python_version()}",
         "quick": args.quick,
         "store": "postgresql" if args.db else "sqlite",
+        "ingest_processes": args.ingest_processes,
     }
     if session is not None:
         figures["session"] = {

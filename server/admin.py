@@ -86,6 +86,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     if not ((args.device_rate is None or args.device_rate >= 0)
             and (args.device_burst is None or args.device_burst >= 1)):
         raise UsageError("--device-rate must be 0 (no limit) or more, --device-burst 1 or more")
+    if args.ingest_processes is not None and not 0 <= args.ingest_processes <= 64:
+        raise UsageError("--ingest-processes must be 0 to 64")
     retention_s = None
     if args.retention:
         from .history import parse_duration
@@ -107,6 +109,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         "share_group": args.share_group, "client_id": args.client_id,
         "metrics_public": args.metrics_public, "device_rate_per_s": args.device_rate,
         "device_burst": args.device_burst, "retention.older_than": retention_s,
+        "ingest_processes": args.ingest_processes,
     })
 
 
@@ -687,6 +690,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "counted (default 20; 0: no limit)")
     s.add_argument("--device-burst", type=float, metavar="N",
                    help="messages a device may send at once (default 200)")
+    s.add_argument("--ingest-processes", type=int, metavar="N",
+                   help="check and store device messages in N worker processes (default 0: "
+                        "on a thread of this one); for a server whose one core is the limit")
     s.add_argument("--metrics-public", action=argparse.BooleanOptionalAction,
                    help="serve GET /metrics without the bearer token (default: token needed)")
     s.add_argument("--retention", metavar="DURATION",

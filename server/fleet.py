@@ -22,60 +22,41 @@ import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
 from prunefleet.shared.chunks import DEFAULT_CHUNK_BYTES, encode_frame, iter_chunks, plan
-from prunefleet.shared.errors import ProtocolError, TopicError, TransportError
+from prunefleet.shared.errors import TransportError
 from prunefleet.shared.messages import (
-    Event,
     Golden,
     Manifest,
-    ReportedState,
     ShadowSpec,
     TelemetryAck,
-    TelemetryBatch,
     VariantSpec,
-    decode,
 )
 from prunefleet.shared.policy import PolicyConfig, apply_overrides
 from prunefleet.shared.signing import SigningKey
 from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
 
-from .errors import DistributionError, StoreError
-from .ingest import DROP_REASONS, DeviceRateLimiter, LagHistogram, StoredCursors
+from .errors import DistributionError
+from .ingestwork import (
+    PROBE_MAGIC,
+    CoreOptions,
+    Cursor,
+    GroupOutcome,
+    IngestCore,
+    IngestCounters,
+    IngestWorkers,
+)
 from .keys import KeyRing
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-REVOKED_REFRESH_S = 5.0
-
-# What an ingest probe starts with (FleetServer.probe_ingest); never stored.
-PROBE_MAGIC = b"prunefleet-ingest-probe:"
-
-
-@dataclass
-class IngestCounters:
-    telemetry: int = 0
-    duplicates: int = 0
-    reported: int = 0
-    events: int = 0
-    invalid: int = 0  # did not validate, named another device, or hit a bug
-    # Rollout reports about a manifest never issued to the reporting device: ignored.
-    unoffered_reports: int = 0
-    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
-    transactions: int = 0  # telemetry write transactions (one per group of messages)
-    acks_published: int = 0  # "stored through" cursors published to devices
-    queue_depth: int = 0  # messages received and not yet handled, at the last group
-    lag: LagHistogram = field(default_factory=LagHistogram)  # interval end → commit
-
-
-class _WrongDevice(ProtocolError):
-    """A message whose body names another device than its topic."""
+__all__ = ["PROBE_MAGIC", "FleetServer", "IngestCounters", "spec_from_file"]
 
 
 def spec_from_file(
@@ -118,6 +99,7 @@ class FleetServer:
         device_rate_per_s: float = 20.0,
         device_burst: float = 200.0,
         group_max: int = 200,
+        ingest_processes: int = 0,
     ):
         """``persistent_session`` keeps the ingest subscription at the broker while this
         server is away (MQTT clean session off, stable ``client_id``), so telemetry that
@@ -125,21 +107,31 @@ class FleetServer:
 
         ``device_rate_per_s``/``device_burst``: each device's token bucket for the messages
         it sends (0: no limit); what is over it is dropped before parsing and counted.
-        ``group_max``: messages written per telemetry transaction at most."""
+        ``group_max``: messages written per telemetry transaction at most.
+        ``ingest_processes``: 0 checks and stores on this process's ingest thread; N moves
+        that work to N worker processes (``server/ingestwork.py``), this process keeping
+        the MQTT connection, the acknowledgements and the cursors' publishing."""
         self.store = store
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
         self.topics = Topics(prefix)
         self.manifest_ttl_s = manifest_ttl_s
-        self.counters = IngestCounters()
         self.bytes_published = 0
         self.share_group = share_group
-        self.limiter = DeviceRateLimiter(device_rate_per_s, device_burst)
-        # Revoked devices, re-read from the store at most every REVOKED_REFRESH_S: the
-        # broker refuses them once reloaded, and until then nothing they say counts.
-        self._revoked: frozenset[str] = frozenset()
-        self._revoked_read = -1e18
-        self.cursors = StoredCursors()
+        self._probe_token = secrets.token_hex(8).encode()
+        self.core = IngestCore(store, self.topics, share_group=share_group,
+                               device_rate_per_s=device_rate_per_s,
+                               device_burst=device_burst, probe_token=self._probe_token)
+        # What this process counts itself (the queue, acknowledgements, drops before any
+        # core saw the message); the cores count the rest.
+        self._own = IngestCounters()
+        self.workers: IngestWorkers | None = None
+        if ingest_processes > 0:
+            self.workers = IngestWorkers(ingest_processes, CoreOptions(
+                store_url=store.url, prefix=prefix, share_group=share_group,
+                device_rate_per_s=device_rate_per_s, device_burst=device_burst,
+                probe_token=self._probe_token,
+                log_level=logging.getLogger().getEffectiveLevel()))
         self.group_max = max(1, group_max)
         subs = {}
         for ch in ("telemetry", "reported", "events"):
@@ -158,14 +150,29 @@ class FleetServer:
         self._thread: threading.Thread | None = None
         self._published_artifacts: set[str] = set()
         self.client_id = client_id
-        self._probe_token = secrets.token_hex(8).encode()
         self._probe_seen = threading.Event()
+
+    @property
+    def counters(self) -> IngestCounters:
+        """Everything ingest counted: this process's core (live) when it does the work,
+        else the sum of the workers' and this process's own at this moment."""
+        if self.workers is None:
+            c = self.core.counters
+            c.acks_published = self._own.acks_published
+            c.queue_depth = self._own.queue_depth
+            c.dropped["inbound_full"] = self._own.dropped["inbound_full"]
+            return c
+        return IngestCounters.merged([self.workers.counters, self._own])
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, timeout_s: float = 15.0) -> None:
+        if self.workers is not None:
+            self.workers.start()
         self.transport.start()
         if not self.transport.wait_connected(timeout_s):
             self.transport.stop(disconnect=False)
+            if self.workers is not None:
+                self.workers.stop()
             raise DistributionError(
                 f"cannot reach the broker at {self.transport.address.url} in {timeout_s:.0f} s"
             )
@@ -205,6 +212,8 @@ class FleetServer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.workers is not None:
+            self.workers.stop()
         self.transport.stop()
 
     # -- distribution ---------------------------------------------------------------------
@@ -306,15 +315,22 @@ class FleetServer:
     def _ingest_loop(self) -> None:
         while not self._stop.is_set():
             items = self._next_group()
-            if items:
-                try:
-                    self._ingest_group(items)
-                except Exception:
-                    # A bug costs this group, never the ingest thread (nothing else would
-                    # notice it had died); the agents send unconfirmed batches again.
-                    self._drop("error", f"a group of {len(items)} messages", len(items))
-                    log.exception("ingest failed on a group of %d messages", len(items))
-                    self._ack(items)
+            if not items:
+                continue
+            messages = [(i.topic, i.payload) for i in items]
+            if self.workers is not None:
+                if not self.workers.submit(messages, partial(self._done, items), self._stop):
+                    return
+                continue
+            try:
+                out = self.core.process(messages)
+            except Exception:
+                # A bug costs this group, never the ingest thread (nothing else would
+                # notice it had died); the agents send unconfirmed batches again.
+                self.core.drop("error", f"a group of {len(items)} messages", len(items))
+                log.exception("ingest failed on a group of %d messages", len(items))
+                out = GroupOutcome()
+            self._done(items, out)
 
     def _next_group(self) -> list[Inbound]:
         """The messages of one transaction: what arrived while the last group was being
@@ -340,35 +356,22 @@ class FleetServer:
                 item = q.get_nowait()
             except queue.Empty:
                 break
-        self.counters.queue_depth = q.qsize()
+        self._own.queue_depth = q.qsize()
         return items
 
-    def _ingest_group(self, items: list[Inbound]) -> None:
-        if not self._probe_seen.is_set():
+    def _done(self, items: list[Inbound], out: GroupOutcome) -> None:
+        """A group's outcome is known: the broker's acknowledgements go first, since they
+        are what lets it hand this server its next messages; then the devices' cursors."""
+        if out.probe_seen:
             # Any message on the ingest subscription proves that it delivers; after an
             # outage the session's backlog comes before the probe, however long it takes.
             self._probe_seen.set()
-        now = time.monotonic()
-        batches: list[tuple[Inbound, TelemetryBatch]] = []
-        done: list[Inbound] = []
-        for item in items:
-            batch = self._admit(item, now)
-            if batch is None:
-                done.append(item)
-            else:
-                batches.append((item, batch))
-        if batches:
-            touched = self._store_batches(batches)
-            if touched is not None:
-                # Stored: the broker's acknowledgements go first, since they are what
-                # lets it hand this server its next messages; then the devices' cursors.
-                self._ack(done + [item for item, _ in batches])
-                self._publish_acks(touched, time.time())
-                done = []
-            else:
-                done += [item for item, _ in batches]
-        self._ack(done)
-        self.counters.dropped["inbound_full"] = self.transport.dropped_inbound
+        self._ack(items)
+        if out.cursors:
+            self._publish_acks(out.cursors, time.time())
+        self._own.dropped["inbound_full"] = self.transport.dropped_inbound
+        if out.store_failed:
+            self._stop.wait(0.5)  # a store that is down is not hammered
 
     def _ack(self, items: list[Inbound]) -> None:
         """Acknowledge the broker's messages: they are stored, or dropped for good."""
@@ -380,165 +383,30 @@ class FleetServer:
             except TransportError as e:
                 log.warning("%s", e)  # resent after the reconnect; dedupe drops it
 
-    def _admit(self, item: Inbound, now: float) -> TelemetryBatch | None:
-        """Check one message; a telemetry batch to store, or None when it was handled
-        (a reported state or event, written at once) or dropped."""
-        if item.payload.startswith(PROBE_MAGIC):  # a server's, or a device playing one
-            if item.payload[len(PROBE_MAGIC):] == self._probe_token:
-                self._probe_seen.set()
-            return None
-        try:
-            device_id, channel = self.topics.parse_device(item.topic)
-        except TopicError:
-            self._drop("invalid", item.topic)
-            return None
-        if device_id in self.revoked(now):
-            self._drop("revoked", item.topic)
-            return None
-        if not self.limiter.allow(device_id, now):
-            self._drop("rate_limited", item.topic)
-            return None
-        try:
-            if channel == "telemetry":
-                b = decode(TelemetryBatch, item.payload)
-                self._same_device(device_id, b.device_id)
-                return b
-            self._ingest_state(device_id, channel, item)
-        except _WrongDevice as e:
-            self._drop("wrong_device", item.topic, detail=str(e))
-        except ProtocolError as e:
-            self._drop("invalid", item.topic, detail=str(e))
-        except StoreError as e:
-            self._drop("store_error", item.topic, detail=str(e))
-        except Exception:
-            self._drop("error", item.topic)
-            log.exception("ingest failed on %s", item.topic)
-        return None
-
     def revoked(self, now: float | None = None) -> frozenset[str]:
-        """The revoked devices (from the store, cached for ``REVOKED_REFRESH_S``)."""
-        now = time.monotonic() if now is None else now
-        if now - self._revoked_read >= REVOKED_REFRESH_S:
-            try:
-                self._revoked = frozenset(self.store.revocations())
-                self._revoked_read = now
-            except StoreError as e:
-                log.warning("cannot read revocations (keeping the last known): %s", e)
-        return self._revoked
+        """The revoked devices (from the store, cached for a few seconds)."""
+        return self.core.revoked(now)
 
     def forget_revocations(self) -> None:
         """Read the revocations again at the next message (after a revoke)."""
-        self._revoked_read = -1e18
+        self.core.forget_revocations()
+        if self.workers is not None:
+            self.workers.forget_revocations()
 
-    def _ingest_state(self, device_id: str, channel: str, item: Inbound) -> None:
-        if channel == "reported":
-            if not item.payload:
-                return
-            r = decode(ReportedState, item.payload)
-            self._same_device(device_id, r.device_id)
-            self.store.set_reported(r)
-            self._keep_measurements(r)
-            if r.rollout is not None and not self.store.record_rollout_report(
-                    r.device_id, r.rollout, r.ts or time.time()):
-                self.counters.unoffered_reports += 1
-            self.counters.reported += 1
-        elif channel == "events":
-            e = decode(Event, item.payload)
-            self._same_device(device_id, e.device_id)
-            self.store.add_event(e)
-            self.counters.events += 1
-
-    def _keep_measurements(self, r: ReportedState) -> None:
-        """The device's facts and on-device profiles, kept per device and aggregated per
-        device class (only profiles of registered variants it has installed count)."""
-        self.store.set_measurements(r)
-
-    def _store_batches(
-        self, batches: list[tuple[Inbound, TelemetryBatch]]
-    ) -> list[tuple[str, str]] | None:
-        """One transaction for the group; the (device, incarnation) cursors it moved, to
-        publish, or None when the store refused the group (counted as dropped)."""
-        try:
-            stored = self.store.add_telemetry_batches([b for _, b in batches])
-        except StoreError as e:
-            # Unconfirmed, the agents send these again; a store that is down is not hammered.
-            self._drop("store_error", f"{len(batches)} telemetry batches", len(batches),
-                       detail=str(e))
-            self._stop.wait(0.5)
-            return None
-        self.counters.transactions += 1
-        committed = time.time()
-        touched: dict[tuple[str, str], None] = {}
-        self._seed_cursors([b for _, b in batches])
-        for (_, b), new in zip(batches, stored, strict=True):
-            if new:
-                self.counters.telemetry += 1
-                self.counters.lag.observe(committed - b.interval_end)
-            else:
-                self.counters.duplicates += 1
-            if b.incarnation:  # agents from before acknowledgements have none
-                self._note_stored(b)
-                touched[(b.device_id, b.incarnation)] = None
-        return list(touched)
-
-    def _seed_cursors(self, batches: list[TelemetryBatch]) -> None:
-        """Seed the cursors of the group's (device, incarnation) keys this process has not
-        met yet from the store, in one query for all of them (after a restart, or the first
-        contact with a fleet, every key of a group is new)."""
-        starts: dict[tuple[str, str], int] = {}
-        for b in batches:
-            key = (b.device_id, b.incarnation)
-            if b.incarnation and key not in starts and not self.cursors.known(*key):
-                starts[key] = b.unconfirmed_from or 0
-        if not starts:
-            return
-        for key, seqs in self.store.stored_seqs_many(starts).items():
-            self.cursors.seed(*key, seqs, starts[key])
-
-    def _note_stored(self, b: TelemetryBatch) -> None:
-        cursors, key = self.cursors, (b.device_id, b.incarnation)
-        if not cursors.known(*key):  # first batch of it this process sees: ask the store
-            floor = b.unconfirmed_from or 0
-            cursors.seed(*key, self.store.stored_seqs(*key, floor), floor)
-        cursors.note(*key, b.seq, b.unconfirmed_from)
-        if self.share_group and cursors.has_gap(*key):
-            # Another server may have stored what this one misses.
-            cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))
-
-    def _publish_acks(self, keys: list[tuple[str, str]], ts: float) -> None:
+    def _publish_acks(self, cursors: list[Cursor], ts: float) -> None:
         """Each device's cursor, retained at QoS 0 (docs/ingest.md: a lost one costs a
         re-send, which the next cursor confirms), the group's cursors as one write."""
         with self._publish_lock:
-            messages = []
-            for device_id, incarnation in keys:
-                through = self.cursors.through(device_id, incarnation)
-                if through < 0:
-                    continue
-                ack = TelemetryAck(device_id=device_id, incarnation=incarnation,
-                                   stored_through=through, ts=ts)
-                messages.append((self.topics.acked(device_id), ack.encode(), True))
+            messages = [(self.topics.acked(device_id),
+                         TelemetryAck(device_id=device_id, incarnation=incarnation,
+                                      stored_through=through, ts=ts).encode(), True)
+                        for device_id, incarnation, through in cursors]
             if not messages:
                 return
             try:
-                self.counters.acks_published += self.transport.publish_many(messages)
+                self._own.acks_published += self.transport.publish_many(messages)
             except TransportError as e:
                 log.warning("telemetry acknowledgements not published: %s", e)
-
-    def _drop(self, reason: str, where: str, n: int = 1, detail: str = "") -> None:
-        """Count a drop; log the first few of each reason, then every 1000th."""
-        dropped = self.counters.dropped
-        before = dropped[reason]
-        dropped[reason] = before + n
-        if reason in ("invalid", "wrong_device", "error"):
-            self.counters.invalid += n
-        if before < 10 or before // 1000 != (before + n) // 1000:
-            log.warning("dropped (%s, %d so far) %s%s", reason, before + n, where,
-                        f": {detail}" if detail else "")
-
-    @staticmethod
-    def _same_device(topic_id: str, body_id: str) -> None:
-        if topic_id != body_id:
-            raise _WrongDevice(f"message for {body_id!r} on the topic of {topic_id!r}")
 
 
 def b64(data: bytes) -> str:

@@ -69,6 +69,7 @@ class ServeOptions:
     retention_check_s: float = 3600.0
     lease_ttl_s: float = 10.0  # a replica that stops renewing hands rollouts over after this
     probe_s: float = 5.0  # prove the ingest subscription delivers within this (0: skip)
+    ingest_processes: int = 0  # 0: ingest on a thread of this process; N: N worker processes
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -163,6 +164,7 @@ class FleetService:
                 persistent_session=self.opts.share_group is None,
                 device_rate_per_s=self.opts.device_rate_per_s,
                 device_burst=self.opts.device_burst,
+                ingest_processes=self.opts.ingest_processes,
             )
             self.fleet.start()
             if self.opts.probe_s > 0:

@@ -93,6 +93,10 @@ class ServerConfig(_Strict):
     limit)."""
     device_burst: float = Field(default=200.0, ge=1, allow_inf_nan=False)
     """Messages a device may send at once."""
+    ingest_processes: int = Field(default=0, ge=0, le=64)
+    """Check and store device messages in this many worker processes (0: on a thread of
+    the server's own process). One Python process tops out near one core; with cores to
+    spare, N workers store up to N times as much (docs/ingest.md)."""
     lease_ttl_s: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
     """A replica that stops renewing its rollout lease hands rollouts over after this."""
     probe_s: float = Field(default=5.0, ge=0, le=600, allow_inf_nan=False)
@@ -162,6 +166,7 @@ class ServerConfig(_Strict):
             share_group=v["share_group"], client_id=v["client_id"],
             metrics_public=v["metrics_public"], device_rate_per_s=v["device_rate_per_s"],
             device_burst=v["device_burst"], lease_ttl_s=v["lease_ttl_s"],
+            ingest_processes=v["ingest_processes"],
             probe_s=v["probe_s"], retention_s=v["retention.older_than"],
             retention_check_s=v["retention.check_every"],
         )

@@ -1,0 +1,519 @@
+"""What telemetry ingest does with a group of device messages, in one home for the two
+places it runs: the server's ingest thread (the default), or worker processes
+(``serve --ingest-processes N``) when one Python process's single core is the limit.
+
+:class:`IngestCore` checks each message (topic, revocation, rate limit, schema, the device
+it names), stores the group's telemetry in one transaction, writes reported states and
+events, and moves the "stored through" cursors; it returns what the connection's owner
+must do next (publish those cursors) and counts everything it dropped. It holds no MQTT
+connection: the owner receives, and acknowledges each message to the broker only after
+the outcome of its group is known (docs/ingest.md).
+
+:class:`IngestWorkers` runs cores in spawned processes, each with its own store
+connection. A group is split by device, so a device's messages (and its cursor, rate
+limit and revocation) always meet the same worker; the owner acknowledges a group when
+every part of it is done. A worker that dies is started again and given its unfinished
+parts once more (storing is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from prunefleet.shared.errors import ProtocolError, TopicError
+from prunefleet.shared.messages import Event, ReportedState, TelemetryBatch, decode
+from prunefleet.shared.topics import Topics
+
+from .errors import StoreError
+from .ingest import DROP_REASONS, DeviceRateLimiter, LagHistogram, StoredCursors
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+REVOKED_REFRESH_S = 5.0
+
+# What an ingest probe starts with (FleetServer.probe_ingest); never stored.
+PROBE_MAGIC = b"prunefleet-ingest-probe:"
+
+# A message as the owner hands it over: (topic, payload).
+Message = tuple[str, bytes]
+# A cursor to publish: (device_id, incarnation, stored_through).
+Cursor = tuple[str, str, int]
+
+
+@dataclass
+class IngestCounters:
+    telemetry: int = 0
+    duplicates: int = 0
+    reported: int = 0
+    events: int = 0
+    invalid: int = 0  # did not validate, named another device, or hit a bug
+    # Rollout reports about a manifest never issued to the reporting device: ignored.
+    unoffered_reports: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    transactions: int = 0  # telemetry write transactions (one per group of messages)
+    acks_published: int = 0  # "stored through" cursors published to devices
+    queue_depth: int = 0  # messages received and not yet handled, at the last group
+    lag: LagHistogram = field(default_factory=LagHistogram)  # interval end → commit
+
+    @classmethod
+    def merged(cls, parts: Iterable[IngestCounters]) -> IngestCounters:
+        """The sum of several processes' counters (the queue depth too)."""
+        out = cls()
+        for p in parts:
+            for name in ("telemetry", "duplicates", "reported", "events", "invalid",
+                         "unoffered_reports", "transactions", "acks_published", "queue_depth"):
+                setattr(out, name, getattr(out, name) + getattr(p, name))
+            for reason, n in p.dropped.items():
+                out.dropped[reason] = out.dropped.get(reason, 0) + n
+            out.lag.counts = [a + b for a, b in zip(out.lag.counts, p.lag.counts, strict=True)]
+            out.lag.sum += p.lag.sum
+            out.lag.count += p.lag.count
+        return out
+
+
+@dataclass
+class GroupOutcome:
+    """What the owner of the connection does after a group: publish ``cursors``; wait a
+    little when ``store_failed`` (a store that is down is not hammered). Every message of
+    the group is acknowledged to the broker either way: stored, or dropped and counted
+    (a telemetry batch the store refused stays unconfirmed on its device, which sends it
+    again)."""
+
+    cursors: list[Cursor] = field(default_factory=list)
+    probe_seen: bool = False
+    store_failed: bool = False
+
+    def add(self, other: GroupOutcome) -> None:
+        self.cursors += other.cursors
+        self.probe_seen |= other.probe_seen
+        self.store_failed |= other.store_failed
+
+
+class _WrongDevice(ProtocolError):
+    """A message whose body names another device than its topic."""
+
+
+class IngestCore:
+    """One process's ingest state (rate limits, revocations, cursors, counters) and the
+    work on a group."""
+
+    def __init__(self, store: Store, topics: Topics, *, share_group: str | None = None,
+                 device_rate_per_s: float = 20.0, device_burst: float = 200.0,
+                 probe_token: bytes = b"") -> None:
+        self.store = store
+        self.topics = topics
+        self.share_group = share_group
+        self.limiter = DeviceRateLimiter(device_rate_per_s, device_burst)
+        self.cursors = StoredCursors()
+        self.counters = IngestCounters()
+        self.probe_token = probe_token
+        # Revoked devices, re-read from the store at most every REVOKED_REFRESH_S: the
+        # broker refuses them once reloaded, and until then nothing they say counts.
+        self._revoked: frozenset[str] = frozenset()
+        self._revoked_read = -1e18
+
+    # -- revocations ----------------------------------------------------------------------
+    def revoked(self, now: float | None = None) -> frozenset[str]:
+        """The revoked devices (from the store, cached for ``REVOKED_REFRESH_S``)."""
+        now = time.monotonic() if now is None else now
+        if now - self._revoked_read >= REVOKED_REFRESH_S:
+            try:
+                self._revoked = frozenset(self.store.revocations())
+                self._revoked_read = now
+            except StoreError as e:
+                log.warning("cannot read revocations (keeping the last known): %s", e)
+        return self._revoked
+
+    def forget_revocations(self) -> None:
+        """Read the revocations again at the next message (after a revoke)."""
+        self._revoked_read = -1e18
+
+    # -- a group --------------------------------------------------------------------------
+    def process(self, messages: list[Message]) -> GroupOutcome:
+        out = GroupOutcome()
+        now = time.monotonic()
+        batches: list[TelemetryBatch] = []
+        for topic, payload in messages:
+            if payload.startswith(PROBE_MAGIC):  # a server's, or a device playing one
+                if self.probe_token and payload[len(PROBE_MAGIC):] == self.probe_token:
+                    out.probe_seen = True
+                continue
+            out.probe_seen = True  # any message on the subscription proves it delivers
+            batch = self._admit(topic, payload, now)
+            if batch is not None:
+                batches.append(batch)
+        if batches:
+            cursors = self._store_batches(batches)
+            if cursors is None:
+                out.store_failed = True
+            else:
+                out.cursors = cursors
+        return out
+
+    def _admit(self, topic: str, payload: bytes, now: float) -> TelemetryBatch | None:
+        """Check one message; a telemetry batch to store, or None when it was handled
+        (a reported state or event, written at once) or dropped."""
+        try:
+            device_id, channel = self.topics.parse_device(topic)
+        except TopicError:
+            self.drop("invalid", topic)
+            return None
+        if device_id in self.revoked(now):
+            self.drop("revoked", topic)
+            return None
+        if not self.limiter.allow(device_id, now):
+            self.drop("rate_limited", topic)
+            return None
+        try:
+            if channel == "telemetry":
+                b = decode(TelemetryBatch, payload)
+                _same_device(device_id, b.device_id)
+                return b
+            self._ingest_state(device_id, channel, payload)
+        except _WrongDevice as e:
+            self.drop("wrong_device", topic, detail=str(e))
+        except ProtocolError as e:
+            self.drop("invalid", topic, detail=str(e))
+        except StoreError as e:
+            self.drop("store_error", topic, detail=str(e))
+        except Exception:
+            self.drop("error", topic)
+            log.exception("ingest failed on %s", topic)
+        return None
+
+    def _ingest_state(self, device_id: str, channel: str, payload: bytes) -> None:
+        if channel == "reported":
+            if not payload:
+                return
+            r = decode(ReportedState, payload)
+            _same_device(device_id, r.device_id)
+            self.store.set_reported(r)
+            # The device's facts and on-device profiles, kept per device and aggregated
+            # per device class (only profiles of registered variants it has count).
+            self.store.set_measurements(r)
+            if r.rollout is not None and not self.store.record_rollout_report(
+                    r.device_id, r.rollout, r.ts or time.time()):
+                self.counters.unoffered_reports += 1
+            self.counters.reported += 1
+        elif channel == "events":
+            e = decode(Event, payload)
+            _same_device(device_id, e.device_id)
+            self.store.add_event(e)
+            self.counters.events += 1
+
+    def _store_batches(self, batches: list[TelemetryBatch]) -> list[Cursor] | None:
+        """One transaction for the group; the cursors it moved, to publish, or None when
+        the store refused the group (counted as dropped)."""
+        try:
+            stored = self.store.add_telemetry_batches(batches)
+        except StoreError as e:
+            # Unconfirmed, the agents send these again.
+            self.drop("store_error", f"{len(batches)} telemetry batches", len(batches),
+                      detail=str(e))
+            return None
+        self.counters.transactions += 1
+        committed = time.time()
+        touched: dict[tuple[str, str], None] = {}
+        self._seed_cursors(batches)
+        for b, new in zip(batches, stored, strict=True):
+            if new:
+                self.counters.telemetry += 1
+                self.counters.lag.observe(committed - b.interval_end)
+            else:
+                self.counters.duplicates += 1
+            if b.incarnation:  # agents from before acknowledgements have none
+                self._note_stored(b)
+                touched[(b.device_id, b.incarnation)] = None
+        cursors = []
+        for device_id, incarnation in touched:
+            through = self.cursors.through(device_id, incarnation)
+            if through >= 0:
+                cursors.append((device_id, incarnation, through))
+        return cursors
+
+    def _seed_cursors(self, batches: list[TelemetryBatch]) -> None:
+        """Seed the cursors of the group's (device, incarnation) keys this process has not
+        met yet from the store, in one query for all of them (after a restart, or the first
+        contact with a fleet, every key of a group is new)."""
+        starts: dict[tuple[str, str], int] = {}
+        for b in batches:
+            key = (b.device_id, b.incarnation)
+            if b.incarnation and key not in starts and not self.cursors.known(*key):
+                starts[key] = b.unconfirmed_from or 0
+        if not starts:
+            return
+        for key, seqs in self.store.stored_seqs_many(starts).items():
+            self.cursors.seed(*key, seqs, starts[key])
+
+    def _note_stored(self, b: TelemetryBatch) -> None:
+        cursors, key = self.cursors, (b.device_id, b.incarnation)
+        if not cursors.known(*key):  # first batch of it this process sees: ask the store
+            floor = b.unconfirmed_from or 0
+            cursors.seed(*key, self.store.stored_seqs(*key, floor), floor)
+        cursors.note(*key, b.seq, b.unconfirmed_from)
+        if self.share_group and cursors.has_gap(*key):
+            # Another server may have stored what this one misses.
+            cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))
+
+    def drop(self, reason: str, where: str, n: int = 1, detail: str = "") -> None:
+        """Count a drop; log the first few of each reason, then every 1000th."""
+        dropped = self.counters.dropped
+        before = dropped[reason]
+        dropped[reason] = before + n
+        if reason in ("invalid", "wrong_device", "error"):
+            self.counters.invalid += n
+        if before < 10 or before // 1000 != (before + n) // 1000:
+            log.warning("dropped (%s, %d so far) %s%s", reason, before + n, where,
+                        f": {detail}" if detail else "")
+
+
+def _same_device(topic_id: str, body_id: str) -> None:
+    if topic_id != body_id:
+        raise _WrongDevice(f"message for {body_id!r} on the topic of {topic_id!r}")
+
+
+# -- worker processes -------------------------------------------------------------------------
+@dataclass
+class CoreOptions:
+    """What a worker needs to build its core (picklable)."""
+
+    store_url: str
+    prefix: str
+    share_group: str | None
+    device_rate_per_s: float
+    device_burst: float
+    probe_token: bytes
+    log_level: int = logging.WARNING
+
+
+def _worker_main(conn: Connection, opts: CoreOptions) -> None:
+    logging.basicConfig(level=opts.log_level,
+                        format="%(levelname)s %(name)s [ingest worker %(process)d] %(message)s")
+    store = Store(opts.store_url)
+    core = IngestCore(store, Topics(opts.prefix), share_group=opts.share_group,
+                      device_rate_per_s=opts.device_rate_per_s,
+                      device_burst=opts.device_burst, probe_token=opts.probe_token)
+    conn.send(("ready", 0, None, core.counters))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except EOFError:
+                return  # the server went away
+            if request is None:
+                return
+            kind, ticket, messages = request
+            if kind == "forget":
+                core.forget_revocations()
+                continue
+            try:
+                out = core.process(messages)
+            except Exception:  # a bug costs this part, never the worker
+                core.drop("error", f"a group of {len(messages)} messages", len(messages))
+                log.exception("ingest failed on a group of %d messages", len(messages))
+                out = GroupOutcome()
+            conn.send(("done", ticket, out, core.counters))
+    finally:
+        store.close()
+
+
+@dataclass
+class _Part:
+    ticket: int
+    messages: list[Message]
+
+
+@dataclass
+class _Group:
+    on_done: Callable[[GroupOutcome], None]
+    left: int
+    outcome: GroupOutcome = field(default_factory=GroupOutcome)
+
+
+class _Worker:
+    def __init__(self, index: int, ctx: Any, opts: CoreOptions) -> None:
+        self.index = index
+        self.ctx = ctx
+        self.opts = opts
+        self.pending: deque[_Part] = deque()  # sent, not answered yet, in order
+        self.counters = IngestCounters()
+        self.base = IngestCounters()
+        self.restarts = 0
+        self.proc: Any = None
+        self.conn: Connection | None = None
+
+    def start(self, timeout_s: float) -> None:
+        here, there = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker_main, args=(there, self.opts),
+                                     name=f"pf-ingest-{self.index}", daemon=True)
+        self.proc.start()
+        there.close()
+        if not here.poll(timeout_s):
+            self.proc.kill()
+            raise StoreError(f"ingest worker {self.index} did not start in {timeout_s:g} s")
+        _, _, _, counters = here.recv()
+        self.base = IngestCounters.merged([self.counters, counters])  # earlier lives' counts
+        self.counters = self.base
+        self.conn = here
+
+
+class IngestWorkers:
+    """``n`` worker processes, each with an :class:`IngestCore`; see the module's text."""
+
+    def __init__(self, n: int, opts: CoreOptions, max_parts: int = 2) -> None:
+        ctx = mp.get_context("spawn")
+        self._workers = [_Worker(i, ctx, opts) for i in range(max(1, n))]
+        self._groups: dict[int, _Group] = {}
+        self._lock = threading.Lock()
+        self._room = threading.Semaphore(max(1, max_parts) * len(self._workers))
+        self._ticket = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        try:
+            for w in self._workers:
+                w.start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self._thread = threading.Thread(target=self._collect, name="ingest-results",
+                                        daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    @property
+    def counters(self) -> IngestCounters:
+        with self._lock:
+            return IngestCounters.merged(w.counters for w in self._workers)
+
+    def pids(self) -> list[int]:
+        return [w.proc.pid if w.proc is not None else 0 for w in self._workers]
+
+    @property
+    def restarts(self) -> int:
+        return sum(w.restarts for w in self._workers)
+
+    def submit(self, messages: list[Message], on_done: Callable[[GroupOutcome], None],
+               stop: threading.Event) -> bool:
+        """Hand a group over, split by device; ``on_done`` runs (on the results thread)
+        when every part is done. Waits while every worker has its fill of parts; False if
+        ``stop`` was set meanwhile."""
+        n = len(self._workers)
+        parts: dict[int, list[Message]] = {}
+        for topic, payload in messages:
+            # <prefix>/devices/<id>/<channel>: a device always meets the same worker.
+            device = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else topic
+            parts.setdefault(zlib.crc32(device.encode()) % n if n > 1 else 0,
+                             []).append((topic, payload))
+        for _ in parts:
+            while not self._room.acquire(timeout=0.2):
+                if stop.is_set():
+                    return False
+        with self._lock:
+            self._ticket += 1
+            ticket = self._ticket
+            self._groups[ticket] = _Group(on_done, len(parts))
+            for index, part in parts.items():
+                w = self._workers[index]
+                w.pending.append(_Part(ticket, part))
+                self._send(w, ("group", ticket, part))
+        return True
+
+    def forget_revocations(self) -> None:
+        with self._lock:
+            for w in self._workers:
+                self._send(w, ("forget", 0, []))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping = True
+        with self._lock:
+            for w in self._workers:
+                self._send(w, None)
+        for w in self._workers:
+            if w.proc is not None:
+                w.proc.join(timeout_s)
+                if w.proc.is_alive():
+                    w.proc.kill()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    # -- internals ------------------------------------------------------------------------
+    @staticmethod
+    def _send(w: _Worker, request: Any) -> None:
+        try:
+            if w.conn is not None:
+                w.conn.send(request)
+        except (OSError, ValueError):
+            pass  # a dead worker: the results thread restarts it and sends its parts again
+
+    def _collect(self) -> None:
+        while not self._stopping:
+            for w in self._workers:
+                if w.conn is None:  # died, and its restart failed: try again
+                    self._restart(w)
+            by_conn: dict[Any, _Worker] = {w.conn: w for w in self._workers
+                                           if w.conn is not None}
+            for conn in wait(list(by_conn), timeout=0.2):
+                w = by_conn[conn]
+                try:
+                    kind, ticket, outcome, counters = w.conn.recv()  # type: ignore[union-attr]
+                except (EOFError, OSError):
+                    if not self._stopping:
+                        self._restart(w)
+                    continue
+                self._result(w, kind, ticket, outcome, counters)
+
+    def _result(self, w: _Worker, kind: str, ticket: int, outcome: GroupOutcome,
+                counters: IngestCounters) -> None:
+        with self._lock:
+            w.counters = IngestCounters.merged([w.base, counters])
+            if kind != "done":
+                return
+            if w.pending and w.pending[0].ticket == ticket:
+                w.pending.popleft()
+            group = self._groups.get(ticket)
+            if group is None:
+                return
+            group.outcome.add(outcome)
+            group.left -= 1
+            done = group.left == 0
+            if done:
+                del self._groups[ticket]
+        self._room.release()
+        if done:
+            try:
+                group.on_done(group.outcome)
+            except Exception:
+                log.exception("ingest: acknowledging a group failed")
+
+    def _restart(self, w: _Worker) -> None:
+        code = w.proc.exitcode if w.proc is not None else None
+        log.error("ingest worker %d ended (exit code %s); starting it again with its %d "
+                  "unfinished part(s)", w.index, code, len(w.pending))
+        if w.conn is not None:
+            w.restarts += 1
+            w.conn.close()
+            w.conn = None
+            w.counters = w.base = IngestCounters.merged([w.counters])
+        try:
+            w.start(60.0)
+        except (StoreError, OSError) as e:
+            log.error("%s; trying again in 1 s", e)
+            time.sleep(1.0)
+            return
+        with self._lock:
+            for part in w.pending:
+                self._send(w, ("group", part.ticket, part.messages))
