@@ -29,9 +29,6 @@ from .errors import DistributionError, ServerError
 if TYPE_CHECKING:
     from .serve import ServeOptions  # imported when serve runs (uvicorn is heavy)
 
-# The share group's name keeps devices out of the servers' shared subscription.
-MIN_SHARE_GROUP_CHARS = 16
-
 
 def _client(args: argparse.Namespace) -> AdminClient:
     token, source = find_token(args.token, args.token_file)
@@ -65,7 +62,12 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     from prunefleet.shared.topics import Topics
 
     from .serve import parse_listen
-    from .serverconfig import ServerConfig, ServerConfigError, load_server_config
+    from .serverconfig import (
+        MIN_SHARE_GROUP_CHARS,
+        ServerConfig,
+        ServerConfigError,
+        load_server_config,
+    )
 
     try:
         if args.listen is not None:

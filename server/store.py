@@ -851,12 +851,17 @@ class Store:
             return group
 
     def revoke_device(self, device_id: str, ts: float | None = None) -> float:
-        """Mark the device revoked (kept if it already is); when it was revoked."""
+        """Mark the device revoked (kept if it already is) and offline: nothing it says
+        counts any more, its "online" included (the broker drops a revoked client without
+        its Last Will, so no "offline" would ever come). When it was revoked."""
         with self.session() as s:
             row = s.get(DeviceRevocation, device_id)
             if row is None:
                 row = DeviceRevocation(device_id=device_id, ts=time.time() if ts is None else ts)
                 s.add(row)
+            d = s.get(Device, device_id)
+            if d is not None:
+                d.online = False
             return row.ts
 
     def revocations(self) -> dict[str, float]:

@@ -37,9 +37,18 @@ def test_a_revoked_device_is_ignored_and_offered_nothing(fleet):
     wait_for(lambda: dropped["revoked"] > before, 20, what="a revoked device's batch dropped")
     assert store.telemetry_count("dev-1") == stored
 
+    # Offline from the revocation on (its "online" counts for nothing either, and the broker
+    # drops a revoked client without its Last Will), so it can be decommissioned at once.
+    online = {d["device_id"]: d["online"] for d in fleet.api.devices()}
+    assert online == {"dev-0": True, "dev-1": False}
+    agent._publish_reported()  # it says "online" again
+    wait_for(lambda: dropped["revoked"] > before + 1, 20, what="its reported state dropped")
+    assert {d["device_id"]: d["online"] for d in fleet.api.devices()}["dev-1"] is False
+
     fleet.register_mlp("v1", hidden=16)
     r = fleet.api.create_rollout({"target": {"kind": "fleet"}, "variants": ["v1"]})
     assert [d["device_id"] for d in r["devices"]] == ["dev-0"]
     done = fleet.wait_rollout(r["id"], "completed")
     assert done["counts"]["total"] == 1 and done["counts"]["succeeded"] == 1
     assert "v1" not in fleet.agent("dev-1").pool.specs
+    assert fleet.api.delete_device("dev-1")["deleted"] is True
