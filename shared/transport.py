@@ -706,8 +706,8 @@ class EpollLoop:
     def _wake(self) -> None:
         # One byte per wake-up, not per request: a device's publish (thousands a second
         # in a simulated fleet) costs a send only when the loop has none pending. The loop
-        # clears the flag before it reads the byte and then takes every request queued
-        # so far, so none is left waiting.
+        # clears the flag once it has read the bytes, and only then takes the requests
+        # queued so far: one queued after that finds the flag clear and sends a byte.
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -822,10 +822,12 @@ class EpollLoop:
         for key, events in self._sel.select(timeout):
             t = key.data
             if t is None:
-                self._wake_pending = False
                 with contextlib.suppress(BlockingIOError, OSError):
                     while self._wake_r.recv(4096):
                         pass
+                # After the reads: a byte sent since is left for the next select, and
+                # whoever finds the flag clear from now on sends one.
+                self._wake_pending = False
                 continue
             c = t._client
             try:
