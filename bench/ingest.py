@@ -489,7 +489,7 @@ def main() -> int:
 
         return ingest_fleet.main(args.fleet, [float(r) for r in args.rate.split(",")],
                                  args.seconds, min(args.drain_s, 60.0), args.db, args.json,
-                                 args.warm)
+                                 args.warm, args.ingest_processes)
     devices = args.devices or (150 if args.quick else 300)
     interval = args.interval or (0.1 if args.quick else 0.2)
     offer_s = args.offer_s or (45.0 if args.quick else 90.0)

@@ -550,7 +550,7 @@ def _busy_cpu() -> float:
 
 def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
               db_url: str | None, work: Path, keep_logs: Path | None = None,
-              warm: bool = False) -> dict:
+              warm: bool = False, ingest_processes: int = 0) -> dict:
     import psutil
 
 
@@ -566,6 +566,8 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
            "--prefix", prefix, "--metrics-public"]
     if db_url:
         cmd += ["--db", db_url]
+    if ingest_processes:
+        cmd += ["--ingest-processes", str(ingest_processes)]
     log = open(work / "server.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     gen: Any = None
@@ -591,13 +593,14 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         print(f"  {n} devices connected and subscribed in {connect_s:.1f} s", flush=True)
         p_server, p_broker, p_gen = (psutil.Process(server.pid), psutil.Process(broker.pid),
                                      psutil.Process(gen.pid))
+        servers = [p_server, *p_server.children(recursive=True)]  # its ingest workers
         pg = _postgres_procs() if db_url else []
         time.sleep(2.0)
         m0 = _scrape(http)
         load0 = os.getloadavg()
         conn.send("go")
         _, _t0 = conn.recv()
-        cpu0 = {"server": _proc_cpu([p_server]), "broker": _proc_cpu([p_broker]),
+        cpu0 = {"server": _proc_cpu(servers), "broker": _proc_cpu([p_broker]),
                 "generator": _proc_cpu([p_gen]), "postgres": _proc_cpu(pg),
                 "machine": _busy_cpu()}
         w0 = time.time()
@@ -612,7 +615,7 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
                 what, value = conn.recv()
                 if what == "draining":
                     t1 = value
-                    cpu1 = {"server": _proc_cpu([p_server]), "broker": _proc_cpu([p_broker]),
+                    cpu1 = {"server": _proc_cpu(servers), "broker": _proc_cpu([p_broker]),
                             "generator": _proc_cpu([p_gen]), "postgres": _proc_cpu(pg),
                             "machine": _busy_cpu()}
                     w1 = time.time()
@@ -623,7 +626,7 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
                     result = value
                     break
             if t1 is None:  # every 5 s while offering: cores per part
-                now_c = {"server": _proc_cpu([p_server]), "broker": _proc_cpu([p_broker]),
+                now_c = {"server": _proc_cpu(servers), "broker": _proc_cpu([p_broker]),
                          "generator": _proc_cpu([p_gen]), "postgres": _proc_cpu(pg),
                          "machine": _busy_cpu()}
                 timeline.append({"t_s": round(time.time() - w0, 1), **{
@@ -695,7 +698,7 @@ def run_fleet(n: int, rate: float, seconds: float, drain_s: float,
         "seconds": seconds, "offered": offered,
         "offered_rate": round(offered / max(1e-9, t_end - t_start), 1),
         "broker_acked": result["broker_acked"], "stored": stored_n, "lost": lost,
-        "duplicates": len(every) - len(keys), "warm": warm,
+        "duplicates": len(every) - len(keys), "warm": warm, "ingest_processes": ingest_processes,
         "p50_lag_s": r3(_pct(lags, 0.5)), "p99_lag_s": r3(p99),
         "max_lag_s": r3(lags[-1] if lags else None),
         "steady_after_s": warm_s, "p50_lag_steady_s": r3(_pct(steady, 0.5)),
@@ -759,7 +762,8 @@ def _code_version() -> dict[str, str]:
 
 
 def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
-         db: str | None, json_path: Path | None, warm: bool = False) -> int:
+         db: str | None, json_path: Path | None, warm: bool = False,
+         ingest_processes: int = 0) -> int:
     import platform
 
     from ingest import bench_schema
@@ -782,7 +786,7 @@ def main(fleet: int, rates: list[float], seconds: float, drain_s: float,
             with bench_schema(db) as db_url:
                 r = run_fleet(fleet, rate, seconds, drain_s, db_url, work,
                               json_path.with_suffix(f".{rate:g}") if json_path else None,
-                              warm)
+                              warm, ingest_processes)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         runs.append(r)
