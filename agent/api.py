@@ -803,6 +803,8 @@ def agent_info(agent: Any) -> dict[str, Any]:
                 "technique": spec.technique,
                 "sha256": spec.sha256,
                 "loaded": spec.name in table,
+                # Installed only to be profiled (a tune candidate): never serves.
+                "profile_only": spec.profile_only,
             }
             for spec in specs.values()
         ),

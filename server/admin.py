@@ -328,8 +328,10 @@ def _rollout_line(r: dict) -> list:
                                                                   else ""),
               "group": lambda: f"group {t['group']}", "fleet": lambda: "fleet",
               "class": lambda: f"class {t.get('device_class')}"}[t["kind"]]()
-    return [f"#{r['id']}", r["status"], r["stage"], target,
-            ",".join(v["name"] for v in r["variants"]),
+    variants = ",".join(v["name"] for v in r["variants"])
+    if (r.get("config") or {}).get("profile_only"):
+        variants += " (profile only)"  # a tune's: offered to be measured, never served
+    return [f"#{r['id']}", r["status"], r["stage"], target, variants,
             f"{c['succeeded']}/{c['total']}", c["failed"], c["pending"] + c["waiting"]]
 
 

@@ -184,6 +184,20 @@ def test_the_pool_never_serves_a_profile_only_variant():
     assert pool.run(x, chooser).variant == "other"
 
 
+def test_info_on_the_socket_api_marks_a_profile_only_variant():
+    """An application asking the agent what it holds is told which variants never serve."""
+    from types import SimpleNamespace
+
+    from prunefleet.agent.api import agent_info
+
+    pool = ModelPool(engine=_Engine())
+    pool.put(lv(spec("base", macs=100)))
+    pool.put(lv(spec("cand", macs=100_000, profile_only=True)))
+    info = agent_info(SimpleNamespace(pool=pool, device_id="dev-1", active_variant="base"))
+    assert {v["name"]: v["profile_only"] for v in info["variants"]} == {
+        "base": False, "cand": True}
+
+
 def test_a_profile_only_session_never_displaces_a_serving_one_under_the_cap():
     pool = ModelPool(max_loaded=1, engine=_Engine())
     pool.put(lv(spec("base")))
@@ -280,3 +294,15 @@ def test_the_devices_are_restored_even_when_the_wait_fails():
     with pytest.raises(ApiError):
         run_tune(api, TuneOptions("cls", ("cand",)), clock=clock, sleep=clock.sleep)
     assert api.actions == [(7, "rollback")]
+
+
+def test_rollout_status_marks_a_profile_only_rollout():
+    from prunefleet.server.admin import _rollout_line
+
+    r = {"id": 7, "status": "active", "stage": "canary",
+         "target": {"kind": "class", "device_class": "cls"},
+         "variants": [{"name": "cand"}], "config": {"profile_only": True},
+         "counts": {"succeeded": 0, "total": 2, "failed": 0, "pending": 2, "waiting": 0}}
+    assert _rollout_line(r)[4] == "cand (profile only)"
+    r["config"] = {}
+    assert _rollout_line(r)[4] == "cand"
