@@ -580,13 +580,19 @@ class RolloutController:
 
     def _refresh_desired(self, older_than_s: float | None, done: list[str]) -> None:
         now = self.clock()
+        # One query for every device's newest manifest, and only the old enough ones are
+        # read and decoded (this runs every few minutes, for the whole fleet).
+        latest = self.store.latest_manifest_versions()
         for dev in self.store.devices():
-            row = self.store.latest_manifest(dev.device_id)
-            if row is None:
+            newest = latest.get(dev.device_id)
+            if newest is None:
                 continue
-            if dev.manifest_version is not None and dev.manifest_version > row.version:
+            version, created_at = newest
+            if dev.manifest_version is not None and dev.manifest_version > version:
                 continue  # it follows a newer (group) manifest: leave that in charge
-            m = self._manifest(row.version)
+            if older_than_s is not None and now - created_at < older_than_s:
+                continue  # signed at its save: not old enough (checked again below)
+            m = self._manifest(version)
             if m is None or (older_than_s is not None and now - m.issued_at < older_than_s):
                 continue
             try:
@@ -596,7 +602,7 @@ class RolloutController:
             except _PUBLISH_ERRORS as e:
                 log.warning("cannot refresh the desired state of %s: %s", dev.device_id, e)
                 return
-            self.store.retarget_offers(dev.device_id, row.version, new.version)
+            self.store.retarget_offers(dev.device_id, version, new.version)
             done.append(dev.device_id)
 
     # -- background -------------------------------------------------------------------------

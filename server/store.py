@@ -1070,6 +1070,17 @@ class Store:
                 .order_by(ManifestRow.version.desc()).limit(1)
             )
 
+    def latest_manifest_versions(self) -> dict[str, tuple[int, float]]:
+        """Each target's newest manifest as (version, created_at), in one query (the
+        signed text is left in the store: read it with ``manifest(version)``)."""
+        with self.session() as s:
+            newest = (select(ManifestRow.target, func.max(ManifestRow.version).label("v"))
+                      .group_by(ManifestRow.target).subquery())
+            rows = s.execute(select(ManifestRow.target, ManifestRow.version,
+                                    ManifestRow.created_at)
+                             .join(newest, ManifestRow.version == newest.c.v))
+            return {t: (v, c) for t, v, c in rows}
+
     def variant(self, ref: str) -> VariantRow | None:
         """A registered variant by sha256, or the newest one registered under a name."""
         with self.session() as s:

@@ -88,6 +88,14 @@ def test_pin_and_unpin_mid_wave_keep_the_shadow_section(fleet, tmp_path):
     assert m.shadow == offered.shadow
     wait_for(lambda: _evaluating(fleet, dev, m.version), 30,
              what=f"{dev} following the re-signed state")
+    # The periodic pass re-signs only states older than asked (half their lifetime).
+    assert fleet.svc.controller.refresh_desired(older_than_s=3600) == 0
+    assert _desired(fleet, dev).version == m.version
+    assert fleet.svc.controller.refresh_desired(older_than_s=0) >= 1
+    m = _desired(fleet, dev)
+    assert m.shadow == offered.shadow
+    wait_for(lambda: _evaluating(fleet, dev, m.version), 30,
+             what=f"{dev} following the state re-signed for its age")
 
     # The wave still counts the device, and is still waiting for its evidence.
     r = api.rollout(r1["id"])
