@@ -121,7 +121,7 @@ class FleetServer:
         self._probe_token = secrets.token_hex(8).encode()
         self.core = IngestCore(store, self.topics, share_group=share_group,
                                device_rate_per_s=device_rate_per_s,
-                               device_burst=device_burst, probe_token=self._probe_token)
+                               device_burst=device_burst)
         # What this process counts itself (the queue, acknowledgements, drops before any
         # core saw the message); the cores count the rest.
         self._own = IngestCounters()
@@ -130,7 +130,6 @@ class FleetServer:
             self.workers = IngestWorkers(ingest_processes, CoreOptions(
                 store_url=store.url, prefix=prefix, share_group=share_group,
                 device_rate_per_s=device_rate_per_s, device_burst=device_burst,
-                probe_token=self._probe_token,
                 log_level=logging.getLogger().getEffectiveLevel()))
         self.group_max = max(1, group_max)
         subs = {}
