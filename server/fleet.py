@@ -160,7 +160,9 @@ class FleetServer:
             c.acks_published = self._own.acks_published
             c.queue_depth = self._own.queue_depth
             c.dropped["inbound_full"] = self._own.dropped["inbound_full"]
+            c.inbound_waits = self.transport.inbound_waits
             return c
+        self._own.inbound_waits = self.transport.inbound_waits
         return IngestCounters.merged([self.workers.counters, self._own])
 
     # -- lifecycle ----------------------------------------------------------------------

@@ -63,6 +63,9 @@ class IngestCounters:
     transactions: int = 0  # telemetry write transactions (one per group of messages)
     acks_published: int = 0  # "stored through" cursors published to devices
     queue_depth: int = 0  # messages received and not yet handled, at the last group
+    # Times the network thread waited for room in a full inbound queue (back-pressure on
+    # the broker: nothing dropped).
+    inbound_waits: int = 0
     lag: LagHistogram = field(default_factory=LagHistogram)  # interval end → commit
 
     @classmethod
@@ -71,7 +74,8 @@ class IngestCounters:
         out = cls()
         for p in parts:
             for name in ("telemetry", "duplicates", "reported", "events", "invalid",
-                         "unoffered_reports", "transactions", "acks_published", "queue_depth"):
+                         "unoffered_reports", "transactions", "acks_published", "queue_depth",
+                         "inbound_waits"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             for reason, n in p.dropped.items():
                 out.dropped[reason] = out.dropped.get(reason, 0) + n

@@ -282,6 +282,9 @@ class FleetCollector(Collector):
              "telemetry write transactions (one per group of messages)"),
             ("prunefleet_telemetry_acks_published", c.acks_published,
              "'stored through' cursors published to devices after commit"),
+            ("prunefleet_ingest_inbound_waits", c.inbound_waits,
+             "times reading from the broker paused for room in the inbound queue "
+             "(back-pressure; nothing dropped)"),
         ):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], float(value))

@@ -451,6 +451,7 @@ class MemoryTransport:
         self.address = address or broker.address
         self.inbound: queue.Queue[Inbound] = queue.Queue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
+        self.inbound_waits = 0  # the broker keeps to the in-flight window: never waits
         self.connected = threading.Event()
         self._subs: dict[str, int] = {}
         for topic_filter, qos in options.subscriptions.items():

@@ -239,13 +239,16 @@ class Transport(Protocol):
     Everything the broker sends lands on ``inbound``: ``message`` items, ``connected`` and
     ``disconnected`` on each change, and ``published`` with the message id of a publish once
     it is acknowledged (QoS 1: the broker's PUBACK). When the queue is full an item is
-    dropped and ``dropped_inbound`` counts it. Subscriptions are renewed on every
+    dropped and ``dropped_inbound`` counts it, except a QoS 1 message to a ``manual_ack``
+    owner on its own network thread: that thread waits for room and reads nothing
+    meanwhile (``inbound_waits`` counts the waits). Subscriptions are renewed on every
     (re)connect. A QoS 1 publish made while disconnected is kept and sent after reconnecting.
     """
 
     inbound: queue.Queue[Inbound]
     connected: threading.Event
     dropped_inbound: int
+    inbound_waits: int
     address: BrokerAddress
 
     def start(self) -> None:
@@ -399,6 +402,10 @@ class MqttTransport:
         self.options = options
         self.inbound: queue.Queue[Inbound] = queue.Queue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
+        # Times the network thread waited for room in ``inbound`` (``manual_ack``: the
+        # owner's back-pressure on the broker, nothing dropped).
+        self.inbound_waits = 0
+        self._closing = False
         self.connected = threading.Event()
         self._subs: dict[str, int] = {}
         for topic_filter, qos in options.subscriptions.items():
@@ -491,11 +498,28 @@ class MqttTransport:
         try:
             self.inbound.put_nowait(item)
         except queue.Full:
-            self._put(item)  # counts and logs the drop
-            if self.options.manual_ack:
-                # Lost here either way; held unacknowledged it would also block one of the
-                # broker's in-flight slots until the next reconnect.
-                client.ack(msg.mid, msg.qos)
+            if self.options.manual_ack and msg.qos:
+                self._wait_for_room(item)
+            else:
+                self._put(item)  # counts and logs the drop
+
+    def _wait_for_room(self, item: Inbound) -> None:
+        """A full inbound queue with ``manual_ack``: the network thread waits for the owner
+        to take messages, reading nothing meanwhile, so TCP holds the broker back. A broker
+        need not keep to the in-flight window (mosquitto hands a resumed session's whole
+        backlog over at once); dropping would lose what it sent, and acknowledging a
+        dropped message would lose it for good. Stopping gives up the wait without an
+        acknowledgement: the broker sends the message again on the next connection."""
+        self.inbound_waits += 1
+        if self.inbound_waits in (1, 10, 100) or self.inbound_waits % 1000 == 0:
+            log.info("inbound queue full: reading from the broker paused (%d times)",
+                     self.inbound_waits)
+        while not self._closing:
+            try:
+                self.inbound.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if self.options.report_published:
@@ -543,6 +567,7 @@ class MqttTransport:
             )
         except (OSError, ValueError) as e:
             raise TransportError(f"cannot connect to {self.address.url}: {e}") from e
+        self._closing = False
         self._client.loop_start()
         self._started = True
 
@@ -556,6 +581,7 @@ class MqttTransport:
         if not disconnect:
             self.kill()
             return
+        self._closing = True  # a network thread waiting for room in ``inbound`` gives up
         with contextlib.suppress(OSError):
             self._client.disconnect()
         self._client.loop_stop()
@@ -566,6 +592,7 @@ class MqttTransport:
         """Drop the connection without DISCONNECT, so the broker sends the Last Will."""
         if not self._started:
             return
+        self._closing = True
         self._client.stop_loop()
         with contextlib.suppress(OSError):
             self._client.drop_socket()
@@ -899,6 +926,12 @@ class EpollMqttTransport(MqttTransport):
         c = self._client
         c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)
         c.on_disconnect = self._on_lost
+
+    def _wait_for_room(self, item: Inbound) -> None:
+        """One loop serves every connection: it never waits for one owner. The message is
+        dropped unacknowledged (counted), and the broker sends it again on the next
+        connection."""
+        self._put(item)
 
     def _on_lost(self, client, userdata, flags, reason_code, properties) -> None:
         # Backoff grows while connections fail before a CONNACK (a refusal), and starts

@@ -31,6 +31,7 @@ from prunefleet.shared.messages import (
     VariantStats,
 )
 from prunefleet.shared.topics import Topics
+from prunefleet.shared.transport import BrokerAddress, MqttTransport, TransportOptions
 
 
 class RawDevice:
@@ -466,6 +467,59 @@ def test_a_server_restarting_into_a_backlog_starts_and_stores_all_of_it(tmp_path
     finally:
         raw.close()
         f.close()
+
+
+def test_a_backlog_larger_than_the_inbound_queue_holds_the_broker_back_and_loses_nothing(
+        mosquitto):
+    """mosquitto hands a resumed persistent session its whole backlog at once, past the
+    in-flight window. A ``manual_ack`` subscriber whose inbound queue is full stops reading
+    (TCP holds the broker back) instead of dropping, and acknowledging, what the broker
+    sent: every message arrives, none is dropped."""
+    topic = f"flood-{uuid.uuid4().hex[:8]}/t"
+    sub = MqttTransport(BrokerAddress.parse(mosquitto.url), TransportOptions(
+        client_id=f"slow-{uuid.uuid4().hex[:8]}", subscriptions={topic: 1},
+        inbound_queue_size=5, manual_ack=True, clean_session=False,
+        max_inflight_messages=100))
+    host, port = mosquitto.url.removeprefix("mqtt://").rsplit(":", 1)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fast-{uuid.uuid4().hex[:8]}")
+    pub.max_inflight_messages_set(100)
+    pub.connect(host, int(port))
+    pub.loop_start()
+
+    def messages(n: int, timeout_s: float = 10.0) -> list[bytes]:
+        got: list[bytes] = []
+        while len(got) < n:
+            item = sub.inbound.get(timeout=timeout_s)
+            if item.kind == "message":
+                got.append(item.payload)
+                sub.ack(item.mid, item.qos, item.connection)
+        return got
+
+    try:
+        sub.start()
+        assert sub.wait_connected(10)
+        # The session and its subscription exist once a message comes through.
+        wait_for(lambda: pub.publish(topic, b"warm", qos=1) and not sub.inbound.empty()
+                 and any(i.kind == "message" for i in list(sub.inbound.queue)), 10,
+                 what="the subscription")
+        sub.stop()
+        while not sub.inbound.empty():
+            sub.inbound.get_nowait()
+        n = 500
+        infos = [pub.publish(topic, str(k).encode(), qos=1) for k in range(n)]
+        for info in infos:
+            info.wait_for_publish(30)
+        sub.start()  # the broker sends the session's 500 at once, to a queue of 5
+        got = [m for m in messages(n) if m != b"warm"]
+        while len(got) < n:
+            got += [m for m in messages(n - len(got)) if m != b"warm"]
+        assert sorted(got, key=int) == [str(k).encode() for k in range(n)]
+        assert sub.dropped_inbound == 0
+        assert sub.inbound_waits > 0  # the queue was full: the network thread waited
+    finally:
+        sub.stop()
+        pub.loop_stop()
+        pub.disconnect()
 
 
 def test_acknowledgement_after_commit_works_on_the_embedded_broker(tmp_path, embedded_broker):
