@@ -33,8 +33,9 @@ Figures (``--json`` keys as issue #9 names them):
 
 * ``bare_rate``: messages/s the bare subscriber received;
 * ``server_rate``: batches/s the server committed in its best 5 s (the rows'
-  ``received_at``), which falls while it works through the backlog: its rate when it has
-  more to store than it can;
+  ``received_at``) before the backlog cleared, which falls while it works through the
+  backlog: its rate when it has more to store than it can. A backlog cleared in under 5 s
+  gives its own span instead (a window past it would count the devices' pace);
 * ``offered``: batches the devices generated (cut), ``offered_rate`` per second of offering;
 * ``stored``: distinct batches in the store; ``lost``: batches generated that never
   reached the store (per device, its sequence numbers minus those stored);
@@ -304,7 +305,7 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     steady = sorted(r - e for *_, e, r in rows if t1 - 10.0 <= e <= t1)
     offered = sum(result["issued"].values())
     return {
-        "server_rate": _peak_rate(committed, WINDOW_S),
+        "server_rate": _backlog_rate(committed, t_server, cleared),
         "offered": offered,
         "offered_rate": offered / max(1e-9, t1 - t0),
         "stored": len(keys),
@@ -408,6 +409,20 @@ def _peak_rate(times: list[float], window_s: float) -> float:
             lo += 1
         best = max(best, hi - lo + 1)
     return best / window_s
+
+
+def _backlog_rate(committed: list[float], t_server: float, cleared: float | None) -> float:
+    """The server's rate while it had a backlog: its best ``WINDOW_S`` seconds before the
+    backlog cleared, or, when it cleared sooner than that, its commits from the first to
+    the one that caught up over that span (a window reaching past the backlog would count
+    the devices' own pace as the server's)."""
+    if cleared is None:
+        return _peak_rate(committed, WINDOW_S)
+    during = [r for r in committed if r <= t_server + cleared]
+    span = during[-1] - during[0] if len(during) > 1 else 0.0
+    if span >= WINDOW_S:
+        return _peak_rate(during, WINDOW_S)
+    return (len(during) - 1) / span if span > 0 else _peak_rate(committed, WINDOW_S)
 
 
 def _timeline(rows: list, t0: float, t_server: float) -> list[dict]:

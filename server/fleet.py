@@ -44,6 +44,7 @@ from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, T
 from .errors import DistributionError
 from .ingestwork import (
     PROBE_MAGIC,
+    Admitted,
     CoreOptions,
     Cursor,
     GroupOutcome,
@@ -55,6 +56,10 @@ from .keys import KeyRing
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+# Groups checked ahead of the one being written (thread mode): the checks of the next group
+# overlap the write and fsync of this one; more would only hold more messages unacknowledged.
+COMMIT_AHEAD = 1
 
 __all__ = ["PROBE_MAGIC", "FleetServer", "IngestCounters", "spec_from_file"]
 
@@ -147,6 +152,11 @@ class FleetServer:
         self._deploy_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._commit_thread: threading.Thread | None = None
+        # Admitted groups waiting for the commit thread (thread mode): one being written,
+        # up to COMMIT_AHEAD more checked meanwhile.
+        self._admitted: queue.Queue[tuple[list[Inbound], Admitted | None]] = queue.Queue(
+            maxsize=COMMIT_AHEAD)
         self._published_artifacts: set[str] = set()
         self.client_id = client_id
         self._probe_seen = threading.Event()
@@ -179,6 +189,10 @@ class FleetServer:
             )
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
         self._thread.start()
+        if self.workers is None:
+            self._commit_thread = threading.Thread(target=self._commit_loop,
+                                                   name="ingest-commit", daemon=True)
+            self._commit_thread.start()
 
     def probe_ingest(self, timeout_s: float = 5.0) -> None:
         """Prove that the ingest subscription delivers: publish a probe on a topic it
@@ -211,8 +225,9 @@ class FleetServer:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for thread in (self._thread, self._commit_thread):
+            if thread is not None:
+                thread.join(timeout=10)
         if self.workers is not None:
             self.workers.stop()
         self.transport.stop()
@@ -314,20 +329,46 @@ class FleetServer:
 
     # -- ingest ---------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
+        """Receive groups and check them; on this process, a second thread writes them
+        (:meth:`_commit_loop`), so that one group's checks (Python, holding the GIL)
+        overlap the write and fsync of the one before (SQLite, which releases it)."""
         while not self._stop.is_set():
             items = self._next_group()
             if not items:
                 continue
             messages = [(i.topic, i.payload) for i in items]
             if self.workers is not None:
-                if not self.workers.submit(messages, partial(self._done, items), self._stop):
+                if not self.workers.submit(messages, partial(self._done, items),
+                                           self._stop):
                     return
                 continue
             try:
-                out = self.core.process(messages)
+                admitted: Admitted | None = self.core.admit(messages)
             except Exception:
-                # A bug costs this group, never the ingest thread (nothing else would
-                # notice it had died); the agents send unconfirmed batches again.
+                # A bug costs this group, never the ingest thread (nothing else
+                # would notice it had died); the agents send unconfirmed batches again.
+                self.core.drop("error", f"a group of {len(items)} messages", len(items))
+                log.exception("ingest failed on a group of %d messages", len(items))
+                admitted = None
+            while not self._stop.is_set():
+                try:  # at most COMMIT_AHEAD groups wait: then the checks wait too
+                    self._admitted.put((items, admitted), timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    def _commit_loop(self) -> None:
+        """Write admitted groups in order, then acknowledge them and publish the cursors.
+        On stop it ends after the group in hand: what waits behind it was never
+        acknowledged, and the broker sends it again on the next connection."""
+        while not self._stop.is_set():
+            try:
+                items, admitted = self._admitted.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                out = self.core.commit(admitted) if admitted is not None else GroupOutcome()
+            except Exception:
                 self.core.drop("error", f"a group of {len(items)} messages", len(items))
                 log.exception("ingest failed on a group of %d messages", len(items))
                 out = GroupOutcome()

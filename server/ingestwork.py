@@ -103,6 +103,16 @@ class GroupOutcome:
         self.store_failed |= other.store_failed
 
 
+@dataclass
+class Admitted:
+    """A group checked and decoded by :meth:`IngestCore.admit`, not yet written."""
+
+    probe_seen: bool = False
+    batches: list[TelemetryBatch] = field(default_factory=list)
+    # Reported states and events, (topic, message), in the order they arrived.
+    states: list[tuple[str, ReportedState | Event]] = field(default_factory=list)
+
+
 class _WrongDevice(ProtocolError):
     """A message whose body names another device than its topic."""
 
@@ -119,6 +129,7 @@ class IngestCore:
         self.limiter = DeviceRateLimiter(device_rate_per_s, device_burst)
         self.cursors = StoredCursors()
         self.counters = IngestCounters()
+        self._drop_lock = threading.Lock()
         # Revoked devices, re-read from the store at most every REVOKED_REFRESH_S: the
         # broker refuses them once reloaded, and until then nothing they say counts.
         self._revoked: frozenset[str] = frozenset()
@@ -142,9 +153,16 @@ class IngestCore:
 
     # -- a group --------------------------------------------------------------------------
     def process(self, messages: list[Message]) -> GroupOutcome:
-        out = GroupOutcome()
+        """A group, checked and written: :meth:`admit`, then :meth:`commit`."""
+        return self.commit(self.admit(messages))
+
+    def admit(self, messages: list[Message]) -> Admitted:
+        """The checks of a group, without writing anything: topic, revocation, rate limit,
+        schema and the device the body names. What fails is dropped and counted here. One
+        thread admits (the rate limits are its own); another may meanwhile
+        :meth:`commit` the group before."""
+        out = Admitted()
         now = time.monotonic()
-        batches: list[TelemetryBatch] = []
         # Any message on the ingest subscription proves that it delivers (another
         # server's probe too); after an outage the session's backlog comes before the
         # probe, however long it takes.
@@ -152,54 +170,68 @@ class IngestCore:
         for topic, payload in messages:
             if payload.startswith(PROBE_MAGIC):  # a server's, or a device playing one
                 continue  # never stored
-            batch = self._admit(topic, payload, now)
-            if batch is not None:
-                batches.append(batch)
-        if batches:
-            cursors = self._store_batches(batches)
+            self._admit(topic, payload, now, out)
+        return out
+
+    def commit(self, admitted: Admitted) -> GroupOutcome:
+        """Write an admitted group: its reported states and events, in order, then its
+        telemetry in one transaction; the cursors that moved. Groups are committed in the
+        order they were admitted, by one thread."""
+        out = GroupOutcome(probe_seen=admitted.probe_seen)
+        for topic, message in admitted.states:
+            try:
+                self._write_state(message)
+            except StoreError as e:
+                self.drop("store_error", topic, detail=str(e))
+            except Exception:
+                self.drop("error", topic)
+                log.exception("ingest failed on %s", topic)
+        if admitted.batches:
+            cursors = self._store_batches(admitted.batches)
             if cursors is None:
                 out.store_failed = True
             else:
                 out.cursors = cursors
         return out
 
-    def _admit(self, topic: str, payload: bytes, now: float) -> TelemetryBatch | None:
-        """Check one message; a telemetry batch to store, or None when it was handled
-        (a reported state or event, written at once) or dropped."""
+    def _admit(self, topic: str, payload: bytes, now: float, out: Admitted) -> None:
+        """Check one message and add it to ``out``, or drop it."""
         try:
             device_id, channel = self.topics.parse_device(topic)
         except TopicError:
             self.drop("invalid", topic)
-            return None
+            return
         if device_id in self.revoked(now):
             self.drop("revoked", topic)
-            return None
+            return
         if not self.limiter.allow(device_id, now):
             self.drop("rate_limited", topic)
-            return None
+            return
         try:
             if channel == "telemetry":
                 b = decode(TelemetryBatch, payload)
                 _same_device(device_id, b.device_id)
-                return b
-            self._ingest_state(device_id, channel, payload)
+                out.batches.append(b)
+            elif channel == "reported":
+                if payload:  # empty: a retained state cleared
+                    r = decode(ReportedState, payload)
+                    _same_device(device_id, r.device_id)
+                    out.states.append((topic, r))
+            elif channel == "events":
+                e = decode(Event, payload)
+                _same_device(device_id, e.device_id)
+                out.states.append((topic, e))
         except _WrongDevice as e:
             self.drop("wrong_device", topic, detail=str(e))
         except ProtocolError as e:
             self.drop("invalid", topic, detail=str(e))
-        except StoreError as e:
-            self.drop("store_error", topic, detail=str(e))
         except Exception:
             self.drop("error", topic)
             log.exception("ingest failed on %s", topic)
-        return None
 
-    def _ingest_state(self, device_id: str, channel: str, payload: bytes) -> None:
-        if channel == "reported":
-            if not payload:
-                return
-            r = decode(ReportedState, payload)
-            _same_device(device_id, r.device_id)
+    def _write_state(self, message: ReportedState | Event) -> None:
+        if isinstance(message, ReportedState):
+            r = message
             self.store.set_reported(r)
             # The device's facts and on-device profiles, kept per device and aggregated
             # per device class (only profiles of registered variants it has count).
@@ -208,10 +240,8 @@ class IngestCore:
                     r.device_id, r.rollout, r.ts or time.time()):
                 self.counters.unoffered_reports += 1
             self.counters.reported += 1
-        elif channel == "events":
-            e = decode(Event, payload)
-            _same_device(device_id, e.device_id)
-            self.store.add_event(e)
+        else:
+            self.store.add_event(message)
             self.counters.events += 1
 
     def _store_batches(self, batches: list[TelemetryBatch]) -> list[Cursor] | None:
@@ -269,12 +299,14 @@ class IngestCore:
             cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))
 
     def drop(self, reason: str, where: str, n: int = 1, detail: str = "") -> None:
-        """Count a drop; log the first few of each reason, then every 1000th."""
+        """Count a drop; log the first few of each reason, then every 1000th. The admitting
+        and the committing thread both drop."""
         dropped = self.counters.dropped
-        before = dropped[reason]
-        dropped[reason] = before + n
-        if reason in ("invalid", "wrong_device", "error"):
-            self.counters.invalid += n
+        with self._drop_lock:
+            before = dropped[reason]
+            dropped[reason] = before + n
+            if reason in ("invalid", "wrong_device", "error"):
+                self.counters.invalid += n
         if before < 10 or before // 1000 != (before + n) // 1000:
             log.warning("dropped (%s, %d so far) %s%s", reason, before + n, where,
                         f": {detail}" if detail else "")

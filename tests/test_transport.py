@@ -100,4 +100,32 @@ def _reads(read_batch: int) -> int:
 def test_a_busy_subscriber_reads_what_the_socket_holds_per_wake_up():
     assert _reads(0) == 1  # paho's own: one packet per select()
     assert _reads(64) == 3  # up to 64 while the socket has them, then back to select()
-    assert _reads(2) == 2
+    # Past the batch only what one read already took from the socket: here all three.
+    assert _reads(2) == 3
+
+
+def test_read_ahead_hands_over_every_packet_however_the_bytes_arrive():
+    """A busy subscriber reads up to 64 KiB at once and serves paho's byte-sized reads from
+    it: packets split across reads arrive whole, and what was read ahead past the batch is
+    handed over in the same wake-up (select() cannot see it, so it would wait there)."""
+    t = _transport(manual_ack=True, read_batch=4)
+    c = t._client
+    mine, broker = socket.socketpair()
+    mine.setblocking(False)
+    stream = b"".join(_publish_packet(b"p/devices/d1/telemetry", mid, bytes([mid]) * 20)
+                      for mid in range(1, 11))
+    try:
+        c._sock = mine
+        broker.sendall(stream[:7])  # part of the first packet's header
+        assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS
+        assert t.inbound.qsize() == 0
+        broker.sendall(stream[7:])  # the rest: more than read_batch packets at once
+        assert c.loop_read() == mqtt.MQTT_ERR_SUCCESS
+        got = [t.inbound.get_nowait() for _ in range(t.inbound.qsize())]
+        assert [(m.mid, m.payload) for m in got] == [(k, bytes([k]) * 20) for k in range(1, 11)]
+        assert c._pf_rpos >= len(c._pf_rdata)  # nothing left behind the socket's back
+        broker.close()  # the broker goes away: paho sees the connection lost
+        assert c.loop_read() != mqtt.MQTT_ERR_SUCCESS
+    finally:
+        c._sock = None
+        mine.close()
