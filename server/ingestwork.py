@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from prunefleet.shared.errors import ProtocolError, TopicError
+from prunefleet.shared.gctune import tune_for_throughput
 from prunefleet.shared.messages import Event, ReportedState, TelemetryBatch, decode
 from prunefleet.shared.topics import Topics
 
@@ -337,6 +338,7 @@ def _worker_main(conn: Connection, opts: CoreOptions) -> None:
     core = IngestCore(store, Topics(opts.prefix), share_group=opts.share_group,
                       device_rate_per_s=opts.device_rate_per_s,
                       device_burst=opts.device_burst)
+    tune_for_throughput()
     conn.send(("ready", 0, None, core.counters))
     try:
         while True:

@@ -32,6 +32,7 @@ import uvicorn
 from sqlalchemy.engine import make_url
 
 from prunefleet.shared.fsutil import atomic_write
+from prunefleet.shared.gctune import tune_for_throughput
 
 from .api import ApiContext, create_app, load_or_create_token
 from .controller import RolloutController
@@ -166,6 +167,7 @@ class FleetService:
                 device_burst=self.opts.device_burst,
                 ingest_processes=self.opts.ingest_processes,
             )
+            tune_for_throughput()  # thousands of messages a second (shared/gctune.py)
             self.fleet.start()
             if self.opts.probe_s > 0:
                 self.fleet.probe_ingest(self.opts.probe_s)

@@ -63,6 +63,7 @@ from prunefleet.agent.telemetry import MemoryQueue
 from prunefleet.shared import __version__
 from prunefleet.shared.clock import Clock, SystemClock
 from prunefleet.shared.errors import PrunefleetError
+from prunefleet.shared.gctune import tune_for_throughput
 from prunefleet.shared.messages import RolloutPhase
 from prunefleet.shared.policy import PolicyConfig
 from prunefleet.shared.topics import Topics, check_name
@@ -378,6 +379,7 @@ class Simulator:
         """Connect every device (staggered a little) and start the workers; raises
         :class:`SimulatorError` when no device reaches the broker in time. With
         ``workers=False`` the caller steps the fleet itself (:meth:`step_all`)."""
+        tune_for_throughput()  # thousands of messages a second (shared/gctune.py)
         self._t0 = self.clock.monotonic()
         for i, d in enumerate(self.devices):
             if d.offline_window is None or d.offline_window[0] > 0:

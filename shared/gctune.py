@@ -1,0 +1,30 @@
+"""Garbage-collector settings for a process that handles thousands of messages a second.
+
+CPython's cyclic collector walks its youngest generation every 700 container allocations,
+and the older ones every 10 walks of the one below. Ingest allocates dozens of containers
+per message (decoded models, rows, queue items) and reference counting frees nearly all of
+them, so the walks find little and cost much: what survives a walk (queued messages,
+cursors) is walked again in the older generations. Measured on the server alone storing a
+40,000-batch backlog (docs/ingest.md, 2-core VM): 131-152 µs of CPU per batch with
+CPython's default, 93-100 µs with the youngest generation walked every 10,000 allocations
+or more, about 40% more batches a second.
+"""
+
+from __future__ import annotations
+
+import gc
+
+__all__ = ["GEN0_THRESHOLD", "tune_for_throughput"]
+
+# Container allocations between two walks of the youngest generation (CPython's default:
+# 700). Ten thousand short-lived objects are a few MB at most.
+GEN0_THRESHOLD = 10_000
+
+
+def tune_for_throughput(gen0: int = GEN0_THRESHOLD) -> None:
+    """Walk the youngest generation every ``gen0`` container allocations (never more
+    often than CPython would). Process-wide; for ``serve``, an ingest worker and the
+    simulator. Cycles are still found and freed, only in larger batches."""
+    current, gen1, gen2 = gc.get_threshold()
+    if current and current < gen0:
+        gc.set_threshold(gen0, gen1, gen2)
