@@ -228,6 +228,9 @@ class DiskQueue:
         self._seq_path = self.dir / "next_seq"
         self.dropped_total = 0
         self._dropped_unreported = 0
+        # The queued seqs, lowest first: read from the directory once, then kept here, so
+        # that sending and confirming do not list up to max_batches files on every step.
+        self._index: dict[int, None] = dict.fromkeys(self._scan())
         try:
             self._next_seq = int(self._seq_path.read_text())
         except (FileNotFoundError, ValueError):
@@ -256,6 +259,7 @@ class DiskQueue:
                 batch = TelemetryBatch.model_validate_json(data or b"")
             except ValueError:
                 self.path(seq).unlink(missing_ok=True)  # unreadable: lost either way
+                self._index.pop(seq, None)
                 self.dropped_total += 1
                 self._dropped_unreported += 1
                 continue
@@ -280,18 +284,25 @@ class DiskQueue:
     def path(self, seq: int) -> Path:
         return self.dir / f"{seq:012d}.json"
 
-    def pending(self) -> list[int]:
+    def _scan(self) -> list[int]:
         out = []
         for p in self.dir.glob("*.json"):
             if p.stem.isdigit():
                 out.append(int(p.stem))
         return sorted(out)
 
+    def pending(self) -> list[int]:
+        return list(self._index)
+
     def put(self, batch: TelemetryBatch) -> None:
         atomic_write(self.path(batch.seq), batch.encode())
-        pend = self.pending()
-        while len(pend) > self.max_batches:
-            oldest = pend.pop(0)
+        last = next(reversed(self._index), -1)
+        self._index[batch.seq] = None
+        if batch.seq < last:  # not from next_seq(): keep the index in order
+            self._index = dict.fromkeys(sorted(self._index))
+        while len(self._index) > self.max_batches:
+            oldest = next(iter(self._index))
+            del self._index[oldest]
             self.path(oldest).unlink(missing_ok=True)
             self.dropped_total += 1
             self._dropped_unreported += 1
@@ -301,10 +312,12 @@ class DiskQueue:
         try:
             return self.path(seq).read_bytes()
         except FileNotFoundError:
+            self._index.pop(seq, None)  # gone from the disk: gone from the queue
             return None
 
     def ack(self, seq: int) -> None:
         self.path(seq).unlink(missing_ok=True)
+        self._index.pop(seq, None)
 
 
 class TelemetrySender:

@@ -133,3 +133,29 @@ def test_last_will_marks_a_vanished_device_offline(tmp_path, mosquitto):
                      what="the device marked offline by its Last Will")
     finally:
         srv.stop()
+
+
+def test_a_long_queue_is_sent_and_confirmed_without_listing_its_directory(tmp_path,
+                                                                        monkeypatch):
+    """After an outage a device holds up to max_batches files: sending and confirming go
+    by the queue's own index (the directory is listed once, at start), which stays what
+    the disk holds through sends, confirmations, drops and a restart."""
+    q = DiskQueue(tmp_path, max_batches=50)
+    agg = Aggregator("d1", 0.0)
+    for i in range(60):  # 10 over the bound: the oldest dropped
+        q.put(_batch(agg, q, float(i + 1)))
+    listed = []
+    real_glob = type(tmp_path).glob
+    monkeypatch.setattr(type(tmp_path), "glob",
+                        lambda self, pattern: listed.append(pattern) or real_glob(self, pattern))
+    s = TelemetrySender(q, max_in_flight=10)
+    sent: list[bytes] = []
+    for step in range(3):
+        s.pump(sent.append, True, float(step))
+        s.confirmed(q.incarnation, 10 + 10 * step + 9)
+    assert listed == []  # nothing listed while sending and confirming
+    on_disk = sorted(int(p.stem) for p in real_glob(tmp_path, "*.json"))
+    assert q.pending() == on_disk == list(range(40, 60))
+    assert len(sent) == 30 and q.dropped_total == 10
+    monkeypatch.undo()
+    assert DiskQueue(tmp_path, max_batches=50).pending() == on_disk
