@@ -174,7 +174,9 @@ def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
 
     logging.basicConfig(level=logging.ERROR)
     from prunefleet.server.serve import FleetService, ServeOptions
+    from prunefleet.shared.gctune import tune_for_throughput
 
+    tune_for_throughput()  # as `prunefleet serve` does in its process
     svc = FleetService(ServeOptions(state_dir=Path(state_dir), broker_url=url,
                                     listen="127.0.0.1:0", prefix=prefix, db_url=db_url,
                                     device_rate_per_s=0.0, ingest_processes=procs)).start()
@@ -198,7 +200,9 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
 
     logging.basicConfig(level=logging.ERROR)
     from prunefleet.server.simulator import SimOptions, Simulator
+    from prunefleet.shared.gctune import tune_for_throughput
 
+    tune_for_throughput()  # as `prunefleet simulate` does in its process
     sim = Simulator(SimOptions(
         broker_url=url, devices=devices, prefix=prefix, id_prefix="bench", keys=Path(keys),
         telemetry_interval_s=interval_s, download=False, drain_s=drain_s,

@@ -678,7 +678,9 @@ def load_or_create_token(path: Path) -> str:
             raise KeyringError(f"API token in {path} is too short (16 characters at least)")
         return token
     path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    # Hex: a token that started with "-" (1 in 64 of token_urlsafe's) would be taken for
+    # an option by a command line such as `--token <token>`.
+    token = secrets.token_hex(32)
     atomic_write(path, (token + "\n").encode(), mode=0o600)
     return token
 

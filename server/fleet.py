@@ -188,11 +188,11 @@ class FleetServer:
                 f"cannot reach the broker at {self.transport.address.url} in {timeout_s:.0f} s"
             )
         self._thread = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
-        self._thread.start()
-        if self.workers is None:
+        if self.workers is None:  # first: the ingest thread hands its groups over to it
             self._commit_thread = threading.Thread(target=self._commit_loop,
                                                    name="ingest-commit", daemon=True)
             self._commit_thread.start()
+        self._thread.start()
 
     def probe_ingest(self, timeout_s: float = 5.0) -> None:
         """Prove that the ingest subscription delivers: publish a probe on a topic it
@@ -350,21 +350,31 @@ class FleetServer:
                 self.core.drop("error", f"a group of {len(items)} messages", len(items))
                 log.exception("ingest failed on a group of %d messages", len(items))
                 admitted = None
-            while not self._stop.is_set():
-                try:  # at most COMMIT_AHEAD groups wait: then the checks wait too
-                    self._admitted.put((items, admitted), timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
+            self._hand_over(items, admitted)
+
+    def _hand_over(self, items: list[Inbound], admitted: Admitted | None) -> None:
+        """Give a checked group to the commit thread; at most COMMIT_AHEAD wait, then the
+        checks wait too. On stop as well: what was taken is written before the end."""
+        while True:
+            try:
+                self._admitted.put((items, admitted), timeout=0.2)
+                return
+            except queue.Full:
+                committer = self._commit_thread
+                if committer is None or not committer.is_alive():
+                    return  # never acknowledged: the broker sends it again
 
     def _commit_loop(self) -> None:
         """Write admitted groups in order, then acknowledge them and publish the cursors.
-        On stop it ends after the group in hand: what waits behind it was never
-        acknowledged, and the broker sends it again on the next connection."""
-        while not self._stop.is_set():
+        On stop it ends once the ingest thread has ended and every group it handed over
+        is written, as a single thread finished the group in hand."""
+        while True:
             try:
                 items, admitted = self._admitted.get(timeout=0.2)
             except queue.Empty:
+                ingest = self._thread
+                if self._stop.is_set() and (ingest is None or not ingest.is_alive()):
+                    return
                 continue
             try:
                 out = self.core.commit(admitted) if admitted is not None else GroupOutcome()

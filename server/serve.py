@@ -167,7 +167,6 @@ class FleetService:
                 device_burst=self.opts.device_burst,
                 ingest_processes=self.opts.ingest_processes,
             )
-            tune_for_throughput()  # thousands of messages a second (shared/gctune.py)
             self.fleet.start()
             if self.opts.probe_s > 0:
                 self.fleet.probe_ingest(self.opts.probe_s)
@@ -306,6 +305,9 @@ def _span(seconds: float) -> str:
 
 def serve(opts: ServeOptions, out=print) -> int:
     svc = FleetService(opts)
+    # This process is the server: thousands of messages a second (shared/gctune.py). Not
+    # in FleetService, which tests and tools start inside processes of their own.
+    tune_for_throughput()
     svc.start(http_in_thread=False)
     assert svc.fleet is not None and svc.store is not None  # start() set them or raised
     # uvicorn handles SIGTERM (graceful shutdown) and then re-raises it to the handler it

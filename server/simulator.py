@@ -379,7 +379,6 @@ class Simulator:
         """Connect every device (staggered a little) and start the workers; raises
         :class:`SimulatorError` when no device reaches the broker in time. With
         ``workers=False`` the caller steps the fleet itself (:meth:`step_all`)."""
-        tune_for_throughput()  # thousands of messages a second (shared/gctune.py)
         self._t0 = self.clock.monotonic()
         for i, d in enumerate(self.devices):
             if d.offline_window is None or d.offline_window[0] > 0:
@@ -528,6 +527,7 @@ def run(opts: SimOptions, stop: threading.Event, out: TextIO,
         on_started: Callable[[Simulator], None] | None = None) -> Summary:
     """Run until ``stop`` is set or ``opts.duration_s`` has passed; print status rows."""
     sim = Simulator(opts)
+    tune_for_throughput()  # `prunefleet simulate`'s own process (shared/gctune.py)
     mode = "chunks downloaded and verified" if opts.download else "no downloads (--no-download)"
     print(f"simulating {opts.devices} devices on {BrokerAddress.parse(opts.broker_url).url}, "
           f"prefix {opts.prefix!r}, {len(sim._shards)} worker threads, {mode}; "

@@ -23,8 +23,12 @@ GEN0_THRESHOLD = 10_000
 
 def tune_for_throughput(gen0: int = GEN0_THRESHOLD) -> None:
     """Walk the youngest generation every ``gen0`` container allocations (never more
-    often than CPython would). Process-wide; for ``serve``, an ingest worker and the
-    simulator. Cycles are still found and freed, only in larger batches."""
+    often than CPython would). Cycles are still found and freed, only later and in larger
+    batches. Process-wide, so called only where a process starts as one of these: the
+    ``serve`` and ``simulate`` commands and an ingest worker, never inside the library
+    (``FleetService``, ``Simulator``), which tests start in a process of their own: there
+    an object freed only by the collector (a connection in a reference cycle) would stay
+    open longer than the test expects, as the agent API's idle-connection test showed."""
     current, gen1, gen2 = gc.get_threshold()
     if current and current < gen0:
         gc.set_threshold(gen0, gen1, gen2)

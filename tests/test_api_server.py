@@ -401,3 +401,19 @@ def test_no_interactive_docs_and_no_link_to_them_but_the_openapi_description(fle
               *(repo / "server" / "static").iterdir()]:
         found = [m.group(0) for m in link.finditer(f.read_text(errors="replace"))]
         assert not found, f"{f.name} links to {found}"
+
+
+def test_a_new_api_token_is_never_taken_for_an_option(tmp_path):
+    """`--token <token>` on the command line: a token starting with "-" would be read as
+    an option (1 in 64 of URL-safe base64 tokens did, and a test run met one). Made
+    tokens are 0600 files of at least 16 characters that a command line passes as is."""
+    from prunefleet.server.api import load_or_create_token
+    from prunefleet.server.cli import build_parser
+
+    tokens = [load_or_create_token(tmp_path / f"t{i}" / "token") for i in range(300)]
+    assert not [t for t in tokens if t.startswith("-") or len(t) < 16]
+    assert stat.S_IMODE((tmp_path / "t0" / "token").stat().st_mode) == 0o600
+    for t in tokens[:20]:
+        args = build_parser().parse_args(["devices", "list", "--token", t])
+        assert args.token == t
+    assert load_or_create_token(tmp_path / "t0" / "token") == tokens[0]  # kept
