@@ -345,12 +345,16 @@ class FleetServer:
             try:
                 admitted: Admitted | None = self.core.admit(messages)
             except Exception:
-                # A bug costs this group, never the ingest thread (nothing else
-                # would notice it had died); the agents send unconfirmed batches again.
-                self.core.drop("error", f"a group of {len(items)} messages", len(items))
-                log.exception("ingest failed on a group of %d messages", len(items))
+                self._group_failed(items)
                 admitted = None
             self._hand_over(items, admitted)
+
+    def _group_failed(self, items: list[Inbound]) -> None:
+        """A bug costs this group, never an ingest thread (nothing else would notice it had
+        died): counted, logged, and acknowledged; the agents send unconfirmed batches
+        again."""
+        self.core.drop("error", f"a group of {len(items)} messages", len(items))
+        log.exception("ingest failed on a group of %d messages", len(items))
 
     def _hand_over(self, items: list[Inbound], admitted: Admitted | None) -> None:
         """Give a checked group to the commit thread; at most COMMIT_AHEAD wait, then the
@@ -379,8 +383,7 @@ class FleetServer:
             try:
                 out = self.core.commit(admitted) if admitted is not None else GroupOutcome()
             except Exception:
-                self.core.drop("error", f"a group of {len(items)} messages", len(items))
-                log.exception("ingest failed on a group of %d messages", len(items))
+                self._group_failed(items)
                 out = GroupOutcome()
             self._done(items, out)
 
