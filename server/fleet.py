@@ -392,12 +392,8 @@ class FleetServer:
         written, up to ``group_max``. Only the first is waited for, so a quiet fleet adds
         no delay and a busy one gets larger transactions."""
         q = self.transport.inbound
-        try:
-            item = q.get(timeout=0.2)
-        except queue.Empty:
-            return []
         items: list[Inbound] = []
-        while True:
+        for item in q.get_many(self.group_max, 0.2):
             if item.kind == "message":
                 items.append(item)
             elif item.kind == "connected":
@@ -405,12 +401,6 @@ class FleetServer:
             elif item.kind == "disconnected":
                 log.warning("lost the broker %s: ingest and publishing wait for it",
                             self.transport.address.url)
-            if len(items) >= self.group_max:
-                break
-            try:
-                item = q.get_nowait()
-            except queue.Empty:
-                break
         self._own.queue_depth = q.qsize()
         return items
 

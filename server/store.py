@@ -8,6 +8,7 @@ SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreEr
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -279,6 +280,20 @@ _TELEMETRY_COLUMNS = (
     "battery_percent", "charging", "cpu_percent", "mem_percent", "temperature_c", "energy_j",
     "batches_dropped", "switches_dropped", "received_at")
 _ROWS_PER_INSERT = 64  # 15 parameters each: under SQLite's oldest limit of 999
+_SQLITE_MAX_ROWID = 2**63 - 1
+
+
+def _sqlite_parts(rows: list, most: int = _ROWS_PER_INSERT) -> Iterator[list]:
+    """``rows`` cut for multi-row statements on SQLite: parts of ``most`` rows, the rest in
+    powers of two. So a table's inserts use a handful of distinct statements, which
+    SQLite's statement cache keeps prepared, whatever a group's size."""
+    k, n = 0, len(rows)
+    size = most
+    while k < n:
+        while size > n - k:
+            size >>= 1
+        yield rows[k:k + size]
+        k += size
 # PostgreSQL takes the rows as one array per column (unnest): 15 parameters whatever the
 # group's size, so psycopg caches the parsed statement and the server prepares it (a
 # multi-row VALUES of 960 placeholders was parsed again on every write: 40% of the time).
@@ -320,9 +335,14 @@ def _insert_rows(conn: Connection, pg: bool, table: str,
             + ", ".join(f"%s::{t}[]" for _, t in columns) + ")",
             tuple(list(column) for column in zip(*rows, strict=True)))
     else:
-        conn.exec_driver_sql(
-            f"INSERT INTO {table} ({names}) VALUES ({', '.join(['?'] * len(columns))})",
-            rows)
+        # Multi-row statements, not executemany: Python's sqlite3 lets go of the GIL
+        # around every row's step, and with ingest's other threads busy, each time it
+        # takes it back can wait a switch interval (5 ms) (docs/ingest.md).
+        row = "(" + ", ".join(["?"] * len(columns)) + ")"
+        for part in _sqlite_parts(rows):
+            conn.exec_driver_sql(
+                f"INSERT INTO {table} ({names}) VALUES " + ", ".join([row] * len(part)),
+                tuple(chain.from_iterable(part)))
 
 
 def _upgrade_telemetry(engine) -> None:
@@ -506,12 +526,10 @@ class Store:
             if key not in seen:
                 seen.add(key)
                 fresh.append(b)
-        # One multi-row INSERT … ON CONFLICT DO NOTHING RETURNING (SQLite >= 3.35 and
-        # PostgreSQL) dedupes against the store and names the rows it wrote; children go
-        # by executemany. Written as SQL: building it with SQLAlchemy expressions cost
-        # several times the write itself.
+        # INSERT … ON CONFLICT DO NOTHING dedupes against the store; the ids of the rows
+        # it wrote key the children, which go in multi-row statements too. Written as SQL:
+        # building it with SQLAlchemy expressions cost several times the write itself.
         ph = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-        row = "(" + ", ".join([ph] * len(_TELEMETRY_COLUMNS)) + ")"
         rows = [(b.device_id, b.incarnation, b.seq, b.interval_start, b.interval_end,
                  b.active_variant, b.battery_percent, b.charging, b.cpu_percent,
                  b.mem_percent, b.temperature_c, b.energy_j, b.batches_dropped,
@@ -519,23 +537,10 @@ class Store:
         pg = self.engine.dialect.name == "postgresql"
         with self.session() as s:
             conn = s.connection()
-            id_of: dict[tuple[str, str, int], int] = {}
-            inserts: list[tuple[str, tuple]]  # (rows as SQL, their parameters)
             if pg:
-                inserts = [("SELECT * FROM unnest(" + ", ".join(
-                    f"%s::{t}[]" for t in _TELEMETRY_PG_TYPES) + ")",
-                    tuple(list(column) for column in zip(*rows, strict=True)))] if rows else []
+                id_of = self._insert_telemetry_pg(conn, rows)
             else:
-                inserts = [("VALUES " + ", ".join([row] * len(part)),
-                            tuple(chain.from_iterable(part)))
-                           for part in (rows[k:k + _ROWS_PER_INSERT]
-                                        for k in range(0, len(rows), _ROWS_PER_INSERT))]
-            for values, params in inserts:
-                written = conn.exec_driver_sql(
-                    f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) {values}"
-                    " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
-                    " RETURNING id, device_id, incarnation, seq", params)
-                id_of.update(((d, i, q), tid) for tid, d, i, q in written)
+                id_of = self._insert_telemetry_sqlite(conn, rows, now)
             stored = [(id_of[key], b) for b in fresh
                       if (key := (b.device_id, b.incarnation, b.seq)) in id_of]
             usage = [(tid, b.device_id, name, v.requests, v.errors, v.labeled, v.correct,
@@ -553,11 +558,62 @@ class Store:
             _insert_rows(conn, pg, "telemetry_shadow", _SHADOW_COLUMNS, shadow)
             _insert_rows(conn, pg, "switches", _SWITCH_COLUMNS, switches)
             # Only reported state (and its Last Will) says online or offline: a batch may
-            # have waited in a queue and arrive after the will.
-            if stored:
+            # have waited in a queue and arrive after the will. (SQLite: touched first.)
+            if stored and pg:
                 self._touch_many(conn, ph, sorted({b.device_id for _, b in stored}), now)
         return [new and (b.device_id, b.incarnation, b.seq) in id_of
                 for b, new in zip(batches, result, strict=True)]
+
+    @staticmethod
+    def _insert_telemetry_pg(conn: Connection, rows: list[tuple]) -> dict[tuple, int]:
+        """The rows as one array per column; the ids of those written (not there yet)."""
+        written = conn.exec_driver_sql(
+            f"INSERT INTO telemetry ({', '.join(_TELEMETRY_COLUMNS)}) SELECT * FROM unnest("
+            + ", ".join(f"%s::{t}[]" for t in _TELEMETRY_PG_TYPES) + ")"
+            " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
+            " RETURNING id, device_id, incarnation, seq",
+            tuple(list(column) for column in zip(*rows, strict=True)))
+        return {(d, i, q): tid for tid, d, i, q in written}
+
+    def _insert_telemetry_sqlite(self, conn: Connection, rows: list[tuple],
+                                 now: float) -> dict[tuple, int]:
+        """The rows in a few multi-row statements; the ids of those written.
+
+        Not ``RETURNING``: Python's sqlite3 lets go of the GIL for every row returned, and
+        taking it back from ingest's busy threads can wait a switch interval each time
+        (docs/ingest.md). Instead the devices' ``last_seen`` is written first, which takes
+        SQLite's write lock for this transaction: from then on no one else writes. SQLite
+        gives each new row the highest id plus one, so the rows past the highest id read
+        next are this transaction's, read back in one row. (Past the largest id SQLite
+        picks ids at random: then ``RETURNING`` names them.)
+        """
+        self._touch_many(conn, "?", sorted({r[0] for r in rows}), now)
+        before = conn.exec_driver_sql(
+            "SELECT coalesce(max(id), 0) FROM telemetry").scalar() or 0
+        columns = ", ".join(_TELEMETRY_COLUMNS)
+        row = "(" + ", ".join(["?"] * len(_TELEMETRY_COLUMNS)) + ")"
+        returning = before > _SQLITE_MAX_ROWID - len(rows)
+        id_of: dict[tuple, int] = {}
+        inserted = 0
+        for part in _sqlite_parts(rows):
+            result = conn.exec_driver_sql(
+                f"INSERT INTO telemetry ({columns}) VALUES " + ", ".join([row] * len(part))
+                + " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
+                + (" RETURNING id, device_id, incarnation, seq" if returning else ""),
+                tuple(chain.from_iterable(part)))
+            if returning:
+                id_of.update(((d, i, q), tid) for tid, d, i, q in result)
+            else:
+                inserted += result.rowcount
+        if returning:
+            return id_of
+        found = json.loads(conn.exec_driver_sql(
+            "SELECT json_group_array(json_array(id, device_id, incarnation, seq))"
+            " FROM telemetry WHERE id > ?", (before,)).scalar() or "[]")
+        if len(found) != inserted:
+            raise StoreError(f"{inserted} telemetry rows written, but {len(found)} found "
+                             "past the highest id before them")
+        return {(d, i, q): tid for tid, d, i, q in found}
 
     @staticmethod
     def _touch_many(conn: Connection, ph: str, device_ids: list[str], now: float) -> None:
@@ -571,8 +627,7 @@ class Store:
                 columns + "SELECT d, FALSE, %s, '[]'::json, '{}'::json "
                 "FROM unnest(%s::varchar[]) AS d" + upsert, (now, device_ids))
             return
-        for k in range(0, len(device_ids), _ROWS_PER_INSERT):
-            part = device_ids[k:k + _ROWS_PER_INSERT]
+        for part in _sqlite_parts(device_ids):
             conn.exec_driver_sql(
                 columns + "VALUES " + ", ".join(
                     [f"({ph}, FALSE, {ph}, '[]', '{{}}')"] * len(part)) + upsert,

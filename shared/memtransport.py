@@ -52,6 +52,7 @@ from .errors import TransportError
 from .transport import (
     BrokerAddress,
     Inbound,
+    InboundQueue,
     TransportOptions,
     check_filter,
     check_topic,
@@ -449,7 +450,7 @@ class MemoryTransport:
         self.broker = broker
         self.options = options
         self.address = address or broker.address
-        self.inbound: queue.Queue[Inbound] = queue.Queue(maxsize=options.inbound_queue_size)
+        self.inbound = InboundQueue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
         self.inbound_waits = 0  # the broker keeps to the in-flight window: never waits
         self.connected = threading.Event()

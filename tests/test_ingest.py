@@ -392,6 +392,58 @@ def test_every_field_of_a_group_of_batches_is_stored_as_sent(tmp_path, backend):
             schema.close()  # drops it
 
 
+def test_sqlite_children_join_their_own_batch_with_two_writers_and_past_the_largest_id(
+        tmp_path):
+    """On SQLite a group's new rows are found by id (no ``RETURNING`` per row): with two
+    stores writing one file in turns (as ingest worker processes do), duplicates mixed in,
+    and past SQLite's largest id (where it picks ids at random), every child row belongs
+    to its own batch and each batch is stored once."""
+    url = sqlite_url(tmp_path / "s.db")
+    one, two = Store(url), Store(url)
+    try:
+        def b(device: str, seq: int) -> TelemetryBatch:
+            return TelemetryBatch(
+                device_id=device, seq=seq, incarnation="i", interval_start=1,
+                interval_end=2, variants={"v": VariantStats(requests=seq + 1),
+                                          "w": VariantStats(requests=seq + 1)},
+                switches=[SwitchEvent(ts=float(seq), from_variant=None, to_variant="v",
+                                      reason="initial")])
+
+        expected = set()
+        for k in range(6):
+            store = (one, two)[k % 2]
+            group = [b(f"d{d}", seq) for d in range(3) for seq in range(k * 5, k * 5 + 7)]
+            new = store.add_telemetry_batches(group)
+            # the first two seqs of each device repeat the last group's last two
+            assert new == [(x.device_id, x.seq) not in expected for x in group]
+            expected |= {(x.device_id, x.seq) for x in group}
+        with one.engine.begin() as c:  # SQLite now picks the ids of new rows at random
+            c.exec_driver_sql(
+                "INSERT INTO telemetry (id, device_id, incarnation, seq, interval_start, "
+                "interval_end, energy_j, batches_dropped, switches_dropped, received_at) "
+                "VALUES (9223372036854775807, 'top', 'i', 0, 1, 2, 0, 0, 0, 0)")
+        expected.add(("top", 0))
+        group = [b("d0", seq) for seq in range(28, 40)]
+        assert two.add_telemetry_batches(group) == [s >= 32 for s in range(28, 40)]
+        expected |= {(x.device_id, x.seq) for x in group}
+        with one.engine.connect() as c:
+            rows = c.exec_driver_sql("SELECT device_id, seq FROM telemetry").all()
+            assert sorted(map(tuple, rows)) == sorted(expected)
+            children = c.exec_driver_sql(
+                "SELECT t.device_id, t.seq, v.device_id, v.requests FROM telemetry_variants v "
+                "JOIN telemetry t ON t.id = v.telemetry_id").all()
+            switches = c.exec_driver_sql(
+                "SELECT t.device_id, t.seq, s.device_id, s.ts FROM switches s "
+                "JOIN telemetry t ON t.id = s.telemetry_id").all()
+        assert len(children) == 2 * (len(expected) - 1)
+        assert all(d == vd and r == seq + 1 for d, seq, vd, r in children)
+        assert len(switches) == len(expected) - 1
+        assert all(d == sd and ts == seq for d, seq, sd, ts in switches)
+    finally:
+        one.close()
+        two.close()
+
+
 def test_sqlite_store_has_a_commit_on_disk_before_ingest_acknowledges_it(tmp_path):
     """Ingest acknowledges a batch after its commit and the agent then deletes its copy:
     the commit must survive the machine's crash, not only the server's (WAL fsynced at

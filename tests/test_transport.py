@@ -6,12 +6,19 @@ broker: tests/test_ingest.py.)"""
 from __future__ import annotations
 
 import socket
+import threading
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from prunefleet.shared.errors import TransportError
-from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
+from prunefleet.shared.transport import (
+    BrokerAddress,
+    Inbound,
+    InboundQueue,
+    MqttTransport,
+    TransportOptions,
+)
 
 
 def _transport(**options) -> MqttTransport:
@@ -129,3 +136,23 @@ def test_read_ahead_hands_over_every_packet_however_the_bytes_arrive():
     finally:
         c._sock = None
         mine.close()
+
+
+def test_a_group_taken_at_once_wakes_a_network_thread_waiting_for_room_once():
+    """The ingest loop takes a group in one call: in order, up to the most asked for, and
+    the network thread blocked on the full queue is woken once, not once per item."""
+    q = InboundQueue(maxsize=5)
+    for k in range(5):
+        q.put_nowait(Inbound("message", f"t/{k}"))
+    wakes = []
+    notify = q.not_full.notify
+    q.not_full.notify = lambda n=1: (wakes.append(n), notify(n))[1]
+    producer = threading.Thread(target=q.put, args=(Inbound("message", "t/5"),))
+    producer.start()
+    group = q.get_many(4, timeout=5)
+    producer.join(5)
+    assert not producer.is_alive()  # it found room
+    assert [i.topic for i in group] == ["t/0", "t/1", "t/2", "t/3"]
+    assert len(wakes) == 1
+    assert [i.topic for i in q.get_many(10, timeout=5)] == ["t/4", "t/5"]
+    assert q.get_many(10, timeout=0.01) == []  # nothing came: empty, not an error
