@@ -5,6 +5,7 @@ broker: tests/test_ingest.py.)"""
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
 
@@ -18,6 +19,7 @@ from prunefleet.shared.transport import (
     InboundQueue,
     MqttTransport,
     TransportOptions,
+    _remaining_length,
 )
 
 
@@ -156,3 +158,87 @@ def test_a_group_taken_at_once_wakes_a_network_thread_waiting_for_room_once():
     assert len(wakes) == 1
     assert [i.topic for i in q.get_many(10, timeout=5)] == ["t/4", "t/5"]
     assert q.get_many(10, timeout=0.01) == []  # nothing came: empty, not an error
+
+
+def _packet(head: int, body: bytes) -> bytes:
+    return bytes((head,)) + _remaining_length(len(body)) + body
+
+
+def _publish(topic: bytes, payload: bytes, qos: int, mid: int = 0, retain: bool = False,
+             dup: bool = False) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic
+    body += mid.to_bytes(2, "big") if qos else b""
+    return _packet(0x30 | (dup << 3) | (qos << 1) | retain, body + payload)
+
+
+def _received(stream: bytes, read_batch: int, chunks: list[int], expect: int,
+              per_topic: bool = False) -> tuple[list[tuple], int]:
+    """What a manual-ack transport hands over for ``stream``, sent in ``chunks``, and how
+    many it handed over without paho's own parsing."""
+    t = _transport(manual_ack=True, read_batch=read_batch)
+    c = t._client
+    if per_topic:
+        c.message_callback_add("x/#", lambda *_: None)
+    fast = 0
+    handler = c.on_publish_read
+
+    def counted(*args) -> None:
+        nonlocal fast
+        fast += 1
+        assert handler is not None
+        handler(*args)
+    c.on_publish_read = counted
+    mine, broker = socket.socketpair()
+    mine.setblocking(False)
+    c._sock = mine
+    try:
+        k = 0
+        for size in chunks:
+            broker.sendall(stream[k:k + size])
+            k += size
+            for _ in range(200):  # paho's own path: one packet per call
+                if c.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                    break
+        assert k >= len(stream)
+        got = [t.inbound.get_nowait() for _ in range(t.inbound.qsize())]
+        assert len(got) == expect
+        return [(m.topic, m.payload, m.retain, m.mid, m.qos) for m in got], fast
+    finally:
+        c._sock = None
+        mine.close()
+        broker.close()
+
+
+def test_publishes_read_ahead_are_handed_over_as_paho_would_however_they_arrive():
+    """The busy subscriber's own parsing of PUBLISH packets read ahead gives exactly what
+    paho's parsing gives: topics, payloads of every length encoding, retain, message ids
+    and QoS, in order, with other packets (QoS 2, PUBACK, PINGRESP) left to paho between
+    them, and whatever the reads cut."""
+    rng = random.Random(7)
+    stream, expect = b"", 0
+    for k in range(300):
+        size = rng.choice((0, 1, 50, 126, 127, 128, 300, 16383, 16384, 20000))
+        payload = bytes(rng.randrange(256) for _ in range(min(size, 64))) * (size // 64 + 1)
+        payload = payload[:size]
+        topic = f"p/devices/d{k % 7}/telemetry".encode() if k % 5 else "p/é/ü".encode()
+        kind = rng.random()
+        if kind < 0.05:  # QoS 2: PUBREC from paho, the message once PUBREL comes
+            stream += _publish(topic, payload, 2, mid=60000 + k)
+            stream += _packet(0x62, (60000 + k).to_bytes(2, "big"))  # PUBREL
+        elif kind < 0.08:
+            stream += _packet(0x40, (1000 + k).to_bytes(2, "big"))  # PUBACK of nothing sent
+            stream += _packet(0xD0, b"")  # PINGRESP
+            continue
+        else:
+            stream += _publish(topic, payload, 1 if kind < 0.8 else 0, mid=k + 1,
+                               retain=kind > 0.9, dup=kind > 0.95)
+        expect += 1
+    cuts = [1, 2, 3, 7, 100, 5000] + [rng.randrange(1, 70000) for _ in range(200)]
+    paho, none_fast = _received(stream, 0, cuts, expect)
+    assert none_fast == 0
+    for read_batch in (1, 64):
+        ours, fast = _received(stream, read_batch, cuts, expect)
+        assert ours == paho
+        assert fast > expect // 2  # most of them did not go through paho's parsing
+    # per-topic callbacks registered: paho's path, which honours them
+    assert _received(stream, 64, cuts, expect, per_topic=True) == (paho, 0)
