@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -322,15 +323,16 @@ _SHADOW_COLUMNS = (
     ("latency_ms_p95", "float8"), ("profile_latency_ms", "float8"))
 
 
-def _insert_rows(conn: Connection, pg: bool, table: str,
+def _insert_rows(execute: Callable[[str, Any], Any], pg: bool, table: str,
                  columns: tuple[tuple[str, str], ...], rows: list[tuple]) -> None:
     """Insert ``rows``: on PostgreSQL as one array per column (one statement, cached and
-    prepared whatever the number of rows), elsewhere by executemany."""
+    prepared whatever the number of rows), on SQLite in multi-row statements. ``execute``
+    is a connection's ``exec_driver_sql`` or a DBAPI cursor's ``execute``."""
     if not rows:
         return
     names = ", ".join(name for name, _ in columns)
     if pg:
-        conn.exec_driver_sql(
+        execute(
             f"INSERT INTO {table} ({names}) SELECT * FROM unnest("
             + ", ".join(f"%s::{t}[]" for _, t in columns) + ")",
             tuple(list(column) for column in zip(*rows, strict=True)))
@@ -340,9 +342,19 @@ def _insert_rows(conn: Connection, pg: bool, table: str,
         # takes it back can wait a switch interval (5 ms) (docs/ingest.md).
         row = "(" + ", ".join(["?"] * len(columns)) + ")"
         for part in _sqlite_parts(rows):
-            conn.exec_driver_sql(
-                f"INSERT INTO {table} ({names}) VALUES " + ", ".join([row] * len(part)),
-                tuple(chain.from_iterable(part)))
+            execute(f"INSERT INTO {table} ({names}) VALUES " + ", ".join([row] * len(part)),
+                    tuple(chain.from_iterable(part)))
+
+
+@contextmanager
+def _sqlite_errors() -> Iterator[None]:
+    """SQLite's own errors, from statements run on its DBAPI cursor, as the store's."""
+    try:
+        yield
+    except sqlite3.IntegrityError as e:
+        raise StoreConflictError(str(e)) from e
+    except sqlite3.Error as e:
+        raise StoreError(str(e)) from e
 
 
 def _upgrade_telemetry(engine) -> None:
@@ -535,18 +547,27 @@ class Store:
                  b.mem_percent, b.temperature_c, b.energy_j, b.batches_dropped,
                  b.switches_dropped, received) for b in fresh]
         pg = self.engine.dialect.name == "postgresql"
-        with self.session() as s:
+        with self.session() as s, _sqlite_errors():
             conn = s.connection()
+            execute: Callable[[str, Any], Any]
             if pg:
+                execute = conn.exec_driver_sql
                 id_of = self._insert_telemetry_pg(conn, rows)
             else:
-                id_of = self._insert_telemetry_sqlite(conn, rows, now)
+                # The devices' last_seen first, through SQLAlchemy (it takes the write
+                # lock, and a fenced thread's proof comes with it); the rest on the DBAPI
+                # cursor: SQLAlchemy's work per statement cost more than SQLite's.
+                self._touch_many(conn, "?", sorted({r[0] for r in rows}), now)
+                raw = conn.connection.driver_connection
+                assert raw is not None  # a checked-out connection's
+                execute = raw.cursor().execute
+                id_of = self._insert_telemetry_sqlite(execute, rows)
             stored = [(id_of[key], b) for b in fresh
                       if (key := (b.device_id, b.incarnation, b.seq)) in id_of]
             usage = [(tid, b.device_id, name, v.requests, v.errors, v.labeled, v.correct,
                       v.latency_ms_p50, v.latency_ms_p95, v.latency_ms_p99)
                      for tid, b in stored for name, v in b.variants.items()]
-            _insert_rows(conn, pg, "telemetry_variants", _VARIANT_COLUMNS, usage)
+            _insert_rows(execute, pg, "telemetry_variants", _VARIANT_COLUMNS, usage)
             switches = [(tid, b.device_id, sw.ts, sw.from_variant, sw.to_variant,
                          sw.reason.value)
                         for tid, b in stored for sw in b.switches]
@@ -555,8 +576,8 @@ class Store:
                        v.latency_ms_p95, v.profile_latency_ms)
                       for tid, b in stored if b.shadow
                       for name, v in b.shadow.variants.items()]
-            _insert_rows(conn, pg, "telemetry_shadow", _SHADOW_COLUMNS, shadow)
-            _insert_rows(conn, pg, "switches", _SWITCH_COLUMNS, switches)
+            _insert_rows(execute, pg, "telemetry_shadow", _SHADOW_COLUMNS, shadow)
+            _insert_rows(execute, pg, "switches", _SWITCH_COLUMNS, switches)
             # Only reported state (and its Last Will) says online or offline: a batch may
             # have waited in a queue and arrive after the will. (SQLite: touched first.)
             if stored and pg:
@@ -575,41 +596,41 @@ class Store:
             tuple(list(column) for column in zip(*rows, strict=True)))
         return {(d, i, q): tid for tid, d, i, q in written}
 
-    def _insert_telemetry_sqlite(self, conn: Connection, rows: list[tuple],
-                                 now: float) -> dict[tuple, int]:
-        """The rows in a few multi-row statements; the ids of those written.
+    @staticmethod
+    def _insert_telemetry_sqlite(execute: Callable[[str, Any], Any],
+                                 rows: list[tuple]) -> dict[tuple, int]:
+        """The rows in a few multi-row statements; the ids of those written. The caller
+        has written the devices' ``last_seen`` in this transaction already.
 
         Not ``RETURNING``: Python's sqlite3 lets go of the GIL for every row returned, and
         taking it back from ingest's busy threads can wait a switch interval each time
-        (docs/ingest.md). Instead the devices' ``last_seen`` is written first, which takes
-        SQLite's write lock for this transaction: from then on no one else writes. SQLite
-        gives each new row the highest id plus one, so the rows past the highest id read
-        next are this transaction's, read back in one row. (Past the largest id SQLite
-        picks ids at random: then ``RETURNING`` names them.)
+        (docs/ingest.md). Instead: the write before took SQLite's write lock for this
+        transaction, so no one else writes until it ends, and SQLite gives each new row
+        the highest id plus one: the rows past the highest id read now are this
+        transaction's, read back in one row. (Past the largest id SQLite picks ids at
+        random: then ``RETURNING`` names them.)
         """
-        self._touch_many(conn, "?", sorted({r[0] for r in rows}), now)
-        before = conn.exec_driver_sql(
-            "SELECT coalesce(max(id), 0) FROM telemetry").scalar() or 0
+        before = execute("SELECT coalesce(max(id), 0) FROM telemetry", ()).fetchone()[0]
         columns = ", ".join(_TELEMETRY_COLUMNS)
         row = "(" + ", ".join(["?"] * len(_TELEMETRY_COLUMNS)) + ")"
         returning = before > _SQLITE_MAX_ROWID - len(rows)
         id_of: dict[tuple, int] = {}
         inserted = 0
         for part in _sqlite_parts(rows):
-            result = conn.exec_driver_sql(
+            result = execute(
                 f"INSERT INTO telemetry ({columns}) VALUES " + ", ".join([row] * len(part))
                 + " ON CONFLICT (device_id, incarnation, seq) DO NOTHING"
                 + (" RETURNING id, device_id, incarnation, seq" if returning else ""),
                 tuple(chain.from_iterable(part)))
             if returning:
-                id_of.update(((d, i, q), tid) for tid, d, i, q in result)
+                id_of.update(((d, i, q), tid) for tid, d, i, q in result.fetchall())
             else:
                 inserted += result.rowcount
         if returning:
             return id_of
-        found = json.loads(conn.exec_driver_sql(
+        found = json.loads(execute(
             "SELECT json_group_array(json_array(id, device_id, incarnation, seq))"
-            " FROM telemetry WHERE id > ?", (before,)).scalar() or "[]")
+            " FROM telemetry WHERE id > ?", (before,)).fetchone()[0])
         if len(found) != inserted:
             raise StoreError(f"{inserted} telemetry rows written, but {len(found)} found "
                              "past the highest id before them")

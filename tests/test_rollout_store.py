@@ -205,6 +205,18 @@ def test_database_errors_leave_the_store_as_store_errors(store):
     with pytest.raises(StoreError) as e:
         store.events()
     assert isinstance(e.value.__cause__, sqlalchemy.exc.SQLAlchemyError)
+    # Telemetry's child rows go past SQLAlchemy on SQLite: its errors are the store's too,
+    # and the group's transaction writes nothing.
+    with store.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("DROP TABLE switches"))
+    batch = TelemetryBatch(device_id="d9", seq=0, interval_start=1, interval_end=2,
+                           switches=[SwitchEvent(ts=1.5, from_variant=None, to_variant="v",
+                                                 reason="initial")])
+    before = store.telemetry_count()
+    with pytest.raises(StoreError, match="switches"):
+        store.add_telemetry_batches([batch])
+    assert store.telemetry_count() == before
+    assert store.device("d9") is None
 
 
 def test_an_unreachable_database_is_a_store_error(tmp_path):
