@@ -103,7 +103,7 @@ class FleetServer:
         persistent_session: bool = True,
         device_rate_per_s: float = 20.0,
         device_burst: float = 200.0,
-        group_max: int = 200,
+        group_max: int = 1000,
         ingest_processes: int = 0,
     ):
         """``persistent_session`` keeps the ingest subscription at the broker while this
