@@ -62,10 +62,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_mosquitto(work: Path, *, connection_messages: bool = True
-                    ) -> tuple[subprocess.Popen, str]:
+def start_mosquitto(work: Path, *, connection_messages: bool = True,
+                    max_queued_messages: int | None = None) -> tuple[subprocess.Popen, str]:
     """The test config's mosquitto on a free loopback port (``connection_messages=False``
-    keeps its log small when thousands of devices connect). Shared by the bench scripts."""
+    keeps its log small when thousands of devices connect; ``max_queued_messages`` in
+    place of the config's). Shared by the bench scripts."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not os.access(binary, os.X_OK):
         sys.exit("mosquitto is not installed (Debian: apt-get install -y mosquitto)")
@@ -75,6 +76,9 @@ def start_mosquitto(work: Path, *, connection_messages: bool = True
                   count=1, flags=re.MULTILINE)
     if not connection_messages:
         text = text.replace("connection_messages true", "connection_messages false")
+    if max_queued_messages is not None:
+        text = re.sub(r"^max_queued_messages\s+\d+", f"max_queued_messages {max_queued_messages}",
+                      text, count=1, flags=re.MULTILINE)
     conf.write_text(text)
     log = open(work / "mosquitto.log", "wb")  # noqa: SIM115 - lives as long as the broker
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
