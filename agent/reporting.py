@@ -42,21 +42,31 @@ class Reporter:
         self.problems_interval_s = problems_interval_s
         self.counters = Counters()
         self.last_error: str | None = None
-        self.dirty = True
+        # Changes marked, and how many of them the last report sent covered. A count, not
+        # a flag: a request thread may mark a change (a switch) while the loop thread
+        # builds a report, and clearing a flag after publishing would lose it.
+        self.marks = 1
+        self._marks_sent = 0
         self._problems_sent = 0
         self._sent_at = -1e18
 
     def mark(self) -> None:
-        """Something a reader of the reported state would notice changed."""
-        self.dirty = True
+        """Something a reader of the reported state would notice changed (any thread)."""
+        self.marks += 1
+
+    @property
+    def dirty(self) -> bool:
+        return self.marks != self._marks_sent
 
     def due(self, problems: int, now: float) -> bool:
         if self.dirty:
             return True
         return problems != self._problems_sent and now - self._sent_at >= self.problems_interval_s
 
-    def sent(self, problems: int, now: float) -> None:
-        self.dirty = False
+    def sent(self, problems: int, now: float, marks: int) -> None:
+        """A report went out, built after ``marks`` (read before building it) and with
+        ``problems``: a change marked since stays due."""
+        self._marks_sent = marks
         self._problems_sent = problems
         self._sent_at = now
 

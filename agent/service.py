@@ -459,10 +459,13 @@ class Agent:
             self._publish_reported()
 
     def _publish_reported(self) -> None:
+        # Read before building: what changes meanwhile (a request thread's switch) is
+        # reported by the next one.
+        marks, problems = self.reporter.marks, self._problem_count()
         state = self.reported_state(with_facts=self._facts_due)
         self._publish(self.topics.reported(self.device_id), state.encode(), retain=True)
         self._facts_due = False
-        self.reporter.sent(self._problem_count(), self.clock.monotonic())
+        self.reporter.sent(problems, self.clock.monotonic(), marks)
 
     def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
         ev = Event(device_id=self.device_id, ts=self.clock.time(), kind=kind,

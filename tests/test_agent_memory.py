@@ -214,6 +214,32 @@ def _installed(agent: Agent, *names: str) -> bool:
 # -- distribution ------------------------------------------------------------------------------
 
 
+def test_a_switch_made_while_a_report_is_built_is_reported_next(fleet: Fleet) -> None:
+    """A request thread's first request switches the active variant (the rollout goes
+    from installed to active) while the loop thread builds a report: the report sent then
+    says installed, and the next one must say active, not be skipped as up to date."""
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    agent = fleet.agent()
+    fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: _installed(agent, "small"))
+    agent.step()
+    assert fleet.reported().rollout.phase == RolloutPhase.INSTALLED
+    build = agent.reporter.build
+
+    def racing(**kw: object):  # the request lands between building and publishing
+        state = build(**kw)
+        assert agent.predict(np.zeros((1, 1, 8, 8), np.float32)).variant == "small"
+        return state
+    agent.reporter.build = racing
+    agent.reporter.mark()
+    agent.step()
+    agent.reporter.build = build
+    assert fleet.reported().rollout.phase == RolloutPhase.INSTALLED
+    agent.step()
+    r = fleet.reported()
+    assert (r.active_variant, r.rollout and r.rollout.phase) == ("small", RolloutPhase.ACTIVE)
+
+
 @pytest.mark.timeout(10)
 def test_a_signed_manifest_and_retained_chunks_are_installed(fleet: Fleet) -> None:
     fleet.publish_chunks(SMALL, SMALL_DATA)
