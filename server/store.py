@@ -282,6 +282,7 @@ _TELEMETRY_COLUMNS = (
     "batches_dropped", "switches_dropped", "received_at")
 _ROWS_PER_INSERT = 64  # 15 parameters each: under SQLite's oldest limit of 999
 _SQLITE_MAX_ROWID = 2**63 - 1
+_KEYS_PER_QUERY = 200  # (device, incarnation) keys in one query of stored seqs
 
 
 def _sqlite_parts(rows: list, most: int = _ROWS_PER_INSERT) -> Iterator[list]:
@@ -671,16 +672,19 @@ class Store:
         group's devices this process meets for the first time), at most ``limit`` per key
         on average."""
         out: dict[tuple[str, str], list[int]] = {k: [] for k in starts}
-        if not starts:
-            return out
-        cond = or_(*(and_(Telemetry.device_id == d, Telemetry.incarnation == i,
-                          Telemetry.seq >= start) for (d, i), start in starts.items()))
+        items = list(starts.items())
         with self.session() as s:
-            rows = s.execute(
-                select(Telemetry.device_id, Telemetry.incarnation, Telemetry.seq)
-                .where(cond).order_by(Telemetry.seq).limit(limit * len(starts)))
-            for d, i, seq in rows:
-                out[(d, i)].append(seq)
+            # At most _KEYS_PER_QUERY keys to a query: SQLite refuses an expression tree
+            # deeper than 1,000, which one OR over a whole group of 1,000 new devices is.
+            for k in range(0, len(items), _KEYS_PER_QUERY):
+                part = items[k:k + _KEYS_PER_QUERY]
+                cond = or_(*(and_(Telemetry.device_id == d, Telemetry.incarnation == i,
+                                  Telemetry.seq >= start) for (d, i), start in part))
+                rows = s.execute(
+                    select(Telemetry.device_id, Telemetry.incarnation, Telemetry.seq)
+                    .where(cond).order_by(Telemetry.seq).limit(limit * len(part)))
+                for d, i, seq in rows:
+                    out[(d, i)].append(seq)
         return out
 
     def _touch(self, s: Session, device_id: str, online: bool | None = None) -> Device:

@@ -20,6 +20,7 @@ from test_brokers import connected, production_mosquitto  # noqa: F401 - a fixtu
 from prunefleet.agent.config import load_config
 from prunefleet.agent.service import Agent
 from prunefleet.server.ingest import DROP_REASONS, DeviceRateLimiter, StoredCursors
+from prunefleet.server.ingestwork import IngestCore
 from prunefleet.server.serve import FleetService, ServeOptions
 from prunefleet.server.store import Store, sqlite_url
 from prunefleet.shared.messages import (
@@ -386,6 +387,36 @@ def test_every_field_of_a_group_of_batches_is_stored_as_sent(tmp_path, backend):
                 "FROM telemetry_shadow").all()
             assert [tuple(r) for r in shadow] == [
                 (4, "b", "a", 9, 8, 0.25, 1, 4.0, None, 20.0)]
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()  # drops it
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_full_group_from_devices_met_for_the_first_time_gets_every_cursor(
+        tmp_path, backend):
+    """A full group (1,000 messages) from 1,000 devices this server has not met: every
+    batch stored and every device's cursor published. Their cursors are read from the
+    store in a few queries; one query over all 1,000 was refused by SQLite (an expression
+    tree deeper than 1,000) and the group was counted as an error."""
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        topics = Topics("pf")
+        core = IngestCore(store, topics, device_rate_per_s=0)
+        # one device stored a batch before: its cursor comes from the store
+        store.add_telemetry_batches([TelemetryBatch(
+            device_id="d0007", seq=0, incarnation="i", interval_start=1, interval_end=2)])
+        messages = [(topics.telemetry(f"d{k:04d}"), TelemetryBatch(
+            device_id=f"d{k:04d}", seq=1 if k == 7 else 0, incarnation="i",
+            unconfirmed_from=0, interval_start=1, interval_end=2).encode())
+            for k in range(1000)]
+        out = core.process(messages)
+        assert sum(core.counters.dropped.values()) == 0
+        assert core.counters.telemetry == 1000
+        assert sorted(out.cursors) == sorted(
+            (f"d{k:04d}", "i", 1 if k == 7 else 0) for k in range(1000))
     finally:
         store.close()
         if schema is not None:
