@@ -580,9 +580,10 @@ class Store:
             _insert_rows(execute, pg, "telemetry_shadow", _SHADOW_COLUMNS, shadow)
             _insert_rows(execute, pg, "switches", _SWITCH_COLUMNS, switches)
             # Only reported state (and its Last Will) says online or offline: a batch may
-            # have waited in a queue and arrive after the will. (SQLite: touched first.)
-            if stored and pg:
-                self._touch_many(conn, ph, sorted({b.device_id for _, b in stored}), now)
+            # have waited in a queue and arrive after the will. Every device of the group
+            # is seen, a re-sent batch's too (SQLite: touched first, above).
+            if pg:
+                self._touch_many(conn, ph, sorted({b.device_id for b in fresh}), now)
         return [new and (b.device_id, b.incarnation, b.seq) in id_of
                 for b, new in zip(batches, result, strict=True)]
 

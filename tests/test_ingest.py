@@ -328,6 +328,12 @@ def test_telemetry_adds_unknown_devices_and_refreshes_known_ones_without_their_s
         assert (known.online, known.agent_version, known.counters) == (
             True, "1.2", {"telemetry_resent": 3})
         assert {d.device_id for d in store.devices()} == {"new", "known"}
+        # A group of re-sent batches only (all duplicates) still says the device was seen.
+        with store.engine.begin() as c:
+            c.exec_driver_sql("UPDATE devices SET last_seen = 0 WHERE device_id = 'new'")
+        assert store.add_telemetry_batches([b("new", 0), b("new", 1)]) == [False, False]
+        seen = store.device("new")
+        assert seen is not None and seen.last_seen > 0
     finally:
         store.close()
         if schema is not None:
