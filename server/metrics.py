@@ -71,6 +71,8 @@ QUANTILES = (("0.5", VariantUsage.latency_ms_p50), ("0.95", VariantUsage.latency
 # ignored here (it is still shown per device by the API and the dashboard).
 DEVICE_COUNTERS = ("invalid_messages", "rejected_manifests", "install_failures",
                    "rejected_chunks", "inbound_dropped", "telemetry_dropped",
+                   # subscriptions the broker refused (the agent asks again, backing off)
+                   "subscribe_refused",
                    # the agent's telemetry queue: batches held (not yet confirmed stored),
                    # sent and awaiting the server's cursor, sent again after the timeout
                    "telemetry_queued", "telemetry_unconfirmed", "telemetry_resent")

@@ -452,6 +452,7 @@ class MemoryTransport:
         self.address = address or broker.address
         self.inbound = InboundQueue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
+        self.subscribe_refused = 0  # this broker grants every valid filter
         self.inbound_waits = 0  # the broker keeps to the in-flight window: never waits
         self.connected = threading.Event()
         self._subs: dict[str, int] = {}

@@ -46,6 +46,7 @@ __all__ = [
     "check_topic",
     "raise_fd_limit",
     "split_shared",
+    "subscribe_retry_delay",
     "topic_matches",
 ]
 
@@ -79,6 +80,20 @@ def backoff_delay(attempt: int, min_s: float, max_s: float, rng: random.Random) 
     """
     cap = min(max_s, min_s * (2 ** min(attempt, 30)))
     return cap / 2 + rng.uniform(0, cap / 2)
+
+
+SUBSCRIBE_RETRY_MIN_S = 2.0
+SUBSCRIBE_RETRY_MAX_S = 15.0
+
+
+def subscribe_retry_delay(refusals: int, rng: random.Random | None = None) -> float:
+    """How long to wait before asking again for a subscription refused ``refusals`` times
+    in a row: 1-2 s after the first refusal, doubling up to 7.5-15 s."""
+    return backoff_delay(max(0, refusals - 1), SUBSCRIBE_RETRY_MIN_S, SUBSCRIBE_RETRY_MAX_S,
+                         rng or _RETRY_RNG)
+
+
+_RETRY_RNG = random.Random()
 
 
 # -- MQTT 3.1.1 topic rules -------------------------------------------------------------------
@@ -271,6 +286,7 @@ class Transport(Protocol):
     connected: threading.Event
     dropped_inbound: int
     inbound_waits: int
+    subscribe_refused: int  # filters the broker refused (each asked for again later)
     address: BrokerAddress
 
     def start(self) -> None:
@@ -575,6 +591,9 @@ class MqttTransport:
         c.on_subscribe = self._on_subscribe
         # SUBSCRIBEs awaiting their SUBACK, by message id: a refused one is sent again.
         self._subscribing: dict[int, list[tuple[str, int]]] = {}
+        self._refusals: dict[str, int] = {}  # filter -> refusals in a row on this connection
+        self.subscribe_refused = 0  # SUBACKs refusing a filter, since this transport began
+        self._timer = threading.Timer  # a test's fake clock replaces it
         self._started = False
 
     # -- network-thread callbacks: enqueue only ---------------------------------------
@@ -595,6 +614,7 @@ class MqttTransport:
         client.last_error = None
         with self._lock:
             self.connection += 1
+            self._refusals.clear()
         # paho leaves Nagle on: an UNSUBSCRIBE followed by a SUBSCRIBE (the chunk window)
         # would then wait for the broker's delayed ACK, ~40 ms per chunk.
         sock = client.socket()
@@ -664,16 +684,29 @@ class MqttTransport:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         """A broker may refuse a subscription for a while (NATS's MQTT gateway does while
-        its JetStream elects a leader after a node died); ask again a second later, or a
-        device would stay connected and never hear its desired state."""
+        its JetStream elects a leader after a node died); ask again later, or a device would
+        stay connected and never hear its desired state nor its telemetry cursor.
+
+        The wait doubles with each refusal in a row (:func:`subscribe_retry_delay`): NATS
+        holds the client's connection for its request timeout (4 s) on each refused
+        SUBSCRIBE, and every attempt is a request to the cluster still electing leaders."""
         with self._lock:
             subs = self._subscribing.pop(mid, [])
-            refused = [(f, q) for (f, q), rc in zip(subs, reason_codes, strict=False)
-                       if rc.is_failure and f in self._subs]
+            refused, granted = [], []
+            for (f, q), rc in zip(subs, reason_codes, strict=False):
+                if f in self._subs:
+                    (refused if rc.is_failure else granted).append((f, q))
+            for f, _ in granted:
+                self._refusals.pop(f, None)
+            for f, _ in refused:
+                self._refusals[f] = self._refusals.get(f, 0) + 1
+            self.subscribe_refused += len(refused)
+            n = max((self._refusals[f] for f, _ in refused), default=0)
         if refused:
-            log.warning("the broker refused the subscription to %s; asking again in 1 s",
-                        ", ".join(f for f, _ in refused))
-            t = threading.Timer(1.0, self._resubscribe, args=(refused, self.connection))
+            delay = subscribe_retry_delay(n)
+            log.warning("the broker refused the subscription to %s (%d in a row); asking "
+                        "again in %.1f s", ", ".join(f for f, _ in refused), n, delay)
+            t = self._timer(delay, self._resubscribe, args=(refused, self.connection))
             t.daemon = True
             t.start()
 

@@ -242,3 +242,75 @@ def test_publishes_read_ahead_are_handed_over_as_paho_would_however_they_arrive(
         assert fast > expect // 2  # most of them did not go through paho's parsing
     # per-topic callbacks registered: paho's path, which honours them
     assert _received(stream, 64, cuts, expect, per_topic=True) == (paho, 0)
+
+
+class _RefusingBroker:
+    """Just enough of an MQTT 3.1.1 broker for one client: CONNACK, PINGRESP, and a SUBACK
+    that refuses (0x80) the first ``refuse`` SUBSCRIBEs, as NATS's MQTT gateway does while
+    its JetStream elects leaders. Once a filter is granted it sends one message on it."""
+
+    def __init__(self, refuse: int):
+        self.refuse = refuse
+        self.subscribes = 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            f = conn.makefile("rb")
+            while head := f.read(1):
+                n, shift = 0, 0
+                while True:
+                    b = f.read(1)[0]
+                    n |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                body = f.read(n)
+                kind = head[0] & 0xF0
+                if kind == 0x10:
+                    conn.sendall(b"\x20\x02\x00\x00")
+                elif kind == 0xC0:
+                    conn.sendall(b"\xd0\x00")
+                elif kind == 0x80:
+                    self.subscribes += 1
+                    mid, topic_len = body[:2], int.from_bytes(body[2:4], "big")
+                    topic = body[4:4 + topic_len]
+                    granted = self.subscribes > self.refuse
+                    conn.sendall(b"\x90\x03" + mid + (b"\x01" if granted else b"\x80"))
+                    if granted:
+                        conn.sendall(_publish(topic, b"cursor", 0))
+
+
+def test_a_refused_subscription_is_asked_for_again_less_often_each_time():
+    """A broker that refuses a subscription for a while must not leave the device deaf
+    (its desired state, its telemetry cursor), and must not be asked every second either:
+    each refused SUBSCRIBE holds NATS's connection for its 4 s request timeout and is one
+    more request to a cluster electing leaders. The waits double; the refusals are counted;
+    once granted, messages arrive."""
+    broker = _RefusingBroker(refuse=4)
+    t = MqttTransport(BrokerAddress.parse(f"mqtt://127.0.0.1:{broker.port}"),
+                      TransportOptions(client_id="dev"))
+    waits: list[float] = []
+
+    class NoWait(threading.Thread):  # the timer, minus the wait: records it, runs at once
+        def __init__(self, delay, fn, args):
+            waits.append(delay)
+            super().__init__(target=fn, args=args)
+
+    t._timer = NoWait
+    t.subscribe("fleet/devices/dev/acked", 1)
+    t.start()
+    try:
+        item = t.inbound.get(timeout=10)
+        while item.kind != "message":
+            item = t.inbound.get(timeout=10)
+    finally:
+        t.stop()
+    assert (item.topic, item.payload) == ("fleet/devices/dev/acked", b"cursor")
+    assert broker.subscribes == 5 and t.subscribe_refused == 4
+    # 1-2 s, then 2-4, 4-8, 7.5-15 (equal jitter: half fixed, half random)
+    assert [lo <= w <= hi for w, (lo, hi) in zip(waits, [(1, 2), (2, 4), (4, 8), (7.5, 15)],
+                                                  strict=True)] == [True] * 4
