@@ -692,7 +692,8 @@ class MqttTransport:
         SUBSCRIBE, and every attempt is a request to the cluster still electing leaders."""
         with self._lock:
             subs = self._subscribing.pop(mid, [])
-            refused, granted = [], []
+            refused: list[tuple[str, int]] = []
+            granted: list[tuple[str, int]] = []
             for (f, q), rc in zip(subs, reason_codes, strict=False):
                 if f in self._subs:
                     (refused if rc.is_failure else granted).append((f, q))
