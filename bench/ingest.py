@@ -1,7 +1,7 @@
 """Ingest benchmark: how fast the server stores telemetry, and that none is lost.
 
     python bench/ingest.py [--quick] [--json PATH] [--devices N] [--interval S]
-                           [--offer-s S] [--drain-s S] [--db URL]
+                           [--in-flight N] [--offer-s S] [--drain-s S] [--db URL]
     python bench/ingest.py --fleet 10000 --rate 1000[,2000,...] [--seconds 60]
                            [--drain-s S] [--db URL] [--json PATH]
 
@@ -27,7 +27,11 @@ a free loopback port), in separate processes so that no two share a GIL:
    seconds after the devices: meanwhile their batches pile up (unconfirmed on the devices,
    the first ones in the server's session at the broker), so the restarted server meets
    more than it can store at once, as after an outage. Then the devices stop cutting and
-   drain (up to ``--drain-s``) until the server has confirmed every batch.
+   drain (up to ``--drain-s``) until the server has confirmed every batch. Each device
+   keeps at most ``--in-flight`` batches (default 10, the agent's) sent and unconfirmed,
+   so the fleet drains its backlog at most devices x in-flight batches per round trip
+   (device -> broker -> server commit -> cursor -> device): with 150 devices that, not
+   the server, can be the limit; a larger ``--in-flight`` stands for a larger fleet.
 
 Figures (``--json`` keys as issue #9 names them):
 
@@ -195,7 +199,7 @@ def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
 
 
 def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
-             offer_s: float, drain_s: float, conn: Any) -> None:
+             offer_s: float, drain_s: float, in_flight: int, conn: Any) -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
@@ -206,7 +210,7 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
     sim = Simulator(SimOptions(
         broker_url=url, devices=devices, prefix=prefix, id_prefix="bench", keys=Path(keys),
         telemetry_interval_s=interval_s, download=False, drain_s=drain_s,
-        status_interval_s=3600))
+        status_interval_s=3600, telemetry_max_in_flight=in_flight))
     cpu0 = _cpu_s()
     sim.start()
     t0 = time.time()
@@ -262,7 +266,7 @@ def _stop_server(proc: Any, conn: Any) -> dict:
 
 def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
                late_s: float, drain_s: float, db_url: str | None = None,
-               procs: int = 0) -> dict:
+               procs: int = 0, in_flight: int = 10) -> dict:
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     state = work / "server"
@@ -273,7 +277,8 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     _stop_server(*_start_server(ctx, url, state, prefix, db_url, procs))
     sim_conn, sim_child = ctx.Pipe()
     sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, devices,
-                                             interval_s, offer_s, drain_s, sim_child))
+                                             interval_s, offer_s, drain_s, in_flight,
+                                             sim_child))
     sim.start()
     if not sim_conn.poll(120):
         raise SystemExit("the simulator did not start")
@@ -478,6 +483,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path, metavar="PATH", help="write the figures here")
     ap.add_argument("--devices", type=int)
     ap.add_argument("--interval", type=float, help="seconds between a device's batches")
+    ap.add_argument("--in-flight", type=int, default=10, metavar="N",
+                    help="each device's telemetry window, the agent's "
+                         "telemetry_max_in_flight (%(default)s): the fleet has devices x N "
+                         "batches in flight, which bounds how fast it drains a backlog")
     ap.add_argument("--offer-s", type=float, help="seconds devices offer telemetry")
     ap.add_argument("--late-s", type=float,
                     help="the server starts this long after the devices (a backlog)")
@@ -528,12 +537,13 @@ def main() -> int:
         print(f"  received {bare['received']} of {bare['sent']}: {bare['rate']:.0f} msg/s",
               flush=True)
         print(f"server ({'PostgreSQL' if args.db else 'SQLite'}) + {devices} simulated "
-              f"devices, a batch every {interval:g} s each, {offer_s:g} s offering (the "
-              f"server away for the first {late_s:g} s), up to {args.drain_s:g} s draining",
+              f"devices, a batch every {interval:g} s each, {args.in_flight} in flight each, "
+              f"{offer_s:g} s offering (the server away for the first {late_s:g} s), up to "
+              f"{args.drain_s:g} s draining",
               flush=True)
         with bench_schema(args.db) as db_url:
             run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s,
-                             db_url, procs=args.ingest_processes)
+                             db_url, procs=args.ingest_processes, in_flight=args.in_flight)
         session = None
         if args.session:
             per_session = 10_000 if args.quick else 20_000  # under SESSION_QUEUE
@@ -558,6 +568,7 @@ def main() -> int:
         "duplicates": run["duplicates"],
         "p99_lag_s": None if run["p99_lag_s"] is None else round(run["p99_lag_s"], 3),
         "devices": devices,
+        "in_flight": args.in_flight,
         "p50_lag_s": None if run["p50_lag_s"] is None else round(run["p50_lag_s"], 3),
         "server_late_s": late_s,
         "backlog_cleared_s": None if run["backlog_cleared_s"] is None

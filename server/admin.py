@@ -624,7 +624,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         fail_share=args.fail_share, offline_share=args.offline_share,
         telemetry_interval_s=args.telemetry_interval, seed=args.seed,
         download=not args.no_download, state_dir=args.state_dir, workers=args.workers,
-        status_interval_s=args.status_interval,
+        status_interval_s=args.status_interval, telemetry_max_in_flight=args.in_flight,
     )
     try:
         opts.check()  # one clear line for a bad option, before anything connects
@@ -884,6 +884,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="share of devices that go offline and come back during the run")
     sm.add_argument("--telemetry-interval", type=float, default=10.0, metavar="S",
                     help="seconds per telemetry batch (%(default)s)")
+    sm.add_argument("--in-flight", type=int, default=10, metavar="N",
+                    help="each device's telemetry batches sent and not yet confirmed stored, "
+                         "the agent's telemetry_max_in_flight (%(default)s)")
     sm.add_argument("--seed", type=int, default=0, help="makes the run repeatable (0)")
     sm.add_argument("--no-download", action="store_true",
                     help="verify manifests but do not fetch chunks (very large fleets)")

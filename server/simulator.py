@@ -123,6 +123,9 @@ class SimOptions:
     # storing (what is still unconfirmed then is counted in ``batches_queued``).
     drain_s: float = 5.0
     telemetry_ack_timeout_s: float = 30.0
+    # Each device's telemetry window (the agent's telemetry_max_in_flight): batches sent
+    # and not yet confirmed stored. A fleet of N devices has N times this in flight.
+    telemetry_max_in_flight: int = 10
 
     def check(self) -> None:
         """Raise :class:`SimulatorError` with one clear line for a bad option."""
@@ -139,6 +142,9 @@ class SimOptions:
             raise SimulatorError(f"--duration must be above 0 s, got {self.duration_s}")
         if self.workers < 0:
             raise SimulatorError(f"--workers must be 0 (auto) or more, got {self.workers}")
+        if not 1 <= self.telemetry_max_in_flight <= 100:
+            raise SimulatorError("--in-flight must be between 1 and 100 (the agent's "
+                                 f"telemetry_max_in_flight), got {self.telemetry_max_in_flight}")
         try:
             BrokerAddress.parse(self.broker_url)
             Topics(self.prefix)
@@ -208,6 +214,7 @@ class SimDevice:
             telemetry_interval_s=opts.telemetry_interval_s,
             telemetry_ack_timeout_s=opts.telemetry_ack_timeout_s,
             telemetry_queue_max_batches=MAX_QUEUED_BATCHES,
+            telemetry_max_in_flight=opts.telemetry_max_in_flight,
             download_window_chunks=8, chunk_timeout_s=5.0,
             policy=opts.policy or PolicyConfig())
         if transport is None:

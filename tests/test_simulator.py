@@ -133,6 +133,7 @@ def test_a_high_fail_share_halts_the_rollout_at_the_canary(fleet, simulate):
     (["--devices", "0"], "--devices must be at least 1"),
     (["--fail-share", "1.5"], "--fail-share must be between 0 and 1"),
     (["--telemetry-interval", "0"], "--telemetry-interval must be above 0"),
+    (["--in-flight", "0"], "--in-flight must be between 1 and 100"),
     (["--broker", "http://x"], "bad broker URL"),
     (["--keys", "/nonexistent/keys"], "no public key at /nonexistent/keys/public.pem"),
     (["--prefix", "bad/+/prefix"], "invalid fleet prefix"),

@@ -239,3 +239,27 @@ def test_the_offline_share_goes_offline_on_the_simulators_clock(tmp_path: Path) 
         assert all(d.offline_periods == 0 for d in f.devices if d is not away[0])
     finally:
         f.sim.stop()
+
+
+@pytest.mark.parametrize("window", [3, 10])
+def test_a_device_sends_at_most_its_window_until_the_server_confirms(tmp_path: Path,
+                                                                     window: int) -> None:
+    """``simulate --in-flight N`` is the agent's window: with no cursor from the server, a
+    device sends N batches and holds the rest (the fleet's in-flight total bounds how fast
+    it drains a backlog, which is what ``bench/ingest.py --in-flight`` varies)."""
+    f = SimFleet(tmp_path, 2, telemetry_max_in_flight=window)
+    f.start(battery_percent=70.0)
+    try:
+        for _ in range(15):  # 15 batches cut per device, none confirmed
+            f.clock.tick(1.0)
+            f.sim.step_all()
+        sent: dict[str, int] = {}
+        while not f.server.inbound.empty():
+            item = f.server.inbound.get_nowait()
+            if item.kind == "message":
+                b = decode(TelemetryBatch, item.payload)
+                sent[b.device_id] = sent.get(b.device_id, 0) + 1
+        assert sent == {d.id: window for d in f.devices}
+        assert all(len(d.agent.tqueue.pending()) >= 14 for d in f.devices)
+    finally:
+        f.sim.stop()
