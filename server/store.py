@@ -43,9 +43,19 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from prunefleet.shared.messages import Event, ReportedState, RolloutReport, TelemetryBatch
+from prunefleet.shared.messages import (
+    MAX_VERSION,
+    Event,
+    ReportedState,
+    RolloutReport,
+    TelemetryBatch,
+)
 
 from .errors import LeaseLostError, StoreConflictError, StoreError
+
+# The highest version a device's report can make the next desired state go above (see
+# Store.next_manifest_version): half of what a manifest may carry.
+MAX_ADOPTED_CLAIM = MAX_VERSION // 2 + 1  # 2**30
 
 
 class Base(DeclarativeBase):
@@ -752,11 +762,23 @@ class Store:
 
     def next_manifest_version(self) -> int:
         """Above every manifest this store issued and every version a device reports it
-        accepted: a new or restored store must not sign what agents refuse as a rollback."""
+        accepted: a new or restored store must not sign what agents refuse as a rollback.
+
+        A device's report is only its word: one with valid credentials could claim the
+        largest version and leave nothing to sign above it (every later desired state
+        refused, by agents and by PostgreSQL's column alike). So a claim counts only up to
+        :data:`MAX_ADOPTED_CLAIM`, half the version space: a lying device can move the
+        counter there once, and 2**30 - 1 versions stay to sign. Raises :class:`StoreError`
+        when this store has signed its last version."""
         with self.session() as s:
             cur = s.scalar(select(func.max(ManifestRow.version)))
-            reported = s.scalar(select(func.max(Device.manifest_version)))
-        return max(int(cur or 0), int(reported or 0)) + 1
+            reported = s.scalar(select(func.max(Device.manifest_version))
+                                .where(Device.manifest_version <= MAX_ADOPTED_CLAIM))
+        nxt = max(int(cur or 0), int(reported or 0)) + 1
+        if nxt > MAX_VERSION:
+            raise StoreError(f"desired-state versions are exhausted: this store has signed "
+                             f"version {MAX_VERSION}, the largest a device accepts")
+        return nxt
 
     def save_manifest(self, version: int, target: str, signed: str) -> None:
         with self.session() as s:

@@ -19,6 +19,7 @@ from test_brokers import connected, production_mosquitto  # noqa: F401 - a fixtu
 
 from prunefleet.agent.config import load_config
 from prunefleet.agent.service import Agent
+from prunefleet.server.errors import StoreError
 from prunefleet.server.ingest import DROP_REASONS, DeviceRateLimiter, StoredCursors
 from prunefleet.server.ingestwork import IngestCore
 from prunefleet.server.serve import FleetService, ServeOptions
@@ -678,6 +679,39 @@ def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto)
         assert agent.counters.rejected_manifests == 0
     finally:
         f.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_device_claiming_the_largest_version_cannot_stop_the_fleets_desired_states(
+        tmp_path, backend):
+    """A device with valid credentials that reports the largest version a manifest may
+    carry must not leave nothing to sign above it: its claim counts only up to half the
+    version space, so honest devices' versions still lift the counter and every later
+    desired state is signed, stored (a PostgreSQL integer) and accepted by agents."""
+    from prunefleet.server.store import MAX_ADOPTED_CLAIM
+    from prunefleet.shared.messages import MAX_VERSION
+
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        store.set_reported(ReportedState(device_id="honest", online=True, manifest_version=7))
+        store.set_reported(ReportedState(device_id="liar", online=True,
+                                         manifest_version=MAX_VERSION))
+        assert store.next_manifest_version() == 8
+        store.save_manifest(8, "honest", "{}")
+        # At the bound the claim is adopted once; 2**30 - 1 versions stay to sign.
+        store.set_reported(ReportedState(device_id="liar", online=True,
+                                         manifest_version=MAX_ADOPTED_CLAIM))
+        v = store.next_manifest_version()
+        assert v == MAX_ADOPTED_CLAIM + 1 and MAX_VERSION - v + 1 == 2**30 - 1
+        store.save_manifest(v, "honest", "{}")
+        store.save_manifest(MAX_VERSION, "honest", "{}")  # its own last: nothing above
+        with pytest.raises(StoreError, match="versions are exhausted"):
+            store.next_manifest_version()
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()
 
 
 # -- the pure parts -----------------------------------------------------------------------------
