@@ -8,6 +8,7 @@ SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreEr
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import sqlite3
@@ -53,9 +54,24 @@ from prunefleet.shared.messages import (
 
 from .errors import LeaseLostError, StoreConflictError, StoreError
 
-# The highest version a device's report can make the next desired state go above (see
-# Store.next_manifest_version): half of what a manifest may carry.
-MAX_ADOPTED_CLAIM = MAX_VERSION // 2 + 1  # 2**30
+# What devices report they accepted lifts the next manifest version (a new or restored store
+# must not sign what agents refuse as rollbacks), but a report is only its device's word.
+# A claim counts only within CLAIM_MARGIN of the fleet's median claim, so one device (or
+# any minority) cannot move the counter by more than that, and never past
+# MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
+# default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
+CLAIM_MARGIN = 10**6
+MAX_ADOPTED_CLAIM = 5 * 10**7
+
+
+def adopted_claim(claims: list[int]) -> int:
+    """The highest of ``claims`` (sorted) within CLAIM_MARGIN of their lower median and at
+    most MAX_ADOPTED_CLAIM; 0 when none is."""
+    if not claims:
+        return 0
+    bound = min(claims[(len(claims) - 1) // 2] + CLAIM_MARGIN, MAX_ADOPTED_CLAIM)
+    i = bisect.bisect_right(claims, bound)
+    return claims[i - 1] if i else 0
 
 
 class Base(DeclarativeBase):
@@ -449,6 +465,9 @@ def _shown(url: str) -> str:
 class Store:
     def __init__(self, url: str):
         self.url = url
+        # (max and count of the devices' reported versions, adopted_claim of them): judged
+        # again only when those change (next_manifest_version).
+        self._claims: tuple[tuple[int, int] | None, int] = (None, 0)
         try:
             # A pooled PostgreSQL connection may have been closed by the server or the
             # network: checked on checkout. A SQLite file cannot be (and the ping would
@@ -761,24 +780,28 @@ class Store:
             return list(s.scalars(select(VariantRow).order_by(VariantRow.created_at)))
 
     def next_manifest_version(self) -> int:
-        """Above every manifest this store issued and every version a device reports it
-        accepted: a new or restored store must not sign what agents refuse as a rollback.
-
-        A device's report is only its word: one with valid credentials could claim the
-        largest version and leave nothing to sign above it (every later desired state
-        refused, by agents and by PostgreSQL's column alike). So a claim counts only up to
-        :data:`MAX_ADOPTED_CLAIM`, half the version space: a lying device can move the
-        counter there once, and 2**30 - 1 versions stay to sign. Raises :class:`StoreError`
-        when this store has signed its last version."""
+        """Above every manifest this store issued and every version devices report they
+        accepted, as far as :func:`adopted_claim` believes them: a new or restored store
+        must not sign what agents refuse as rollbacks, and one lying device must not push
+        the counter where agents refuse every later version as too large a jump. Raises
+        :class:`StoreError` when this store has signed its last version."""
         with self.session() as s:
-            cur = s.scalar(select(func.max(ManifestRow.version)))
-            reported = s.scalar(select(func.max(Device.manifest_version))
-                                .where(Device.manifest_version <= MAX_ADOPTED_CLAIM))
-        nxt = max(int(cur or 0), int(reported or 0)) + 1
-        if nxt > MAX_VERSION:
+            cur = int(s.scalar(select(func.max(ManifestRow.version))) or 0)
+            top, n = s.execute(select(func.max(Device.manifest_version),
+                                      func.count(Device.manifest_version))).one()
+            floor = cur
+            if top is not None and top > cur:  # devices ahead of this store
+                key = (int(top), int(n))
+                if self._claims[0] != key:  # the claims changed: judge them again
+                    claims = sorted(int(v) for v in s.scalars(
+                        select(Device.manifest_version)
+                        .where(Device.manifest_version.is_not(None))) if v is not None)
+                    self._claims = (key, adopted_claim(claims))
+                floor = max(cur, self._claims[1])
+        if floor >= MAX_VERSION:
             raise StoreError(f"desired-state versions are exhausted: this store has signed "
                              f"version {MAX_VERSION}, the largest a device accepts")
-        return nxt
+        return floor + 1
 
     def save_manifest(self, version: int, target: str, signed: str) -> None:
         with self.session() as s:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 import uuid
 
@@ -682,30 +683,55 @@ def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_device_claiming_the_largest_version_cannot_stop_the_fleets_desired_states(
-        tmp_path, backend):
-    """A device with valid credentials that reports the largest version a manifest may
-    carry must not leave nothing to sign above it: its claim counts only up to half the
-    version space, so honest devices' versions still lift the counter and every later
-    desired state is signed, stored (a PostgreSQL integer) and accepted by agents."""
-    from prunefleet.server.store import MAX_ADOPTED_CLAIM
-    from prunefleet.shared.messages import MAX_VERSION
+def test_a_lying_device_cannot_push_the_fleets_desired_states_out_of_reach(tmp_path, backend):
+    """Reported versions lift the next manifest version (a new store signs above what
+    agents accepted), but one device with valid credentials reporting a huge version must
+    not make every later desired state one that agents refuse: past the largest version
+    (it overflowed PostgreSQL's integer), or more than an agent's max_version_jump above
+    its own (refused as a jump, by every agent, new ones too). Honest claims still count."""
+    from prunefleet.agent.follower import Follow, ManifestFollower
+    from prunefleet.shared import chunks
+    from prunefleet.shared.messages import MAX_VERSION, Manifest, VariantSpec
+    from prunefleet.shared.policy import PolicyConfig
+    from prunefleet.shared.signing import SigningKey, TrustedKeys
+
+    key = SigningKey.generate()
+    p = chunks.plan(b"w" * 3000, 1024)
+    spec = VariantSpec(name="a", sha256=p.sha256, size=p.size, chunk_bytes=1024,
+                       chunk_sha256=list(p.chunk_sha256), input_shape=[1, 8], num_classes=10,
+                       params=1, macs=1)
+
+    def signed(target: str) -> object:
+        v = store.next_manifest_version()
+        store.save_manifest(v, target, "{}")
+        now = time.time()
+        return key.sign(Manifest(target=target, version=v, issued_at=now,
+                                 expires_at=now + 3600, variants=[spec]))
 
     schema = pg_schema_url() if backend == "postgresql" else None
     store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
     try:
-        store.set_reported(ReportedState(device_id="honest", online=True, manifest_version=7))
+        # A new store: three devices followed versions 5-7 from the one before it.
+        for i, v in enumerate((5, 6, 7)):
+            store.set_reported(ReportedState(device_id=f"honest-{i}", online=True,
+                                             manifest_version=v))
+        # It accepted version 7 from the earlier store.
+        honest = ManifestFollower(TrustedKeys([key.public]), "honest-2", None,
+                                  PolicyConfig(), floors={"device": 7})
+        for claim in (MAX_VERSION, 2**30, 10**8 + 7, 3 * 10**6):
+            store.set_reported(ReportedState(device_id="liar", online=True,
+                                             manifest_version=claim))
+            m = signed("honest-2")
+            assert isinstance(honest.offer(m, "device", time.time()), Follow), claim
+        fresh = ManifestFollower(TrustedKeys([key.public]), "new", None, PolicyConfig())
+        assert isinstance(fresh.offer(signed("new"), "device", time.time()), Follow)
+        assert store.next_manifest_version() < 20  # the liar moved nothing at all
+        # A claim within the margin of the fleet's median counts (a device that got a
+        # few more desired states than the others before the store was replaced).
         store.set_reported(ReportedState(device_id="liar", online=True,
-                                         manifest_version=MAX_VERSION))
-        assert store.next_manifest_version() == 8
-        store.save_manifest(8, "honest", "{}")
-        # At the bound the claim is adopted once; 2**30 - 1 versions stay to sign.
-        store.set_reported(ReportedState(device_id="liar", online=True,
-                                         manifest_version=MAX_ADOPTED_CLAIM))
-        v = store.next_manifest_version()
-        assert v == MAX_ADOPTED_CLAIM + 1 and MAX_VERSION - v + 1 == 2**30 - 1
-        store.save_manifest(v, "honest", "{}")
-        store.save_manifest(MAX_VERSION, "honest", "{}")  # its own last: nothing above
+                                         manifest_version=1000))
+        assert store.next_manifest_version() == 1001
+        store.save_manifest(MAX_VERSION, "honest-2", "{}")  # its own last: nothing above
         with pytest.raises(StoreError, match="versions are exhausted"):
             store.next_manifest_version()
     finally:
