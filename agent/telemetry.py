@@ -164,7 +164,11 @@ class TelemetryQueue(Protocol):
         """Sequence numbers handed out so far (the next batch's ``seq``)."""
         ...
 
-    def next_seq(self) -> int: ...
+    def next_seq(self) -> int:
+        """The sequence number the next batch takes; handed out only by :meth:`put`, so
+        a batch cut and never put (a kill in between) leaves no gap."""
+        ...
+
     def take_dropped(self) -> int: ...
     def pending(self) -> list[int]: ...
     def put(self, batch: TelemetryBatch) -> None: ...
@@ -188,9 +192,7 @@ class MemoryQueue:
         return self._next_seq
 
     def next_seq(self) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        return seq
+        return self._next_seq
 
     def take_dropped(self) -> int:
         n, self._dropped_unreported = self._dropped_unreported, 0
@@ -201,6 +203,7 @@ class MemoryQueue:
 
     def put(self, batch: TelemetryBatch) -> None:
         self._batches[batch.seq] = batch.encode()
+        self._next_seq = max(self._next_seq, batch.seq + 1)
         while len(self._batches) > self.max_batches:
             del self._batches[next(iter(self._batches))]
             self.dropped_total += 1
@@ -231,11 +234,14 @@ class DiskQueue:
         # The queued seqs, lowest first: read from the directory once, then kept here, so
         # that sending and confirming do not list up to max_batches files on every step.
         self._index: dict[int, None] = dict.fromkeys(self._scan())
+        # The batch file is written before next_seq (put): a kill between the two leaves a
+        # file past the recorded next_seq, never a number handed out and not written.
         try:
-            self._next_seq = int(self._seq_path.read_text())
+            recorded = int(self._seq_path.read_text())
         except (FileNotFoundError, ValueError):
-            existing = self.pending()
-            self._next_seq = existing[-1] + 1 if existing else 0
+            recorded = 0
+        existing = self.pending()
+        self._next_seq = max(recorded, existing[-1] + 1 if existing else 0)
         self.incarnation = self._load_incarnation()
 
     def _load_incarnation(self) -> str:
@@ -272,10 +278,7 @@ class DiskQueue:
         return self._next_seq
 
     def next_seq(self) -> int:
-        seq = self._next_seq
-        self._next_seq += 1
-        atomic_write(self._seq_path, str(self._next_seq).encode())
-        return seq
+        return self._next_seq
 
     def take_dropped(self) -> int:
         n, self._dropped_unreported = self._dropped_unreported, 0
@@ -296,6 +299,9 @@ class DiskQueue:
 
     def put(self, batch: TelemetryBatch) -> None:
         atomic_write(self.path(batch.seq), batch.encode())
+        if batch.seq >= self._next_seq:
+            self._next_seq = batch.seq + 1
+            atomic_write(self._seq_path, str(self._next_seq).encode())
         last = next(reversed(self._index), -1)
         self._index[batch.seq] = None
         if batch.seq < last:  # not from next_seq(): keep the index in order

@@ -35,6 +35,7 @@ def test_interval_batch_has_percentiles_switches_and_accuracy(tmp_path):
     assert [s.reason for s in b.switches] == [Reason.BATTERY_LOW]
     assert b.energy_j == 1.25 and b.mem_percent == 30.0
     assert decode(TelemetryBatch, b.encode()) == b
+    q.put(b)
     nxt = _batch(agg, q, 120.0)  # the next interval starts empty
     assert nxt.variants == {} and nxt.interval_start == 110.0 and nxt.seq == b.seq + 1
 
@@ -62,6 +63,27 @@ def test_sequence_numbers_survive_a_restart(tmp_path):
     again = DiskQueue(tmp_path)
     assert again.pending() == [0, 1, 2]
     assert again.next_seq() == 3
+
+
+def test_a_kill_while_a_batch_is_cut_leaves_no_gap_in_the_sequence(tmp_path):
+    """The server confirms "stored through" a sequence number: a number handed out and
+    never written (a kill between cutting a batch and queueing it) would hold its cursor
+    below the gap for good, and the device's window would fill with batches it can never
+    get confirmed. So a number is taken only when its batch is on disk; and a batch on disk
+    whose number was not yet recorded (a kill between the two writes) is not reused."""
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(3):  # the server is away: 0, 1, 2 wait unconfirmed
+        q.put(_batch(agg, q, float(i)))
+    _batch(agg, q, 3.0)  # cut, then killed before put
+    q = DiskQueue(tmp_path)
+    b = _batch(agg, q, 4.0)
+    assert b.seq == 3  # the number the killed cut had taken, never written
+    q.put(b)
+    # Killed after the batch file was written, before next_seq was: the file counts.
+    (tmp_path / "next_seq").write_text("3")
+    q = DiskQueue(tmp_path)
+    assert q.pending() == [0, 1, 2, 3] and q.next_seq() == 4
 
 
 def test_batches_are_deleted_only_when_the_server_confirmed_them(tmp_path):
