@@ -713,16 +713,26 @@ class RolloutController:
             evidence=evidence or {},
         )
 
-    def _evidence(self, rollout_id: int, wave: int) -> dict[str, dict[str, Evidence]]:
-        """Per device of the wave, per variant: the shadow figures it reported for this
-        rollout since it was offered."""
+    def _evidence(self, row: RolloutRow, wave: int) -> dict[str, dict[str, Evidence]]:
+        """Per device of the wave, per variant of the rollout: the shadow figures it
+        reported for this rollout since it was offered (a name the rollout does not offer is
+        no evidence: a device could otherwise hold a wave on a variant nobody sends)."""
+        names = {v["name"] for v in row.variants}
+        sums: dict[tuple[str, str], list] = {}
+        for r in self.store.rollout_shadow_rows(row.id, wave_stage(wave)):
+            if r.variant not in names:
+                continue
+            acc = sums.setdefault((r.device_id, r.variant), [0, 0, 0.0, 0, []])
+            acc[0] += r.samples
+            acc[1] += r.agreed
+            acc[2] += r.divergence_sum
+            acc[3] += r.errors
+            if r.latency_ms_p95 is not None and r.profile_latency_ms:
+                acc[4].append(r.latency_ms_p95 / r.profile_latency_ms)
         out: dict[str, dict[str, Evidence]] = {}
-        for r in self.store.rollout_shadow_rows(rollout_id, wave_stage(wave)):
-            ratio = ((r.latency_ms_p95 / r.profile_latency_ms,)
-                     if r.latency_ms_p95 is not None and r.profile_latency_ms else ())
-            ev = out.setdefault(r.device_id, {})
-            ev[r.variant] = ev.get(r.variant, Evidence()) + Evidence(
-                r.samples, r.agreed, r.divergence_sum, r.errors, ratio)
+        for (device_id, variant), (n, agreed, div, errors, ratios) in sums.items():
+            out.setdefault(device_id, {})[variant] = Evidence(n, agreed, div, errors,
+                                                              tuple(ratios))
         return out
 
     def _wave_manifest(self, row: RolloutRow, specs: list[VariantSpec], prev: Manifest | None,
@@ -851,7 +861,7 @@ class RolloutController:
             cfg = RolloutConfig.model_validate(row.config)
             online = {d.device_id: d.online for d in self.store.devices()}
             wave = wave_of(row.stage)
-            evidence = self._evidence(rollout_id, wave) if wave else {}
+            evidence = self._evidence(row, wave) if wave else {}
             views = [self._view(rd, online, evidence.get(rd.device_id) if wave and
                                 wave_of(rd.stage) == wave else None)
                      for rd in self.store.rollout_devices(rollout_id)]

@@ -398,17 +398,45 @@ def _misses(gate: Gate, name: str, e: Evidence) -> list[str]:
     return out
 
 
+# No device's samples weigh more than this many times the median reporting device's.
+MAX_DEVICE_WEIGHT = 2
+
+
+def wave_evidence(per_device: Sequence[Evidence]) -> Evidence:
+    """One variant's evidence over a wave's devices, each device weighed at most
+    :data:`MAX_DEVICE_WEIGHT` times the median reporting device (its figures scaled down
+    to that many samples), and its p95 ratio as one entry: the median of its intervals.
+
+    Summed as they came, one device with valid credentials could report a billion agreeing
+    samples, or a thousand fast intervals, and outweigh every other device of the wave."""
+    counts = sorted(e.samples for e in per_device if e.samples > 0)
+    cap = MAX_DEVICE_WEIGHT * counts[(len(counts) - 1) // 2] if counts else 0
+    samples = agreed = errors = 0
+    divergence = 0.0
+    ratios = []
+    for e in per_device:
+        f = cap / e.samples if e.samples > cap else 1.0
+        samples += round(e.samples * f)
+        agreed += round(e.agreed * f)
+        errors += round(e.errors * f)
+        divergence += e.divergence_sum * f
+        if (p := e.p95_ratio) is not None:
+            ratios.append(p)
+    return Evidence(samples, agreed, divergence, errors, tuple(ratios))
+
+
 def judge_wave(gate: Gate, wave: int, devices: Sequence[DeviceView], elapsed_s: float
                ) -> WaveJudgement:
     """The wave's verdict from its own devices' evidence, ``elapsed_s`` after it began."""
     judged = [d for d in devices if d.phase is not RolloutPhase.FAILED]
-    totals: dict[str, Evidence] = {}
+    per_variant: dict[str, list[Evidence]] = {}
     reporting = 0
     for d in judged:
         if any(e.samples for e in d.evidence.values()):
             reporting += 1
         for name, e in d.evidence.items():
-            totals[name] = totals.get(name, Evidence()) + e
+            per_variant.setdefault(name, []).append(e)
+    totals = {name: wave_evidence(es) for name, es in per_variant.items()}
 
     def verdict(v: Verdict, reason: str, failures: tuple[str, ...] = ()) -> WaveJudgement:
         return WaveJudgement(wave, v, reason, len(devices), reporting, totals, failures)

@@ -1248,16 +1248,20 @@ class Store:
 
     def rollout_shadow_rows(self, rollout_id: int, wave_stage: str) -> list[ShadowRow]:
         """In one query: the shadow figures of one rollout that devices of one wave (stage)
-        reported after they were offered."""
+        reported after they were offered: cut after it (``interval_end``, the device's
+        clock) and received after it (the server's), since a device may date a batch
+        ahead and send it before the rollout exists."""
         with self.session() as s:
             return list(s.scalars(
                 select(ShadowRow).join(RolloutDevice, (RolloutDevice.device_id
                                                        == ShadowRow.device_id))
+                .join(Telemetry, Telemetry.id == ShadowRow.telemetry_id)
                 .where(RolloutDevice.rollout_id == rollout_id,
                        RolloutDevice.stage == wave_stage,
                        RolloutDevice.offered_at.is_not(None),
                        ShadowRow.rollout_id == rollout_id,
-                       ShadowRow.interval_end > RolloutDevice.offered_at)
+                       ShadowRow.interval_end > RolloutDevice.offered_at,
+                       Telemetry.received_at > RolloutDevice.offered_at)
                 .order_by(ShadowRow.interval_end)))
 
     def telemetry_summary(self, since: float = 0.0) -> dict:

@@ -227,6 +227,28 @@ def test_an_unreachable_database_is_a_store_error(tmp_path):
         Store("nosuchdialect://x")
 
 
+def test_shadow_figures_sent_before_the_offer_do_not_count_however_they_are_dated(store):
+    """A device may date a batch ahead (its own clock) and send it before the rollout it
+    names exists: only figures the server received after the offer count."""
+    def batch(seq: int, end: float) -> TelemetryBatch:
+        stats = ShadowStats(reference="base", samples=10**6, agreed=10**6, divergence_sum=0.0)
+        return TelemetryBatch(device_id="d1", seq=seq, interval_start=end - 5,
+                              interval_end=end,
+                              shadow=ShadowReport(rollout_id=1, variants={"v2": stats},
+                                                  sampled=10))
+
+    store.set_reported(ReportedState(device_id="d1", online=True))
+    store.add_telemetry_batches([batch(0, 2.0**33)], received_at=50.0)  # sent ahead
+    rid = store.create_rollout(target_kind="fleet", target={"kind": "fleet"}, variants=[],
+                               pinned_variant=None, config={}, status="active",
+                               stage="wave1", devices=["d1"], now=60.0)
+    assert rid == 1
+    store.mark_offered(rid, "d1", stage="wave1", version=1, previous_version=None, now=100.0)
+    assert store.rollout_shadow_rows(rid, "wave1") == []
+    store.add_telemetry_batches([batch(1, 130.0)], received_at=131.0)
+    assert [r.interval_end for r in store.rollout_shadow_rows(rid, "wave1")] == [130.0]
+
+
 def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
     def batch(dev: str, seq: int, end: float, rollout_id: int = 1) -> TelemetryBatch:
         stats = ShadowStats(reference="base", samples=10, agreed=9, divergence_sum=0.5)

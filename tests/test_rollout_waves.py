@@ -116,6 +116,23 @@ def test_status_shows_measured_values_against_the_gate() -> None:
     assert (v2["samples"], round(v2["agreement"], 3), v2["min_agreement"]) == (300, 0.697, 0.97)
 
 
+def test_one_device_reporting_a_billion_agreeing_samples_does_not_carry_its_wave() -> None:
+    """Each device weighs at most twice the median device: one with valid credentials that
+    reports a billion fast, agreeing samples over a thousand intervals cannot outweigh the
+    wave's other devices, which disagree and are slow."""
+    honest = {"v2": Evidence(samples=150, agreed=75, divergence_sum=60.0,
+                             p95_ratios=(3.0,) * 5)}
+    liar = {"v2": Evidence(samples=10**9, agreed=10**9, p95_ratios=(1.0,) * 1000)}
+    wave = [dev(i, 1, honest) for i in range(9)] + [dev(9, 1, liar)]
+    d = step(CFG, view(1), [*wave, *rest(100, 10)], NOW)
+    assert d.action is Action.HALT, d.reason
+    assert "agreement 0.5" in d.reason and "p95 ratio 3.00 > 1.3" in d.reason
+    # A device with twice the median's traffic still counts in full.
+    busy = {"v2": Evidence(samples=300, agreed=297, divergence_sum=3.0, p95_ratios=(1.1,))}
+    j = step(CFG, view(1), [dev(0, 1, GOOD), dev(1, 1, busy), *rest(20, 2)], NOW).judgement
+    assert j is not None and j.variants["v2"].samples == 450
+
+
 @pytest.mark.parametrize(("waves", "n", "sizes"), [
     ([1, 10, 50, 100], 200, [2, 20, 100, 200]),
     ([1, 10, 50, 100], 4, [1, 2, 3, 4]),  # each wave adds a device while any are left
