@@ -27,6 +27,7 @@ Two kinds of per-variant figures:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,13 +128,21 @@ class StoredTotals:
                         acc[i] += x
         return sorted(out.items())
 
-    def refresh(self, store: Store, since: float) -> None:
-        """Add the rows stored since the last refresh; keep the window from ``since``."""
+    def refresh(self, store: Store, since: float, until: float | None = None) -> None:
+        """Add the rows stored since the last refresh; keep the window from ``since``.
+
+        A variant name that is not registered is summed under ``other`` (a device may send
+        any name: a thousand made-up ones would otherwise fill the names kept and push a
+        later-registered variant's figures under ``other``). Rows whose interval ends
+        after ``until`` (dated ahead by a device's clock, or by a device) never enter the
+        window: each would keep a bucket in memory that no window reaches again."""
         bucket = cast(Telemetry.interval_end / BUCKET_S, Integer)
+        until = math.inf if until is None else until
         weighted = [func.sum(col * VariantUsage.requests) for _, col in QUANTILES]
         weights = [func.sum(case((col.is_not(None), VariantUsage.requests), else_=0))
                    for _, col in QUANTILES]
         with self._lock, store.session() as s:
+            registered = set(s.scalars(select(VariantRow.name)))
             t = s.execute(
                 select(func.max(Telemetry.id), func.sum(Telemetry.energy_j),
                        func.sum(Telemetry.batches_dropped),
@@ -152,7 +161,8 @@ class StoredTotals:
                        func.sum(VariantUsage.correct), *weighted, *weights)
                 .join(Telemetry, Telemetry.id == VariantUsage.telemetry_id)
                 .where(VariantUsage.id > self.usage_id, VariantUsage.id <= u_max,
-                       Telemetry.interval_end >= since, VariantUsage.requests > 0)
+                       Telemetry.interval_end >= since, VariantUsage.requests > 0,
+                       Telemetry.interval_end < until)
                 .group_by(VariantUsage.variant, bucket)).all()
             sw_max = s.scalar(select(func.max(Switch.id)).where(Switch.id > self.switch_id))
             switches = [] if sw_max is None else s.execute(
@@ -169,15 +179,15 @@ class StoredTotals:
         if u_max is not None:
             self.usage_id = int(u_max)
             for name, *vals in usage:
-                key = name if name in self.usage or len(self.usage) < MAX_TOTAL_NAMES \
-                    else OTHER
+                key = name if name in registered and (
+                    name in self.usage or len(self.usage) < MAX_TOTAL_NAMES) else OTHER
                 acc = self.usage.setdefault(key, [0, 0, 0, 0])
                 for i, x in enumerate(vals):
                     acc[i] += int(x or 0)
             for name, b, *figures in recent:
                 per_variant = self.recent.setdefault(int(b), {})
-                key = name if name in per_variant or len(per_variant) < MAX_TOTAL_NAMES \
-                    else OTHER
+                key = name if name in registered and (
+                    name in per_variant or len(per_variant) < MAX_TOTAL_NAMES) else OTHER
                 window = per_variant.setdefault(key, [0.0] * len(figures))
                 for i, y in enumerate(figures):
                     window[i] += float(y or 0)
@@ -216,7 +226,8 @@ class FleetCollector(Collector):
 
     def _prime(self) -> None:
         try:
-            self.totals.refresh(self.store, self.clock() - self.options.window_s)
+            now = self.clock()
+            self.totals.refresh(self.store, now - self.options.window_s, now + BUCKET_S)
         except StoreError as e:
             log.warning("metrics: totals not read at start (the first scrape will): %s", e)
 
@@ -308,9 +319,10 @@ class FleetCollector(Collector):
         yield h
 
     def _from_store(self) -> Iterator[Metric]:
-        since = self.clock() - self.options.window_s
+        now = self.clock()
+        since = now - self.options.window_s
         totals = self.totals
-        totals.refresh(self.store, since)
+        totals.refresh(self.store, since, now + BUCKET_S)
         with self.store.session() as s:
             known = sorted(set(s.scalars(select(VariantRow.name))))
             names = set(known)

@@ -340,3 +340,43 @@ def test_totals_count_rows_any_replica_stored_and_survive_pruning(tmp_path):
     assert value(text, "prunefleet_variant_accuracy_ratio", variant="other") == 1.0
     restarted = make_registry(FleetCollector(Store(url), IngestCounters))
     assert figures(render(restarted).decode()) == (12, 3, 4.5, 3)
+
+
+def test_a_device_sending_made_up_names_and_future_dates_hides_no_variants_figures(tmp_path):
+    """One device with valid credentials sends a thousand made-up variant names and
+    batches dated two centuries ahead. A registered variant's figures are still its own
+    (the names kept are not used up), and the dated-ahead rows never enter the recent
+    window, where each would have held a bucket in memory for good and shown its accuracy
+    once the honest rows aged out."""
+    from prunefleet.server.fleet import IngestCounters
+    from prunefleet.server.metrics import FleetCollector, make_registry, render
+    from prunefleet.server.store import Store, sqlite_url
+
+    store = Store(sqlite_url(tmp_path / "fleet.db"))
+    store.add_variant("small", "ab" * 32, "x.onnx", {}, {})
+    now = [10_000.0]
+    collector = FleetCollector(store, IngestCounters, clock=lambda: now[0])
+    registry = make_registry(collector)
+    far = 2.0**33
+    liar = [TelemetryBatch(
+        device_id="liar", incarnation=f"i{k}", seq=0, interval_start=far - 10 - k,
+        interval_end=far - k, variants={
+            **{f"junk-{k}-{j}": VariantStats(requests=1) for j in range(15)},
+            "small": VariantStats(requests=1, labeled=1, correct=0)})
+        for k in range(70)]
+    store.add_telemetry_batches(liar)
+    honest = TelemetryBatch(device_id="honest", incarnation="h", seq=0,
+                            interval_start=now[0] - 20, interval_end=now[0] - 10,
+                            variants={"small": VariantStats(requests=500, labeled=10,
+                                                            correct=10)})
+    store.add_telemetry_batches([honest])
+    text = render(registry).decode()
+    assert value(text, "prunefleet_variant_requests_total", variant="small") == 570
+    assert value(text, "prunefleet_variant_requests_total", variant="other") == 70 * 15
+    assert value(text, "prunefleet_variant_accuracy_ratio", variant="small") == 1.0
+    assert len(collector.totals.recent) == 1  # the honest bucket only
+    now[0] += 1_000  # the honest rows have left the window
+    text = render(registry).decode()
+    assert not [s for s in samples(text) if s.name == "prunefleet_variant_accuracy_ratio"
+                and s.labels.get("variant") == "small"]
+    assert collector.totals.recent == {}
