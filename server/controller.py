@@ -894,7 +894,11 @@ class RolloutController:
             specs = [VariantSpec.model_validate(v) for v in row.variants]
             cfg = RolloutConfig.model_validate(row.config)
             for device_id in d.devices:
-                prev = self._previous_version(device_id)
+                # Kept before the offer is signed: a server killed between signing and
+                # marking the offer must not take its own new manifest for what the
+                # device ran before (a rollback would then restore nothing).
+                prev = self.store.previous_before_offer(row.id, device_id,
+                                                        self._previous_version(device_id))
                 offer, shadow = specs, None
                 pinned, policy = row.pinned_variant, row.policy
                 pm = self._manifest(prev) if prev else None

@@ -1136,6 +1136,21 @@ class Store:
                 if s.get(RolloutDevice, (rollout_id, d)) is None:
                     s.add(RolloutDevice(rollout_id=rollout_id, device_id=d, updated_at=now))
 
+    def previous_before_offer(self, rollout_id: int, device_id: str,
+                              version: int | None) -> int | None:
+        """What a device ran before a rollout's first offer to it, kept before that offer is
+        signed: the recorded one when an earlier attempt kept it and died before the offer
+        was marked (the manifest it had signed meanwhile is not what the device ran),
+        else ``version``, recorded (0 for none). Returns the version to restore, or None."""
+        with self.session() as s:
+            rd = s.get(RolloutDevice, (rollout_id, device_id))
+            if rd is None or rd.offered_version is not None:
+                return version  # offered before: the caller's rule (a re-offer) stands
+            if rd.previous_version is not None:
+                return rd.previous_version or None
+            rd.previous_version = version or 0
+            return version
+
     def mark_offered(
         self, rollout_id: int, device_id: str, *, stage: str | None, version: int,
         previous_version: int | None, now: float | None = None,

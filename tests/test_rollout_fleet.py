@@ -212,3 +212,54 @@ def test_server_restart_mid_rollout_continues(fleet_on):
     assert done["counts"]["succeeded"] == 3
     notes = [h["note"] for h in done["history"]]
     assert sum(n.startswith("offered") for n in notes) == 2, notes
+
+
+class _Killed(Exception):
+    """The server process dying at that point (its store stays)."""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["after_signing", "after_publishing"])
+def test_a_server_killed_between_offering_and_recording_it_can_still_roll_back(fleet, where):
+    """The server signs a canary's new desired state, then dies before it records the
+    offer. Restarted, it offers again; the manifest it had signed is not what the device
+    ran before, so a rollback gives the device its earlier variant back (it answered
+    "changes nothing" and left the device on the new variant)."""
+    fleet.start_agent("dev-0")
+    fleet.wait_known(["dev-0"])
+    fleet.register_mlp("v1", hidden=8)
+    fleet.register_mlp("v2", hidden=32, seed=1)
+    r1 = fleet.api.create_rollout({"target": {"kind": "devices", "devices": ["dev-0"]},
+                                   "variants": ["v1"]})
+    fleet.wait_rollout(r1["id"], "completed")
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    assert fleet.agent("dev-0").predict(x).variant == "v1"
+
+    svc = fleet.svc
+    if where == "after_signing":
+        real_save = svc.store.save_manifest
+
+        def save_then_die(*a, **kw):
+            real_save(*a, **kw)
+            raise _Killed
+
+        svc.store.save_manifest = save_then_die  # type: ignore[method-assign]
+    else:
+        real_deploy = svc.controller.fleet.deploy
+
+        def deploy_then_die(*a, **kw):
+            real_deploy(*a, **kw)
+            raise _Killed
+
+        svc.controller.fleet.deploy = deploy_then_die  # type: ignore[method-assign]
+    with pytest.raises(Exception):  # noqa: B017 - whatever the API makes of the death
+        fleet.api.create_rollout({"target": {"kind": "devices", "devices": ["dev-0"]},
+                                  "variants": ["v2"]})
+    fleet.stop_server()
+    fleet.start_server()  # the same store
+    rid = max(r["id"] for r in fleet.api.rollouts())
+    fleet.wait_rollout(rid, "completed", 60)
+    wait_for(lambda: fleet.agent("dev-0").predict(x).variant == "v2", 20, what="v2 serving")
+    rb = fleet.api.rollout_action(rid, "rollback")
+    assert rb["rollback"]["restored"] == ["dev-0"], rb
+    wait_for(lambda: fleet.agent("dev-0").predict(x).variant == "v1", 20, what="v1 again")
