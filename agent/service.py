@@ -109,6 +109,7 @@ class Agent:
         self.counters = self.reporter.counters
         self.facts = facts or device_facts(config)
         self._facts_due = True  # in the first reported state after each connection
+        self._will_version: int | None = None  # the manifest version the Last Will names
         power = self._active_power_w(config)
         self.serving = RequestPath(self.pool, self.agg, self.clock,
                                    serving_options(config, power),
@@ -468,6 +469,13 @@ class Agent:
         self._publish(self.topics.reported(self.device_id), state.encode(), retain=True)
         self._facts_due = False
         self.reporter.sent(problems, self.clock.monotonic(), marks)
+        if state.manifest_version != self._will_version:
+            # The Last Will says which version the device accepted too: a server on a
+            # restored store then signs above it while the device is away.
+            self._will_version = state.manifest_version
+            self.transport.set_will(ReportedState(
+                device_id=self.device_id, online=False,
+                manifest_version=state.manifest_version).encode())
 
     def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
         ev = Event(device_id=self.device_id, ts=self.clock.time(), kind=kind,

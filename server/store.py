@@ -732,6 +732,11 @@ class Store:
             try:
                 with self.session() as s:
                     d = self._touch(s, r.device_id, online=r.online)
+                    if not r.online and r.manifest_version is not None:
+                        # A goodbye or Last Will naming the version it accepted: versions
+                        # only rise on a device, and a will may be older than the last
+                        # report (it names the version at its last report).
+                        d.manifest_version = max(d.manifest_version or 0, r.manifest_version)
                     if r.online:
                         d.agent_version = r.agent_version
                         d.manifest_version = r.manifest_version

@@ -509,6 +509,10 @@ class MemoryTransport:
             if self.connected.is_set():
                 self.broker._subscribe(self, topic, qos)
 
+    def set_will(self, payload: bytes) -> None:
+        if self.options.will_topic:
+            self.options.will_payload = payload
+
     def unsubscribe(self, topic: str) -> None:
         with self.broker._lock:
             known = self._subs.pop(topic, None) is not None

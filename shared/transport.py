@@ -305,6 +305,10 @@ class Transport(Protocol):
 
     def unsubscribe(self, topic: str) -> None: ...
 
+    def set_will(self, payload: bytes) -> None:
+        """The Last Will's payload from the next connection on (its topic stays)."""
+        ...
+
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Queue a publish; returns its message id, later acknowledged as ``published``."""
         ...
@@ -770,6 +774,14 @@ class MqttTransport:
             self._subs[topic] = qos
         if self.connected.is_set():
             self._send_subscribe([(topic, qos)])
+
+    def set_will(self, payload: bytes) -> None:
+        """The Last Will's payload from the next CONNECT on (the broker keeps the one it
+        got with the current connection); without a will topic, nothing to do."""
+        if not self.options.will_topic:
+            return
+        self.options.will_payload = payload
+        self._client.will_set(self.options.will_topic, payload, qos=1, retain=True)
 
     def unsubscribe(self, topic: str) -> None:
         with self._lock:

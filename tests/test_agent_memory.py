@@ -259,6 +259,21 @@ def test_a_signed_manifest_and_retained_chunks_are_installed(fleet: Fleet) -> No
     assert served.variant in {"small", "large"}
 
 
+def test_the_last_will_names_the_version_the_device_accepted(fleet: Fleet) -> None:
+    """A device that dies leaves its Last Will as its retained reported state: it names
+    the desired-state version the device accepted, so a server on a restored store signs
+    above it while the device is away."""
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    agent = fleet.agent()
+    fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: _installed(agent, "small"))
+    fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: fleet.reported().manifest_version == 2)
+    agent.transport.kill()  # power cut: the broker publishes the will
+    r = fleet.reported()
+    assert (r.online, r.manifest_version) == (False, 2)
+
+
 @pytest.mark.timeout(10)
 def test_never_more_than_the_window_of_chunk_topics_is_subscribed(fleet: Fleet) -> None:
     agent = fleet.agent()

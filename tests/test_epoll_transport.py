@@ -102,6 +102,30 @@ def test_a_dropped_connection_sends_the_last_will_and_a_clean_stop_does_not(mosq
             t.stop()
 
 
+def test_a_new_will_goes_with_the_next_connection(mosquitto, loop):
+    """``set_will``: the broker keeps the will a connection began with, so a new one (the
+    agent's, naming the version it accepted since) is the will from the next connection."""
+    base = f"ep/{uuid.uuid4().hex[:8]}"
+    watcher = _transport(mosquitto.url, loop, subscriptions={f"{base}/will": 1})
+    dev = _transport(mosquitto.url, loop, will_topic=f"{base}/will", will_payload=b"v1")
+    try:
+        for t in (watcher, dev):
+            t.start()
+            assert t.wait_connected(10)
+        watcher.publish(f"{base}/will", b"probe")  # its subscription is live
+        assert _next(watcher, "message").payload == b"probe"
+        dev.set_will(b"v2")
+        dev.kill()
+        assert _next(watcher, "message").payload == b"v1"  # what this connection began with
+        dev.start()
+        assert dev.wait_connected(10)
+        dev.kill()
+        assert _next(watcher, "message").payload == b"v2"
+    finally:
+        for t in (watcher, dev):
+            t.stop()
+
+
 def test_reconnects_after_a_broker_restart_renewing_subscriptions(tmp_path, loop):
     """One client subscribed to the topic it publishes on: paho renews the subscription
     (in ``on_connect``) before it resends the QoS 1 publish it kept while disconnected."""

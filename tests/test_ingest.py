@@ -740,6 +740,29 @@ def test_a_lying_device_cannot_push_the_fleets_desired_states_out_of_reach(tmp_p
             schema.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_an_offline_devices_goodbye_or_will_still_lifts_the_next_version(tmp_path, backend):
+    """A device away while its server moves to a restored store is known there only by
+    its retained reported state: a goodbye or a Last Will (``online`` false). The version
+    it names counts, or the store signs below what the device accepted and the device
+    refuses everything when it comes back; an older will never lowers what is known."""
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        for i in range(3):
+            store.set_reported(ReportedState(device_id=f"d{i}", online=True,
+                                             manifest_version=4))
+        store.set_reported(ReportedState(device_id="away", online=False, manifest_version=9))
+        assert store.next_manifest_version() == 10
+        store.set_reported(ReportedState(device_id="away", online=False, manifest_version=7))
+        d = store.device("away")
+        assert d is not None and d.manifest_version == 9 and not d.online
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()
+
+
 # -- the pure parts -----------------------------------------------------------------------------
 
 
