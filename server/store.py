@@ -61,6 +61,8 @@ from .errors import LeaseLostError, StoreConflictError, StoreError
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
+# Retention takes a batch dated further ahead than this by when it was received.
+FUTURE_SKEW_S = 86_400.0
 MAX_ADOPTED_CLAIM = 5 * 10**7
 
 
@@ -1241,13 +1243,19 @@ class Store:
 
     def prune_telemetry(self, before: float) -> dict[str, int]:
         """Retention: delete telemetry of intervals that ended before ``before`` (with its
-        per-variant rows, switches and shadow figures) and events from before it."""
+        per-variant rows, switches and shadow figures) and events from before it.
+
+        A batch dated more than a day ahead (a device's wrong clock, or a lying device)
+        goes when it was received before ``before``: by its date it would stay for good."""
+        ahead = time.time() + FUTURE_SKEW_S
+        gone = (Telemetry.interval_end < before) | (
+            (Telemetry.interval_end > ahead) & (Telemetry.received_at < before))
         with self.session() as s:
-            old = select(Telemetry.id).where(Telemetry.interval_end < before)
+            old = select(Telemetry.id).where(gone)
             out = {"telemetry": s.scalar(select(func.count()).select_from(old.subquery())) or 0}
             for model in (VariantUsage, Switch, ShadowRow):
                 s.execute(delete(model).where(model.telemetry_id.in_(old)))
-            s.execute(delete(Telemetry).where(Telemetry.interval_end < before))
+            s.execute(delete(Telemetry).where(gone))
             out["events"] = s.scalar(select(func.count()).select_from(EventRow)
                                      .where(EventRow.ts < before)) or 0
             s.execute(delete(EventRow).where(EventRow.ts < before))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -247,6 +248,23 @@ def test_shadow_figures_sent_before_the_offer_do_not_count_however_they_are_date
     assert store.rollout_shadow_rows(rid, "wave1") == []
     store.add_telemetry_batches([batch(1, 130.0)], received_at=131.0)
     assert [r.interval_end for r in store.rollout_shadow_rows(rid, "wave1")] == [130.0]
+
+
+def test_retention_takes_batches_dated_ahead_by_when_they_arrived(store):
+    """A device's clock (or a lying device) may date batches centuries ahead: by its date
+    such a batch would outlive every retention; it goes once it was received before the
+    cut-off. Honest batches go by their interval, as before."""
+    def batch(dev: str, seq: int, end: float) -> TelemetryBatch:
+        return TelemetryBatch(device_id=dev, seq=seq, interval_start=end - 10,
+                              interval_end=end)
+
+    now = time.time()
+    store.add_telemetry_batches([batch("liar", 0, 2.0**33)], received_at=now - 100 * 86_400)
+    store.add_telemetry_batches([batch("liar", 1, 2.0**33 - 10)], received_at=now)
+    store.add_telemetry_batches([batch("honest", 0, now - 40 * 86_400),
+                                 batch("honest", 1, now - 86_400)])
+    assert store.prune_telemetry(before=now - 30 * 86_400)["telemetry"] == 2
+    assert (store.telemetry_seqs("liar"), store.telemetry_seqs("honest")) == ([1], [1])
 
 
 def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
