@@ -284,6 +284,16 @@ class RolloutController:
                 except ValueError as e:
                     raise RolloutError(f"invalid policy override: {e}", 422) from e
             devices = self._resolve_target(req.target, strict=True)
+            hoppers = self._class_hoppers(req.target, devices)
+            if hoppers:
+                devices = [d for d in devices if d not in hoppers]
+                log.info("rollout to class %s: %d device(s) left out, in another class's "
+                         "unfinished rollout: %s", req.target.device_class, len(hoppers),
+                         ", ".join(sorted(hoppers)[:10]))
+                if not devices:
+                    raise RolloutError(
+                        f"every device reporting the class {req.target.device_class!r} is in "
+                        "another class's unfinished rollout", 409)
             if req.config.profile_only:
                 self._check_profile_only(req, specs, devices)
             holders = self._holders(set(devices))
@@ -619,6 +629,9 @@ class RolloutController:
                         known = {rd.device_id for rd in self.store.rollout_devices(row.id)}
                         new = [d for d in self._resolve_target(target, strict=False)
                                if d not in known]
+                        if new:  # one in another unfinished rollout joins once it ends
+                            held = self._held(set(new))
+                            new = [d for d in new if d not in held]
                         if new:
                             self.store.add_rollout_devices(row.id, new)
                             self.store.update_rollout(
@@ -818,12 +831,32 @@ class RolloutController:
 
     def _holders(self, devices: set[str]) -> set[int]:
         """Unfinished rollouts that include any of ``devices``."""
-        out = set()
+        return set(self._held(devices).values())
+
+    def _held(self, devices: set[str]) -> dict[str, int]:
+        """Those of ``devices`` in an unfinished rollout, and which."""
+        out: dict[str, int] = {}
         for row in self.store.rollouts():
             if Status(row.status).finished:
                 continue
-            if any(rd.device_id in devices for rd in self.store.rollout_devices(row.id)):
-                out.add(row.id)
+            for rd in self.store.rollout_devices(row.id):
+                if rd.device_id in devices:
+                    out[rd.device_id] = row.id
+        return out
+
+    def _class_hoppers(self, target: Target, devices: list[str]) -> set[str]:
+        """Devices of a class target held by an unfinished rollout to another class: they
+        reported that class then this one. The class is the device's word, so such a
+        device must not hold (409) or supersede the other class's rollout; it stays where
+        it was offered and joins this one when that one ends."""
+        if target.kind != "class":
+            return set()
+        out = set()
+        for device_id, rid in self._held(set(devices)).items():
+            row = self._get(rid)
+            if row.target_kind == "class" and (row.target or {}).get("device_class") \
+                    != target.device_class:
+                out.add(device_id)
         return out
 
     def _newer_offers(self, rollout_id: int, devices: set[str]) -> set[int]:
