@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -27,7 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prunefleet.shared.chunks import DEFAULT_CHUNK_BYTES
 from prunefleet.shared.errors import TransportError
 from prunefleet.shared.fsutil import fsync_dir
-from prunefleet.shared.messages import MAX_ARTIFACT_BYTES, Golden, Name, Sha256, VariantSpec
+from prunefleet.shared.messages import (
+    MAX_ARTIFACT_BYTES,
+    MAX_INPUT_ELEMENTS,
+    Golden,
+    Name,
+    Sha256,
+    VariantSpec,
+)
 
 from .errors import DistributionError, RegistryError
 from .fleet import FleetServer, spec_from_file
@@ -43,7 +51,8 @@ class VariantRegistration(BaseModel):
     name: Name
     sha256: Sha256
     macs: int = Field(ge=0)
-    input_shape: list[int] | None = Field(default=None, min_length=1, max_length=8)
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_INPUT_ELEMENTS)]] | None = Field(
+        default=None, min_length=1, max_length=8)
     num_classes: int | None = Field(default=None, ge=1, le=100000)
     params: int | None = Field(default=None, ge=0)
     accuracy: float | None = Field(default=None, ge=0, le=1)
@@ -192,6 +201,9 @@ def describe_onnx(
     )):
         raise RegistryError(f"input_shape {input_shape} does not fit the model's input {shown}")
     shape = [1, *input_shape[1:]]
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise RegistryError(f"input_shape {input_shape} takes more than {MAX_INPUT_ELEMENTS} "
+                            "float32 values")
     params = int(sum(numpy_helper.to_array(i).size for i in model.graph.initializer))
 
     if golden is not None:

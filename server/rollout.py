@@ -85,6 +85,11 @@ class Action(StrEnum):
     COMPLETE = "complete"
 
 
+# The longest observe window or timeout a rollout takes (30 days): a longer one is a typo,
+# and an endless one (JSON's Infinity) made the first wave's shadow window unsignable after
+# the rollout had been created (and had superseded another).
+MAX_WAIT_S = 30 * 86_400.0
+
 class Gate(BaseModel):
     """What a wave's evidence must show, per variant under evaluation."""
 
@@ -99,7 +104,7 @@ class Gate(BaseModel):
     # Share of the wave's devices (not failed to install) that must have reported samples.
     min_device_share: float = Field(default=1.0, gt=0, le=1)
     # How long a wave may take to gather that evidence.
-    observe_s: float = Field(default=600.0, gt=0)
+    observe_s: float = Field(default=600.0, gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
     # Share of live requests each device of a wave replays for the evaluation.
     sample_share: float = Field(default=0.05, gt=0, le=1)
 
@@ -117,8 +122,8 @@ class RolloutConfig(BaseModel):
     failure_threshold: float = Field(default=0.1, ge=0, lt=1)
     # "installed": verified and loaded; "active": also serving requests.
     success_phase: Literal["installed", "active"] = "installed"
-    canary_timeout_s: float = Field(default=900.0, gt=0)
-    device_timeout_s: float = Field(default=1800.0, gt=0)
+    canary_timeout_s: float = Field(default=900.0, gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
+    device_timeout_s: float = Field(default=1800.0, gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
     # Waves instead of canary and rest: cumulative percents of the target, increasing,
     # the last 100; each judged by ``gate``.
     waves: list[float] | None = Field(default=None, min_length=1, max_length=20)

@@ -7,6 +7,7 @@ parsing and turns every failure into :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import math
 import time
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -30,6 +31,8 @@ MAX_LATENCY_MS = 3_600_000.0  # an hour
 MAX_ENERGY_J = 1e9  # in one interval (about 280 kWh)
 MAX_SEQ = 2**31 - 1  # telemetry sequence numbers and manifest versions fit an SQL INTEGER
 MAX_VERSION = 2**31 - 1
+# float32 values in one input (64 MiB): a variant's input_shape multiplies to at most this
+MAX_INPUT_ELEMENTS = 2**24
 Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 LatencyMs = Annotated[float, Field(ge=0, lt=MAX_LATENCY_MS, allow_inf_nan=False)]
@@ -139,7 +142,8 @@ class VariantSpec(BaseModel):
     chunk_bytes: int = Field(ge=1024, le=8 * 1024 * 1024)
     chunk_sha256: list[Sha256] = Field(min_length=1, max_length=65536)
     compression: Literal["none", "zlib"] = "zlib"
-    input_shape: list[int] = Field(min_length=1, max_length=8)
+    input_shape: list[Annotated[int, Field(ge=1, le=MAX_INPUT_ELEMENTS)]] = Field(
+        min_length=1, max_length=8)
     num_classes: int = Field(ge=1, le=100000)
     params: int = Field(ge=0)
     macs: int = Field(ge=0)
@@ -170,6 +174,9 @@ class VariantSpec(BaseModel):
                 f"variant {self.name}: {len(self.chunk_sha256)} chunk hashes for "
                 f"{expected} chunks"
             )
+        if math.prod(self.input_shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"variant {self.name}: input_shape {self.input_shape} takes more "
+                             f"than {MAX_INPUT_ELEMENTS} float32 values")
 
 
 class ShadowSpec(BaseModel):

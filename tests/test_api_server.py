@@ -366,6 +366,10 @@ def test_cli_registers_a_prepared_int8_variant_with_the_golden_pair_prepare_chos
     with pytest.raises(ApiError) as e:
         fleet.api.request("POST", "/v1/variants", {**body, "input_shape": [1, 1, 4, 4]})
     assert e.value.status == 422 and "does not fit the model's input" in str(e.value)
+    for shape in ([1, -3], [1, 0], [1, 10**13], [1, 4096, 4096, 2]):  # was 500, or stored
+        with pytest.raises(ApiError) as e:
+            fleet.api.request("POST", "/v1/variants", {**body, "input_shape": shape})
+        assert e.value.status == 422, (shape, e.value)
     assert fleet.api.variants() == before
     assert fleet.svc.store.variant("s50-int8").spec["golden"] == int8.model_dump(mode="json")
 

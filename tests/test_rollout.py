@@ -150,6 +150,11 @@ def test_tally_buckets_every_device_once():
 @pytest.mark.parametrize("bad", [
     {"canary_percent": 101}, {"failure_threshold": 1.0}, {"success_threshold": 0},
     {"success_phase": "verifying"}, {"canary_timeout_s": 0}, {"surprise": 1},
+    # An endless or absurd wait: Infinity is valid JSON to Python's parser. A first wave
+    # whose shadow window could not be signed left a created (and superseding) rollout
+    # that never advanced, behind a 500.
+    {"canary_timeout_s": float("inf")}, {"device_timeout_s": 1e308},
+    {"gate": {"observe_s": float("inf")}}, {"gate": {"observe_s": 7e9}},
 ])
 def test_config_rejects_nonsense(bad):
     with pytest.raises(ValidationError):
