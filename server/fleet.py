@@ -379,7 +379,10 @@ class FleetServer:
                 ingest = self._thread
                 if self._stop.is_set() and (ingest is None or not ingest.is_alive()):
                     return
-                continue
+                if self.core.has_unwritten:  # a quiet fleet: try the held states again
+                    items, admitted = [], Admitted()
+                else:
+                    continue
             try:
                 out = self.core.commit(admitted) if admitted is not None else GroupOutcome()
             except Exception:

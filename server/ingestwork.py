@@ -18,12 +18,13 @@ parts once more (storing is idempotent).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import threading
 import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
@@ -41,6 +42,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 REVOKED_REFRESH_S = 5.0
+# Reported states and events the store refused, held per process to be written again.
+MAX_UNWRITTEN = 10_000
 
 # What an ingest probe starts with (FleetServer.probe_ingest); never stored.
 PROBE_MAGIC = b"prunefleet-ingest-probe:"
@@ -64,6 +67,8 @@ class IngestCounters:
     transactions: int = 0  # telemetry write transactions (one per group of messages)
     acks_published: int = 0  # "stored through" cursors published to devices
     queue_depth: int = 0  # messages received and not yet handled, at the last group
+    # Reported states and events the store refused, held to be written again (a gauge).
+    unwritten: int = 0
     # Times the network thread waited for room in a full inbound queue (back-pressure on
     # the broker: nothing dropped).
     inbound_waits: int = 0
@@ -76,7 +81,7 @@ class IngestCounters:
         for p in parts:
             for name in ("telemetry", "duplicates", "reported", "events", "invalid",
                          "unoffered_reports", "transactions", "acks_published", "queue_depth",
-                         "inbound_waits"):
+                         "inbound_waits", "unwritten"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             for reason, n in p.dropped.items():
                 out.dropped[reason] = out.dropped.get(reason, 0) + n
@@ -135,6 +140,11 @@ class IngestCore:
         # broker refuses them once reloaded, and until then nothing they say counts.
         self._revoked: frozenset[str] = frozenset()
         self._revoked_read = -1e18
+        # Reported states (the latest per device) and events the store refused, written
+        # again before the next group's; at most MAX_UNWRITTEN, the oldest dropped past it.
+        self._unwritten: OrderedDict[tuple[str, ...], tuple[str, ReportedState | Event]] = (
+            OrderedDict())
+        self._event_ids = itertools.count()
 
     # -- revocations ----------------------------------------------------------------------
     def revoked(self, now: float | None = None) -> frozenset[str]:
@@ -179,14 +189,21 @@ class IngestCore:
         telemetry in one transaction; the cursors that moved. Groups are committed in the
         order they were admitted, by one thread."""
         out = GroupOutcome(probe_seen=admitted.probe_seen)
-        for topic, message in admitted.states:
+        held = list(self._unwritten.values())
+        self._unwritten.clear()
+        for topic, message in [*held, *admitted.states]:
             try:
                 self._write_state(message)
             except StoreError as e:
-                self.drop("store_error", topic, detail=str(e))
+                # Acknowledged to the broker with its group, and nothing sends it again
+                # (an agent reports a state when it changes): held here and written again
+                # with the next group, instead of dropped.
+                out.store_failed = True
+                self._hold(topic, message, e)
             except Exception:
                 self.drop("error", topic)
                 log.exception("ingest failed on %s", topic)
+        self.counters.unwritten = len(self._unwritten)
         if admitted.batches:
             cursors = self._store_batches(admitted.batches)
             if cursors is None:
@@ -229,6 +246,25 @@ class IngestCore:
         except Exception:
             self.drop("error", topic)
             log.exception("ingest failed on %s", topic)
+
+    @property
+    def has_unwritten(self) -> bool:
+        """Reported states or events the store refused, to be written again."""
+        return bool(self._unwritten)
+
+    def _hold(self, topic: str, message: ReportedState | Event, e: StoreError) -> None:
+        if not self._unwritten:
+            log.warning("the store refused a device's state or event (held, written again "
+                        "with the next group): %s", e)
+        if isinstance(message, ReportedState):  # only the latest state counts
+            key: tuple[str, ...] = ("reported", message.device_id)
+            self._unwritten.pop(key, None)
+        else:
+            key = ("event", str(next(self._event_ids)))
+        self._unwritten[key] = (topic, message)
+        while len(self._unwritten) > MAX_UNWRITTEN:
+            _, (old_topic, _) = self._unwritten.popitem(last=False)
+            self.drop("store_error", old_topic, detail=str(e))
 
     def _write_state(self, message: ReportedState | Event) -> None:
         if isinstance(message, ReportedState):

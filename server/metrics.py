@@ -308,6 +308,12 @@ class FleetCollector(Collector):
         for reason, n in c.dropped.items():
             m.add_metric([reason], float(n))
         yield m
+        g = GaugeMetricFamily("prunefleet_ingest_unwritten",
+                              "reported states and events the store refused, held by this "
+                              "server to be written again (past 10,000 the oldest is "
+                              "dropped as store_error)")
+        g.add_metric([], float(c.unwritten))
+        yield g
         g = GaugeMetricFamily("prunefleet_ingest_queue_depth",
                               "messages received and not yet stored and acknowledged")
         g.add_metric([], float(c.queue_depth))

@@ -763,6 +763,51 @@ def test_an_offline_devices_goodbye_or_will_still_lifts_the_next_version(tmp_pat
             schema.close()
 
 
+def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_writes(tmp_path):
+    """A reported state or an event is acknowledged to the broker with its group, and no
+    agent sends it again (it reports a state when it changes): one the store refuses (a
+    store briefly down) is held and written with the next group, the latest state per
+    device, instead of dropped. Held ones are a gauge; only past the bound are they
+    dropped, and counted."""
+    from prunefleet.server.ingestwork import IngestCore
+    from prunefleet.shared.messages import Event, EventKind
+
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+    real_set, real_event = store.set_reported, store.add_event
+    down = {"on": True}
+
+    def refusing(real):
+        def call(*a, **kw):
+            if down["on"]:
+                raise StoreError("database is locked")
+            return real(*a, **kw)
+        return call
+
+    store.set_reported = refusing(real_set)  # type: ignore[method-assign]
+    store.add_event = refusing(real_event)  # type: ignore[method-assign]
+    try:
+        r1 = ReportedState(device_id="d1", online=True, agent_version="1.0")
+        r2 = ReportedState(device_id="d1", online=True, agent_version="1.1")
+        ev = Event(device_id="d1", ts=5.0, kind=EventKind.INSTALLED, variant="small",
+                   detail="ok")
+        out = core.process([(topics.reported("d1"), r1.encode()),
+                            (topics.events("d1"), ev.encode()),
+                            (topics.reported("d1"), r2.encode())])
+        assert out.store_failed and store.device("d1") is None
+        assert core.counters.unwritten == 2  # the latest state, and the event
+        assert core.counters.dropped["store_error"] == 0
+        down["on"] = False
+        core.process([])  # the next group, or the commit thread when the fleet is quiet
+        d = store.device("d1")
+        assert d is not None and d.agent_version == "1.1"
+        assert [e.kind for e in store.events("d1")] == ["installed"]
+        assert core.counters.unwritten == 0 and core.counters.reported == 1
+    finally:
+        store.close()
+
+
 # -- the pure parts -----------------------------------------------------------------------------
 
 
