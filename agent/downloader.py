@@ -192,6 +192,9 @@ class Downloader:
             lines = path.read_text().split()
         except FileNotFoundError:
             return set()
+        except (OSError, ValueError) as e:  # damaged (ValueError: not UTF-8): start over
+            log.warning("%s is unreadable (%s): its chunks are fetched again", path, e)
+            return set()
         done = set()
         for tok in lines:
             if tok.isdigit() and int(tok) < plan.count:

@@ -146,6 +146,10 @@ def _clip(v: float | None) -> float | None:
     return None if v is None else max(0.0, min(100.0, float(v)))
 
 
+def _valid_incarnation(value: str) -> bool:
+    return bool(value) and len(value) <= 32 and value.isalnum()
+
+
 def new_incarnation() -> str:
     return secrets.token_hex(8)
 
@@ -236,29 +240,69 @@ class DiskQueue:
         self._index: dict[int, None] = dict.fromkeys(self._scan())
         # The batch file is written before next_seq (put): a kill between the two leaves a
         # file past the recorded next_seq, never a number handed out and not written.
-        try:
-            recorded = int(self._seq_path.read_text())
-        except (FileNotFoundError, ValueError):
-            recorded = 0
+        recorded = self._read_next_seq()
         existing = self.pending()
-        self._next_seq = max(recorded, existing[-1] + 1 if existing else 0)
-        self.incarnation = self._load_incarnation()
+        self._next_seq = max(recorded or 0, existing[-1] + 1 if existing else 0)
+        self.incarnation = self._load_incarnation(seq_known=recorded is not None)
 
-    def _load_incarnation(self) -> str:
+    def _read_next_seq(self) -> int | None:
+        """The recorded next_seq; None when missing or unreadable."""
+        try:
+            return int(self._seq_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:  # ValueError: garbage, or not UTF-8
+            log.warning("telemetry: %s is unreadable (%s)", self._seq_path, e)
+            return None
+
+    def _load_incarnation(self, seq_known: bool) -> str:
+        """This queue's incarnation: from its file, else from the batches it holds. A
+        new one when neither tells, or when the numbers it handed out are not known (its
+        next_seq missing or damaged): numbering again from 0 under the same incarnation
+        would have the server drop every new batch as a duplicate of a stored one, and
+        confirm it, and the agent delete it."""
         path = self.dir / "incarnation"
         try:
             value = path.read_text().strip()
         except FileNotFoundError:
             value = ""
-        if not value or len(value) > 32 or not value.isalnum():
-            value = new_incarnation()
-            self._adopt(value)
-            atomic_write(path, value.encode())
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8
+            log.warning("telemetry: %s is unreadable (%s)", path, e)
+            value = ""
+        if not _valid_incarnation(value):
+            # The queued batches carry it: taking a new one would leave them unconfirmable
+            # (the server confirms them under theirs, which the agent would ignore).
+            value = self._queued_incarnation()
+            if value:
+                atomic_write(path, value.encode())
+        if _valid_incarnation(value) and seq_known:
+            return value
+        old = value
+        value = new_incarnation()
+        if old:
+            log.warning("telemetry: the sequence numbers of incarnation %s are not known "
+                        "(next_seq missing or damaged): continuing as %s", old, value)
+        self._adopt(value, every=bool(old))
+        # Its numbers are known from here on, also if no batch is ever put before a restart.
+        atomic_write(self._seq_path, str(self._next_seq).encode())
+        atomic_write(path, value.encode())
         return value
 
-    def _adopt(self, incarnation: str) -> None:
-        """Batches queued by an agent from before incarnations carry none, and the server
-        confirms only an incarnation's batches: give them this one."""
+    def _queued_incarnation(self) -> str:
+        """The incarnation the oldest readable queued batch names, or ""."""
+        for seq in self.pending():
+            try:
+                value = str(json.loads(self.read(seq) or b"{}").get("incarnation") or "")
+            except (ValueError, AttributeError):
+                continue
+            if _valid_incarnation(value):
+                return value
+        return ""
+
+    def _adopt(self, incarnation: str, every: bool = False) -> None:
+        """Give queued batches ``incarnation``: those without one (queued by an agent from
+        before incarnations), or with ``every`` all of them (their own is given up). The
+        server confirms only an incarnation's batches."""
         for seq in self.pending():
             data = self.read(seq)
             try:
@@ -269,7 +313,7 @@ class DiskQueue:
                 self.dropped_total += 1
                 self._dropped_unreported += 1
                 continue
-            if not batch.incarnation:
+            if every or not batch.incarnation:
                 atomic_write(self.path(seq),
                              batch.model_copy(update={"incarnation": incarnation}).encode())
 

@@ -259,6 +259,22 @@ def test_a_signed_manifest_and_retained_chunks_are_installed(fleet: Fleet) -> No
     assert served.variant in {"small", "large"}
 
 
+def test_a_damaged_download_record_is_fetched_again_not_a_crash_at_start(fleet: Fleet) -> None:
+    """An interrupted download's record of finished chunks, damaged (not even UTF-8): the
+    agent starts (it raised at start, so systemd restarted it forever) and fetches the
+    variant again."""
+    agent = fleet.agent()
+    fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: agent.store.done_path(SMALL.sha256).exists()
+                    or agent.downloader.progress())
+    agent.transport.stop()
+    agent.store.done_path(SMALL.sha256).write_bytes(b"\xff\xfe\x00 1 2")
+    again = fleet.agent()
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    fleet.run_until(again, lambda: _installed(again, "small"), steps=40)
+    assert again.store.path_of(SMALL.sha256).read_bytes() == SMALL_DATA
+
+
 def test_the_last_will_names_the_version_the_device_accepted(fleet: Fleet) -> None:
     """A device that dies leaves its Last Will as its retained reported state: it names
     the desired-state version the device accepted, so a server on a restored store signs

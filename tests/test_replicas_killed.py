@@ -366,7 +366,11 @@ def test_the_lease_holder_killed_in_a_rollout_in_waves_hands_over_and_every_wave
     r0 = api.create_rollout({"target": {"kind": "fleet"}, "variants": ["base"]})["id"]
     wait(lambda: api.rollout(r0)["status"] == "completed", 60, "the base rollout", [a, b],
          lambda: api.rollout(r0))
-    gate = {"min_agreement": 0.9, "max_p95_ratio": None, "max_error_rate": 0.01,
+    # Simulated devices answer right 99% of the time, so "small" and "base" disagree on
+    # about 2% of samples; a wave of 1-2 devices is judged on 10-20 of them, where 0.9
+    # failed by chance (2 disagreements in 18, once in CI). What is tried here is the
+    # handover, not the gate's statistics.
+    gate = {"min_agreement": 0.8, "max_p95_ratio": None, "max_error_rate": 0.01,
             "min_requests": 10, "observe_s": 120, "sample_share": 1.0}
     rid = api.create_rollout({"target": {"kind": "fleet"}, "variants": ["small"],
                               "config": {"waves": [25, 50, 100], "gate": gate}})["id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from fleet_helpers import make_server, run_agent, wait_for
 
 from prunefleet.agent.sensors import Readings
@@ -84,6 +85,47 @@ def test_a_kill_while_a_batch_is_cut_leaves_no_gap_in_the_sequence(tmp_path):
     (tmp_path / "next_seq").write_text("3")
     q = DiskQueue(tmp_path)
     assert q.pending() == [0, 1, 2, 3] and q.next_seq() == 4
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", b"\xff\xfe\x00"])
+def test_a_damaged_next_seq_starts_a_new_incarnation_instead_of_reusing_numbers(tmp_path,
+                                                                               damage):
+    """Every batch confirmed and deleted, then next_seq damaged: numbering again from 0
+    under the same incarnation would have the server drop each new batch as a duplicate of
+    a stored one (and confirm it, and the agent delete it). A new incarnation instead."""
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(3):
+        q.put(_batch(agg, q, float(i)))
+        q.ack(i)
+    old = q.incarnation
+    (tmp_path / "next_seq").write_bytes(damage)
+    q = DiskQueue(tmp_path)
+    assert q.incarnation != old
+    assert DiskQueue(tmp_path).incarnation == q.incarnation  # and it stays
+
+
+@pytest.mark.parametrize("damage", [b"", b"not/alnum", b"\xff\xfe\x00"])
+def test_a_damaged_incarnation_is_taken_back_from_the_queued_batches(tmp_path, damage):
+    """Batches queued under an incarnation must stay confirmable: a damaged incarnation
+    file is read back from them (a new one would leave them re-sent forever, since the
+    server confirms them under theirs); one that is not UTF-8 no longer stops the agent."""
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    for i in range(3):
+        b = _batch(agg, q, float(i))
+        q.put(b.model_copy(update={"incarnation": q.incarnation}))
+    old = q.incarnation
+    (tmp_path / "incarnation").write_bytes(damage)
+    q = DiskQueue(tmp_path)
+    assert q.incarnation == old and q.pending() == [0, 1, 2] and q.next_seq() == 3
+    # Both damaged: a new incarnation, and the queued batches carry it.
+    (tmp_path / "incarnation").write_bytes(damage)
+    (tmp_path / "next_seq").write_bytes(damage)
+    q = DiskQueue(tmp_path)
+    assert q.incarnation != old
+    assert {TelemetryBatch.model_validate_json(q.read(s) or b"").incarnation
+            for s in q.pending()} == {q.incarnation}
 
 
 def test_batches_are_deleted_only_when_the_server_confirmed_them(tmp_path):
