@@ -8,7 +8,10 @@ be refused costs the server nothing it did not have to read:
   never read;
 * a body whose ``Content-Length`` is above the route's cap is answered 413 from its headers;
 * a body without a length (chunked) is counted as it streams in, and the request is
-  answered 413 as soon as the count passes the cap: it is never read whole.
+  answered 413 as soon as the count passes the cap: it is never read whole;
+* an open path (no token needed: ``/healthz``, the dashboard, the OpenAPI document) with a
+  chunked body or one over 64 KiB is answered 413 and closed from its headers: no open
+  route reads a body, and the HTTP server would drain one after the answer.
 
 The routes check the token too (their OpenAPI document says so); this is the layer that
 makes the check cheap.
@@ -115,6 +118,12 @@ class RequestGuard:
             await self._refuse(send, 401, "missing or wrong bearer token",
                                [(b"www-authenticate", b"Bearer")],
                                close=not _small_framed_body(headers, lengths))
+            return
+        if not self.protected(path) and not _small_framed_body(headers, lengths):
+            # No open route takes a body, and one its route does not read the HTTP server
+            # drains after the answer, whatever its size (64 MiB chunked, measured): the
+            # token's check would be no help there.
+            await self._refuse(send, 413, "this route takes no request body")
             return
         cap = self.body_cap(method, path)
         if lengths:
