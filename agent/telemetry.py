@@ -342,7 +342,13 @@ class DiskQueue:
         return list(self._index)
 
     def put(self, batch: TelemetryBatch) -> None:
-        atomic_write(self.path(batch.seq), batch.encode())
+        try:
+            atomic_write(self.path(batch.seq), batch.encode())
+        except OSError as e:  # a full disk, most likely: the interval is lost, and counted
+            self.dropped_total += 1
+            self._dropped_unreported += 1
+            log.error("telemetry: batch %d not queued, counted as dropped: %s", batch.seq, e)
+            return
         if batch.seq >= self._next_seq:
             self._next_seq = batch.seq + 1
             atomic_write(self._seq_path, str(self._next_seq).encode())

@@ -128,6 +128,31 @@ def test_a_damaged_incarnation_is_taken_back_from_the_queued_batches(tmp_path, d
             for s in q.pending()} == {q.incarnation}
 
 
+def test_a_batch_the_disk_cannot_take_is_counted_in_the_next_one(tmp_path, monkeypatch):
+    """A full disk when an interval is cut: the batch is lost, not the agent, and the
+    loss travels with the next batch (batches_dropped) so the server counts it; its
+    number is used by the next batch, so no gap holds the server's cursor."""
+    import prunefleet.agent.telemetry as telemetry
+
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    q.put(_batch(agg, q, 1.0))
+    real = telemetry.atomic_write
+
+    def full(path, data):
+        if path.suffix == ".json":
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(telemetry, "atomic_write", full)
+    q.put(_batch(agg, q, 2.0))
+    monkeypatch.setattr(telemetry, "atomic_write", real)
+    nxt = _batch(agg, q, 3.0)
+    assert (nxt.seq, nxt.batches_dropped) == (1, 1)
+    q.put(nxt)
+    assert q.pending() == [0, 1] and q.dropped_total == 1
+
+
 def test_batches_are_deleted_only_when_the_server_confirmed_them(tmp_path):
     q = DiskQueue(tmp_path)
     agg = Aggregator("d1", 0.0)
