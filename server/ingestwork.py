@@ -19,6 +19,7 @@ parts once more (storing is idempotent).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing as mp
 import threading
@@ -32,7 +33,7 @@ from typing import Any
 
 from prunefleet.shared.errors import ProtocolError, TopicError
 from prunefleet.shared.gctune import tune_for_throughput
-from prunefleet.shared.messages import Event, ReportedState, TelemetryBatch, decode
+from prunefleet.shared.messages import MAX_SEQ, Event, ReportedState, TelemetryBatch, decode
 from prunefleet.shared.topics import Topics
 
 from .errors import StoreError
@@ -117,11 +118,36 @@ class Admitted:
     batches: list[TelemetryBatch] = field(default_factory=list)
     # Reported states and events, (topic, message), in the order they arrived.
     states: list[tuple[str, ReportedState | Event]] = field(default_factory=list)
+    # Telemetry batches refused as invalid whose (device, incarnation, seq, floor) could
+    # still be read: the cursor passes them (see IngestCore._refused_key).
+    refused: list[tuple[str, str, int, int | None]] = field(default_factory=list)
 
 
 class _WrongDevice(ProtocolError):
     """A message whose body names another device than its topic."""
 
+
+def _refused_key(device_id: str, payload: bytes) -> tuple[str, str, int, int | None] | None:
+    """(device, incarnation, seq, unconfirmed_from) of a telemetry batch that failed
+    validation, when its JSON still says them plainly and names its topic's device."""
+    if len(payload) > TelemetryBatch.max_bytes:
+        return None
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("device_id") != device_id:
+        return None
+    incarnation, seq, floor = (data.get("incarnation"), data.get("seq"),
+                               data.get("unconfirmed_from"))
+    if not (isinstance(incarnation, str) and 0 < len(incarnation) <= 32
+            and incarnation.isalnum()):
+        return None
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        return None
+    if floor is not None and (type(floor) is not int or not 0 <= floor <= seq):
+        floor = None
+    return device_id, incarnation, seq, floor
 
 class IngestCore:
     """One process's ingest state (rate limits, revocations, cursors, counters) and the
@@ -210,7 +236,29 @@ class IngestCore:
                 out.store_failed = True
             else:
                 out.cursors = cursors
+        if admitted.refused:
+            out.cursors = self._pass_refused(admitted.refused, out.cursors)
         return out
+
+    def _pass_refused(self, refused: list[tuple[str, str, int, int | None]],
+                      cursors: list[Cursor]) -> list[Cursor]:
+        """Let the cursors pass batches refused as invalid (counted as ``invalid``): the
+        agent re-sends what stays unconfirmed, and one batch no server takes (a bound an
+        older agent does not know, a damaged queue file) held its cursor, and its window,
+        until the batch aged out of its queue: hours."""
+        moved = {(d, i): t for d, i, t in cursors}
+        try:
+            for device_id, incarnation, seq, floor in refused:
+                if not self.cursors.known(device_id, incarnation):
+                    self.cursors.seed(device_id, incarnation, self.store.stored_seqs(
+                        device_id, incarnation, floor or 0), floor)
+                self.cursors.note(device_id, incarnation, seq, floor)
+                through = self.cursors.through(device_id, incarnation)
+                if through >= 0:
+                    moved[(device_id, incarnation)] = through
+        except StoreError as e:
+            log.warning("cannot seed a cursor past a refused batch (next time): %s", e)
+        return [(d, i, t) for (d, i), t in moved.items()]
 
     def _admit(self, topic: str, payload: bytes, now: float, out: Admitted) -> None:
         """Check one message and add it to ``out``, or drop it."""
@@ -227,7 +275,12 @@ class IngestCore:
             return
         try:
             if channel == "telemetry":
-                b = decode(TelemetryBatch, payload)
+                try:
+                    b = decode(TelemetryBatch, payload)
+                except ProtocolError:
+                    if (key := _refused_key(device_id, payload)) is not None:
+                        out.refused.append(key)
+                    raise
                 _same_device(device_id, b.device_id)
                 out.batches.append(b)
             elif channel == "reported":

@@ -808,6 +808,40 @@ def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_wr
         store.close()
 
 
+def test_a_batch_no_server_takes_does_not_hold_its_devices_cursor(tmp_path):
+    """One batch of an incarnation fails validation (a bound an older agent does not
+    check, a damaged queue file): it is dropped and counted as invalid, and the cursor
+    passes it, where it held there for as long as the agent kept the batch (hours) and
+    with it the agent's whole window."""
+    from prunefleet.server.ingestwork import IngestCore
+
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+
+    def batch(seq: int) -> bytes:
+        return TelemetryBatch(device_id="d1", incarnation="inc1", seq=seq,
+                              interval_start=seq, interval_end=seq + 1,
+                              unconfirmed_from=0).encode()
+
+    bad = json.loads(batch(2))
+    bad["interval_end"] = 2.0**40  # past the bound
+    msgs = [(topics.telemetry("d1"), batch(s)) for s in (0, 1)]
+    msgs += [(topics.telemetry("d1"), json.dumps(bad).encode())]
+    msgs += [(topics.telemetry("d1"), batch(s)) for s in (3, 4, 5)]
+    try:
+        out = core.process(msgs)
+        assert out.cursors == [("d1", "inc1", 5)]
+        assert core.counters.invalid == 1 and core.counters.telemetry == 5
+        assert store.telemetry_seqs("d1") == [0, 1, 3, 4, 5]
+        # A batch that does not even say its number cannot be passed: the cursor waits.
+        core2 = IngestCore(store, topics, device_rate_per_s=0)
+        garbled = [(topics.telemetry("d2"), b"{not json")]
+        assert core2.process(garbled).cursors == []
+    finally:
+        store.close()
+
+
 # -- the pure parts -----------------------------------------------------------------------------
 
 
