@@ -336,7 +336,8 @@ class IngestCore:
 
     def _store_batches(self, batches: list[TelemetryBatch]) -> list[Cursor] | None:
         """One transaction for the group; the cursors it moved, to publish, or None when
-        the store refused the group (counted as dropped)."""
+        the store refused the group (counted as dropped) or, once it was written, its
+        cursors could not be read (counted as stored, no cursor published)."""
         try:
             stored = self.store.add_telemetry_batches(batches)
         except StoreError as e:
@@ -347,16 +348,23 @@ class IngestCore:
         self.counters.transactions += 1
         committed = time.time()
         touched: dict[tuple[str, str], None] = {}
-        self._seed_cursors(batches)
         for b, new in zip(batches, stored, strict=True):
             if new:
                 self.counters.telemetry += 1
                 self.counters.lag.observe(committed - b.interval_end)
             else:
                 self.counters.duplicates += 1
-            if b.incarnation:  # agents from before acknowledgements have none
-                self._note_stored(b)
-                touched[(b.device_id, b.incarnation)] = None
+        try:
+            # Stored: a store that fails from here on costs the cursors (the agents send
+            # these again and the copies are recognised), not the count of what is stored.
+            self._seed_cursors(batches)
+            for b in batches:
+                if b.incarnation:  # agents from before acknowledgements have none
+                    self._note_stored(b)
+                    touched[(b.device_id, b.incarnation)] = None
+        except StoreError as e:
+            log.warning("a group was stored, but its cursors could not be read: %s", e)
+            return None
         cursors = []
         for device_id, incarnation in touched:
             through = self.cursors.through(device_id, incarnation)

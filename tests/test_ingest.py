@@ -842,6 +842,31 @@ def test_a_batch_no_server_takes_does_not_hold_its_devices_cursor(tmp_path):
         store.close()
 
 
+def test_a_store_failing_after_the_write_is_not_counted_as_lost(tmp_path):
+    """The group's transaction committed, then reading its cursors failed: the batches
+    are counted as stored (they are), not as dropped errors, and no cursor goes out (the
+    agents send them again and the copies are recognised)."""
+    from prunefleet.server.ingestwork import IngestCore
+
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+
+    def failing(*a, **kw):
+        raise StoreError("connection lost")
+
+    store.stored_seqs_many = failing  # type: ignore[method-assign]
+    try:
+        out = core.process([(topics.telemetry("d1"), TelemetryBatch(
+            device_id="d1", incarnation="i", seq=s, interval_start=s,
+            interval_end=s + 1).encode()) for s in range(4)])
+        assert out.store_failed and out.cursors == []
+        assert core.counters.telemetry == 4 and store.telemetry_seqs("d1") == [0, 1, 2, 3]
+        assert sum(core.counters.dropped.values()) == 0 and core.counters.invalid == 0
+    finally:
+        store.close()
+
+
 # -- the pure parts -----------------------------------------------------------------------------
 
 
