@@ -381,7 +381,9 @@ class ApiServer:
         try:
             sock.bind(str(tmp))
             os.chmod(tmp, self.mode)
-            sock.listen(max(self.max_connections, 16))
+            # The kernel's largest backlog: a flood of connections from one peer waits in it
+            # to be refused, and must not leave no room for another app's connect().
+            sock.listen(max(self.max_connections, socket.SOMAXCONN))
             os.replace(tmp, path)
             st = os.stat(path)
         except OSError as e:
@@ -533,14 +535,20 @@ class ApiServer:
             return True
 
     def _refuse(self, conn: socket.socket) -> None:
-        """Answer ``busy`` and close (on the accept thread: kept short and bounded)."""
+        """Answer ``busy`` and close, on the accept thread, without waiting for anything:
+        waiting to drain each refused connection (50 ms) let one peer's flood of connections
+        hold the accept thread, fill the backlog and lock every other app out."""
         with conn:
-            conn.settimeout(0.2)
+            conn.setblocking(False)
             with contextlib.suppress(OSError):
                 send_frame(conn, _error_header(None, ErrorCode.BUSY,
                                                f"too many connections (max "
                                                f"{self.max_connections}); retry later"))
-            _close_gently(conn, drain_s=0.05)
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+                for _ in range(16):  # what the client already sent, so no reset loses the
+                    if not conn.recv(65536):  # answer; never a wait
+                        break
 
     # -- one connection -------------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:

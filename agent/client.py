@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,8 +187,18 @@ class Client:
             return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout_s)
+        deadline = time.monotonic() + self.timeout_s
         try:
-            sock.connect(str(self.socket_path))
+            while True:
+                try:
+                    sock.connect(str(self.socket_path))
+                    break
+                except BlockingIOError:
+                    # The agent's backlog is full (a burst of connections): it frees up as
+                    # the agent accepts; wait within the timeout, as a TCP connect would.
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.01)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             sock.close()
             raise ApiConnectionError(

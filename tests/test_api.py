@@ -338,6 +338,52 @@ def test_a_new_connection_is_refused_busy_only_when_every_slot_serves(tmp_path):
         c.close()
 
 
+def test_a_flood_of_connections_gets_busy_answers_and_locks_no_client_out(tmp_path):
+    """Every slot busy, and one peer connecting as fast as it can and holding each
+    connection: the accept thread answers each "busy" without waiting on it, so another
+    client still gets in and hears "busy" (then is served once a slot frees), where the
+    flood used to fill the backlog and its connect() failed at once."""
+    server, release, serving = _blocking_server(tmp_path / "api.sock", max_connections=2)
+    with server:
+        held = [threading.Thread(target=lambda: Client(
+            server.socket_path, timeout_s=20).predict(_inputs(1))) for _ in range(2)]
+        for t in held:
+            t.start()
+        wait_for(lambda: len(serving) == 2, 5, what="two requests being served")
+        stop = threading.Event()
+        flood: list[socket.socket] = []
+
+        def connect_forever() -> None:
+            while not stop.is_set() and len(flood) < 3000:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                try:
+                    s.connect(str(server.socket_path))
+                except BlockingIOError:
+                    pass
+                flood.append(s)  # never read, never closed until the end
+
+        flooders = [threading.Thread(target=connect_forever) for _ in range(4)]
+        for t in flooders:
+            t.start()
+        try:
+            wait_for(lambda: server.counters.refused_busy > 100, 10, what="the flood refused")
+            for _ in range(5):
+                with pytest.raises(ServerBusyError):
+                    Client(server.socket_path, timeout_s=5).info()
+        finally:
+            stop.set()
+            for t in flooders:
+                t.join(10)
+            release.set()
+            for t in held:
+                t.join(10)
+            for s in flood:
+                s.close()
+        with Client(server.socket_path, timeout_s=5) as c:
+            assert c.info()["api"]["max_connections"] == 2
+
+
 def test_idle_connections_cannot_lock_applications_out(tmp_path):
     """16 connections that send nothing: the next application is served, the one idle
     longest is closed to make room."""
