@@ -28,6 +28,9 @@ from .errors import BadInputError, InstallError, NoVariantError
 
 log = logging.getLogger(__name__)
 
+# A variant whose session failed to load is asked for again at most this often.
+LOAD_RETRY_S = 60.0
+
 
 @dataclass(frozen=True)
 class LoadedVariant:
@@ -156,6 +159,10 @@ class ModelPool:
         self.max_loaded = max_loaded
         self.wanted: set[str] = set()  # unloaded variants requests asked for
         self.unloads = 0
+        # A variant whose session could not be made again (its file deleted or damaged
+        # underneath): when, so requests do not ask for it again before LOAD_RETRY_S.
+        self._load_failed: dict[str, float] = {}
+        self.load_failures = 0
         self.engine: Engine = engine or OnnxEngine()
         # Bumped whenever the installed set changes: caches of the table key on it.
         self.version = 0
@@ -202,6 +209,7 @@ class ModelPool:
             self._table = {k: v for k, v in self._table.items() if k != name}
             self._used.pop(name, None)
             self.wanted.discard(name)
+            self._load_failed.pop(name, None)
             self.version += 1
 
     def unload(self, name: str) -> None:
@@ -238,8 +246,12 @@ class ModelPool:
             try:
                 self.put(self.loader(spec))
             except InstallError as e:
-                log.error("cannot load %s: %s", name, e)
+                self.load_failures += 1
+                self._load_failed[name] = time.monotonic()
+                log.error("cannot load %s (requests get the nearest loaded variant; tried "
+                          "again in %.0f s): %s", name, LOAD_RETRY_S, e)
                 continue
+            self._load_failed.pop(name, None)
             loaded.append(name)
         return loaded
 
@@ -267,7 +279,9 @@ class ModelPool:
         servable = [v for v in table.values() if not v.spec.profile_only]
         if not servable:
             raise NoVariantError("no variant loaded")
-        self.wanted.add(name)
+        failed = self._load_failed.get(name)
+        if failed is None or time.monotonic() - failed >= LOAD_RETRY_S:
+            self.wanted.add(name)
         want = self._specs[name].macs if name in self._specs else 0
         lv = min(servable, key=lambda v: (abs(v.spec.macs - want), v.spec.macs))
         self._used[lv.name] = time.monotonic()

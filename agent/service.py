@@ -446,6 +446,7 @@ class Agent:
                             "repeated_chunks": self.downloader.repeated_chunks,
                             "inbound_dropped": self.transport.dropped_inbound,
                             "subscribe_refused": self.transport.subscribe_refused,
+                            "load_failures": self.pool.load_failures,
                             "telemetry_dropped": self.tqueue.dropped_total,
                             **self._telemetry_counters()},
             facts=self.facts if with_facts else None, profiles=self.profiles)
@@ -454,7 +455,7 @@ class Agent:
         c = self.counters
         return (c.invalid_messages + c.rejected_manifests + c.install_failures
                 + self.downloader.rejected_chunks + self.transport.dropped_inbound
-                + self.transport.subscribe_refused
+                + self.transport.subscribe_refused + self.pool.load_failures
                 + self.tqueue.dropped_total + self.sender.resent_total)
 
     def _verifying(self) -> None:

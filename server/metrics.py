@@ -74,6 +74,9 @@ DEVICE_COUNTERS = ("invalid_messages", "rejected_manifests", "install_failures",
                    "rejected_chunks", "inbound_dropped", "telemetry_dropped",
                    # subscriptions the broker refused (the agent asks again, backing off)
                    "subscribe_refused",
+                   # installed variants whose session could not be made again (retried
+                   # at most once a minute; requests get the nearest loaded one)
+                   "load_failures",
                    # the agent's telemetry queue: batches held (not yet confirmed stored),
                    # sent and awaiting the server's cursor, sent again after the timeout
                    "telemetry_queued", "telemetry_unconfirmed", "telemetry_resent")

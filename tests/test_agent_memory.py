@@ -275,6 +275,50 @@ def test_a_damaged_download_record_is_fetched_again_not_a_crash_at_start(fleet: 
     assert again.store.path_of(SMALL.sha256).read_bytes() == SMALL_DATA
 
 
+def test_a_variant_that_no_longer_loads_is_tried_once_a_minute_and_reported(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one session loaded at a time, the other installed variant's file is deleted
+    underneath. Requests pinned to it get the loaded one; the agent tries to load it again
+    once a minute, not on every loop pass (10 a second, each re-reading a whole model
+    with ONNX Runtime), and reports the failures."""
+    from prunefleet.agent import runtime
+    from prunefleet.agent.errors import InstallError
+
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    fleet.publish_chunks(LARGE, LARGE_DATA)
+    agent = fleet.agent(max_loaded_variants=1)
+    fleet.deploy([SMALL, LARGE])
+    fleet.run_until(agent, lambda: _installed(agent, "small", "large"))
+    unloaded = ({"small", "large"} - set(agent.pool.table)).pop()
+    agent.store.path_of(agent.pool.specs[unloaded].sha256).unlink()
+    tries = []
+    real = agent.pool.loader
+    assert real is not None
+
+    def loader(spec: VariantSpec):
+        tries.append(spec.name)
+        if not agent.store.path_of(spec.sha256).exists():
+            raise InstallError(f"{spec.name}: no such file")
+        return real(spec)
+
+    agent.pool.loader = loader
+    fleet.deploy([SMALL, LARGE], pinned_variant=unloaded)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    now = [1000.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    for _ in range(50):  # 5 s of loop passes
+        served = agent.predict(x)
+        agent.step()
+        now[0] += 0.1
+    assert served.variant != unloaded and tries == [unloaded]
+    now[0] += runtime.LOAD_RETRY_S
+    agent.predict(x)
+    agent.step()
+    assert tries == [unloaded] * 2
+    fleet.run_until(agent, lambda: fleet.reported().counters.get("load_failures") == 2,
+                    tick_s=11.0)
+
+
 def test_the_last_will_names_the_version_the_device_accepted(fleet: Fleet) -> None:
     """A device that dies leaves its Last Will as its retained reported state: it names
     the desired-state version the device accepted, so a server on a restored store signs

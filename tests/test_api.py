@@ -357,10 +357,8 @@ def test_a_flood_of_connections_gets_busy_answers_and_locks_no_client_out(tmp_pa
             while not stop.is_set() and len(flood) < 3000:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.setblocking(False)
-                try:
+                with contextlib.suppress(BlockingIOError):
                     s.connect(str(server.socket_path))
-                except BlockingIOError:
-                    pass
                 flood.append(s)  # never read, never closed until the end
 
         flooders = [threading.Thread(target=connect_forever) for _ in range(4)]
