@@ -79,6 +79,7 @@ class Installer:
         self._event = event
         self._on_verifying = on_verifying
         self._on_loaded = on_loaded
+        self._reconcile_due = False  # a reconcile an OS error stopped: again at each tick
         self.failed: set[str] = set()  # digests that failed under the current manifest
         self.verifying: str | None = None
         # The newest desired state refused (its claimed version, why): reported as that
@@ -112,7 +113,11 @@ class Installer:
                 self.reporter.counters.install_failures += 1
                 self.reporter.last_error = f"{name}: no longer loads: {e}"[:1024]
                 log.error("installed variant %s no longer loads: %s", name, e)
-                self.store.forget(name)
+                try:
+                    self.store.forget(name)
+                except OSError as err:  # a full disk must not stop the start either
+                    log.error("cannot forget %s (tried again at the next start): %s",
+                              name, err)
             else:
                 self._loaded(lv, memory_mb)
 
@@ -136,17 +141,41 @@ class Installer:
             self.store.add_revoked(self.follower.revoked)
             log.warning("signing key(s) revoked: %s",
                         ", ".join(k[:12] for k in sorted(self.follower.revoked)))
-        self.store.set_accepted_version(self.follower.floors[source], source)
+        try:
+            self.store.set_accepted_version(self.follower.floors[source], source)
+            if isinstance(verdict, Follow):
+                self.store.save_manifest(signed.encode())
+        except OSError as e:
+            # A full disk: the follower has moved on, so it is followed from memory (and
+            # saved with the next one); stopping here left it followed and never fetched,
+            # and its retained copy seen again later counted as already followed.
+            self.reporter.last_error = f"cannot save the desired state: {e}"[:1024]
+            self.reporter.mark()
+            log.error("cannot save the desired state (followed from memory): %s", e)
         if isinstance(verdict, Follow):
             # A signed, newer desired state supersedes any refused one (whose version was
             # only claimed, never verified).
             self.rejected = None
-            self.store.save_manifest(signed.encode())
             self.serving.update(policy=verdict.policy, pinned=verdict.manifest.pinned_variant)
             log.info("following manifest v%d: %s", verdict.manifest.version,
                      ", ".join(v.name for v in verdict.manifest.variants))
             self.failed.clear()
+            self._reconcile_or_later(now)
+
+    def _reconcile_or_later(self, now: float) -> None:
+        """Reconcile; on a full disk (or another OS error) again at the next tick, until
+        it goes through: the desired state is followed either way, and its copy seen again
+        later counts as already followed."""
+        try:
             self.reconcile(now)
+        except OSError as e:
+            if not self._reconcile_due:
+                self.reporter.last_error = f"cannot start the desired state: {e}"[:1024]
+                self.reporter.mark()
+                log.error("cannot start the desired state (tried again each second): %s", e)
+            self._reconcile_due = True
+        else:
+            self._reconcile_due = False
 
     def restore(self, wall: float, now: float) -> None:
         """After a restart: follow the saved manifest again (its signature checked again)
@@ -189,6 +218,8 @@ class Installer:
 
     def tick(self, now: float) -> None:
         """Retries and timeouts of the downloads (and progress for the reported state)."""
+        if self._reconcile_due:
+            self._reconcile_or_later(now)
         self.on_results(self.downloader.tick(now))
         if self.downloader.active():
             self.reporter.mark()  # progress
@@ -212,7 +243,13 @@ class Installer:
             return
         finally:
             self.verifying = None
-        self.store.record(spec)
+        try:
+            self.store.record(spec)
+        except OSError as e:
+            # A full disk: it serves now, and is fetched again if the agent restarts.
+            self.reporter.last_error = f"{spec.name}: not recorded: {e}"[:1024]
+            log.error("installed %s, but could not record it (fetched again after a "
+                      "restart): %s", spec.name, e)
         self.pool.put(lv)
         self.reporter.counters.installs += 1
         self._event(EventKind.INSTALLED, spec.name, spec.sha256)
@@ -232,7 +269,10 @@ class Installer:
     def retire(self) -> None:
         for name in self.follower.retire(self.pool.specs):
             self.pool.remove(name)
-            self.store.forget(name)
+            try:
+                self.store.forget(name)
+            except OSError as e:  # a full disk: forgotten at the next start instead
+                log.error("cannot forget %s: %s", name, e)
 
     def rollout(self, active: str | None) -> RolloutReport | None:
         """The phase of the followed manifest on this device."""

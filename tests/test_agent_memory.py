@@ -319,6 +319,47 @@ def test_a_variant_that_no_longer_loads_is_tried_once_a_minute_and_reported(
                     tick_s=11.0)
 
 
+def test_a_full_disk_neither_strands_a_desired_state_nor_stops_the_start(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's state files cannot be written (a full disk). A desired state arriving
+    then is followed, fetched and installed from memory (it was followed but never fetched,
+    and its copy seen again later counted as already followed), and a restart with a
+    variant that no longer loads still starts and serves the other (it crash-looped)."""
+    import errno
+
+    import prunefleet.agent.store as agent_store
+    from prunefleet.agent.errors import InstallError
+    from prunefleet.agent.simulated import SimulatedEngine
+
+    def full(path, data, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    fleet.publish_chunks(LARGE, LARGE_DATA)
+    agent = fleet.agent()
+    real = agent_store.atomic_write
+    monkeypatch.setattr(agent_store, "atomic_write", full)
+    fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: _installed(agent, "small"), tick_s=1.0)
+    assert agent.counters.invalid_messages == 0
+    monkeypatch.setattr(agent_store, "atomic_write", real)
+    fleet.deploy([SMALL, LARGE])
+    fleet.run_until(agent, lambda: _installed(agent, "small", "large"), tick_s=1.0)
+    agent.transport.stop()
+
+    real_load = SimulatedEngine.load
+
+    def damaged(self, path, spec):
+        if spec.name == "large":
+            raise InstallError("large: damaged")
+        return real_load(self, path, spec)
+
+    monkeypatch.setattr(SimulatedEngine, "load", damaged)
+    monkeypatch.setattr(agent_store, "atomic_write", full)
+    again = fleet.agent()
+    assert set(again.pool.table) == {"small"}
+
+
 def test_the_last_will_names_the_version_the_device_accepted(fleet: Fleet) -> None:
     """A device that dies leaves its Last Will as its retained reported state: it names
     the desired-state version the device accepted, so a server on a restored store signs
