@@ -225,7 +225,9 @@ class AgentConfig(_Strict):
     """ONNX Runtime threads per inference."""
     max_loaded_variants: int = Field(default=0, ge=0, le=64)
     """0 keeps every installed variant loaded (a switch is a reference swap); N > 0 keeps at most N
-    sessions and unloads the least recently used."""
+    sessions and unloads the least recently used; one that no longer loads (its file deleted or
+    damaged) is served by the nearest loaded variant, tried again at most once a minute and
+    counted (`load_failures` in the reported state)."""
     api_socket: Path | None = None
     """Path of the local inference API's Unix socket (docs/agent.md); unset: no local API."""
     api_max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

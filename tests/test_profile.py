@@ -78,8 +78,11 @@ def test_with_a_meter_the_energy_above_idle_is_measured(mlp) -> None:
     engine = OnnxEngine(1)
     p = measure(mlp, engine.infer, FAST, threads=1, active_power_w=4.0, meter=CpuMeter())
     assert p.energy_source == "rapl"
-    # The idle watt is subtracted: what is left is the 10 W of the busy core.
-    assert 0.5 < p.energy_mj / (p.cpu_ms * 10.0) < 2.0
+    # The idle watt is subtracted: what is left is the 10 W of the busy core over a
+    # typical run. (Against the median run, not ``cpu_ms``: that is the mean of the first
+    # 30 runs, cold ones included, where the energy covers the many more runs a meter
+    # needs; on a fast machine the two differ by over 2x, and the test failed there.)
+    assert 0.5 < p.energy_mj / (p.latency_ms_p50 * 10.0) < 2.0
 
 
 def test_a_meter_too_coarse_for_the_budget_gives_the_estimate(mlp) -> None:
