@@ -130,10 +130,13 @@ class Installer:
             self._event(EventKind.REJECTED, None, verdict.reason)
             log.warning("rejected manifest from %s: %s", source, verdict.reason)
             # The device's own desired state is what a rollout offers (a refused group
-            # state must not hide the progress of the device's own).
+            # state must not hide the progress of the device's own). One older than what
+            # the device follows is reported too: only the server writes that topic, so it
+            # signed below what the device accepted (a restored store), and its rollout
+            # would otherwise wait out its device timeout without a word.
             followed = self.follower.manifest.version if self.follower.manifest else 0
             if source == "device" and verdict.version is not None \
-                    and verdict.version > followed:
+                    and verdict.version != followed:
                 self.rejected = (verdict.version, self.reporter.last_error)
             self.reporter.mark()
             return

@@ -34,10 +34,10 @@ def rollout_report(
     """``failed`` holds digests; ``progress`` maps a variant name to the share of its
     chunks already stored. Failed wins over every other phase; then verifying; then
     installed (all variants serve) or active (one of them is the served variant).
-    ``rejected``: (version, why) of a desired state refused; newer than the one followed,
-    it is reported as that version's failure."""
+    ``rejected``: (version, why) of a desired state refused; another version than the one
+    followed, it is reported as that version's failure."""
     m = manifest
-    if rejected is not None and (m is None or rejected[0] > m.version) \
+    if rejected is not None and (m is None or rejected[0] != m.version) \
             and rejected[0] <= MAX_VERSION:
         return RolloutReport(manifest_version=rejected[0], phase=RolloutPhase.FAILED,
                              reason=rejected[1][:1024])

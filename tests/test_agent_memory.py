@@ -360,6 +360,28 @@ def test_a_full_disk_neither_strands_a_desired_state_nor_stops_the_start(
     assert set(again.pool.table) == {"small"}
 
 
+def test_a_desired_state_below_what_the_device_accepted_is_reported_failed(
+        fleet: Fleet) -> None:
+    """A server on a restored store signs a desired state below the version the device
+    accepted: the device refuses it and reports that version failed, saying why, so the
+    rollout that offered it learns at once (it waited out its device timeout, unaware)."""
+    fleet.publish_chunks(SMALL, SMALL_DATA)
+    agent = fleet.agent()
+    for _ in range(3):
+        fleet.deploy([SMALL])
+    fleet.run_until(agent, lambda: _installed(agent, "small"))
+    fleet.run_until(agent, lambda: fleet.reported().manifest_version == 3)
+    fleet.version = 1  # the restored store's counter
+    fleet.deploy([SMALL])  # version 2
+    fleet.run_until(agent, lambda: (r := fleet.reported().rollout) is not None
+                    and r.manifest_version == 2)
+    r = fleet.reported()
+    assert r.manifest_version == 3 and r.rollout is not None
+    assert r.rollout.phase == RolloutPhase.FAILED and "older than accepted" in (
+        r.rollout.reason or "")
+    assert agent.predict(np.zeros((1, 1, 8, 8), np.float32)).variant == "small"
+
+
 def test_the_last_will_names_the_version_the_device_accepted(fleet: Fleet) -> None:
     """A device that dies leaves its Last Will as its retained reported state: it names
     the desired-state version the device accepted, so a server on a restored store signs
