@@ -442,13 +442,17 @@ def judge_wave(gate: Gate, wave: int, devices: Sequence[DeviceView], elapsed_s: 
         for name, e in d.evidence.items():
             per_variant.setdefault(name, []).append(e)
     totals = {name: wave_evidence(es) for name, es in per_variant.items()}
+    # Enough evidence is counted in samples as reported: weighed, a wave whose quietest
+    # device has few samples would cap the others and never gather ``min_requests``. The
+    # figures judged are the weighed ones (one device cannot carry them).
+    gathered = {name: sum(e.samples for e in es) for name, es in per_variant.items()}
 
     def verdict(v: Verdict, reason: str, failures: tuple[str, ...] = ()) -> WaveJudgement:
         return WaveJudgement(wave, v, reason, len(devices), reporting, totals, failures)
 
     need_devices = math.ceil(gate.min_device_share * len(judged) - 1e-9)
-    short = [f"{n}: {e.samples} of {gate.min_requests} samples"
-             for n, e in sorted(totals.items()) if e.samples < gate.min_requests]
+    short = [f"{n}: {gathered[n]} of {gate.min_requests} samples"
+             for n in sorted(totals) if gathered[n] < gate.min_requests]
     if not totals and judged:
         short = [f"no shadow samples yet (0 of {gate.min_requests})"]
     enough = not short and reporting >= need_devices

@@ -133,6 +133,17 @@ def test_one_device_reporting_a_billion_agreeing_samples_does_not_carry_its_wave
     assert j is not None and j.variants["v2"].samples == 450
 
 
+def test_a_quiet_device_does_not_keep_its_wave_from_being_judged() -> None:
+    """Weighing caps each device at twice the median device, but enough evidence is
+    counted in samples as reported: a wave whose quiet device has 2 samples is judged on
+    its busy one's 300 too (capped, it never reached min_requests: insufficient evidence,
+    where the variant disagreed plainly)."""
+    quiet = {"v2": Evidence(samples=2, agreed=2)}
+    busy_bad = {"v2": Evidence(samples=300, agreed=120)}
+    d = step(CFG, view(1), [dev(0, 1, quiet), dev(1, 1, busy_bad), *rest(20, 2)], NOW)
+    assert d.action is Action.HALT and "agreement" in d.reason, d.reason
+
+
 @pytest.mark.parametrize(("waves", "n", "sizes"), [
     ([1, 10, 50, 100], 200, [2, 20, 100, 200]),
     ([1, 10, 50, 100], 4, [1, 2, 3, 4]),  # each wave adds a device while any are left
