@@ -544,10 +544,12 @@ class ApiServer:
                 send_frame(conn, _error_header(None, ErrorCode.BUSY,
                                                f"too many connections (max "
                                                f"{self.max_connections}); retry later"))
+            # Read what the client already sent, so that no reset loses the answer; never
+            # wait for more (a non-blocking read with nothing there raises, and ends it).
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_WR)
-                for _ in range(16):  # what the client already sent, so no reset loses the
-                    if not conn.recv(65536):  # answer; never a wait
+                for _ in range(16):
+                    if not conn.recv(65536):
                         break
 
     # -- one connection -------------------------------------------------------------------

@@ -851,13 +851,11 @@ class RolloutController:
         it was offered and joins this one when that one ends."""
         if target.kind != "class":
             return set()
-        out = set()
-        for device_id, rid in self._held(set(devices)).items():
-            row = self._get(rid)
-            if row.target_kind == "class" and (row.target or {}).get("device_class") \
-                    != target.device_class:
-                out.add(device_id)
-        return out
+        held = self._held(set(devices))
+        rows = {rid: self._get(rid) for rid in set(held.values())}
+        return {device_id for device_id, rid in held.items()
+                if rows[rid].target_kind == "class"
+                and (rows[rid].target or {}).get("device_class") != target.device_class}
 
     def _newer_offers(self, rollout_id: int, devices: set[str]) -> set[int]:
         out = set()

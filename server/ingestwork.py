@@ -249,10 +249,7 @@ class IngestCore:
         moved = {(d, i): t for d, i, t in cursors}
         try:
             for device_id, incarnation, seq, floor in refused:
-                if not self.cursors.known(device_id, incarnation):
-                    self.cursors.seed(device_id, incarnation, self.store.stored_seqs(
-                        device_id, incarnation, floor or 0), floor)
-                self.cursors.note(device_id, incarnation, seq, floor)
+                self._note(device_id, incarnation, seq, floor)
                 through = self.cursors.through(device_id, incarnation)
                 if through >= 0:
                     moved[(device_id, incarnation)] = through
@@ -387,11 +384,14 @@ class IngestCore:
             self.cursors.seed(*key, seqs, starts[key])
 
     def _note_stored(self, b: TelemetryBatch) -> None:
-        cursors, key = self.cursors, (b.device_id, b.incarnation)
+        self._note(b.device_id, b.incarnation, b.seq, b.unconfirmed_from)
+
+    def _note(self, device_id: str, incarnation: str, seq: int, floor: int | None) -> None:
+        """``seq`` of that incarnation is settled (stored, or refused for good)."""
+        cursors, key = self.cursors, (device_id, incarnation)
         if not cursors.known(*key):  # first batch of it this process sees: ask the store
-            floor = b.unconfirmed_from or 0
-            cursors.seed(*key, self.store.stored_seqs(*key, floor), floor)
-        cursors.note(*key, b.seq, b.unconfirmed_from)
+            cursors.seed(*key, self.store.stored_seqs(*key, floor or 0), floor or 0)
+        cursors.note(*key, seq, floor)
         if self.share_group and cursors.has_gap(*key):
             # Another server may have stored what this one misses.
             cursors.seed(*key, self.store.stored_seqs(*key, cursors.through(*key) + 1))

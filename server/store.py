@@ -61,9 +61,9 @@ from .errors import LeaseLostError, StoreConflictError, StoreError
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
+MAX_ADOPTED_CLAIM = 5 * 10**7
 # Retention takes a batch dated further ahead than this by when it was received.
 FUTURE_SKEW_S = 86_400.0
-MAX_ADOPTED_CLAIM = 5 * 10**7
 
 
 def adopted_claim(claims: list[int]) -> int:
