@@ -341,8 +341,11 @@ def test_the_lease_holder_killed_mid_rollout_hands_over_and_the_rollout_complete
     versions = {d["device_id"]: d["offered_version"] for d in done["devices"]}
     assert versions["new-0000"] > max(offered_by_a.values()), "b signed and offered it"
     assert done["counts"]["succeeded"] == 5 and done["counts"]["failed"] == 0
-    assert all(d.agent.active_variant == "small"
-               for s in (sim, late, new) for d in s.devices)
+    # "installed" completes a rollout; a device serves the variant from its next step on.
+    wait(lambda: all(d.agent.active_variant == "small"
+                     for s in (sim, late, new) for d in s.devices), 10,
+         "every device serving small", [b],
+         lambda: {d.id: d.agent.active_variant for s in (sim, late, new) for d in s.devices})
     print(f"\nlease taken over by the other replica {takeover_s:.1f} s after SIGKILL "
           f"(lease TTL 10 s), rollout completed {completed_s:.1f} s after it")
 
