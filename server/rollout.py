@@ -371,15 +371,18 @@ class WaveJudgement:
     reason: str
     devices: int = 0
     reporting: int = 0  # devices with any samples
-    variants: Mapping[str, Evidence] = field(default_factory=dict)
+    variants: Mapping[str, Evidence] = field(default_factory=dict)  # weighed per device
     failures: tuple[str, ...] = ()
+    # Samples per variant as reported (what ``min_requests`` is counted in, and shown).
+    gathered: Mapping[str, int] = field(default_factory=dict)
 
     def measured(self, gate: Gate) -> dict:
         """The figures against the gate, as ``rollout status`` shows them."""
         out: dict = {}
         for name, e in sorted(self.variants.items()):
             out[name] = {
-                "samples": e.samples, "min_requests": gate.min_requests,
+                "samples": self.gathered.get(name, e.samples),
+                "min_requests": gate.min_requests,
                 "agreement": e.agreement, "min_agreement": gate.min_agreement,
                 "divergence": e.divergence,
                 "error_rate": e.error_rate, "max_error_rate": gate.max_error_rate,
@@ -448,7 +451,8 @@ def judge_wave(gate: Gate, wave: int, devices: Sequence[DeviceView], elapsed_s: 
     gathered = {name: sum(e.samples for e in es) for name, es in per_variant.items()}
 
     def verdict(v: Verdict, reason: str, failures: tuple[str, ...] = ()) -> WaveJudgement:
-        return WaveJudgement(wave, v, reason, len(devices), reporting, totals, failures)
+        return WaveJudgement(wave, v, reason, len(devices), reporting, totals, failures,
+                             gathered)
 
     need_devices = math.ceil(gate.min_device_share * len(judged) - 1e-9)
     short = [f"{n}: {gathered[n]} of {gate.min_requests} samples"
