@@ -128,5 +128,9 @@ def device_transport(
             will_topic=topics.reported(config.device_id),
             will_payload=ReportedState(device_id=config.device_id, online=False).encode(),
             inbound_queue_size=inbound_queue_size,
+            # The broker's PUBACKs for a window of telemetry, cursors and artifact chunks
+            # arrive together: one read of the socket serves them all (paho alone makes
+            # three or more system calls per packet).
+            read_batch=64,
         ),
     )

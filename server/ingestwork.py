@@ -217,7 +217,10 @@ class IngestCore:
         out = GroupOutcome(probe_seen=admitted.probe_seen)
         held = list(self._unwritten.values())
         self._unwritten.clear()
-        for topic, message in [*held, *admitted.states]:
+        pending = [*held, *admitted.states]
+        if len(pending) > 1 and self._write_states(pending):
+            pending = []
+        for topic, message in pending:  # one at a time: each failure costs only itself
             try:
                 self._write_state(message)
             except StoreError as e:
@@ -316,6 +319,21 @@ class IngestCore:
             _, (old_topic, _) = self._unwritten.popitem(last=False)
             self.drop("store_error", old_topic, detail=str(e))
 
+    def _write_states(self, pending: list[tuple[str, ReportedState | Event]]) -> bool:
+        """The group's reported states and events in one transaction; False when the
+        store refused it (then each is written alone, as :meth:`_write_state`)."""
+        try:
+            counted = self.store.write_reports([m for _, m in pending])
+        except StoreError:
+            return False
+        except Exception:
+            log.exception("writing %d reported states and events at once failed; one at "
+                          "a time instead", len(pending))
+            return False
+        for (_, message), offered in zip(pending, counted, strict=True):
+            self._count_state(message, offered)
+        return True
+
     def _write_state(self, message: ReportedState | Event) -> None:
         if isinstance(message, ReportedState):
             r = message
@@ -323,12 +341,21 @@ class IngestCore:
             # The device's facts and on-device profiles, kept per device and aggregated
             # per device class (only profiles of registered variants it has count).
             self.store.set_measurements(r)
-            if r.rollout is not None and not self.store.record_rollout_report(
-                    r.device_id, r.rollout, r.ts or time.time()):
+            offered = r.rollout is None or self.store.record_rollout_report(
+                r.device_id, r.rollout, r.ts or time.time())
+        else:
+            self.store.add_event(message)
+            offered = True
+        self._count_state(message, offered)
+
+    def _count_state(self, message: ReportedState | Event, offered: bool) -> None:
+        """Count a written state (``offered``: False for a rollout report about a
+        manifest never offered to its device, ignored) or event."""
+        if isinstance(message, ReportedState):
+            if not offered:
                 self.counters.unoffered_reports += 1
             self.counters.reported += 1
         else:
-            self.store.add_event(message)
             self.counters.events += 1
 
     def _store_batches(self, batches: list[TelemetryBatch]) -> list[Cursor] | None:

@@ -31,6 +31,7 @@ only, so it publishes from one place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -71,6 +72,8 @@ from prunefleet.shared.transport import (
     BrokerAddress,
     EpollLoop,
     EpollMqttTransport,
+    Inbound,
+    InboundQueue,
     Transport,
     raise_fd_limit,
 )
@@ -324,6 +327,46 @@ class SimDevice:
 
 
 # -- the simulator ---------------------------------------------------------------------------
+class _Wake:
+    """The devices of one worker's shard that received something since it last looked:
+    each device's inbound queue notes the device here (``InboundQueue.on_put``, on the
+    network thread) and wakes the worker. The broker's acknowledgements of a device's own
+    publishes wake nothing: they wait for its next step (a stopping device's goodbye is
+    waited for by :meth:`Simulator._finish`)."""
+
+    def __init__(self, shard: list[SimDevice]) -> None:
+        self._ready: dict[int, SimDevice] = {}  # by id(): each device once, in arrival order
+        self._lock = threading.Lock()
+        self._event = threading.Event()
+        for d in shard:
+            inbound = getattr(d.agent.transport, "inbound", None)
+            if isinstance(inbound, InboundQueue):
+                inbound.on_put = functools.partial(self._note, d)
+
+    def _note(self, d: SimDevice, item: Inbound) -> None:
+        if item.kind == "published":
+            return
+        with self._lock:
+            self._ready[id(d)] = d
+        self._event.set()
+
+    def take(self) -> list[SimDevice]:
+        """The devices noted so far, forgotten here."""
+        with self._lock:
+            self._event.clear()
+            ready, self._ready = list(self._ready.values()), {}
+        return ready
+
+    def wait(self, timeout: float) -> list[SimDevice]:
+        """Wait up to ``timeout`` seconds for a device to be noted; the devices noted."""
+        self._event.wait(timeout)
+        return self.take()
+
+    def interrupt(self) -> None:
+        """Wake the worker (to stop)."""
+        self._event.set()
+
+
 @dataclass
 class Summary:
     elapsed_s: float
@@ -377,6 +420,7 @@ class Simulator:
         n = opts.workers or min(4, os.cpu_count() or 1)
         n = max(1, min(n, len(self.devices)))
         self._shards = [self.devices[i::n] for i in range(n)]
+        self._wakes = [_Wake(shard) for shard in self._shards]
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._t0 = self.clock.monotonic()  # elapsed time is the devices' clock's
@@ -402,9 +446,9 @@ class Simulator:
                     f"{self.opts.connect_timeout_s:.0f} s")
             time.sleep(0.05)
         if workers:
-            for i, shard in enumerate(self._shards):
-                t = threading.Thread(target=self._work, args=(shard,), name=f"sim-worker-{i}",
-                                     daemon=True)
+            for i, (shard, wake) in enumerate(zip(self._shards, self._wakes, strict=True)):
+                t = threading.Thread(target=self._work, args=(shard, wake),
+                                     name=f"sim-worker-{i}", daemon=True)
                 t.start()
                 self._threads.append(t)
         return self
@@ -423,14 +467,27 @@ class Simulator:
             d.errors += 1
             log.exception("%s: step failed", d.id)
 
-    def _work(self, shard: list[SimDevice]) -> None:
+    def _work(self, shard: list[SimDevice], wake: _Wake) -> None:
+        """Step every device of the shard each period, and between those passes each
+        device that received something, at once: an agent waits on its own inbound queue
+        and acts on a message (a "stored through" cursor, a desired state) as it arrives,
+        so a simulated one must not add up to a period to its round trips."""
         period = max(STEP_PERIOD_S, self.opts.devices / STEPS_PER_S)
+        next_pass = time.monotonic()
         while not self._stop.is_set():
-            t = time.monotonic()
-            elapsed = self.clock.monotonic() - self._t0
-            for d in shard:
-                self._step(d, elapsed)
-            self._stop.wait(max(0.0, period - (time.monotonic() - t)))
+            now = time.monotonic()
+            if now >= next_pass:
+                next_pass = now + period
+                wake.take()  # every device is stepped now: what woke them is handled
+                elapsed = self.clock.monotonic() - self._t0
+                for d in shard:
+                    self._step(d, elapsed)
+                continue
+            ready = wake.wait(next_pass - now)
+            if ready:
+                elapsed = self.clock.monotonic() - self._t0
+                for d in ready:
+                    self._step(d, elapsed)
         self._finish(shard)
 
     def _finish(self, shard: list[SimDevice]) -> None:
@@ -491,6 +548,8 @@ class Simulator:
         if not self._stopped:
             self._stopped = True
             self._stop.set()
+            for wake in self._wakes:
+                wake.interrupt()
             for t in self._threads:
                 t.join(30)
             if not self._threads:

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
@@ -733,25 +733,52 @@ class Store:
         for attempt in range(2):
             try:
                 with self.session() as s:
-                    d = self._touch(s, r.device_id, online=r.online)
-                    if not r.online and r.manifest_version is not None:
-                        # A goodbye or Last Will naming the version it accepted: versions
-                        # only rise on a device, and a will may be older than the last
-                        # report (it names the version at its last report).
-                        d.manifest_version = max(d.manifest_version or 0, r.manifest_version)
-                    if r.online:
-                        d.agent_version = r.agent_version
-                        d.manifest_version = r.manifest_version
-                        d.active_variant = r.active_variant
-                        d.installed = [v.model_dump() for v in r.installed]
-                        d.last_error = r.last_error
-                        d.counters = dict(r.counters)
-                        self._request_group(s, r.device_id, r.group)
+                    self._set_reported(s, r)
                 return
             except StoreConflictError:
                 if attempt:
                     raise
                 # a concurrent insert of the same new device: update it instead
+
+    def write_reports(self, items: Sequence[ReportedState | Event]) -> list[bool]:
+        """What ingest does with one group's reported states and events, in one
+        transaction (each its own cost a commit, and on SQLite an fsync, apiece: a fleet
+        reconnecting at once sent hundreds per group): per reported state, as
+        :meth:`set_reported`, :meth:`set_measurements` and, when it carries one,
+        :meth:`record_rollout_report`; per event, :meth:`add_event`. Returns, per item,
+        False for a rollout report about a manifest never offered to its device (dropped),
+        else True. Raises :class:`StoreError` and writes nothing when any item fails: the
+        caller writes them one at a time then, so that one the store refuses costs only
+        itself."""
+        out = []
+        with self.session() as s:
+            for m in items:
+                if isinstance(m, Event):
+                    s.add(self._event_row(m))
+                    out.append(True)
+                    continue
+                self._set_reported(s, m)
+                s.flush()  # the device row, before its measurements and report refer to it
+                self._set_measurements(s, m)
+                out.append(m.rollout is None or self._record_rollout_report(
+                    s, m.device_id, m.rollout, m.ts or time.time()))
+        return out
+
+    def _set_reported(self, s: Session, r: ReportedState) -> None:
+        d = self._touch(s, r.device_id, online=r.online)
+        if not r.online and r.manifest_version is not None:
+            # A goodbye or Last Will naming the version it accepted: versions only rise on
+            # a device, and a will may be older than the last report (it names the version
+            # at its last report).
+            d.manifest_version = max(d.manifest_version or 0, r.manifest_version)
+        if r.online:
+            d.agent_version = r.agent_version
+            d.manifest_version = r.manifest_version
+            d.active_variant = r.active_variant
+            d.installed = [v.model_dump() for v in r.installed]
+            d.last_error = r.last_error
+            d.counters = dict(r.counters)
+            self._request_group(s, r.device_id, r.group)
 
     @staticmethod
     def _request_group(s: Session, device_id: str, group: str | None) -> None:
@@ -769,8 +796,12 @@ class Store:
 
     def add_event(self, e: Event) -> None:
         with self.session() as s:
-            s.add(EventRow(device_id=e.device_id, ts=e.ts, kind=e.kind.value,
-                           variant=e.variant, detail=e.detail))
+            s.add(self._event_row(e))
+
+    @staticmethod
+    def _event_row(e: Event) -> EventRow:
+        return EventRow(device_id=e.device_id, ts=e.ts, kind=e.kind.value, variant=e.variant,
+                        detail=e.detail)
 
     # -- registry and manifests -----------------------------------------------------------
     def add_variant(self, name: str, sha256: str, path: str, spec: dict, report: dict) -> None:
@@ -1033,28 +1064,32 @@ class Store:
         for attempt in range(2):
             try:
                 with self.session() as s:
-                    if not self._issued_to(s, device_id, report.manifest_version):
-                        return False
-                    row = s.get(DeviceRolloutReport, device_id)
-                    if row is None:
-                        row = DeviceRolloutReport(device_id=device_id)
-                        s.add(row)
-                    row.manifest_version = report.manifest_version
-                    row.phase = report.phase.value
-                    row.progress = report.progress
-                    row.reason = report.reason
-                    row.ts = ts
-                    for rd in s.scalars(select(RolloutDevice).where(
-                        RolloutDevice.device_id == device_id,
-                        RolloutDevice.offered_version == report.manifest_version,
-                    )):
-                        _apply_report(rd, row)
-                return True
+                    return self._record_rollout_report(s, device_id, report, ts)
             except StoreConflictError:
                 if attempt:
                     raise
                 # a concurrent first report of the same device: update it instead
         return False
+
+    def _record_rollout_report(self, s: Session, device_id: str, report: RolloutReport,
+                               ts: float) -> bool:
+        if not self._issued_to(s, device_id, report.manifest_version):
+            return False
+        row = s.get(DeviceRolloutReport, device_id)
+        if row is None:
+            row = DeviceRolloutReport(device_id=device_id)
+            s.add(row)
+        row.manifest_version = report.manifest_version
+        row.phase = report.phase.value
+        row.progress = report.progress
+        row.reason = report.reason
+        row.ts = ts
+        for rd in s.scalars(select(RolloutDevice).where(
+            RolloutDevice.device_id == device_id,
+            RolloutDevice.offered_version == report.manifest_version,
+        )):
+            _apply_report(rd, row)
+        return True
 
     @staticmethod
     def _issued_to(s: Session, device_id: str, version: int) -> bool:
@@ -1342,34 +1377,40 @@ class Store:
         anything else counts for nothing). Returns the profiles kept."""
         if not r.online:  # a Last Will or a goodbye says nothing about measurements
             return 0
+        with self.session() as s:
+            return self._set_measurements(s, r)
+
+    @staticmethod
+    def _set_measurements(s: Session, r: ReportedState) -> int:
+        if not r.online:
+            return 0
         installed = {v.name: v.sha256 for v in r.installed}
         now = time.time()
-        with self.session() as s:
-            if r.facts is not None:
-                frow = s.get(DeviceFactsRow, r.device_id)
-                if frow is None:
-                    frow = DeviceFactsRow(device_id=r.device_id)
-                    s.add(frow)
-                frow.device_class = r.facts.device_class
-                frow.facts = r.facts.model_dump(mode="json")
-                frow.ts = now
-            wanted = {p.sha256: n for n, p in r.profiles.items() if installed.get(n) == p.sha256}
-            known = set(s.scalars(select(VariantRow.sha256).where(
-                VariantRow.sha256.in_(list(wanted))))) if wanted else set()
-            old = {row.sha256: row for row in s.scalars(
-                select(DeviceProfileRow).where(DeviceProfileRow.device_id == r.device_id))}
-            for sha, gone in old.items():
-                if sha not in known:
-                    s.delete(gone)  # no longer installed there
-            for sha in known:
-                name = wanted[sha]
-                prow = old.get(sha)
-                if prow is None:
-                    prow = DeviceProfileRow(device_id=r.device_id, sha256=sha)
-                    s.add(prow)
-                prow.variant = name
-                prow.profile = r.profiles[name].model_dump(mode="json")
-                prow.ts = now
+        if r.facts is not None:
+            frow = s.get(DeviceFactsRow, r.device_id)
+            if frow is None:
+                frow = DeviceFactsRow(device_id=r.device_id)
+                s.add(frow)
+            frow.device_class = r.facts.device_class
+            frow.facts = r.facts.model_dump(mode="json")
+            frow.ts = now
+        wanted = {p.sha256: n for n, p in r.profiles.items() if installed.get(n) == p.sha256}
+        known = set(s.scalars(select(VariantRow.sha256).where(
+            VariantRow.sha256.in_(list(wanted))))) if wanted else set()
+        old = {row.sha256: row for row in s.scalars(
+            select(DeviceProfileRow).where(DeviceProfileRow.device_id == r.device_id))}
+        for sha, gone in old.items():
+            if sha not in known:
+                s.delete(gone)  # no longer installed there
+        for sha in known:
+            name = wanted[sha]
+            prow = old.get(sha)
+            if prow is None:
+                prow = DeviceProfileRow(device_id=r.device_id, sha256=sha)
+                s.add(prow)
+            prow.variant = name
+            prow.profile = r.profiles[name].model_dump(mode="json")
+            prow.ts = now
         return len(known)
 
     def device_measurements(self, device_id: str) -> tuple[dict | None, dict[str, dict]]:

@@ -218,7 +218,20 @@ class Inbound:
 
 
 class InboundQueue(queue.Queue[Inbound]):
-    """The inbound queue, with :meth:`get_many` for an owner that takes groups."""
+    """The inbound queue, with :meth:`get_many` for an owner that takes groups, and
+    ``on_put``: called (under the queue's lock, so it must only note and wake) after each
+    item is queued, for an owner that waits on several queues at once (the simulator's
+    workers, each stepping many devices, act on a device's message as soon as it arrives,
+    as an agent waiting on its own queue does)."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self.on_put: Callable[[Inbound], None] | None = None
+
+    def _put(self, item: Inbound) -> None:
+        super()._put(item)
+        if self.on_put is not None:
+            self.on_put(item)
 
     def get_many(self, most: int, timeout: float) -> list[Inbound]:
         """Up to ``most`` items, waiting up to ``timeout`` seconds for the first.

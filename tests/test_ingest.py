@@ -6,6 +6,7 @@ The pure parts (token bucket, cursors) are tested at the end without a broker.""
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 from fleet_helpers import make_server, run_agent, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from rollout_helpers import Fleet, pg_schema_url
+from sqlalchemy import event
 from test_brokers import connected, production_mosquitto  # noqa: F401 - a fixture
 
 from prunefleet.agent.config import load_config
@@ -763,6 +765,76 @@ def test_an_offline_devices_goodbye_or_will_still_lifts_the_next_version(tmp_pat
             schema.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(tmp_path,
+                                                                                backend):
+    """A fleet reconnecting after an outage reports hundreds of states in one group: they
+    are written in one commit (one fsync on SQLite) where each took two or three, which
+    held a restarted server's first groups, and with them every device's cursor, for a
+    commit apiece. Each state, event and rollout report still lands as alone."""
+    from prunefleet.shared.messages import Event, EventKind, RolloutPhase, RolloutReport
+
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+    core.revoked()  # read once here (cached): the group's only commits are its writes
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    try:
+        msgs = []
+        for i in range(40):
+            r = ReportedState(device_id=f"d{i}", online=True, agent_version=f"1.{i}",
+                              manifest_version=3, group="field")
+            msgs.append((topics.reported(r.device_id), r.encode()))
+            ev = Event(device_id=f"d{i}", ts=5.0 + i, kind=EventKind.INSTALLED, variant="v")
+            msgs.append((topics.events(ev.device_id), ev.encode()))
+        # A rollout report about a manifest never offered to its device: ignored, counted.
+        liar = ReportedState(device_id="d0", online=True, agent_version="1.0",
+                             manifest_version=3, group="field",
+                             rollout=RolloutReport(manifest_version=3,
+                                                   phase=RolloutPhase.INSTALLED))
+        msgs.append((topics.reported("d0"), liar.encode()))
+        out = core.process(msgs)
+        assert not out.store_failed
+        assert len(commits) == 1
+        assert [store.device(f"d{i}").agent_version for i in (0, 17, 39)] == [
+            "1.0", "1.17", "1.39"]
+        assert [e.ts for e in store.events("d17")] == [22.0]
+        assert store.rollout_report("d0") is None
+        assert store.group_requests() == {f"d{i}": "field" for i in range(40)}
+        assert (core.counters.reported, core.counters.events,
+                core.counters.unoffered_reports) == (41, 40, 1)
+    finally:
+        store.close()
+        if schema:
+            schema.close()
+
+
+def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
+    """The store refuses one device's state (a row it will not take): the group's other
+    states and events are written, and only that one is held to be tried again."""
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+
+    def refusing(conn, cursor, statement, parameters, *args):
+        if "poison" in repr(parameters) and not statement.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.IntegrityError("the database refuses this row")
+
+    event.listen(store.engine, "before_cursor_execute", refusing)
+    try:
+        states = [ReportedState(device_id=d, online=True, agent_version="2.0")
+                  for d in ("a", "poison", "b")]
+        out = core.process([(topics.reported(r.device_id), r.encode()) for r in states])
+        assert out.store_failed
+        assert store.device("a").agent_version == store.device("b").agent_version == "2.0"
+        assert store.device("poison") is None
+        assert core.counters.unwritten == 1 and core.counters.reported == 2
+    finally:
+        store.close()
+
+
 def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_writes(tmp_path):
     """A reported state or an event is acknowledged to the broker with its group, and no
     agent sends it again (it reports a state when it changes): one the store refuses (a
@@ -775,18 +847,13 @@ def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_wr
     store = Store(sqlite_url(tmp_path / "s.db"))
     topics = Topics("pf")
     core = IngestCore(store, topics, device_rate_per_s=0)
-    real_set, real_event = store.set_reported, store.add_event
     down = {"on": True}
 
-    def refusing(real):
-        def call(*a, **kw):
-            if down["on"]:
-                raise StoreError("database is locked")
-            return real(*a, **kw)
-        return call
+    def refusing(conn, cursor, statement, *args):  # the database refuses every write
+        if down["on"] and not statement.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.OperationalError("database is locked")
 
-    store.set_reported = refusing(real_set)  # type: ignore[method-assign]
-    store.add_event = refusing(real_event)  # type: ignore[method-assign]
+    event.listen(store.engine, "before_cursor_execute", refusing)
     try:
         r1 = ReportedState(device_id="d1", online=True, agent_version="1.0")
         r2 = ReportedState(device_id="d1", online=True, agent_version="1.1")

@@ -263,3 +263,37 @@ def test_a_device_sends_at_most_its_window_until_the_server_confirms(tmp_path: P
         assert all(len(d.agent.tqueue.pending()) >= 14 for d in f.devices)
     finally:
         f.sim.stop()
+
+
+def test_a_device_acts_on_a_cursor_as_it_arrives_not_at_its_workers_next_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent waits on its own inbound queue and acts on what arrives at once; a
+    simulated device is stepped by a worker with many others, and must too: a cursor that
+    waited for the worker's next pass added up to a period to every round trip, so a
+    simulated fleet drained a backlog slower than the agents it stands for."""
+    from prunefleet.server import simulator
+
+    monkeypatch.setattr(simulator, "STEP_PERIOD_S", 3600.0)  # one pass, at the start
+    f = SimFleet(tmp_path, 2)
+    f.clock.tick(5.0)  # a batch is due at the first pass
+    f.sim.start(workers=True)
+    try:
+        first = {}
+        while len(first) < 2:
+            item = f.server.inbound.get(timeout=10)
+            if item.kind == "message":
+                b = decode(TelemetryBatch, item.payload)
+                first[b.device_id] = b
+        f.clock.tick(5.0)  # the next batch is due; no pass comes for an hour
+        d0 = f.devices[0].id
+        ack = TelemetryAck(device_id=d0, incarnation=first[d0].incarnation,
+                           stored_through=first[d0].seq, ts=f.clock.time())
+        f.server.publish(f.topics.acked(d0), ack.encode(), retain=True)
+        item = f.server.inbound.get(timeout=10)  # the device stepped on the cursor: its next batch
+        while item.kind != "message":
+            item = f.server.inbound.get(timeout=10)
+        b = decode(TelemetryBatch, item.payload)
+        assert (b.device_id, b.seq) == (d0, first[d0].seq + 1)
+        assert f.devices[0].agent.tqueue.pending() == [b.seq]  # the confirmed one deleted
+    finally:
+        f.sim.stop()
