@@ -1,16 +1,17 @@
 """The server's HTTP JSON API (FastAPI): the one door through which fleet state changes.
 
-Every route under ``/v1`` needs ``Authorization: Bearer <token>``; ``/healthz`` and
-``/openapi.json`` do not. The token and the body size are checked before any body is read
-(:mod:`.httpguard`): 401 without the token, 413 over the route's cap (4 MiB for JSON, the
-artifact limit for ``PUT /v1/blobs``). Errors are JSON, always of one shape::
+Every route under ``/v1`` needs ``Authorization: Bearer <token>``; ``/healthz``,
+``/readyz`` and ``/openapi.json`` do not. The token and the body size are checked before
+any body is read (:mod:`.httpguard`): 401 without the token, 413 over the route's cap
+(4 MiB for JSON, the artifact limit for ``PUT /v1/blobs``). Errors are JSON, always of one shape::
 
     {"error": {"status": 409, "message": "rollout #3 is paused, not active", "details": []}}
 
 A refused request changes nothing: requests are validated in full (pydantic models with
 unknown fields forbidden) before anything is written or published.
 
-    GET  /healthz                          liveness, broker connection
+    GET  /healthz                          liveness: broker connection, store reachable
+    GET  /readyz                           the same, 503 unless both
     GET  /v1/devices?q=&group=&online=&limit=&offset=   devices, groups, last rollout
                                            report (X-Total-Count: how many match)
     GET  /v1/devices/{id}
@@ -374,9 +375,28 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
+        """Liveness: 200 while the process answers, with what it depends on; ``status``
+        is ``degraded`` while the broker or the store is out of reach. A supervisor
+        should not restart the server for that (a restart brings neither back); a load
+        balancer should look at ``/readyz``."""
         connected = ctx.fleet.transport.connected.is_set()
-        return {"status": "ok" if connected else "degraded", "broker_connected": connected,
+        try:
+            ctx.store.ping()
+            reachable = True
+        except StoreError as e:
+            log.warning("health: the store does not answer: %s", e)
+            reachable = False
+        return {"status": "ok" if connected and reachable else "degraded",
+                "broker_connected": connected, "store_reachable": reachable,
                 "version": __version__}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "degraded"}})
+    def readyz() -> JSONResponse:
+        """Readiness: ``/healthz``'s answer, 503 while the broker or the store is out of
+        reach, so that a load balancer in front of several replicas sends operators to
+        one that can serve them."""
+        body = healthz()
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/docs", include_in_schema=False)
     @app.get("/redoc", include_in_schema=False)

@@ -9,9 +9,10 @@ be refused costs the server nothing it did not have to read:
 * a body whose ``Content-Length`` is above the route's cap is answered 413 from its headers;
 * a body without a length (chunked) is counted as it streams in, and the request is
   answered 413 as soon as the count passes the cap: it is never read whole;
-* an open path (no token needed: ``/healthz``, the dashboard, the OpenAPI document) with a
-  chunked body or one over 64 KiB is answered 413 and closed from its headers: no open
-  route reads a body, and the HTTP server would drain one after the answer.
+* an open path (no token needed: ``/healthz``, ``/readyz``, the dashboard, the OpenAPI
+  document) with a chunked body or one over 64 KiB is answered 413 and closed from its
+  headers: no open route reads a body, and the HTTP server would drain one after the
+  answer.
 
 The routes check the token too (their OpenAPI document says so); this is the layer that
 makes the check cheap.

@@ -511,6 +511,14 @@ class Store:
         event.listen(self.engine, "checkin", lambda _dbapi, record: record.info.pop(
             _FENCE_PROVEN, None))
 
+    def ping(self) -> None:
+        """One round trip to the database; :class:`StoreError` when it does not answer."""
+        try:
+            with self.engine.connect() as c:
+                c.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as e:
+            raise StoreError(str(e)) from e
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction, committed at the end; SQLAlchemy errors become StoreError

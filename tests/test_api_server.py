@@ -386,6 +386,42 @@ def test_a_store_failure_is_a_503_and_one_line_from_the_cli(fleet, capsys, monke
     assert "store unavailable (HTTP 503)" in err and "Traceback" not in err
 
 
+def test_health_says_when_the_store_is_out_of_reach_and_readiness_refuses(tmp_path,
+                                                                          mosquitto):
+    """The server's PostgreSQL goes away on the network: ``/healthz`` said ``ok`` (it
+    looked at the broker only). Now it says ``degraded`` with ``store_reachable`` false,
+    still 200 (the process lives: a supervisor restarting it would bring nothing back),
+    and ``/readyz`` answers 503 so that a load balancer sends operators to a replica that
+    can serve them; both are ok again once the database is back."""
+    from fleet_helpers import TcpRelay
+    from rollout_helpers import pg_schema_url
+    from sqlalchemy.engine import make_url
+
+    schema = pg_schema_url()
+    url = make_url(next(schema))
+    relay = TcpRelay(url.host or "127.0.0.1", url.port or 5432)
+    f = Fleet(tmp_path, mosquitto.url, db_url=url.set(host="127.0.0.1", port=relay.port)
+              .render_as_string(hide_password=False))
+    try:
+        f.start_server()
+        for path in ("/healthz", "/readyz"):
+            status, _, body = _raw(f.svc.url + path)
+            assert (status, body["status"], body["store_reachable"]) == (200, "ok", True)
+        relay.cut()
+        status, _, body = _raw(f.svc.url + "/healthz")
+        assert (status, body["status"], body["store_reachable"]) == (200, "degraded", False)
+        assert body["broker_connected"] is True
+        status, _, body = _raw(f.svc.url + "/readyz")
+        assert (status, body["status"]) == (503, "degraded")
+        relay.restore()
+        status, _, body = _raw(f.svc.url + "/readyz")
+        assert (status, body["store_reachable"]) == (200, True)
+    finally:
+        f.close()
+        relay.close()
+        schema.close()
+
+
 def test_no_interactive_docs_and_no_link_to_them_but_the_openapi_description(fleet):
     """/docs and /redoc would need assets from the internet: they say where the OpenAPI
     description is, and nothing the server or its docs show links to them."""
