@@ -34,6 +34,7 @@ from prunefleet.shared.messages import (
     SwitchEvent,
     TelemetryBatch,
     VariantStats,
+    is_incarnation,
 )
 
 from .sensors import Readings
@@ -147,7 +148,7 @@ def _clip(v: float | None) -> float | None:
 
 
 def _valid_incarnation(value: str) -> bool:
-    return bool(value) and len(value) <= 32 and value.isalnum()
+    return is_incarnation(value)
 
 
 def new_incarnation() -> str:

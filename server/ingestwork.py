@@ -33,7 +33,14 @@ from typing import Any
 
 from prunefleet.shared.errors import ProtocolError, TopicError
 from prunefleet.shared.gctune import tune_for_throughput
-from prunefleet.shared.messages import MAX_SEQ, Event, ReportedState, TelemetryBatch, decode
+from prunefleet.shared.messages import (
+    MAX_SEQ,
+    Event,
+    ReportedState,
+    TelemetryBatch,
+    decode,
+    is_incarnation,
+)
 from prunefleet.shared.topics import Topics
 
 from .errors import StoreError
@@ -140,8 +147,7 @@ def _refused_key(device_id: str, payload: bytes) -> tuple[str, str, int, int | N
         return None
     incarnation, seq, floor = (data.get("incarnation"), data.get("seq"),
                                data.get("unconfirmed_from"))
-    if not (isinstance(incarnation, str) and 0 < len(incarnation) <= 32
-            and incarnation.isalnum()):
+    if not is_incarnation(incarnation):
         return None
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         return None

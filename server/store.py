@@ -708,9 +708,11 @@ class Store:
 
     def stored_seqs_many(self, starts: dict[tuple[str, str], int], limit: int = 4096
                          ) -> dict[tuple[str, str], list[int]]:
-        """:meth:`stored_seqs` for several (device, incarnation) keys in one query (a
-        group's devices this process meets for the first time), at most ``limit`` per key
-        on average."""
+        """:meth:`stored_seqs` for several (device, incarnation) keys (a group's devices
+        this process meets for the first time), mostly in one query: the keys of a part
+        share one limit of ``limit`` per key, and when a part fills it (one key with many
+        seqs stored above its start, which would crowd the others out) each of its keys
+        is read alone instead, so that every key gets its own seqs, up to ``limit``."""
         out: dict[tuple[str, str], list[int]] = {k: [] for k in starts}
         items = list(starts.items())
         with self.session() as s:
@@ -722,7 +724,14 @@ class Store:
                                   Telemetry.seq >= start) for (d, i), start in part))
                 rows = s.execute(
                     select(Telemetry.device_id, Telemetry.incarnation, Telemetry.seq)
-                    .where(cond).order_by(Telemetry.seq).limit(limit * len(part)))
+                    .where(cond).order_by(Telemetry.seq).limit(limit * len(part))).all()
+                if len(rows) == limit * len(part) and len(part) > 1:
+                    for (d, i), start in part:
+                        out[(d, i)] = list(s.scalars(
+                            select(Telemetry.seq).where(
+                                Telemetry.device_id == d, Telemetry.incarnation == i,
+                                Telemetry.seq >= start).order_by(Telemetry.seq).limit(limit)))
+                    continue
                 for d, i, seq in rows:
                     out[(d, i)].append(seq)
         return out
@@ -808,7 +817,12 @@ class Store:
 
     @staticmethod
     def _event_row(e: Event) -> EventRow:
-        return EventRow(device_id=e.device_id, ts=e.ts, kind=e.kind.value, variant=e.variant,
+        """An event as stored; one dated more than a day ahead (a wrong clock, or a lying
+        device) is dated when it arrived, since by its own date retention would never
+        take it."""
+        now = time.time()
+        ts = now if e.ts > now + FUTURE_SKEW_S else e.ts
+        return EventRow(device_id=e.device_id, ts=ts, kind=e.kind.value, variant=e.variant,
                         detail=e.detail)
 
     # -- registry and manifests -----------------------------------------------------------

@@ -8,9 +8,10 @@ parsing and turns every failure into :class:`ProtocolError`.
 from __future__ import annotations
 
 import math
+import re
 import time
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeGuard, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -41,7 +42,15 @@ Percent = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 CounterValue = Annotated[int, Field(ge=0, le=2**53)]  # a device's running total
 # A random id an agent makes once per state directory: telemetry sequence numbers count
 # within it, so a re-flashed device starting again at 0 is not taken for a duplicate.
-Incarnation = Annotated[str, Field(max_length=32, pattern=r"^[A-Za-z0-9_-]*$")]
+INCARNATION_PATTERN = r"^[A-Za-z0-9_-]*$"
+Incarnation = Annotated[str, Field(max_length=32, pattern=INCARNATION_PATTERN)]
+
+
+def is_incarnation(value: object) -> TypeGuard[str]:
+    """A non-empty incarnation as the wire takes it (checked the same way where no model
+    does the checking: a damaged state file, a batch refused as invalid)."""
+    return (isinstance(value, str) and 0 < len(value) <= 32
+            and re.fullmatch(INCARNATION_PATTERN, value) is not None)
 
 
 class WireModel(BaseModel):

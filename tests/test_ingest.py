@@ -308,6 +308,26 @@ def test_store_dedupes_by_device_incarnation_and_seq_in_one_transaction(tmp_path
             schema.close()  # drops it
 
 
+def test_one_device_with_many_seqs_stored_does_not_crowd_the_others_out_of_their_seeding(
+        tmp_path):
+    """A group's new cursors are seeded in one query that shares its limit among the
+    keys: a device with more seqs stored above its start than the whole part may read
+    (a liar claiming to hold them all, or a long backlog) took the others' share, and their
+    cursors started short of what was stored, so they re-sent it after their timeout.
+    Each key now gets its own seqs."""
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    try:
+        batches = [TelemetryBatch(device_id="busy", seq=q, incarnation="a", interval_start=1,
+                                  interval_end=2) for q in range(120)]
+        batches += [TelemetryBatch(device_id="quiet", seq=q, incarnation="b",
+                                   interval_start=1, interval_end=2) for q in (100, 101, 102)]
+        store.add_telemetry_batches(batches)
+        got = store.stored_seqs_many({("busy", "a"): 0, ("quiet", "b"): 100}, limit=50)
+        assert got == {("busy", "a"): list(range(50)), ("quiet", "b"): [100, 101, 102]}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_telemetry_adds_unknown_devices_and_refreshes_known_ones_without_their_state(
         tmp_path, backend):

@@ -267,6 +267,23 @@ def test_retention_takes_batches_dated_ahead_by_when_they_arrived(store):
     assert (store.telemetry_seqs("liar"), store.telemetry_seqs("honest")) == ([1], [1])
 
 
+def test_an_event_dated_far_ahead_is_dated_when_it_arrived_so_retention_takes_it(store):
+    """Events dated years ahead (within the wire's bound) outlived every retention by
+    their date: a device could fill the table for good. One dated more than a day ahead
+    is stored as of its arrival; one within a day keeps its own date."""
+    from prunefleet.shared.messages import Event, EventKind
+
+    now = time.time()
+    store.add_event(Event(device_id="liar", ts=2.0**33, kind=EventKind.INSTALLED, variant="v"))
+    store.add_event(Event(device_id="skewed", ts=now + 3600, kind=EventKind.INSTALLED,
+                          variant="v"))
+    liar, = store.events("liar")
+    assert now - 5 <= liar.ts <= time.time()
+    assert store.events("skewed")[0].ts == now + 3600
+    assert store.prune_telemetry(before=time.time() + 1)["events"] == 1
+    assert store.events("liar") == []
+
+
 def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
     def batch(dev: str, seq: int, end: float, rollout_id: int = 1) -> TelemetryBatch:
         stats = ShadowStats(reference="base", samples=10, agreed=9, divergence_sum=0.5)

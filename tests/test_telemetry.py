@@ -105,7 +105,10 @@ def test_a_damaged_next_seq_starts_a_new_incarnation_instead_of_reusing_numbers(
     assert DiskQueue(tmp_path).incarnation == q.incarnation  # and it stays
 
 
-@pytest.mark.parametrize("damage", [b"", b"not/alnum", b"\xff\xfe\x00"])
+# A fullwidth "d1" is alphanumeric to Python (isalnum, which the check was) but not to the
+# wire: an agent that kept it stamped every batch with an incarnation no server takes.
+@pytest.mark.parametrize("damage", [b"", b"not/alnum", b"\xff\xfe\x00",
+                                    "\uff44\uff11".encode()])
 def test_a_damaged_incarnation_is_taken_back_from_the_queued_batches(tmp_path, damage):
     """Batches queued under an incarnation must stay confirmable: a damaged incarnation
     file is read back from them (a new one would leave them re-sent forever, since the
@@ -248,3 +251,15 @@ def test_a_long_queue_is_sent_and_confirmed_without_listing_its_directory(tmp_pa
     assert len(sent) == 30 and q.dropped_total == 10
     monkeypatch.undo()
     assert DiskQueue(tmp_path, max_batches=50).pending() == on_disk
+
+
+def test_an_incarnation_the_wire_takes_is_kept_whatever_its_characters(tmp_path):
+    """An incarnation with '_' or '-' (the wire allows them: one set by an older or
+    another agent) is the queue's, not damage: it is kept, with its batches' numbers."""
+    q = DiskQueue(tmp_path)
+    agg = Aggregator("d1", 0.0)
+    (tmp_path / "incarnation").write_text("unit_7-a")
+    q = DiskQueue(tmp_path)
+    q.put(_batch(agg, q, 1.0).model_copy(update={"incarnation": "unit_7-a"}))
+    q = DiskQueue(tmp_path)
+    assert q.incarnation == "unit_7-a" and q.pending() == [0]
