@@ -105,6 +105,7 @@ class FleetServer:
         device_burst: float = 200.0,
         group_max: int = 1000,
         ingest_processes: int = 0,
+        held_dir: Path | None = None,
     ):
         """``persistent_session`` keeps the ingest subscription at the broker while this
         server is away (MQTT clean session off, stable ``client_id``), so telemetry that
@@ -115,7 +116,9 @@ class FleetServer:
         ``group_max``: messages written per telemetry transaction at most.
         ``ingest_processes``: 0 checks and stores on this process's ingest thread; N moves
         that work to N worker processes (``server/ingestwork.py``), this process keeping
-        the MQTT connection, the acknowledgements and the cursors' publishing."""
+        the MQTT connection, the acknowledgements and the cursors' publishing.
+        ``held_dir``: where reported states and events the store refused are kept until
+        it takes them (``ingest-held*.json``; None: in memory only)."""
         self.store = store
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
@@ -126,7 +129,9 @@ class FleetServer:
         self._probe_token = secrets.token_hex(8).encode()
         self.core = IngestCore(store, self.topics, share_group=share_group,
                                device_rate_per_s=device_rate_per_s,
-                               device_burst=device_burst)
+                               device_burst=device_burst,
+                               held_path=None if held_dir is None
+                               else held_dir / "ingest-held.json")
         # What this process counts itself (the queue, acknowledgements, drops before any
         # core saw the message); the cores count the rest.
         self._own = IngestCounters()
@@ -135,7 +140,8 @@ class FleetServer:
             self.workers = IngestWorkers(ingest_processes, CoreOptions(
                 store_url=store.url, prefix=prefix, share_group=share_group,
                 device_rate_per_s=device_rate_per_s, device_burst=device_burst,
-                log_level=logging.getLogger().getEffectiveLevel()))
+                log_level=logging.getLogger().getEffectiveLevel(),
+                held_dir=None if held_dir is None else str(held_dir)))
         self.group_max = max(1, group_max)
         subs = {}
         for ch in ("telemetry", "reported", "events"):

@@ -29,9 +29,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 from prunefleet.shared.errors import ProtocolError, TopicError
+from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.gctune import tune_for_throughput
 from prunefleet.shared.messages import (
     MAX_SEQ,
@@ -147,7 +149,7 @@ def _refused_key(device_id: str, payload: bytes) -> tuple[str, str, int, int | N
         return None
     incarnation, seq, floor = (data.get("incarnation"), data.get("seq"),
                                data.get("unconfirmed_from"))
-    if not is_incarnation(incarnation):
+    if not isinstance(incarnation, str) or not is_incarnation(incarnation):
         return None
     if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
         return None
@@ -160,7 +162,11 @@ class IngestCore:
     work on a group."""
 
     def __init__(self, store: Store, topics: Topics, *, share_group: str | None = None,
-                 device_rate_per_s: float = 20.0, device_burst: float = 200.0) -> None:
+                 device_rate_per_s: float = 20.0, device_burst: float = 200.0,
+                 held_path: Path | None = None) -> None:
+        """``held_path``: a file where the reported states and events the store refused
+        are kept (beside this process's memory) before their group is acknowledged, and
+        read back at start, so that a server dying while its store is down loses none."""
         self.store = store
         self.topics = topics
         self.share_group = share_group
@@ -177,6 +183,9 @@ class IngestCore:
         self._unwritten: OrderedDict[tuple[str, ...], tuple[str, ReportedState | Event]] = (
             OrderedDict())
         self._event_ids = itertools.count()
+        self.held_path = held_path
+        if held_path is not None:
+            self._load_held(held_path)
 
     # -- revocations ----------------------------------------------------------------------
     def revoked(self, now: float | None = None) -> frozenset[str]:
@@ -239,6 +248,8 @@ class IngestCore:
                 self.drop("error", topic)
                 log.exception("ingest failed on %s", topic)
         self.counters.unwritten = len(self._unwritten)
+        if held or self._unwritten:
+            self._save_held()
         if admitted.batches:
             cursors = self._store_batches(admitted.batches)
             if cursors is None:
@@ -324,6 +335,52 @@ class IngestCore:
         while len(self._unwritten) > MAX_UNWRITTEN:
             _, (old_topic, _) = self._unwritten.popitem(last=False)
             self.drop("store_error", old_topic, detail=str(e))
+
+    def _save_held(self) -> None:
+        """Keep what is held in ``held_path`` (none: the file goes), before the group is
+        acknowledged. A disk that refuses costs the copy, never the group."""
+        path = self.held_path
+        if path is None:
+            return
+        try:
+            if not self._unwritten:
+                path.unlink(missing_ok=True)
+                return
+            items = [{"topic": topic, "event": isinstance(m, Event),
+                      "message": m.model_dump(mode="json")}
+                     for topic, m in self._unwritten.values()]
+            atomic_write(path, json.dumps(items).encode(), mode=0o600)
+        except OSError as e:
+            log.error("cannot keep %d held states and events in %s (held in memory only): %s",
+                      len(self._unwritten), path, e)
+
+    def _load_held(self, path: Path) -> None:
+        """What an earlier process held (it stopped, or died, while the store refused)."""
+        try:
+            items = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            log.error("held states and events in %s cannot be read (lost): %s", path, e)
+            return
+        for item in items if isinstance(items, list) else []:
+            try:
+                topic, raw = str(item["topic"]), item["message"]
+                message: ReportedState | Event = (
+                    Event.model_validate(raw) if item["event"]
+                    else ReportedState.model_validate(raw))
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("a held state or event in %s cannot be read (lost): %s", path, e)
+                continue
+            key: tuple[str, ...] = (("event", str(next(self._event_ids)))
+                                    if isinstance(message, Event)
+                                    else ("reported", message.device_id))
+            self._unwritten.pop(key, None)
+            self._unwritten[key] = (topic, message)
+        self.counters.unwritten = len(self._unwritten)
+        if self._unwritten:
+            log.warning("%d reported states and events held by an earlier run (the store "
+                        "had refused them): written with the first group", len(self._unwritten))
 
     def _write_states(self, pending: list[tuple[str, ReportedState | Event]]) -> bool:
         """The group's reported states and events in one transaction; False when the
@@ -459,15 +516,19 @@ class CoreOptions:
     device_rate_per_s: float
     device_burst: float
     log_level: int = logging.WARNING
+    # Where worker i keeps what its store refused (``ingest-held-<i>.json``); None: memory.
+    held_dir: str | None = None
 
 
-def _worker_main(conn: Connection, opts: CoreOptions) -> None:
+def _worker_main(conn: Connection, opts: CoreOptions, index: int = 0) -> None:
     logging.basicConfig(level=opts.log_level,
                         format="%(levelname)s %(name)s [ingest worker %(process)d] %(message)s")
     store = Store(opts.store_url)
     core = IngestCore(store, Topics(opts.prefix), share_group=opts.share_group,
                       device_rate_per_s=opts.device_rate_per_s,
-                      device_burst=opts.device_burst)
+                      device_burst=opts.device_burst,
+                      held_path=None if opts.held_dir is None
+                      else Path(opts.held_dir) / f"ingest-held-{index}.json")
     tune_for_throughput()
     conn.send(("ready", 0, None, core.counters))
     try:
@@ -520,7 +581,7 @@ class _Worker:
 
     def start(self, timeout_s: float) -> None:
         here, there = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker_main, args=(there, self.opts),
+        self.proc = self.ctx.Process(target=_worker_main, args=(there, self.opts, self.index),
                                      name=f"pf-ingest-{self.index}", daemon=True)
         self.proc.start()
         there.close()

@@ -166,6 +166,7 @@ class FleetService:
                 device_rate_per_s=self.opts.device_rate_per_s,
                 device_burst=self.opts.device_burst,
                 ingest_processes=self.opts.ingest_processes,
+                held_dir=self.state_dir,
             )
             self.fleet.start()
             if self.opts.probe_s > 0:

@@ -582,6 +582,45 @@ def test_a_server_restarting_into_a_backlog_starts_and_stores_all_of_it(tmp_path
         f.close()
 
 
+def test_a_server_stopped_while_its_store_refused_a_state_writes_it_after_a_restart(
+        tmp_path, mosquitto):
+    """``prunefleet serve`` with its store refusing writes: a device's reported state is
+    acknowledged to the broker (no agent sends it again) and kept in the state directory;
+    the server stops, the store comes back, the next server writes it."""
+    f = Fleet(tmp_path, mosquitto.url)
+
+    def start() -> FleetService:
+        return FleetService(ServeOptions(
+            state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+            prefix=f.prefix)).start()
+
+    f.svc = start()
+
+    def refusing(conn, cursor, statement, *args):
+        if "devices" in statement and not statement.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.OperationalError("disk I/O error")
+
+    event.listen(f.svc.store.engine, "before_cursor_execute", refusing)
+    raw = RawDevice(f.broker_url, f.prefix, "kept-1")
+    try:
+        state = ReportedState(device_id="kept-1", online=True, agent_version="9.9",
+                              manifest_version=12)
+        raw.publish(state.encode(), Topics(f.prefix).reported("kept-1")).wait_for_publish(10)
+        wait_for(lambda: f.svc.fleet.counters.unwritten == 1, 20, what="the state held")
+        assert (f.state_dir / "ingest-held.json").exists()
+        f.stop_server()
+        f.svc = start()
+        wait_for(lambda: f.svc.store.device("kept-1") is not None, 20,
+                 what="the held state written by the next server")
+        d = f.svc.store.device("kept-1")
+        assert (d.agent_version, d.manifest_version) == ("9.9", 12)
+        wait_for(lambda: not (f.state_dir / "ingest-held.json").exists(), 10,
+                 what="the held file gone once written")
+    finally:
+        raw.close()
+        f.close()
+
+
 def test_a_backlog_larger_than_the_inbound_queue_holds_the_broker_back_and_loses_nothing(
         mosquitto):
     """mosquitto hands a resumed persistent session its whole backlog at once, past the
@@ -891,6 +930,42 @@ def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_wr
         assert d is not None and d.agent_version == "1.1"
         assert [e.kind for e in store.events("d1")] == ["installed"]
         assert core.counters.unwritten == 0 and core.counters.reported == 1
+    finally:
+        store.close()
+
+
+def test_states_the_store_refused_outlive_the_server_that_held_them(tmp_path):
+    """The store refuses a group's reported state and event; the server acknowledges the
+    group and dies before the store is back. They were held in its memory only, so they
+    were lost (no agent sends them again). Now they are kept in the server's state
+    directory before the acknowledgement, and the next server writes them."""
+    from prunefleet.shared.messages import Event, EventKind
+
+    held = tmp_path / "ingest-held.json"
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0, held_path=held)
+
+    def refusing(conn, cursor, statement, *args):  # the database refuses every write
+        if not statement.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(store.engine, "before_cursor_execute", refusing)
+    r = ReportedState(device_id="d1", online=True, agent_version="3.1", manifest_version=4)
+    ev = Event(device_id="d1", ts=5.0, kind=EventKind.INSTALLED, variant="small")
+    out = core.process([(topics.reported("d1"), r.encode()), (topics.events("d1"), ev.encode())])
+    assert out.store_failed and held.exists()
+    store.close()  # the server dies here, its store still down
+
+    store = Store(sqlite_url(tmp_path / "s.db"))  # the store is back; a new server starts
+    try:
+        again = IngestCore(store, topics, device_rate_per_s=0, held_path=held)
+        assert again.counters.unwritten == 2
+        again.process([])  # its first group (or the commit thread when the fleet is quiet)
+        d = store.device("d1")
+        assert d is not None and (d.agent_version, d.manifest_version) == ("3.1", 4)
+        assert [e.kind for e in store.events("d1")] == ["installed"]
+        assert again.counters.unwritten == 0 and not held.exists()
     finally:
         store.close()
 
