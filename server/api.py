@@ -47,6 +47,7 @@ import asyncio
 import hmac
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,56 @@ class ApiContext:
     registry: Registry
     token: str
     metrics_public: bool = False  # /metrics without the bearer token
+
+
+class StoreProbe:
+    """Whether the store answers, for the health routes: asked at most every ``cache_s``,
+    one question at a time, and waited for at most ``wait_s``. An open route must not hang
+    on a database whose network went silent (no refusal ever comes: the probe says
+    unreachable after ``wait_s`` while the question goes on), nor let anyone who can reach
+    it load the database."""
+
+    def __init__(self, store: Store, cache_s: float = 1.0, wait_s: float = 2.0) -> None:
+        self.store = store
+        self.cache_s = cache_s
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._ok = True
+        self._at = -1e18  # when _ok was learnt (monotonic)
+        self._answered = threading.Event()
+        self._asking = False
+
+    def reachable(self) -> bool:
+        with self._lock:
+            if time.monotonic() - self._at < self.cache_s:
+                return self._ok
+            if not self._asking:
+                self._asking = True
+                self._answered = threading.Event()
+                threading.Thread(target=self._ask, args=(self._answered,),
+                                 name="store-probe", daemon=True).start()
+            answered = self._answered
+        if not answered.wait(self.wait_s):
+            with self._lock:
+                self._ok, self._at = False, time.monotonic()
+            log.warning("health: the store has not answered in %.0f s", self.wait_s)
+            return False
+        with self._lock:
+            return self._ok
+
+    def _ask(self, answered: threading.Event) -> None:
+        try:
+            self.store.ping()
+            ok = True
+        except StoreError as e:
+            log.warning("health: the store does not answer: %s", e)
+            ok = False
+        except Exception:
+            log.exception("health: asking the store failed")
+            ok = False
+        with self._lock:
+            self._ok, self._at, self._asking = ok, time.monotonic(), False
+        answered.set()
 
 
 class GroupsBody(BaseModel):
@@ -373,6 +424,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         log.error("store error: %s", e)
         return _problem(503, "store unavailable")
 
+    probe = StoreProbe(ctx.store)
+
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:
         """Liveness: 200 while the process answers, with what it depends on; ``status``
@@ -380,12 +433,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         should not restart the server for that (a restart brings neither back); a load
         balancer should look at ``/readyz``."""
         connected = ctx.fleet.transport.connected.is_set()
-        try:
-            ctx.store.ping()
-            reachable = True
-        except StoreError as e:
-            log.warning("health: the store does not answer: %s", e)
-            reachable = False
+        reachable = probe.reachable()
         return {"status": "ok" if connected and reachable else "degraded",
                 "broker_connected": connected, "store_reachable": reachable,
                 "version": __version__}

@@ -24,6 +24,11 @@ class StoreError(ServerError):
     """The database refused or is unreachable; the API answers 503."""
 
 
+class StoreDataError(StoreError):
+    """The database refused a value for good (PostgreSQL takes no NUL character in text,
+    nor a number past its column's range): retrying the same write cannot succeed."""
+
+
 class StoreConflictError(StoreError):
     """A write that broke a unique constraint: another writer stored the same row first."""
 

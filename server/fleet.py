@@ -51,6 +51,7 @@ from .ingestwork import (
     IngestCore,
     IngestCounters,
     IngestWorkers,
+    gather_held,
 )
 from .keys import KeyRing
 from .store import Store
@@ -127,10 +128,14 @@ class FleetServer:
         self.bytes_published = 0
         self.share_group = share_group
         self._probe_token = secrets.token_hex(8).encode()
+        if held_dir is not None:  # what every process of an earlier run held, to one file
+            gather_held(held_dir, "ingest-held.json" if ingest_processes <= 0
+                        else "ingest-held-0.json")
         self.core = IngestCore(store, self.topics, share_group=share_group,
                                device_rate_per_s=device_rate_per_s,
                                device_burst=device_burst,
-                               held_path=None if held_dir is None
+                               # with workers this core writes nothing: theirs hold
+                               held_path=None if held_dir is None or ingest_processes > 0
                                else held_dir / "ingest-held.json")
         # What this process counts itself (the queue, acknowledgements, drops before any
         # core saw the message); the cores count the rest.

@@ -18,6 +18,7 @@ parts once more (storing is idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -45,7 +46,7 @@ from prunefleet.shared.messages import (
 )
 from prunefleet.shared.topics import Topics
 
-from .errors import StoreError
+from .errors import StoreConflictError, StoreDataError, StoreError
 from .ingest import DROP_REASONS, DeviceRateLimiter, LagHistogram, StoredCursors
 from .store import Store
 
@@ -238,18 +239,25 @@ class IngestCore:
         for topic, message in pending:  # one at a time: each failure costs only itself
             try:
                 self._write_state(message)
+            except (StoreDataError, StoreConflictError) as e:
+                # Refused for good (a value the database does not take, a row it will not
+                # have): held, it would be tried again with every group for ever, and fail
+                # every group's one-transaction write with it.
+                self.drop("invalid", topic, detail=f"the store refuses it: {e}")
             except StoreError as e:
                 # Acknowledged to the broker with its group, and nothing sends it again
                 # (an agent reports a state when it changes): held here and written again
                 # with the next group, instead of dropped.
                 out.store_failed = True
-                self._hold(topic, message, e)
+                self._hold(topic, message, e, already=bool(held))
             except Exception:
                 self.drop("error", topic)
                 log.exception("ingest failed on %s", topic)
+        if held and not self._unwritten:
+            log.info("the store took the %d held states and events", len(held))
+        if [id(m) for _, m in held] != [id(m) for _, m in self._unwritten.values()]:
+            self._save_held()  # what is held changed: kept before the group's ack
         self.counters.unwritten = len(self._unwritten)
-        if held or self._unwritten:
-            self._save_held()
         if admitted.batches:
             cursors = self._store_batches(admitted.batches)
             if cursors is None:
@@ -322,8 +330,11 @@ class IngestCore:
         """Reported states or events the store refused, to be written again."""
         return bool(self._unwritten)
 
-    def _hold(self, topic: str, message: ReportedState | Event, e: StoreError) -> None:
-        if not self._unwritten:
+    def _hold(self, topic: str, message: ReportedState | Event, e: StoreError,
+              already: bool = False) -> None:
+        """Hold a state or event the store refused (``already``: some were held before
+        this group, and that was said then)."""
+        if not self._unwritten and not already:
             log.warning("the store refused a device's state or event (held, written again "
                         "with the next group): %s", e)
         if isinstance(message, ReportedState):  # only the latest state counts
@@ -349,20 +360,14 @@ class IngestCore:
             items = [{"topic": topic, "event": isinstance(m, Event),
                       "message": m.model_dump(mode="json")}
                      for topic, m in self._unwritten.values()]
-            atomic_write(path, json.dumps(items).encode(), mode=0o600)
+            atomic_write(path, json.dumps(items, ensure_ascii=False).encode(), mode=0o600)
         except OSError as e:
             log.error("cannot keep %d held states and events in %s (held in memory only): %s",
                       len(self._unwritten), path, e)
 
     def _load_held(self, path: Path) -> None:
         """What an earlier process held (it stopped, or died, while the store refused)."""
-        try:
-            items = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as e:
-            log.error("held states and events in %s cannot be read (lost): %s", path, e)
-            return
+        items = _read_held(path)
         for item in items if isinstance(items, list) else []:
             try:
                 topic, raw = str(item["topic"]), item["message"]
@@ -498,6 +503,45 @@ class IngestCore:
         if before < 10 or before // 1000 != (before + n) // 1000:
             log.warning("dropped (%s, %d so far) %s%s", reason, before + n, where,
                         f": {detail}" if detail else "")
+
+
+HELD_GLOB = "ingest-held*.json"
+
+
+def _read_held(path: Path) -> list:
+    """The items of a held file; one that cannot be read is set aside as ``*.bad``
+    (logged: what it held is lost) so that it stops no start."""
+    try:
+        items = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, RecursionError, MemoryError) as e:
+        log.error("held states and events in %s cannot be read (lost, set aside as "
+                  "%s.bad): %s", path, path.name, e)
+        with contextlib.suppress(OSError):
+            path.replace(path.with_name(path.name + ".bad"))
+        return []
+    return items if isinstance(items, list) else []
+
+
+def gather_held(held_dir: Path, into: str) -> None:
+    """Fold the held files of an earlier run with another number of ingest processes
+    (``ingest-held.json``, ``ingest-held-<i>.json``) into ``into``, the one file this run
+    reads back first, so that none is left unread (and replayed, stale, by a later run)."""
+    others = sorted(p for p in held_dir.glob(HELD_GLOB) if p.name != into)
+    if not others:
+        return
+    target = held_dir / into
+    items = _read_held(target)
+    for p in others:
+        items += _read_held(p)
+    try:
+        if items:
+            atomic_write(target, json.dumps(items, ensure_ascii=False).encode(), mode=0o600)
+        for p in others:
+            p.unlink(missing_ok=True)
+    except OSError as e:
+        log.error("cannot gather the held files in %s: %s", held_dir, e)
 
 
 def _same_device(topic_id: str, body_id: str) -> None:

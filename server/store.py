@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from prunefleet.shared.messages import (
@@ -52,7 +52,7 @@ from prunefleet.shared.messages import (
     TelemetryBatch,
 )
 
-from .errors import LeaseLostError, StoreConflictError, StoreError
+from .errors import LeaseLostError, StoreConflictError, StoreDataError, StoreError
 
 # What devices report they accepted lifts the next manifest version (a new or restored store
 # must not sign what agents refuse as rollbacks), but a report is only its device's word.
@@ -64,6 +64,8 @@ CLAIM_MARGIN = 10**6
 MAX_ADOPTED_CLAIM = 5 * 10**7
 # Retention takes a batch dated further ahead than this by when it was received.
 FUTURE_SKEW_S = 86_400.0
+PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                   "keepalives_interval": 5, "keepalives_count": 4, "tcp_user_timeout": 30_000}
 
 
 def adopted_claim(claims: list[int]) -> int:
@@ -474,8 +476,15 @@ class Store:
             # A pooled PostgreSQL connection may have been closed by the server or the
             # network: checked on checkout. A SQLite file cannot be (and the ping would
             # be one more statement per ingest transaction).
-            self.engine = create_engine(url, future=True,
-                                        pool_pre_ping=not url.startswith("sqlite"))
+            # On PostgreSQL a connection attempt gives up after PG_CONNECT_TIMEOUT_S, and
+            # a connection whose network went silent is found dead after about 30 s
+            # (keepalives when idle, tcp_user_timeout when data waits): libpq's defaults
+            # wait for ever, or for TCP's retransmissions (about 15 minutes), holding the
+            # thread that asked.
+            self.engine = create_engine(
+                url, future=True, pool_pre_ping=not url.startswith("sqlite"),
+                connect_args=(PG_CONNECT_ARGS
+                              if make_url(url).get_backend_name() == "postgresql" else {}))
         except (SQLAlchemyError, ImportError, ValueError) as e:
             raise StoreError(f"cannot open store {_shown(url)!r}: {e}") from e
         if self.engine.dialect.name == "sqlite":
@@ -530,6 +539,9 @@ class Store:
         except IntegrityError as e:
             s.rollback()
             raise StoreConflictError(str(e.orig)) from e
+        except DataError as e:
+            s.rollback()
+            raise StoreDataError(str(e.orig)) from e
         except SQLAlchemyError as e:
             s.rollback()
             raise StoreError(str(e)) from e
@@ -767,18 +779,23 @@ class Store:
         else True. Raises :class:`StoreError` and writes nothing when any item fails: the
         caller writes them one at a time then, so that one the store refuses costs only
         itself."""
-        out = []
+        out = [True] * len(items)
+        # By device (each device's own in arrival order): rows are locked in one order
+        # whoever writes, as telemetry's _touch_many does, so two replicas given the same
+        # devices in different orders (a shared subscription spreads messages, not
+        # devices) do not deadlock on PostgreSQL.
+        order = sorted(range(len(items)), key=lambda k: items[k].device_id)
         with self.session() as s:
-            for m in items:
+            for k in order:
+                m = items[k]
                 if isinstance(m, Event):
                     s.add(self._event_row(m))
-                    out.append(True)
                     continue
                 self._set_reported(s, m)
                 s.flush()  # the device row, before its measurements and report refer to it
                 self._set_measurements(s, m)
-                out.append(m.rollout is None or self._record_rollout_report(
-                    s, m.device_id, m.rollout, m.ts or time.time()))
+                out[k] = m.rollout is None or self._record_rollout_report(
+                    s, m.device_id, m.rollout, m.ts or time.time())
         return out
 
     def _set_reported(self, s: Session, r: ReportedState) -> None:

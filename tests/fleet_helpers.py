@@ -128,13 +128,16 @@ def run_agent(tmp: Path, url: str, device: str = "dev-1", **overrides):
 class TcpRelay:
     """A TCP relay from a free loopback port to ``host:port``, for a server that loses its
     database (or broker) on the network: :meth:`cut` closes every relayed connection and
-    refuses new ones from then on, as a host gone away; :meth:`restore` relays again."""
+    refuses new ones from then on, as a host gone away; :meth:`silence` lets nothing
+    through either way but closes nothing, as a network that drops every packet (no
+    refusal ever comes); :meth:`restore` relays again."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._open = True
+        self._silent = False
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -148,6 +151,10 @@ class TcpRelay:
             if not self._open:
                 client.close()
                 continue
+            if self._silent:  # accepted, and never answered
+                with self._lock:
+                    self._conns.append(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
             except OSError:
@@ -159,11 +166,11 @@ class TcpRelay:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                if not self._silent:
+                    dst.sendall(data)
         except OSError:
             pass
         for s in (src, dst):
@@ -179,8 +186,11 @@ class TcpRelay:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def silence(self) -> None:
+        self._silent = True
+
     def restore(self) -> None:
-        self._open = True
+        self._open, self._silent = True, False
 
     def close(self) -> None:
         self.cut()

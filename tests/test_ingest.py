@@ -871,7 +871,7 @@ def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(
 
 
 def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
-    """The store refuses one device's state (a row it will not take): the group's other
+    """The store fails on one device's state (an error that may pass): the group's other
     states and events are written, and only that one is held to be tried again."""
     store = Store(sqlite_url(tmp_path / "s.db"))
     topics = Topics("pf")
@@ -879,7 +879,7 @@ def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
 
     def refusing(conn, cursor, statement, parameters, *args):
         if "poison" in repr(parameters) and not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.IntegrityError("the database refuses this row")
+            raise sqlite3.OperationalError("disk I/O error")  # on this row alone
 
     event.listen(store.engine, "before_cursor_execute", refusing)
     try:
@@ -968,6 +968,115 @@ def test_states_the_store_refused_outlive_the_server_that_held_them(tmp_path):
         assert again.counters.unwritten == 0 and not held.exists()
     finally:
         store.close()
+
+
+def test_a_value_the_database_refuses_for_good_is_dropped_not_held_for_ever(tmp_path):
+    """PostgreSQL takes no NUL character in text, which JSON and the message models
+    allow: one device's event carrying one was held as if the store were down, tried
+    again with every later group for ever (and across restarts, from the held file), and
+    failed every group's one-transaction write of states with it, so every group paused
+    the whole fleet's ingest. Now it is dropped and counted as invalid, and the others are
+    written."""
+    from prunefleet.shared.messages import Event, EventKind
+
+    schema = pg_schema_url()
+    store = Store(next(schema))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0, held_path=tmp_path / "held.json")
+    try:
+        evil = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED, variant="v",
+                     detail="a\u0000b")
+        honest = ReportedState(device_id="honest", online=True, agent_version="1.0")
+        out = core.process([(topics.events("evil"), evil.encode()),
+                            (topics.reported("honest"), honest.encode())])
+        assert not out.store_failed
+        assert store.device("honest").agent_version == "1.0"
+        assert core.counters.unwritten == 0 and core.counters.dropped["invalid"] == 1
+        assert not (tmp_path / "held.json").exists()
+        later = ReportedState(device_id="honest", online=True, agent_version="1.1")
+        out = core.process([(topics.reported("honest"), later.encode()),
+                            (topics.events("evil"), evil.encode())])
+        assert not out.store_failed and store.device("honest").agent_version == "1.1"
+    finally:
+        store.close()
+        schema.close()
+
+
+def test_held_files_of_a_run_with_other_ingest_processes_are_read_not_stranded(tmp_path):
+    """A run with 4 ingest workers held states in ingest-held-0..3.json; the next run has
+    1 worker or none, and read only its own file: the rest stayed unread (and a later run
+    with 4 replayed them, stale). Every held file is folded into the one this run reads."""
+    from prunefleet.server.ingestwork import gather_held
+
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    for i in range(4):
+        writer = IngestCore(store, topics, held_path=tmp_path / f"ingest-held-{i}.json")
+        r = ReportedState(device_id=f"d{i}", online=True, agent_version=f"4.{i}")
+        writer._hold(topics.reported(r.device_id), r, StoreError("down"))
+        writer._save_held()
+    try:
+        gather_held(tmp_path, "ingest-held.json")
+        assert [p.name for p in tmp_path.glob("ingest-held*")] == ["ingest-held.json"]
+        core = IngestCore(store, topics, held_path=tmp_path / "ingest-held.json")
+        core.process([])
+        assert [store.device(f"d{i}").agent_version for i in range(4)] == [
+            "4.0", "4.1", "4.2", "4.3"]
+        assert not (tmp_path / "ingest-held.json").exists()
+    finally:
+        store.close()
+
+
+def test_a_held_file_that_cannot_be_read_is_set_aside_and_stops_no_start(tmp_path):
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    held = tmp_path / "ingest-held.json"
+    held.write_text("[" * 100_000)  # deeper than the JSON reader recurses
+    try:
+        core = IngestCore(store, Topics("pf"), held_path=held)
+        assert core.counters.unwritten == 0
+        assert not held.exists() and (tmp_path / "ingest-held.json.bad").exists()
+    finally:
+        store.close()
+
+
+def test_replicas_writing_the_same_devices_states_in_opposite_orders_do_not_deadlock():
+    """Two replicas behind a shared subscription get the same devices' states in
+    different orders. Written in arrival order, their transactions locked device rows in
+    opposite orders and PostgreSQL broke the deadlock by failing one (after its 1 s
+    deadlock_timeout), whose replica then wrote one transaction per state. Rows are now
+    taken in device order."""
+    schema = pg_schema_url()
+    url = next(schema)
+    a, b = Store(url), Store(url)
+    try:
+        devices = [f"d{i:03d}" for i in range(200)]
+        for d in devices:
+            a.set_reported(ReportedState(device_id=d, online=True))
+        failures: list[str] = []
+        for rnd in range(2):
+            barrier = threading.Barrier(2)
+
+            def write(store: Store, order: list[str], rnd: int = rnd,
+                      barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                try:
+                    store.write_reports([ReportedState(device_id=d, online=True,
+                                                       agent_version=str(rnd)) for d in order])
+                except StoreError as e:
+                    failures.append(str(e))
+
+            threads = [threading.Thread(target=write, args=(a, devices)),
+                       threading.Thread(target=write, args=(b, devices[::-1]))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert failures == []
+        assert {a.device(d).agent_version for d in devices} == {"1"}
+    finally:
+        a.close()
+        b.close()
+        schema.close()
 
 
 def test_a_batch_no_server_takes_does_not_hold_its_devices_cursor(tmp_path):
