@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 REVOKED_REFRESH_S = 5.0
 # Reported states and events the store refused, held per process to be written again.
 MAX_UNWRITTEN = 10_000
+# ...and at most this much of them as kept in the held file (the oldest dropped past it,
+# as store_error): one device's events of 2,048 emoji each would make 10,000 of them a
+# file of 84 MB, written again after every group of an outage.
+MAX_HELD_BYTES = 16 * 2**20
 
 # What an ingest probe starts with (FleetServer.probe_ingest); never stored.
 PROBE_MAGIC = b"prunefleet-ingest-probe:"
@@ -357,10 +361,19 @@ class IngestCore:
             if not self._unwritten:
                 path.unlink(missing_ok=True)
                 return
-            items = [{"topic": topic, "event": isinstance(m, Event),
-                      "message": m.model_dump(mode="json")}
-                     for topic, m in self._unwritten.values()]
-            atomic_write(path, json.dumps(items, ensure_ascii=False).encode(), mode=0o600)
+            rows = [(key, json.dumps({"topic": topic, "event": isinstance(m, Event),
+                                      "message": m.model_dump(mode="json")},
+                                     ensure_ascii=False).encode())
+                    for key, (topic, m) in self._unwritten.items()]
+            total = sum(len(row) for _, row in rows)
+            while total > MAX_HELD_BYTES and len(rows) > 1:
+                key, row = rows.pop(0)
+                total -= len(row)
+                topic, _ = self._unwritten.pop(key)
+                self.drop("store_error", topic,
+                          detail=f"more than {MAX_HELD_BYTES} bytes held while the store refuses")
+            self.counters.unwritten = len(self._unwritten)
+            atomic_write(path, b"[" + b",".join(row for _, row in rows) + b"]", mode=0o600)
         except OSError as e:
             log.error("cannot keep %d held states and events in %s (held in memory only): %s",
                       len(self._unwritten), path, e)

@@ -1027,6 +1027,31 @@ def test_held_files_of_a_run_with_other_ingest_processes_are_read_not_stranded(t
         store.close()
 
 
+def test_what_is_held_is_bounded_in_bytes_too(tmp_path, monkeypatch):
+    """During an outage one device's events, each as large as the wire allows, filled the
+    held set to its 10,000 entries: a file of 84 MB written again after every group. The
+    held set is bounded in bytes as well; past it the oldest go, counted as store_error."""
+    from prunefleet.server import ingestwork
+    from prunefleet.shared.messages import Event, EventKind
+
+    monkeypatch.setattr(ingestwork, "MAX_HELD_BYTES", 100_000)
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    held = tmp_path / "ingest-held.json"
+    core = IngestCore(store, Topics("pf"), held_path=held)
+    try:
+        big = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED,
+                    detail="\U0001F600" * 2048)
+        for _ in range(100):
+            core._hold("pf/devices/evil/events", big, StoreError("down"))
+        core._save_held()
+        kept = len(json.loads(held.read_bytes()))
+        assert held.stat().st_size <= 100_000 and 0 < kept < 100
+        assert core.counters.unwritten == kept
+        assert core.counters.dropped["store_error"] == 100 - kept
+    finally:
+        store.close()
+
+
 def test_a_held_file_that_cannot_be_read_is_set_aside_and_stops_no_start(tmp_path):
     store = Store(sqlite_url(tmp_path / "s.db"))
     held = tmp_path / "ingest-held.json"
