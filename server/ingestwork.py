@@ -372,7 +372,6 @@ class IngestCore:
                 topic, _ = self._unwritten.pop(key)
                 self.drop("store_error", topic,
                           detail=f"more than {MAX_HELD_BYTES} bytes held while the store refuses")
-            self.counters.unwritten = len(self._unwritten)
             atomic_write(path, b"[" + b",".join(row for _, row in rows) + b"]", mode=0o600)
         except OSError as e:
             log.error("cannot keep %d held states and events in %s (held in memory only): %s",

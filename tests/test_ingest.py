@@ -1037,13 +1037,18 @@ def test_what_is_held_is_bounded_in_bytes_too(tmp_path, monkeypatch):
     monkeypatch.setattr(ingestwork, "MAX_HELD_BYTES", 100_000)
     store = Store(sqlite_url(tmp_path / "s.db"))
     held = tmp_path / "ingest-held.json"
-    core = IngestCore(store, Topics("pf"), held_path=held)
+    topics = Topics("pf")
+    core = IngestCore(store, topics, held_path=held, device_rate_per_s=0)
+
+    def refusing(conn, cursor, statement, *args):  # the store is down
+        if not statement.lstrip().upper().startswith("SELECT"):
+            raise sqlite3.OperationalError("database is locked")
+
+    event.listen(store.engine, "before_cursor_execute", refusing)
     try:
         big = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED,
                     detail="\U0001F600" * 2048)
-        for _ in range(100):
-            core._hold("pf/devices/evil/events", big, StoreError("down"))
-        core._save_held()
+        core.process([(topics.events("evil"), big.encode())] * 100)
         kept = len(json.loads(held.read_bytes()))
         assert held.stat().st_size <= 100_000 and 0 < kept < 100
         assert core.counters.unwritten == kept
