@@ -147,10 +147,6 @@ def _clip(v: float | None) -> float | None:
     return None if v is None else max(0.0, min(100.0, float(v)))
 
 
-def _valid_incarnation(value: str) -> bool:
-    return is_incarnation(value)
-
-
 def new_incarnation() -> str:
     return secrets.token_hex(8)
 
@@ -270,13 +266,13 @@ class DiskQueue:
         except (OSError, ValueError) as e:  # ValueError: not UTF-8
             log.warning("telemetry: %s is unreadable (%s)", path, e)
             value = ""
-        if not _valid_incarnation(value):
+        if not is_incarnation(value):
             # The queued batches carry it: taking a new one would leave them unconfirmable
             # (the server confirms them under theirs, which the agent would ignore).
             value = self._queued_incarnation()
             if value:
                 atomic_write(path, value.encode())
-        if _valid_incarnation(value) and seq_known:
+        if is_incarnation(value) and seq_known:
             return value
         old = value
         value = new_incarnation()
@@ -296,7 +292,7 @@ class DiskQueue:
                 value = str(json.loads(self.read(seq) or b"{}").get("incarnation") or "")
             except (ValueError, AttributeError):
                 continue
-            if _valid_incarnation(value):
+            if is_incarnation(value):
                 return value
         return ""
 

@@ -341,15 +341,18 @@ class IngestCore:
         if not self._unwritten and not already:
             log.warning("the store refused a device's state or event (held, written again "
                         "with the next group): %s", e)
-        if isinstance(message, ReportedState):  # only the latest state counts
-            key: tuple[str, ...] = ("reported", message.device_id)
-            self._unwritten.pop(key, None)
-        else:
-            key = ("event", str(next(self._event_ids)))
+        key = self._held_key(message)
+        self._unwritten.pop(key, None)
         self._unwritten[key] = (topic, message)
         while len(self._unwritten) > MAX_UNWRITTEN:
             _, (old_topic, _) = self._unwritten.popitem(last=False)
             self.drop("store_error", old_topic, detail=str(e))
+
+    def _held_key(self, message: ReportedState | Event) -> tuple[str, ...]:
+        """A state is held under its device (only the latest counts), an event alone."""
+        if isinstance(message, ReportedState):
+            return ("reported", message.device_id)
+        return ("event", str(next(self._event_ids)))
 
     def _save_held(self) -> None:
         """Keep what is held in ``held_path`` (none: the file goes), before the group is
@@ -379,8 +382,7 @@ class IngestCore:
 
     def _load_held(self, path: Path) -> None:
         """What an earlier process held (it stopped, or died, while the store refused)."""
-        items = _read_held(path)
-        for item in items if isinstance(items, list) else []:
+        for item in _read_held(path):
             try:
                 topic, raw = str(item["topic"]), item["message"]
                 message: ReportedState | Event = (
@@ -389,9 +391,7 @@ class IngestCore:
             except (KeyError, TypeError, ValueError) as e:
                 log.error("a held state or event in %s cannot be read (lost): %s", path, e)
                 continue
-            key: tuple[str, ...] = (("event", str(next(self._event_ids)))
-                                    if isinstance(message, Event)
-                                    else ("reported", message.device_id))
+            key = self._held_key(message)
             self._unwritten.pop(key, None)
             self._unwritten[key] = (topic, message)
         self.counters.unwritten = len(self._unwritten)

@@ -11,6 +11,8 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -37,6 +39,20 @@ from prunefleet.shared.messages import (
 )
 from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import BrokerAddress, MqttTransport, TransportOptions
+
+
+def refuse_writes(store: Store, error: str = "database is locked",
+                  when: Callable[[str, Any], bool] = lambda statement, parameters: True
+                  ) -> None:
+    """From now on the store's SQLite refuses every write (any statement but a SELECT)
+    for which ``when(statement, parameters)`` holds, with ``error``: a disk or a lock
+    failing under a running server."""
+    def refusing(conn, cursor, statement, parameters, *args):
+        if not statement.lstrip().upper().startswith("SELECT") and when(statement,
+                                                                        parameters):
+            raise sqlite3.OperationalError(error)
+
+    event.listen(store.engine, "before_cursor_execute", refusing)
 
 
 class RawDevice:
@@ -588,19 +604,8 @@ def test_a_server_stopped_while_its_store_refused_a_state_writes_it_after_a_rest
     acknowledged to the broker (no agent sends it again) and kept in the state directory;
     the server stops, the store comes back, the next server writes it."""
     f = Fleet(tmp_path, mosquitto.url)
-
-    def start() -> FleetService:
-        return FleetService(ServeOptions(
-            state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
-            prefix=f.prefix)).start()
-
-    f.svc = start()
-
-    def refusing(conn, cursor, statement, *args):
-        if "devices" in statement and not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.OperationalError("disk I/O error")
-
-    event.listen(f.svc.store.engine, "before_cursor_execute", refusing)
+    f.start_server()
+    refuse_writes(f.svc.store, "disk I/O error", lambda statement, _: "devices" in statement)
     raw = RawDevice(f.broker_url, f.prefix, "kept-1")
     try:
         state = ReportedState(device_id="kept-1", online=True, agent_version="9.9",
@@ -609,7 +614,7 @@ def test_a_server_stopped_while_its_store_refused_a_state_writes_it_after_a_rest
         wait_for(lambda: f.svc.fleet.counters.unwritten == 1, 20, what="the state held")
         assert (f.state_dir / "ingest-held.json").exists()
         f.stop_server()
-        f.svc = start()
+        f.start_server()
         wait_for(lambda: f.svc.store.device("kept-1") is not None, 20,
                  what="the held state written by the next server")
         d = f.svc.store.device("kept-1")
@@ -877,11 +882,8 @@ def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
     topics = Topics("pf")
     core = IngestCore(store, topics, device_rate_per_s=0)
 
-    def refusing(conn, cursor, statement, parameters, *args):
-        if "poison" in repr(parameters) and not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.OperationalError("disk I/O error")  # on this row alone
-
-    event.listen(store.engine, "before_cursor_execute", refusing)
+    refuse_writes(store, "disk I/O error",  # on this row alone
+                  lambda _, parameters: "poison" in repr(parameters))
     try:
         states = [ReportedState(device_id=d, online=True, agent_version="2.0")
                   for d in ("a", "poison", "b")]
@@ -908,11 +910,7 @@ def test_a_reported_state_or_event_the_store_refused_is_written_once_it_takes_wr
     core = IngestCore(store, topics, device_rate_per_s=0)
     down = {"on": True}
 
-    def refusing(conn, cursor, statement, *args):  # the database refuses every write
-        if down["on"] and not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.OperationalError("database is locked")
-
-    event.listen(store.engine, "before_cursor_execute", refusing)
+    refuse_writes(store, when=lambda *_: down["on"])
     try:
         r1 = ReportedState(device_id="d1", online=True, agent_version="1.0")
         r2 = ReportedState(device_id="d1", online=True, agent_version="1.1")
@@ -946,11 +944,7 @@ def test_states_the_store_refused_outlive_the_server_that_held_them(tmp_path):
     topics = Topics("pf")
     core = IngestCore(store, topics, device_rate_per_s=0, held_path=held)
 
-    def refusing(conn, cursor, statement, *args):  # the database refuses every write
-        if not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.OperationalError("database is locked")
-
-    event.listen(store.engine, "before_cursor_execute", refusing)
+    refuse_writes(store)
     r = ReportedState(device_id="d1", online=True, agent_version="3.1", manifest_version=4)
     ev = Event(device_id="d1", ts=5.0, kind=EventKind.INSTALLED, variant="small")
     out = core.process([(topics.reported("d1"), r.encode()), (topics.events("d1"), ev.encode())])
@@ -1040,11 +1034,7 @@ def test_what_is_held_is_bounded_in_bytes_too(tmp_path, monkeypatch):
     topics = Topics("pf")
     core = IngestCore(store, topics, held_path=held, device_rate_per_s=0)
 
-    def refusing(conn, cursor, statement, *args):  # the store is down
-        if not statement.lstrip().upper().startswith("SELECT"):
-            raise sqlite3.OperationalError("database is locked")
-
-    event.listen(store.engine, "before_cursor_execute", refusing)
+    refuse_writes(store)  # the store is down
     try:
         big = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED,
                     detail="\U0001F600" * 2048)
