@@ -75,6 +75,7 @@ class IngestCounters:
     duplicates: int = 0
     reported: int = 0
     events: int = 0
+    event_duplicates: int = 0  # deliveries of an event stored already
     invalid: int = 0  # did not validate, named another device, or hit a bug
     # Rollout reports about a manifest never issued to the reporting device: ignored.
     unoffered_reports: int = 0
@@ -94,9 +95,9 @@ class IngestCounters:
         """The sum of several processes' counters (the queue depth too)."""
         out = cls()
         for p in parts:
-            for name in ("telemetry", "duplicates", "reported", "events", "invalid",
-                         "unoffered_reports", "transactions", "acks_published", "queue_depth",
-                         "inbound_waits", "unwritten"):
+            for name in ("telemetry", "duplicates", "reported", "events", "event_duplicates",
+                         "invalid", "unoffered_reports", "transactions", "acks_published",
+                         "queue_depth", "inbound_waits", "unwritten"):
                 setattr(out, name, getattr(out, name) + getattr(p, name))
             for reason, n in p.dropped.items():
                 out.dropped[reason] = out.dropped.get(reason, 0) + n
@@ -424,19 +425,21 @@ class IngestCore:
             offered = r.rollout is None or self.store.record_rollout_report(
                 r.device_id, r.rollout, r.ts or time.time())
         else:
-            self.store.add_event(message)
-            offered = True
+            offered = self.store.add_event(message)
         self._count_state(message, offered)
 
     def _count_state(self, message: ReportedState | Event, offered: bool) -> None:
         """Count a written state (``offered``: False for a rollout report about a
-        manifest never offered to its device, ignored) or event."""
+        manifest never offered to its device, ignored) or event (False: stored already,
+        another delivery of it)."""
         if isinstance(message, ReportedState):
             if not offered:
                 self.counters.unoffered_reports += 1
             self.counters.reported += 1
-        else:
+        elif offered:
             self.counters.events += 1
+        else:
+            self.counters.event_duplicates += 1
 
     def _store_batches(self, batches: list[TelemetryBatch]) -> list[Cursor] | None:
         """One transaction for the group; the cursors it moved, to publish, or None when

@@ -292,6 +292,8 @@ class FleetCollector(Collector):
              "reported states stored by this server process"),
             ("prunefleet_events_ingested", c.events,
              "device events stored by this server process"),
+            ("prunefleet_events_duplicates_dropped", c.event_duplicates,
+             "device events dropped as already stored (another delivery of the same event)"),
             ("prunefleet_rollout_reports_unoffered_dropped", c.unoffered_reports,
              "rollout reports about a manifest never issued to the reporting device"),
             ("prunefleet_telemetry_ingest_transactions", c.transactions,

@@ -9,6 +9,7 @@ SQLAlchemy's errors stop here: every one leaves this module as a :class:`StoreEr
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
 import sqlite3
@@ -176,12 +177,29 @@ class ShadowRow(Base):
 
 class EventRow(Base):
     __tablename__ = "events"
+    # One row per event whatever the number of deliveries (see ``event_key``); rows from
+    # before the key have none, and a unique index takes any number of NULLs.
+    __table_args__ = (Index("uq_events_dedupe_key", "dedupe_key", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     ts: Mapped[float] = mapped_column(Float)
     kind: Mapped[str] = mapped_column(String(32))
     variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    dedupe_key: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+def event_key(e: Event) -> str:
+    """An event's identity: a digest of everything it says, its date as the device sent
+    it. Events carry no sequence number, and QoS 1 delivers at least once: a server
+    killed after its commit and before its acknowledgement, a device re-sending after a
+    reconnect and held events written again all bring the same event back, and each
+    delivery would be a row of its own. Two events alike in every field, to the
+    microsecond of their date, are one."""
+    fields = [e.device_id, repr(float(e.ts)), e.kind.value, e.variant, e.detail]
+    digest = hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode("utf-8",
+                                                                          "surrogatepass"))
+    return digest.hexdigest()[:32]
 
 
 class VariantRow(Base):
@@ -414,6 +432,16 @@ def _upgrade_telemetry(engine) -> None:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
+def _upgrade_events(engine) -> None:
+    """A store from before event keys: add the column (its unique index comes with the
+    index pass after this). Rows already there keep no key: they are not compared."""
+    with engine.connect() as conn:
+        columns = {c["name"] for c in inspect(conn).get_columns("events")}
+    if "dedupe_key" not in columns:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE events ADD COLUMN dedupe_key VARCHAR(32)")
+
+
 def _rebuild_sqlite_telemetry(conn: Connection, columns: list[str]) -> None:
     from sqlalchemy.schema import CreateTable
 
@@ -501,6 +529,7 @@ class Store:
         try:
             Base.metadata.create_all(self.engine)
             _upgrade_telemetry(self.engine)
+            _upgrade_events(self.engine)
             with self.engine.begin() as conn:
                 for name in _REDUNDANT_INDEXES:
                     conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
@@ -775,10 +804,10 @@ class Store:
         reconnecting at once sent hundreds per group): per reported state, as
         :meth:`set_reported`, :meth:`set_measurements` and, when it carries one,
         :meth:`record_rollout_report`; per event, :meth:`add_event`. Returns, per item,
-        False for a rollout report about a manifest never offered to its device (dropped),
-        else True. Raises :class:`StoreError` and writes nothing when any item fails: the
-        caller writes them one at a time then, so that one the store refuses costs only
-        itself."""
+        False for a rollout report about a manifest never offered to its device (dropped)
+        and for an event stored already (another delivery of it), else True. Raises
+        :class:`StoreError` and writes nothing when any item fails: the caller writes them
+        one at a time then, so that one the store refuses costs only itself."""
         out = [True] * len(items)
         # By device (each device's own in arrival order): rows are locked in one order
         # whoever writes, as telemetry's _touch_many does, so two replicas given the same
@@ -789,7 +818,7 @@ class Store:
             for k in order:
                 m = items[k]
                 if isinstance(m, Event):
-                    s.add(self._event_row(m))
+                    out[k] = self._add_event(s, m)
                     continue
                 self._set_reported(s, m)
                 s.flush()  # the device row, before its measurements and report refer to it
@@ -828,19 +857,28 @@ class Store:
         elif req.group_name != group:
             req.group_name, req.ts = group, time.time()
 
-    def add_event(self, e: Event) -> None:
+    def add_event(self, e: Event) -> bool:
+        """Store an event; False when it is stored already (another delivery of it)."""
         with self.session() as s:
-            s.add(self._event_row(e))
+            return self._add_event(s, e)
 
-    @staticmethod
-    def _event_row(e: Event) -> EventRow:
-        """An event as stored; one dated more than a day ahead (a wrong clock, or a lying
-        device) is dated when it arrived, since by its own date retention would never
-        take it."""
+    def _add_event(self, s: Session, e: Event) -> bool:
+        """One event, unless its key is stored (see :func:`event_key`). One dated more
+        than a day ahead (a wrong clock, or a lying device) is dated when it arrived,
+        since by its own date retention would never take it; its key keeps the date it
+        was sent with, so that every delivery of it has the same."""
         now = time.time()
-        ts = now if e.ts > now + FUTURE_SKEW_S else e.ts
-        return EventRow(device_id=e.device_id, ts=ts, kind=e.kind.value, variant=e.variant,
-                        detail=e.detail)
+        row = {"device_id": e.device_id, "ts": now if e.ts > now + FUTURE_SKEW_S else e.ts,
+               "kind": e.kind.value, "variant": e.variant, "detail": e.detail,
+               "dedupe_key": event_key(e)}
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(EventRow).values(row).on_conflict_do_nothing(
+            index_elements=["dedupe_key"])
+        # Whether it was written: a row returned (rowcount says 1 either way on PostgreSQL
+        # through the ORM).
+        return s.execute(stmt.returning(EventRow.id)).first() is not None
 
     # -- registry and manifests -----------------------------------------------------------
     def add_variant(self, name: str, sha256: str, path: str, spec: dict, report: dict) -> None:

@@ -30,6 +30,8 @@ from prunefleet.server.ingestwork import IngestCore
 from prunefleet.server.serve import FleetService, ServeOptions
 from prunefleet.server.store import Store, sqlite_url
 from prunefleet.shared.messages import (
+    Event,
+    EventKind,
     ReportedState,
     ShadowReport,
     ShadowStats,
@@ -621,6 +623,38 @@ def test_a_server_stopped_while_its_store_refused_a_state_writes_it_after_a_rest
         assert (d.agent_version, d.manifest_version) == ("9.9", 12)
         wait_for(lambda: not (f.state_dir / "ingest-held.json").exists(), 10,
                  what="the held file gone once written")
+    finally:
+        raw.close()
+        f.close()
+
+
+def test_an_event_delivered_again_after_a_kill_before_the_acknowledgement_is_stored_once(
+        tmp_path, mosquitto):
+    """A server that committed a group and died before acknowledging it to the broker
+    gets the group again from its persistent session. Events carry no sequence number:
+    each delivery was a row (a device's one install counted twice). Now the second
+    delivery is recognised, dropped and counted."""
+    f = Fleet(tmp_path, mosquitto.url)
+
+    def start() -> FleetService:  # its client id kept in its state directory: one session
+        return FleetService(ServeOptions(
+            state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+            prefix=f.prefix)).start()
+
+    f.svc = start()
+    f.svc.fleet._ack = lambda items: None  # it dies after the commit, before the PUBACKs
+    raw = RawDevice(f.broker_url, f.prefix, "twice-1")
+    try:
+        ev = Event(device_id="twice-1", ts=time.time(), kind=EventKind.INSTALLED, variant="v2")
+        raw.publish(ev.encode(), Topics(f.prefix).events("twice-1")).wait_for_publish(10)
+        wait_for(lambda: f.svc.fleet.counters.events == 1, 20, what="the event stored")
+        f.stop_server()
+        f.svc = start()
+        wait_for(lambda: f.svc.fleet.counters.event_duplicates == 1, 20,
+                 what="the unacknowledged event delivered again, and recognised")
+        assert [(e.kind, e.variant) for e in f.svc.store.events("twice-1")] == [
+            ("installed", "v2")]
+        assert f.svc.fleet.counters.events == 0
     finally:
         raw.close()
         f.close()

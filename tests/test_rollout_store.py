@@ -284,6 +284,52 @@ def test_an_event_dated_far_ahead_is_dated_when_it_arrived_so_retention_takes_it
     assert store.events("liar") == []
 
 
+def test_an_event_delivered_twice_is_one_row_and_a_different_one_is_another(store):
+    """QoS 1 delivers at least once, and events carry no sequence number: a second
+    delivery of the same event is not stored again (and says so); an event that differs
+    in any field, or a device's same event at another time, is an event of its own."""
+    from prunefleet.shared.messages import Event, EventKind, decode
+
+    now = time.time()
+    e = Event(device_id="d1", ts=now, kind=EventKind.INSTALL_FAILED, variant="v",
+              detail="sha256 mismatch \u00e9\U0001f600")
+    assert store.add_event(e) is True
+    assert store.add_event(decode(Event, e.encode())) is False  # the same, off the wire
+    assert store.write_reports([e]) == [False]  # in a group's one transaction too
+    others = [e.model_copy(update={"detail": "other"}), e.model_copy(update={"ts": now + 1}),
+              e.model_copy(update={"variant": None}),
+              e.model_copy(update={"kind": EventKind.INSTALLED}),
+              e.model_copy(update={"device_id": "d2"})]
+    assert store.write_reports(others) == [True] * 5
+    assert len(store.events("d1")) == 5 and len(store.events("d2")) == 1
+    # Dated far ahead, it is stored as of its arrival, and still known again by its key.
+    liar = Event(device_id="d3", ts=2.0**33, kind=EventKind.ERROR, detail="x")
+    assert store.add_event(liar) is True and store.add_event(liar) is False
+    assert len(store.events("d3")) == 1
+
+
+def test_a_store_from_before_event_keys_takes_them_and_keeps_its_events(store):
+    """An events table without the key column (a store written by an earlier version):
+    opening it adds the column and its unique index; the old rows stay, and events from
+    then on are stored once."""
+    from prunefleet.shared.messages import Event, EventKind
+
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP INDEX uq_events_dedupe_key")
+        conn.exec_driver_sql("ALTER TABLE events DROP COLUMN dedupe_key")
+        conn.exec_driver_sql("INSERT INTO events (device_id, ts, kind, variant, detail) VALUES"
+                             " ('d1', 1.0, 'installed', 'v', ''),"
+                             " ('d1', 1.0, 'installed', 'v', '')")
+    s = Store(store.engine.url.render_as_string(hide_password=False))
+    try:
+        assert len(s.events("d1")) == 2  # kept as they were, never compared
+        e = Event(device_id="d1", ts=2.0, kind=EventKind.INSTALLED, variant="v")
+        assert s.add_event(e) is True and s.add_event(e) is False
+        assert len(s.events("d1")) == 3
+    finally:
+        s.close()
+
+
 def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
     def batch(dev: str, seq: int, end: float, rollout_id: int = 1) -> TelemetryBatch:
         stats = ShadowStats(reference="base", samples=10, agreed=9, divergence_sum=0.5)
