@@ -132,5 +132,7 @@ def device_transport(
             # arrive together: one read of the socket serves them all (paho alone makes
             # three or more system calls per packet).
             read_batch=64,
+            # No queue item per PUBACK: the agent reads the transport's counts instead.
+            report_published=False,
         ),
     )

@@ -155,7 +155,8 @@ class Agent:
         self.reload_source: Callable[[], AgentConfig] | None = None
         now = self.clock.monotonic()
         self._next = {"sensors": now, "tick": now, "telemetry": now + config.telemetry_interval_s}
-        self._goodbye: int | None = None
+        self._goodbye = False  # the offline report is published: wait for its PUBACK
+        self._acks_heard = 0  # the transport's acks when the broker was last heard from
         self.installer.load_installed()
         self.installer.restore(self.clock.time(), now)
 
@@ -247,11 +248,14 @@ class Agent:
     def say_goodbye(self) -> None:
         """Publish the reported state ``online=false`` (a clean stop: no Last Will)."""
         if self.transport.connected.is_set():
-            self._goodbye = self._publish(self.topics.reported(self.device_id),
-                                          self.reported_state(online=False).encode(), retain=True)
+            self._publish(self.topics.reported(self.device_id),
+                          self.reported_state(online=False).encode(), retain=True)
+            self._goodbye = True
 
     def goodbye_acknowledged(self) -> bool:
-        return self._goodbye is None
+        """The offline report, if one was published, is acknowledged: nothing this agent
+        published waits for the broker any more (the goodbye is its last publish)."""
+        return not self._goodbye or not self.transport.unacknowledged()
 
     def step_inbound(self, wait_s: float = 0.0) -> None:
         """Act on what arrived, waiting up to ``wait_s`` for the first item."""
@@ -262,21 +266,22 @@ class Agent:
         try:
             item = q.get(timeout=wait_s) if wait_s > 0 else q.get_nowait()
         except queue.Empty:
-            return
-        while True:
+            item = None
+        while item is not None:
             self._handle(item)
             try:
                 item = q.get_nowait()
             except queue.Empty:
-                return
+                item = None
+        acks = self.transport.acks
+        if acks != self._acks_heard:  # PUBACKs came: the broker answers, the link is alive
+            self._acks_heard = acks
+            self.downloader.heard(self.clock.monotonic())
 
     def _handle(self, item: Inbound) -> None:
         if item.kind != "disconnected":
             self.downloader.heard(self.clock.monotonic())  # the broker answers: link alive
-        if item.kind == "published":
-            if item.mid == self._goodbye:
-                self._goodbye = None
-        elif item.kind == "connected":
+        if item.kind == "connected":
             log.info("connected to %s", self.transport.address.url)
             self._facts_due = True
             self.reporter.mark()

@@ -400,7 +400,7 @@ class MemoryBroker:
                 raise TransportError(f"publish to {topic} failed: not connected")
             mid = t._next_mid()
             self._route(topic, payload, 0, retain)
-            t._put(Inbound("published", mid=mid))
+            t._acked(mid)
             return mid
         limit = t.options.max_queued_messages
         if limit > 0 and len(t._outbox) >= limit:
@@ -430,7 +430,7 @@ class MemoryBroker:
     def _ack(self, t: MemoryTransport, mid: int) -> None:
         del t._outbox[mid]
         t._inflight -= 1
-        t._put(Inbound("published", mid=mid))
+        t._acked(mid)
 
 
 class MemoryTransport:
@@ -452,6 +452,7 @@ class MemoryTransport:
         self.address = address or broker.address
         self.inbound = InboundQueue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
+        self.acks = 0  # publishes the broker acknowledged
         self.subscribe_refused = 0  # this broker grants every valid filter
         self.inbound_waits = 0  # the broker keeps to the in-flight window: never waits
         self.connected = threading.Event()
@@ -525,6 +526,17 @@ class MemoryTransport:
             return
         with self.broker._lock:
             self.broker._ack_received(self, mid, connection)
+
+    def _acked(self, mid: int) -> None:
+        """The broker acknowledged a publish (its lock held)."""
+        self.acks += 1
+        if self.options.report_published:
+            self._put(Inbound("published", mid=mid))
+
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes sent or queued and not yet acknowledged by the broker."""
+        with self.broker._lock:
+            return len(self._outbox)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
         """Publish; returns the message id that a ``published`` item acknowledges."""

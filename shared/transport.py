@@ -277,8 +277,10 @@ class TransportOptions:
     # further messages back (back-pressure instead of loss).
     manual_ack: bool = False
     # Put a ``published`` item on ``inbound`` for each publish the broker acknowledged. An
-    # owner that never waits for them (the server) turns it off: one queue item less for
-    # every publish.
+    # owner that needs no message ids turns it off (the server; the agent, which reads
+    # ``acks`` and ``unacknowledged()``): one queue item less for every publish, and on a
+    # device the item, its queue's lock and its handling were a fifth of the CPU a
+    # telemetry batch cost.
     report_published: bool = True
     # Packets paho's network thread reads per wake-up while the socket has them (0: paho's
     # own, one per select() unless QoS handshakes are open). A busy subscriber (the server)
@@ -304,6 +306,11 @@ class Transport(Protocol):
     inbound_waits: int
     subscribe_refused: int  # filters the broker refused (each asked for again later)
     address: BrokerAddress
+    acks: int  # publishes the broker acknowledged since this transport began
+
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes sent or queued and not yet acknowledged by the broker."""
+        ...
 
     def start(self) -> None:
         """Connect in the background and keep reconnecting; again after stop() or kill()."""
@@ -586,6 +593,7 @@ class MqttTransport:
         self.options = options
         self.inbound = InboundQueue(maxsize=options.inbound_queue_size)
         self.dropped_inbound = 0
+        self.acks = 0  # publishes the broker acknowledged
         # Times the network thread waited for room in ``inbound`` (``manual_ack``: the
         # owner's back-pressure on the broker, nothing dropped).
         self.inbound_waits = 0
@@ -626,10 +634,7 @@ class MqttTransport:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
-        if options.report_published:
-            # Without it paho skips the callback entirely (for a QoS 0 publish it would
-            # build a reason code and properties per message just to call it).
-            c.on_publish = self._on_publish
+        c.on_publish = self._on_publish
         c.on_subscribe = self._on_subscribe
         # SUBSCRIBEs awaiting their SUBACK, by message id: a refused one is sent again.
         self._subscribing: dict[int, list[tuple[str, int]]] = {}
@@ -715,8 +720,15 @@ class MqttTransport:
                 continue
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.acks += 1  # this network thread alone writes it
         if self.options.report_published:
             self._put(Inbound("published", mid=mid))
+
+    def unacknowledged(self) -> int:
+        """QoS 1 publishes sent or queued and not yet acknowledged by the broker."""
+        c = self._client
+        with c._out_message_mutex:
+            return sum(1 for m in c._out_messages.values() if m.qos > 0)
 
     def _send_subscribe(self, subs: list[tuple[str, int]]) -> None:
         with self._lock:  # the SUBACK may come before subscribe() returns: hold it back

@@ -592,6 +592,36 @@ def test_telemetry_leaves_the_queue_only_when_the_server_confirmed_storing_it(
     assert fleet.telemetry_seqs() == []  # sent once
 
 
+def test_the_brokers_acknowledgements_reach_the_agent_as_counts_not_as_a_queue_item_each(
+        fleet: Fleet) -> None:
+    """As built for a device (``report_published`` off), a PUBACK, one per telemetry
+    batch, is no item on the agent's inbound queue: the item, its queue's lock and its
+    handling were a fifth of what a batch cost a simulated device's CPU. The agent reads
+    the transport's counts instead: a PUBACK after a silence still tells the downloader
+    that the link works, and the goodbye still waits for its acknowledgement."""
+    agent = fleet.agent()
+    agent.transport.options.report_published = False
+    inbox = fleet.inbox(agent)
+    agent.step()
+    fleet.broker.hold_acks = True
+    fleet.clock.tick(10.0 + TIMEOUT_S)  # a silence longer than the chunk timeout
+    agent.step()  # a batch is cut and published; its PUBACK held back
+    assert agent.transport.unacknowledged() == 1
+    fleet.clock.tick(1.0)
+    agent.step()  # nothing came meanwhile
+    heard_before = agent.downloader._heard
+    assert heard_before is not None and heard_before < fleet.clock.monotonic()
+    assert fleet.broker.release_acks() == 1
+    assert inbox.qsize() == 0  # the acknowledgement queued nothing
+    agent.step()
+    assert agent.downloader._heard == fleet.clock.monotonic()
+    agent.begin_shutdown()
+    agent.say_goodbye()
+    assert not agent.goodbye_acknowledged()  # held by the broker
+    assert fleet.broker.release_acks() >= 1
+    assert agent.goodbye_acknowledged() and inbox.qsize() == 0
+
+
 @pytest.mark.timeout(10)
 def test_unconfirmed_telemetry_is_sent_again_after_the_timeout_and_counted(
         fleet: Fleet) -> None:

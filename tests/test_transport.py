@@ -63,7 +63,9 @@ def test_published_items_are_reported_unless_turned_off():
     on._on_publish(on._client, None, 5, None, None)
     assert on.inbound.get_nowait() == Inbound("published", mid=5)
     off = _transport(report_published=False)
-    assert off._client.on_publish is None  # paho then skips the callback altogether
+    off._on_publish(off._client, None, 6, None, None)
+    off._on_publish(off._client, None, 7, None, None)
+    assert off.inbound.empty() and (on.acks, off.acks) == (1, 2)  # counted, not queued
 
 
 def test_qos0_publishes_go_as_one_packet_paho_would_have_written():
