@@ -199,7 +199,8 @@ def server_main(url: str, state_dir: str, prefix: str, db_url: str | None,
 
 
 def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
-             offer_s: float, drain_s: float, in_flight: int, conn: Any) -> None:
+             offer_s: float, drain_s: float, in_flight: int, conn: Any,
+             id_prefix: str = "bench") -> None:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
@@ -208,7 +209,7 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
 
     tune_for_throughput()  # as `prunefleet simulate` does in its process
     sim = Simulator(SimOptions(
-        broker_url=url, devices=devices, prefix=prefix, id_prefix="bench", keys=Path(keys),
+        broker_url=url, devices=devices, prefix=prefix, id_prefix=id_prefix, keys=Path(keys),
         telemetry_interval_s=interval_s, download=False, drain_s=drain_s,
         status_interval_s=3600, telemetry_max_in_flight=in_flight))
     cpu0 = _cpu_s()
@@ -228,6 +229,18 @@ def sim_main(url: str, keys: str, prefix: str, devices: int, interval_s: float,
         "dropped_on_devices": sum(d.agent.tqueue.dropped_total for d in sim.devices),
         "cpu_s": _cpu_s() - cpu0,
     }))
+
+
+def _merge_sims(parts: list[dict]) -> dict:
+    """One result for the devices of every simulator process."""
+    return {
+        "t_offer": [min(p["t_offer"][0] for p in parts), max(p["t_offer"][1] for p in parts)],
+        "t_drained": max(p["t_drained"] for p in parts),
+        "issued": {k: v for p in parts for k, v in p["issued"].items()},
+        "incarnation": {k: v for p in parts for k, v in p["incarnation"].items()},
+        **{k: sum(p[k] for p in parts)
+           for k in ("resent", "still_queued", "dropped_on_devices", "cpu_s")},
+    }
 
 
 def _start_server(ctx: Any, url: str, state: Path, prefix: str,
@@ -266,7 +279,7 @@ def _stop_server(proc: Any, conn: Any) -> dict:
 
 def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: float,
                late_s: float, drain_s: float, db_url: str | None = None,
-               procs: int = 0, in_flight: int = 10) -> dict:
+               procs: int = 0, in_flight: int = 10, sim_procs: int = 1) -> dict:
 
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     state = work / "server"
@@ -275,28 +288,41 @@ def server_run(url: str, work: Path, devices: int, interval_s: float, offer_s: f
     # stays away for late_s while devices offer, so a backlog builds (on the devices, and
     # in the session at the broker) that the restarted server drains at its own pace.
     _stop_server(*_start_server(ctx, url, state, prefix, db_url, procs))
-    sim_conn, sim_child = ctx.Pipe()
-    sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, devices,
-                                             interval_s, offer_s, drain_s, in_flight,
-                                             sim_child))
-    sim.start()
-    if not sim_conn.poll(120):
-        raise SystemExit("the simulator did not start")
-    print(f"  devices {sim_conn.recv()[0]}; the server starts in {late_s:g} s", flush=True)
+    # The devices in ``sim_procs`` processes, each its own share of them: one Python
+    # process is bound by its interpreter lock near 0.8 of a core, and past that the
+    # server would wait on its load generator rather than the other way round.
+    shares = [devices // sim_procs + (1 if j < devices % sim_procs else 0)
+              for j in range(sim_procs)]
+    sims = []
+    for j, n in enumerate(s for s in shares if s):
+        sim_conn, sim_child = ctx.Pipe()
+        sim = ctx.Process(target=sim_main, args=(url, str(state / "keys"), prefix, n,
+                                                 interval_s, offer_s, drain_s, in_flight,
+                                                 sim_child, f"bench{j}"))
+        sim.start()
+        sims.append((sim, sim_conn))
+    for _, sim_conn in sims:
+        if not sim_conn.poll(120):
+            raise SystemExit("the simulator did not start")
+    print(f"  devices {[c.recv()[0] for _, c in sims]}; the server starts in {late_s:g} s",
+          flush=True)
     time.sleep(late_s)
     t_server = time.time()
     srv, srv_conn = _start_server(ctx, url, state, prefix, db_url, procs)
     print("  server started", flush=True)
-    result: dict = {}
-    while True:
-        if not sim_conn.poll(offer_s + drain_s + 120):
-            raise SystemExit("the simulator did not finish")
-        what, value = sim_conn.recv()
-        print(f"  devices {what}", flush=True)
-        if what == "done":
-            result = value
-            break
-    sim.join(60)
+    parts: list[dict] = []
+    for sim, sim_conn in sims:
+        while True:
+            if not sim_conn.poll(offer_s + drain_s + 120):
+                raise SystemExit("the simulator did not finish")
+            what, value = sim_conn.recv()
+            if what == "done":
+                parts.append(value)
+                break
+            print(f"  devices {what}", flush=True)
+        sim.join(60)
+    print("  devices done", flush=True)
+    result = _merge_sims(parts)
     server = _stop_server(srv, srv_conn)
 
     rows = stored_rows(db_url, state)
@@ -487,6 +513,9 @@ def main() -> int:
                     help="each device's telemetry window, the agent's "
                          "telemetry_max_in_flight (%(default)s): the fleet has devices x N "
                          "batches in flight, which bounds how fast it drains a backlog")
+    ap.add_argument("--sim-processes", type=int, default=1, metavar="N",
+                    help="the simulated devices' processes, each with its share of them "
+                         "(%(default)s)")
     ap.add_argument("--offer-s", type=float, help="seconds devices offer telemetry")
     ap.add_argument("--late-s", type=float,
                     help="the server starts this long after the devices (a backlog)")
@@ -543,7 +572,8 @@ def main() -> int:
               flush=True)
         with bench_schema(args.db) as db_url:
             run = server_run(url, work, devices, interval, offer_s, late_s, args.drain_s,
-                             db_url, procs=args.ingest_processes, in_flight=args.in_flight)
+                             db_url, procs=args.ingest_processes, in_flight=args.in_flight,
+                             sim_procs=args.sim_processes)
         session = None
         if args.session:
             per_session = 10_000 if args.quick else 20_000  # under SESSION_QUEUE
@@ -569,6 +599,7 @@ def main() -> int:
         "p99_lag_s": None if run["p99_lag_s"] is None else round(run["p99_lag_s"], 3),
         "devices": devices,
         "in_flight": args.in_flight,
+        "sim_processes": args.sim_processes,
         "p50_lag_s": None if run["p50_lag_s"] is None else round(run["p50_lag_s"], 3),
         "server_late_s": late_s,
         "backlog_cleared_s": None if run["backlog_cleared_s"] is None
