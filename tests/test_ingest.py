@@ -909,6 +909,99 @@ def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(
             schema.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_groups_reported_states_cost_a_few_statements_whatever_their_number(tmp_path,
+                                                                              backend):
+    """Each state of a group read its rows one by one (its device, group request,
+    membership, facts, profiles, rollout report: a query each, a row not there yet
+    included) and flushed: 150 devices reconnecting to a restarted server held its commit
+    thread about 0.4 s. Now a group's rows are read in a few queries, so 50 states cost
+    about what 10 do; and every row comes out as writing each state alone makes it."""
+    from prunefleet.shared.messages import (
+        DeviceFacts,
+        InstalledVariant,
+        RolloutPhase,
+        RolloutReport,
+        VariantProfile,
+    )
+
+    sha_known, sha_other = "a" * 64, "b" * 64
+
+    def state(i: int, v: int, **kw) -> ReportedState:
+        profile = VariantProfile(sha256=sha_known, latency_ms_p50=1.0 + i, latency_ms_p95=2.0,
+                                 cpu_ms=1.0, energy_mj=0.5, energy_source="rapl", runs=50,
+                                 threads=1)
+        other = profile.model_copy(update={"sha256": sha_other})
+        return ReportedState(
+            device_id=f"d{i}", online=True, agent_version=f"1.{v}", manifest_version=3,
+            group="field" if i % 3 else None,
+            installed=[InstalledVariant(name="small", sha256=sha_known, size=10),
+                       InstalledVariant(name="odd", sha256=sha_other, size=10)],
+            facts=DeviceFacts(arch="x86_64", cores=2, device_class=f"c{i % 2}"),
+            profiles={"small": profile, "odd": other}, **kw)
+
+    def fill(store: Store) -> None:
+        store.add_variant("small", sha_known, "/nowhere", {}, {})
+        store.save_manifest(3, "d4", "{}")  # offered to d4 alone
+        for i in range(0, 60, 2):  # half the devices are known already
+            store.set_reported(ReportedState(device_id=f"d{i}", online=False))
+        store.set_device_groups("d5", ["field"])
+
+    def group(ids: range) -> list[ReportedState]:
+        report = RolloutReport(manifest_version=3, phase=RolloutPhase.INSTALLED)
+        out = [state(i, 1, rollout=report if i in (4, 5) else None) for i in ids]
+        return out + [state(ids[0], 2)]  # one device twice: the later state wins
+
+    urls = []
+    schemas = []
+    for _ in range(2):
+        if backend == "postgresql":
+            schemas.append(pg_schema_url())
+            urls.append(next(schemas[-1]))
+        else:
+            urls.append(sqlite_url(tmp_path / f"s{len(urls)}.db"))
+    batched, alone = Store(urls[0]), Store(urls[1])
+    statements: list[str] = []
+    event.listen(batched.engine, "before_cursor_execute",
+                 lambda conn, cur, stmt, *a: statements.append(stmt))
+    try:
+        fill(batched)
+        fill(alone)
+        cost = []
+        for ids in (range(0, 10), range(10, 60)):
+            statements.clear()
+            states = group(ids)
+            assert batched.write_reports(states) == [s.rollout is None or s.device_id == "d4"
+                                                     for s in states]
+            cost.append(len(statements))
+            for r in states:
+                alone.set_reported(r)
+                alone.set_measurements(r)
+                if r.rollout is not None:
+                    alone.record_rollout_report(r.device_id, r.rollout, r.ts or 1.0)
+        assert cost[1] <= cost[0] + 4, cost  # not 5 or more per state
+
+        def seen(store: Store, i: int) -> tuple:
+            d = store.device(f"d{i}")
+            report = store.rollout_report(f"d{i}")
+            facts, profiles = store.device_measurements(f"d{i}")
+            return (d.agent_version, d.online, d.installed, facts["device_class"],
+                    {n: p["latency_ms_p50"] for n, p in profiles.items()},
+                    None if report is None else report.phase)
+
+        for i in range(60):
+            assert seen(batched, i) == seen(alone, i), i
+        assert seen(batched, 0)[0] == seen(batched, 10)[0] == "1.2"
+        assert seen(batched, 4)[5] == "installed" and seen(batched, 5)[5] is None
+        assert batched.group_requests() == alone.group_requests() == {
+            f"d{i}": "field" for i in range(60) if i % 3 and i != 5}
+    finally:
+        batched.close()
+        alone.close()
+        for g in schemas:
+            g.close()
+
+
 def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
     """The store fails on one device's state (an error that may pass): the group's other
     states and events are written, and only that one is held to be tried again."""
