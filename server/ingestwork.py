@@ -405,7 +405,9 @@ class IngestCore:
         store refused it (then each is written alone, as :meth:`_write_state`)."""
         try:
             counted = self.store.write_reports([m for _, m in pending])
-        except StoreError:
+        except StoreError as e:
+            log.debug("%d reported states and events not written together (%s): one at a "
+                      "time instead", len(pending), e)
             return False
         except Exception:
             log.exception("writing %d reported states and events at once failed; one at "

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -416,8 +416,9 @@ def _upgrade_telemetry(engine) -> None:
         return
     if engine.dialect.name != "sqlite":
         with engine.begin() as conn:
-            conn.exec_driver_sql(
-                "ALTER TABLE telemetry ADD COLUMN incarnation VARCHAR(32) NOT NULL DEFAULT ''")
+            # IF NOT EXISTS: replicas starting at once on an old store both get here.
+            conn.exec_driver_sql("ALTER TABLE telemetry ADD COLUMN IF NOT EXISTS incarnation"
+                                 " VARCHAR(32) NOT NULL DEFAULT ''")
             conn.exec_driver_sql(
                 "ALTER TABLE telemetry DROP CONSTRAINT IF EXISTS uq_telemetry_device_seq")
         return
@@ -437,9 +438,17 @@ def _upgrade_events(engine) -> None:
     index pass after this). Rows already there keep no key: they are not compared."""
     with engine.connect() as conn:
         columns = {c["name"] for c in inspect(conn).get_columns("events")}
-    if "dedupe_key" not in columns:
+    if "dedupe_key" in columns:
+        return
+    try:
         with engine.begin() as conn:
-            conn.exec_driver_sql("ALTER TABLE events ADD COLUMN dedupe_key VARCHAR(32)")
+            # IF NOT EXISTS (PostgreSQL): replicas starting at once on an old store both
+            # get here; SQLite has no such clause, and says so instead (below).
+            exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
+            conn.exec_driver_sql(f"ALTER TABLE events ADD COLUMN{exists} dedupe_key VARCHAR(32)")
+    except SQLAlchemyError as e:
+        if "duplicate column" not in str(e):
+            raise
 
 
 def _rebuild_sqlite_telemetry(conn: Connection, columns: list[str]) -> None:
@@ -551,10 +560,18 @@ class _Rows:
             table[row.device_id] = row
 
     def delete(self, row: Any) -> None:
-        self.s.delete(row)
+        self.forget(row)
         table = self._rows.get(type(row))
         if table is not None and type(row) in self._BY_DEVICE:
             table[row.device_id] = None
+
+    def forget(self, row: Any) -> None:
+        """Delete a row; one an earlier state of this group added (never flushed: nothing
+        is between states) is only taken back, as the session refuses to delete it."""
+        if inspect(row).pending:
+            self.s.expunge(row)
+        else:
+            self.s.delete(row)
 
     def profiles(self, device_id: str) -> dict[str, DeviceProfileRow]:
         """The device's stored profiles by artifact hash (kept up to date by the caller)."""
@@ -906,15 +923,18 @@ class Store:
                 self._touch_many(s.connection(), "%s" if pg else "?", ids, time.time())
                 rows.preload(ids, {p.sha256 for m in states if m.online
                                    for p in m.profiles.values()})
+            events = [k for k in order if isinstance(items[k], Event)]
             for k in order:
                 m = items[k]
                 if isinstance(m, Event):
-                    out[k] = self._add_event(s, m)
                     continue
                 self._set_reported(s, m, rows)
                 self._set_measurements(s, m, rows)
                 out[k] = m.rollout is None or self._record_rollout_report(
                     s, m.device_id, m.rollout, m.ts or time.time(), rows)
+            for k, written in zip(events, self._add_events(
+                    s, [cast(Event, items[k]) for k in events]), strict=True):
+                out[k] = written
         return out
 
     def _set_reported(self, s: Session, r: ReportedState, rows: _Rows | None = None) -> None:
@@ -951,25 +971,39 @@ class Store:
     def add_event(self, e: Event) -> bool:
         """Store an event; False when it is stored already (another delivery of it)."""
         with self.session() as s:
-            return self._add_event(s, e)
+            return self._add_events(s, [e])[0]
 
-    def _add_event(self, s: Session, e: Event) -> bool:
-        """One event, unless its key is stored (see :func:`event_key`). One dated more
-        than a day ahead (a wrong clock, or a lying device) is dated when it arrived,
-        since by its own date retention would never take it; its key keeps the date it
-        was sent with, so that every delivery of it has the same."""
+    def _add_events(self, s: Session, events: Sequence[Event]) -> list[bool]:
+        """Store events unless their key is stored (see :func:`event_key`); per event,
+        whether it was written (False: another delivery of one stored, or of one earlier
+        in ``events``). One dated more than a day ahead (a wrong clock, or a lying device)
+        is dated when it arrived, since by its own date retention would never take it; its
+        key keeps the date it was sent with, so that every delivery of it has the same.
+
+        PostgreSQL: one statement for them all, in key order (two replicas writing the
+        same events lock them in one order), returning the keys written. SQLite: one
+        statement each, its row count telling (``RETURNING`` needs SQLite 3.35)."""
+        if not events:
+            return []
         now = time.time()
-        row = {"device_id": e.device_id, "ts": now if e.ts > now + FUTURE_SKEW_S else e.ts,
-               "kind": e.kind.value, "variant": e.variant, "detail": e.detail,
-               "dedupe_key": event_key(e)}
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(EventRow).values(row).on_conflict_do_nothing(
-            index_elements=["dedupe_key"])
-        # Whether it was written: a row returned (rowcount says 1 either way on PostgreSQL
-        # through the ORM).
-        return s.execute(stmt.returning(EventRow.id)).first() is not None
+        rows = [(e.device_id, now if e.ts > now + FUTURE_SKEW_S else e.ts, e.kind.value,
+                 e.variant, e.detail, event_key(e)) for e in events]
+        insert = ("INSERT INTO events (device_id, ts, kind, variant, detail, dedupe_key) ")
+        conflict = " ON CONFLICT (dedupe_key) DO NOTHING"
+        conn = s.connection()
+        if self.engine.dialect.name == "postgresql":
+            written = {k for (k,) in conn.exec_driver_sql(
+                insert + "SELECT * FROM unnest(%s::varchar[], %s::float8[], %s::varchar[],"
+                " %s::varchar[], %s::text[], %s::varchar[]) AS u(d, t, k, v, x, key)"
+                " ORDER BY key" + conflict + " RETURNING dedupe_key",
+                tuple(list(column) for column in zip(*rows, strict=True)))}
+            out = []
+            for row in rows:  # the first of a key in ``events`` is the one written
+                out.append(row[5] in written)
+                written.discard(row[5])
+            return out
+        return [conn.exec_driver_sql(insert + "VALUES (?, ?, ?, ?, ?, ?)" + conflict,
+                                     row).rowcount == 1 for row in rows]
 
     # -- registry and manifests -----------------------------------------------------------
     def add_variant(self, name: str, sha256: str, path: str, spec: dict, report: dict) -> None:
@@ -1569,7 +1603,7 @@ class Store:
         old = rows.profiles(r.device_id)
         for sha, gone in list(old.items()):
             if sha not in known:
-                s.delete(gone)  # no longer installed there
+                rows.forget(gone)  # no longer installed there
                 del old[sha]
         for sha in known:
             name = wanted[sha]

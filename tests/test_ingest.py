@@ -950,7 +950,7 @@ def test_a_groups_reported_states_cost_a_few_statements_whatever_their_number(tm
     def group(ids: range) -> list[ReportedState]:
         report = RolloutReport(manifest_version=3, phase=RolloutPhase.INSTALLED)
         out = [state(i, 1, rollout=report if i in (4, 5) else None) for i in ids]
-        return out + [state(ids[0], 2)]  # one device twice: the later state wins
+        return [*out, state(ids[0], 2)]  # one device twice: the later state wins
 
     urls = []
     schemas = []
@@ -1000,6 +1000,45 @@ def test_a_groups_reported_states_cost_a_few_statements_whatever_their_number(tm
         alone.close()
         for g in schemas:
             g.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_devices_later_state_undoing_its_earlier_one_in_a_group_costs_one_transaction(
+        tmp_path, backend):
+    """One device's states in one group: the first adds a profile and asks for a group,
+    the second drops both. With nothing flushed between states the session refused to
+    delete what the first had added, the group's transaction failed and every state was
+    written again alone (204 commits for 101 states instead of one; found by a review):
+    any device could do that to every group it landed in."""
+    from prunefleet.shared.messages import InstalledVariant, VariantProfile
+
+    sha = "a" * 64
+    profile = VariantProfile(sha256=sha, latency_ms_p50=1.0, latency_ms_p95=2.0, cpu_ms=1.0,
+                             energy_mj=0.5, energy_source="rapl", runs=50, threads=1)
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+    core.revoked()
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    try:
+        store.add_variant("v", sha, "/nowhere", {}, {})
+        commits.clear()
+        first = ReportedState(device_id="d1", online=True, group="field",
+                              installed=[InstalledVariant(name="v", sha256=sha, size=1)],
+                              profiles={"v": profile})
+        second = ReportedState(device_id="d1", online=True)
+        others = [ReportedState(device_id=f"o{i}", online=True) for i in range(20)]
+        out = core.process([(topics.reported(r.device_id), r.encode())
+                            for r in (first, *others, second)])
+        assert not out.store_failed and len(commits) == 1
+        assert store.device_measurements("d1")[1] == {} and store.group_requests() == {}
+        assert core.counters.reported == 22
+    finally:
+        store.close()
+        if schema:
+            schema.close()
 
 
 def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):

@@ -302,6 +302,19 @@ def test_an_event_delivered_twice_is_one_row_and_a_different_one_is_another(stor
               e.model_copy(update={"device_id": "d2"})]
     assert store.write_reports(others) == [True] * 5
     assert len(store.events("d1")) == 5 and len(store.events("d2")) == 1
+    # A group's events: on PostgreSQL one statement for them all (a round trip each
+    # otherwise), duplicates within the group told apart from the first.
+    from sqlalchemy import event as sa_event
+
+    statements: list[str] = []
+    sa_event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cur, stmt, *a: statements.append(stmt))
+    many = [Event(device_id="d9", ts=now + i, kind=EventKind.ERROR, detail=f"e{i}")
+            for i in range(50)]
+    assert store.write_reports([*many, many[7], *many[:3]]) == [True] * 50 + [False] * 4
+    assert len(store.events("d9")) == 50
+    if store.engine.dialect.name == "postgresql":
+        assert len([st for st in statements if "INSERT INTO events" in st]) == 1
     # Dated far ahead, it is stored as of its arrival, and still known again by its key.
     liar = Event(device_id="d3", ts=2.0**33, kind=EventKind.ERROR, detail="x")
     assert store.add_event(liar) is True and store.add_event(liar) is False
