@@ -1503,7 +1503,10 @@ class Store:
         """Decommission: every row about the device, except its revocation (credentials
         stay refused) and the manifests signed for it. False when it was not known."""
         with self.session() as s:
-            known = s.get(Device, device_id) is not None
+            # The device's row first (locked on PostgreSQL), as ingest takes it before the
+            # rows about it: in the other order a decommission and a group of reported
+            # states each held what the other wanted, and one failed as a deadlock.
+            known = s.get(Device, device_id, with_for_update=True) is not None
             ids = select(Telemetry.id).where(Telemetry.device_id == device_id)
             for child in (VariantUsage, Switch, ShadowRow):
                 s.execute(delete(child).where(child.telemetry_id.in_(ids)))

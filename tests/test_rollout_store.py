@@ -343,6 +343,62 @@ def test_a_store_from_before_event_keys_takes_them_and_keeps_its_events(store):
         s.close()
 
 
+def test_a_decommission_while_a_group_of_states_is_written_waits_instead_of_deadlocking(
+        tmp_path):
+    """Ingest takes a device's row (its upsert) before the rows about it; a decommission
+    deleted those first and the device's row last, so the two, on PostgreSQL, each held
+    what the other wanted and one failed as a deadlock after a second (found by a
+    review). Now the decommission takes the device's row first and waits its turn."""
+    import threading
+
+    from prunefleet.server import store as store_module
+    from prunefleet.shared.messages import DeviceFacts
+
+    gen = pg_schema_url()
+    url = next(gen)
+    ingest, operator = Store(url), Store(url)
+    preload = store_module._Rows.preload
+    try:
+        facts = DeviceFacts(arch="x86_64", cores=2, device_class="c")
+        r = ReportedState(device_id="d1", online=True, group="g", facts=facts)
+        ingest.set_reported(r)
+        ingest.set_measurements(r)
+        preloaded, go = threading.Event(), threading.Event()
+
+        def paused(self, *args):  # the group's rows are read; the decommission comes now
+            preload(self, *args)
+            preloaded.set()
+            go.wait(10)
+
+        store_module._Rows.preload = paused  # type: ignore[method-assign]
+        out: dict[str, object] = {}
+
+        def run(name: str, call) -> None:
+            try:
+                out[name] = call()
+            except Exception as e:  # the outcome is what the test reads
+                out[name] = e
+
+        w = threading.Thread(target=run, args=("write", lambda: ingest.write_reports(
+            [r.model_copy(update={"group": "h"})])))
+        w.start()
+        assert preloaded.wait(10)
+        d = threading.Thread(target=run, args=("delete", lambda: operator.delete_device("d1")))
+        d.start()
+        d.join(0.5)
+        assert d.is_alive()  # waiting for the device's row, holding nothing ingest needs
+        go.set()
+        w.join(10)
+        d.join(10)
+        assert out == {"write": [True], "delete": True}
+        assert ingest.device("d1") is None and ingest.device_measurements("d1") == (None, {})
+    finally:
+        store_module._Rows.preload = preload  # type: ignore[method-assign]
+        ingest.close()
+        operator.close()
+        gen.close()
+
+
 def test_shadow_figures_count_for_a_wave_only_after_the_offer_and_go_with_retention(store):
     def batch(dev: str, seq: int, end: float, rollout_id: int = 1) -> TelemetryBatch:
         stats = ShadowStats(reference="base", samples=10, agreed=9, divergence_sum=0.5)
