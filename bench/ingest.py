@@ -32,6 +32,9 @@ a free loopback port), in separate processes so that no two share a GIL:
    so the fleet drains its backlog at most devices x in-flight batches per round trip
    (device -> broker -> server commit -> cursor -> device): with 150 devices that, not
    the server, can be the limit; a larger ``--in-flight`` stands for a larger fleet.
+   ``--sim-processes N`` spreads the devices over N processes (one Python process tops
+   out near 0.8 of a core, bound by its interpreter lock); on 2 cores it did not raise
+   the figure (docs/benchmarks.md).
 
 Figures (``--json`` keys as issue #9 names them):
 
