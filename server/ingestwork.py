@@ -142,6 +142,22 @@ class _WrongDevice(ProtocolError):
     """A message whose body names another device than its topic."""
 
 
+def _no_nul(payload: bytes) -> None:
+    """Refuse a reported state or event with a NUL character in its text (JSON writes one
+    as ``\\u0000``, behind an odd number of backslashes): PostgreSQL takes none in text,
+    and one such message failed its whole group's one-transaction write, every state of
+    the group then written again alone. Any device could do that to every group it
+    landed in (found by a review). Telemetry's text is names and codes, which allow none."""
+    at = payload.find(b"u0000")
+    while at > 0:
+        back = at
+        while back > 0 and payload[back - 1] == 0x5C:  # a backslash
+            back -= 1
+        if (at - back) % 2:
+            raise ProtocolError("a NUL character in its text, which the store does not take")
+        at = payload.find(b"u0000", at + 1)
+
+
 def _refused_key(device_id: str, payload: bytes) -> tuple[str, str, int, int | None] | None:
     """(device, incarnation, seq, unconfirmed_from) of a telemetry batch that failed
     validation, when its JSON still says them plainly and names its topic's device."""
@@ -315,10 +331,12 @@ class IngestCore:
                 out.batches.append(b)
             elif channel == "reported":
                 if payload:  # empty: a retained state cleared
+                    _no_nul(payload)
                     r = decode(ReportedState, payload)
                     _same_device(device_id, r.device_id)
                     out.states.append((topic, r))
             elif channel == "events":
+                _no_nul(payload)
                 e = decode(Event, payload)
                 _same_device(device_id, e.device_id)
                 out.states.append((topic, e))

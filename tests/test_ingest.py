@@ -1041,6 +1041,45 @@ def test_a_devices_later_state_undoing_its_earlier_one_in_a_group_costs_one_tran
             schema.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_nul_in_a_devices_text_is_refused_at_the_door_not_by_the_groups_write(
+        tmp_path, backend):
+    """PostgreSQL takes no NUL character in text. A device's event or state with one was
+    refused by the store only, failing the whole group's one-transaction write, and every
+    state of the group was then written again alone: any device could do that to every
+    group it landed in (found by a review). Now it is dropped as invalid when it arrives;
+    a backslash followed by "u0000", which is only text, is kept."""
+    from prunefleet.shared.messages import Event, EventKind
+
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+    core.revoked()
+    commits = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    try:
+        fine = [ReportedState(device_id=f"o{i}", online=True) for i in range(20)]
+        nul_state = ReportedState(device_id="liar", online=True, last_error="bad\x00byte")
+        nul_event = Event(device_id="liar", ts=5.0, kind=EventKind.ERROR, detail="\x00")
+        text = Event(device_id="honest", ts=6.0, kind=EventKind.ERROR,
+                     detail="a backslash and u0000: \\u0000")
+        msgs = [(topics.reported(r.device_id), r.encode()) for r in fine]
+        msgs += [(topics.reported("liar"), nul_state.encode()),
+                 (topics.events("liar"), nul_event.encode()),
+                 (topics.events("honest"), text.encode())]
+        out = core.process(msgs)
+        assert not out.store_failed and len(commits) == 1
+        assert core.counters.dropped["invalid"] == 2
+        assert store.device("liar") is None and store.events("liar") == []
+        assert [e.detail for e in store.events("honest")] == [text.detail]
+        assert core.counters.reported == 20 and core.counters.events == 1
+    finally:
+        store.close()
+        if schema:
+            schema.close()
+
+
 def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
     """The store fails on one device's state (an error that may pass): the group's other
     states and events are written, and only that one is held to be tried again."""
@@ -1136,26 +1175,29 @@ def test_a_value_the_database_refuses_for_good_is_dropped_not_held_for_ever(tmp_
     again with every later group for ever (and across restarts, from the held file), and
     failed every group's one-transaction write of states with it, so every group paused
     the whole fleet's ingest. Now it is dropped and counted as invalid, and the others are
-    written."""
+    written. (Such a message is refused on arrival now; one can still come from a held
+    file an earlier version kept.)"""
     from prunefleet.shared.messages import Event, EventKind
 
     schema = pg_schema_url()
     store = Store(next(schema))
     topics = Topics("pf")
+    evil = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED, variant="v",
+                 detail="a\u0000b")
+    (tmp_path / "held.json").write_text(json.dumps([{
+        "topic": topics.events("evil"), "event": True,
+        "message": evil.model_dump(mode="json")}]))
     core = IngestCore(store, topics, device_rate_per_s=0, held_path=tmp_path / "held.json")
     try:
-        evil = Event(device_id="evil", ts=5.0, kind=EventKind.INSTALLED, variant="v",
-                     detail="a\u0000b")
+        assert core.counters.unwritten == 1
         honest = ReportedState(device_id="honest", online=True, agent_version="1.0")
-        out = core.process([(topics.events("evil"), evil.encode()),
-                            (topics.reported("honest"), honest.encode())])
+        out = core.process([(topics.reported("honest"), honest.encode())])
         assert not out.store_failed
         assert store.device("honest").agent_version == "1.0"
         assert core.counters.unwritten == 0 and core.counters.dropped["invalid"] == 1
-        assert not (tmp_path / "held.json").exists()
+        assert not (tmp_path / "held.json").exists() and store.events("evil") == []
         later = ReportedState(device_id="honest", online=True, agent_version="1.1")
-        out = core.process([(topics.reported("honest"), later.encode()),
-                            (topics.events("evil"), evil.encode())])
+        out = core.process([(topics.reported("honest"), later.encode())])
         assert not out.store_failed and store.device("honest").agent_version == "1.1"
     finally:
         store.close()
