@@ -279,7 +279,7 @@ class TransportOptions:
     # Put a ``published`` item on ``inbound`` for each publish the broker acknowledged. An
     # owner that needs no message ids turns it off (the server; the agent, which reads
     # ``acks`` and ``unacknowledged()``): one queue item less for every publish, and on a
-    # device the item, its queue's lock and its handling were a fifth of the CPU a
+    # device the item, its queue's lock and its handling were about a tenth of the CPU a
     # telemetry batch cost.
     report_published: bool = True
     # Packets paho's network thread reads per wake-up while the socket has them (0: paho's

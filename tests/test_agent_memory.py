@@ -596,7 +596,7 @@ def test_the_brokers_acknowledgements_reach_the_agent_as_counts_not_as_a_queue_i
         fleet: Fleet) -> None:
     """As built for a device (``report_published`` off), a PUBACK, one per telemetry
     batch, is no item on the agent's inbound queue: the item, its queue's lock and its
-    handling were a fifth of what a batch cost a simulated device's CPU. The agent reads
+    handling were about a tenth of what a batch cost a simulated device's CPU. The agent reads
     the transport's counts instead: a PUBACK after a silence still tells the downloader
     that the link works, and the goodbye still waits for its acknowledgement."""
     agent = fleet.agent()
