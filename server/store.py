@@ -1180,7 +1180,9 @@ class Store:
     def set_device_groups(self, device_id: str, groups: list[str]) -> None:
         """Replace the groups of ``device_id``; an unknown device is registered (offline)."""
         with self.session() as s:
-            if s.get(Device, device_id) is None:
+            # The device's row first (locked on PostgreSQL), as ingest and a decommission
+            # take it, before the rows about it.
+            if s.get(Device, device_id, with_for_update=True) is None:
                 s.add(Device(device_id=device_id, installed=[], online=False, last_seen=0.0))
             for row in s.scalars(select(DeviceGroup).where(DeviceGroup.device_id == device_id)):
                 s.delete(row)
@@ -1207,6 +1209,10 @@ class Store:
         """Make the device a member of the group it asked for; the group, or None when it
         asked for none."""
         with self.session() as s:
+            # The device's row first (locked on PostgreSQL), as ingest takes it before the
+            # request: read first, a request that a group of reported states then changed
+            # failed that group's write as stale (found by a review).
+            s.get(Device, device_id, with_for_update=True)
             req = s.get(GroupRequest, device_id)
             if req is None:
                 return None

@@ -343,12 +343,14 @@ def test_a_store_from_before_event_keys_takes_them_and_keeps_its_events(store):
         s.close()
 
 
-def test_a_decommission_while_a_group_of_states_is_written_waits_instead_of_deadlocking(
-        tmp_path):
-    """Ingest takes a device's row (its upsert) before the rows about it; a decommission
+@pytest.mark.parametrize("operation", ["decommission", "approve"])
+def test_an_operator_change_while_a_group_of_states_is_written_waits_its_turn(operation):
+    """Ingest takes a device's row (its upsert) before the rows about it. A decommission
     deleted those first and the device's row last, so the two, on PostgreSQL, each held
-    what the other wanted and one failed as a deadlock after a second (found by a
-    review). Now the decommission takes the device's row first and waits its turn."""
+    what the other wanted and one failed as a deadlock after a second; approving a group
+    request deleted the request under the group's feet, and the group's write failed as
+    stale (found by a review). Now both take the device's row first and wait their
+    turn."""
     import threading
 
     from prunefleet.server import store as store_module
@@ -383,15 +385,21 @@ def test_a_decommission_while_a_group_of_states_is_written_waits_instead_of_dead
             [r.model_copy(update={"group": "h"})])))
         w.start()
         assert preloaded.wait(10)
-        d = threading.Thread(target=run, args=("delete", lambda: operator.delete_device("d1")))
+        call = (lambda: operator.delete_device("d1")) if operation == "decommission" else (
+            lambda: operator.approve_group_request("d1"))
+        d = threading.Thread(target=run, args=("operator", call))
         d.start()
         d.join(0.5)
         assert d.is_alive()  # waiting for the device's row, holding nothing ingest needs
         go.set()
         w.join(10)
         d.join(10)
-        assert out == {"write": [True], "delete": True}
-        assert ingest.device("d1") is None and ingest.device_measurements("d1") == (None, {})
+        if operation == "decommission":
+            assert out == {"write": [True], "operator": True}
+            assert ingest.device("d1") is None and ingest.device_measurements("d1") == (None, {})
+        else:  # the group asked for in the state written first is the one approved
+            assert out == {"write": [True], "operator": "h"}
+            assert ingest.device_groups() == {"d1": ["h"]} and ingest.group_requests() == {}
     finally:
         store_module._Rows.preload = preload  # type: ignore[method-assign]
         ingest.close()
