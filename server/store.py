@@ -517,6 +517,7 @@ class _Rows:
         self._profiles: dict[str, dict[str, DeviceProfileRow]] = {}
         self._asked: set[str] = set()  # the artifact hashes read up front
         self._variants: set[str] = set()  # those of them registered
+        self._groups_of: set[str] = set()  # the devices whose memberships were read
 
     def preload(self, device_ids: list[str], shas: set[str]) -> None:
         s = self.s
@@ -558,18 +559,15 @@ class _Rows:
             table[row.device_id] = row
 
     def delete(self, row: Any) -> None:
-        self.forget(row)
-        table = self._rows.get(type(row))
-        if table is not None and type(row) in self._BY_DEVICE:
-            table[row.device_id] = None
-
-    def forget(self, row: Any) -> None:
         """Delete a row; one an earlier state of this group added (never flushed: nothing
         is between states) is only taken back, as the session refuses to delete it."""
         if inspect(row).pending:
             self.s.expunge(row)
         else:
             self.s.delete(row)
+        table = self._rows.get(type(row))
+        if table is not None and type(row) in self._BY_DEVICE:
+            table[row.device_id] = None
 
     def profiles(self, device_id: str) -> dict[str, DeviceProfileRow]:
         """The device's stored profiles by artifact hash (kept up to date by the caller)."""
@@ -1623,7 +1621,7 @@ class Store:
         old = rows.profiles(r.device_id)
         for sha, gone in list(old.items()):
             if sha not in known:
-                rows.forget(gone)  # no longer installed there
+                rows.delete(gone)  # no longer installed there
                 del old[sha]
         for sha in known:
             name = wanted[sha]

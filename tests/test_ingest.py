@@ -11,7 +11,8 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -874,6 +875,26 @@ def test_an_offline_devices_goodbye_or_will_still_lifts_the_next_version(tmp_pat
             schema.close()
 
 
+@contextmanager
+def _core_counting_commits(tmp_path, backend: str) -> Iterator[tuple]:
+    """(store, topics, core, commits) on a fresh store of ``backend``: ``commits`` gets
+    one entry per commit. The revocations are read once here (cached), so a group's only
+    commits are its writes."""
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    topics = Topics("pf")
+    core = IngestCore(store, topics, device_rate_per_s=0)
+    core.revoked()
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    try:
+        yield store, topics, core, commits
+    finally:
+        store.close()
+        if schema:
+            schema.close()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(tmp_path,
                                                                                 backend):
@@ -883,14 +904,7 @@ def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(
     commit apiece. Each state, event and rollout report still lands as alone."""
     from prunefleet.shared.messages import Event, EventKind, RolloutPhase, RolloutReport
 
-    schema = pg_schema_url() if backend == "postgresql" else None
-    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
-    topics = Topics("pf")
-    core = IngestCore(store, topics, device_rate_per_s=0)
-    core.revoked()  # read once here (cached): the group's only commits are its writes
-    commits = []
-    event.listen(store.engine, "commit", lambda conn: commits.append(1))
-    try:
+    with _core_counting_commits(tmp_path, backend) as (store, topics, core, commits):
         msgs = []
         for i in range(40):
             r = ReportedState(device_id=f"d{i}", online=True, agent_version=f"1.{i}",
@@ -914,10 +928,6 @@ def test_a_fleet_reconnecting_at_once_has_its_states_written_in_one_transaction(
         assert store.group_requests() == {f"d{i}": "field" for i in range(40)}
         assert (core.counters.reported, core.counters.events,
                 core.counters.unoffered_reports) == (41, 40, 1)
-    finally:
-        store.close()
-        if schema:
-            schema.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -1026,14 +1036,7 @@ def test_a_devices_later_state_undoing_its_earlier_one_in_a_group_costs_one_tran
     sha = "a" * 64
     profile = VariantProfile(sha256=sha, latency_ms_p50=1.0, latency_ms_p95=2.0, cpu_ms=1.0,
                              energy_mj=0.5, energy_source="rapl", runs=50, threads=1)
-    schema = pg_schema_url() if backend == "postgresql" else None
-    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
-    topics = Topics("pf")
-    core = IngestCore(store, topics, device_rate_per_s=0)
-    core.revoked()
-    commits = []
-    event.listen(store.engine, "commit", lambda conn: commits.append(1))
-    try:
+    with _core_counting_commits(tmp_path, backend) as (store, topics, core, commits):
         store.add_variant("v", sha, "/nowhere", {}, {})
         commits.clear()
         first = ReportedState(device_id="d1", online=True, group="field",
@@ -1046,10 +1049,6 @@ def test_a_devices_later_state_undoing_its_earlier_one_in_a_group_costs_one_tran
         assert not out.store_failed and len(commits) == 1
         assert store.device_measurements("d1")[1] == {} and store.group_requests() == {}
         assert core.counters.reported == 22
-    finally:
-        store.close()
-        if schema:
-            schema.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -1062,14 +1061,7 @@ def test_a_nul_in_a_devices_text_is_refused_at_the_door_not_by_the_groups_write(
     a backslash followed by "u0000", which is only text, is kept."""
     from prunefleet.shared.messages import Event, EventKind
 
-    schema = pg_schema_url() if backend == "postgresql" else None
-    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
-    topics = Topics("pf")
-    core = IngestCore(store, topics, device_rate_per_s=0)
-    core.revoked()
-    commits = []
-    event.listen(store.engine, "commit", lambda conn: commits.append(1))
-    try:
+    with _core_counting_commits(tmp_path, backend) as (store, topics, core, commits):
         fine = [ReportedState(device_id=f"o{i}", online=True) for i in range(20)]
         nul_state = ReportedState(device_id="liar", online=True, last_error="bad\x00byte")
         nul_event = Event(device_id="liar", ts=5.0, kind=EventKind.ERROR, detail="\x00")
@@ -1085,10 +1077,6 @@ def test_a_nul_in_a_devices_text_is_refused_at_the_door_not_by_the_groups_write(
         assert store.device("liar") is None and store.events("liar") == []
         assert [e.detail for e in store.events("honest")] == [text.detail]
         assert core.counters.reported == 20 and core.counters.events == 1
-    finally:
-        store.close()
-        if schema:
-            schema.close()
 
 
 def test_one_state_the_store_refuses_costs_only_itself_in_a_group(tmp_path):
