@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prunefleet.shared.errors import TrustError
-from prunefleet.shared.messages import Manifest, SignedManifest, VariantSpec
+from prunefleet.shared.messages import Manifest, Signature, SignedManifest, VariantSpec
 from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError, apply_overrides
 from prunefleet.shared.signing import TrustedKeys
 
@@ -109,6 +109,8 @@ class ManifestFollower:
         self.base_policy = base_policy
         self.floors: dict[str, int] = {s: int((floors or {}).get(s, 0)) for s in SOURCES}
         self.manifest: Manifest | None = None
+        # The server's certificates of the followed manifest's version (reported with it).
+        self.proof: tuple[Signature, ...] = ()
         self.policy: PolicyConfig = base_policy
 
     # -- decisions ----------------------------------------------------------------------
@@ -137,6 +139,7 @@ class ManifestFollower:
         if self.manifest is not None and manifest.version <= self.manifest.version:
             return Stale(manifest)
         self.manifest = manifest
+        self.proof = self.trusted.proof_of(signed, manifest.version)
         self.policy = policy
         return Follow(manifest, policy)
 
@@ -165,6 +168,7 @@ class ManifestFollower:
         if manifest.target not in (self.device_id, self.group):
             return None
         self.manifest = manifest
+        self.proof = self.trusted.proof_of(signed, manifest.version)
         self.policy = policy
         return manifest
 

@@ -8,7 +8,7 @@ and versions from it. It is published when something a reader would notice chang
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from prunefleet.shared.messages import (
@@ -16,6 +16,7 @@ from prunefleet.shared.messages import (
     InstalledVariant,
     ReportedState,
     RolloutReport,
+    Signature,
     VariantProfile,
     VariantSpec,
 )
@@ -83,6 +84,7 @@ class Reporter:
         extra_counters: Mapping[str, int],
         facts: DeviceFacts | None = None,
         profiles: Mapping[str, VariantProfile] | None = None,
+        version_proof: Sequence[Signature] = (),
     ) -> ReportedState:
         """``facts`` go in the first report after each connection; ``profiles`` of the
         installed variants in every one."""
@@ -94,6 +96,7 @@ class Reporter:
             group=self.group,
             agent_version=self.agent_version,
             manifest_version=manifest_version,
+            version_proof=list(version_proof),
             active_variant=active,
             installed=[InstalledVariant(name=n, sha256=s.sha256, size=s.size)
                        for n, s in sorted(installed.items())],

@@ -454,7 +454,8 @@ class Agent:
                             "load_failures": self.pool.load_failures,
                             "telemetry_dropped": self.tqueue.dropped_total,
                             **self._telemetry_counters()},
-            facts=self.facts if with_facts else None, profiles=self.profiles)
+            facts=self.facts if with_facts else None, profiles=self.profiles,
+            version_proof=self.follower.proof if m else ())
 
     def _problem_count(self) -> int:
         c = self.counters
@@ -481,7 +482,8 @@ class Agent:
             self._will_version = state.manifest_version
             self.transport.set_will(ReportedState(
                 device_id=self.device_id, online=False,
-                manifest_version=state.manifest_version).encode())
+                manifest_version=state.manifest_version,
+                version_proof=state.version_proof).encode())
 
     def _event(self, kind: EventKind, variant: str | None, detail: str) -> None:
         ev = Event(device_id=self.device_id, ts=self.clock.time(), kind=kind,

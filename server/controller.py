@@ -513,7 +513,7 @@ class RolloutController:
         with self._locked():
             kind, devices = self._members(req.target, req.kind)
             groups = self.store.device_groups()
-            epoch = self.store.next_manifest_version()
+            epoch = self.store.next_manifest_version(self.fleet.certifies)
             done: list[dict] = []
             skipped: list[dict] = []
             for device_id in devices:

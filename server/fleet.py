@@ -22,6 +22,7 @@ import queue
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -33,11 +34,12 @@ from prunefleet.shared.messages import (
     Golden,
     Manifest,
     ShadowSpec,
+    Signature,
     TelemetryAck,
     VariantSpec,
 )
 from prunefleet.shared.policy import PolicyConfig, apply_overrides
-from prunefleet.shared.signing import SigningKey
+from prunefleet.shared.signing import SigningKey, TrustedKeys
 from prunefleet.shared.topics import Topics
 from prunefleet.shared.transport import BrokerAddress, Inbound, MqttTransport, TransportOptions
 
@@ -244,6 +246,13 @@ class FleetServer:
         self.transport.stop()
 
     # -- distribution ---------------------------------------------------------------------
+    def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
+        """A device's proof that this server's keys (the current ones, not the revoked)
+        signed manifest ``version`` (``Store.next_manifest_version``)."""
+        key = self.key
+        trusted = key.trusted() if isinstance(key, KeyRing) else TrustedKeys([key.public])
+        return trusted.certifies(version, proof)
+
     def publish_artifact(self, spec: VariantSpec, data: bytes, timeout_s: float = 120.0) -> int:
         """Publish the artifact's chunks, retained; returns the bytes sent."""
         p = plan(data, spec.chunk_bytes)
@@ -297,7 +306,7 @@ class FleetServer:
                 raise DistributionError(f"invalid policy override: {e}") from e
         with self._deploy_lock:  # versions only increase, one manifest at a time
             now = time.time()
-            version = self.store.next_manifest_version()
+            version = self.store.next_manifest_version(self.certifies)
             manifest = Manifest(
                 target=target, version=version, issued_at=now,
                 expires_at=now + self.manifest_ttl_s, variants=variants,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prunefleet.shared.fsutil import atomic_write
 from prunefleet.shared.messages import MAX_REVOKED_KEYS, Manifest, SignedManifest
-from prunefleet.shared.signing import SigningKey
+from prunefleet.shared.signing import SigningKey, TrustedKeys
 
 from .errors import KeyringError
 
@@ -72,8 +72,12 @@ class KeyRing:
     def keys(self) -> list[SigningKey]:
         return [self.current] if self.previous is None else [self.current, self.previous]
 
+    def trusted(self) -> TrustedKeys:
+        """The keys whose version certificates this server believes (not the revoked)."""
+        return TrustedKeys([k.public for k in self.keys], self.revoked)
+
     def sign(self, manifest: Manifest) -> SignedManifest:
-        """One payload, one signature per key (current first)."""
+        """One payload; per key (current first) its signature and version certificate."""
         signed = [k.sign(manifest) for k in self.keys]
         return SignedManifest(
             payload=signed[0].payload,

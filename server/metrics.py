@@ -265,6 +265,13 @@ class FleetCollector(Collector):
                 "while it ran one (it stalled past the lease's expiry): nothing was written")
             f.add_metric([], float(fenced))
             yield f
+        g = GaugeMetricFamily(
+            "prunefleet_version_claims_ignored",
+            "devices claiming a manifest version above the one this server drew last, whose "
+            "claims did not count (no valid version certificate, or past the fleet's median "
+            "where no device has one): lying devices, or certificates of a retired key")
+        g.add_metric([], float(self.store.version_claims_ignored))
+        yield g
         up = GaugeMetricFamily("prunefleet_store_up",
                                "1 when the store answered this scrape's queries")
         try:

@@ -11,17 +11,19 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any, cast
 
+from pydantic import ValidationError
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -48,10 +50,13 @@ from prunefleet.shared.messages import (
     Event,
     ReportedState,
     RolloutReport,
+    Signature,
     TelemetryBatch,
 )
 
 from .errors import LeaseLostError, StoreConflictError, StoreDataError, StoreError
+
+log = logging.getLogger(__name__)
 
 # What devices report they accepted lifts the next manifest version (a new or restored store
 # must not sign what agents refuse as rollbacks), but a report is only its device's word.
@@ -60,6 +65,9 @@ from .errors import LeaseLostError, StoreConflictError, StoreDataError, StoreErr
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
+PROOFS_REMEMBERED = 4096
+# Checks a device's version certificates: TrustedKeys.certifies of the signer's keys.
+Certifier = Callable[[int, Sequence[Signature]], bool]
 MAX_ADOPTED_CLAIM = 5 * 10**7
 # Retention takes a batch dated further ahead than this by when it was received.
 FUTURE_SKEW_S = 86_400.0
@@ -88,6 +96,10 @@ class Device(Base):
     last_seen: Mapped[float] = mapped_column(Float, default=0.0)
     agent_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     manifest_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The server's certificates that it signed manifest_version (ReportedState.version_proof),
+    # as the device sent them: checked only when they would lift the version counter.
+    version_proof: Mapped[list | None] = mapped_column(JSON(none_as_null=True),
+                                                       nullable=True)
     active_variant: Mapped[str | None] = mapped_column(String(64), nullable=True)
     installed: Mapped[list] = mapped_column(JSON, default=list)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -431,19 +443,19 @@ def _upgrade_telemetry(engine) -> None:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
-def _upgrade_events(engine) -> None:
-    """A store from before event keys: add the column (its unique index comes with the
-    index pass after this). Rows already there keep no key: they are not compared."""
+def _add_column(engine, table: str, column: str, ddl_type: str) -> None:
+    """A store from before ``table.column``: add it (an index on it comes with the index
+    pass after this). Rows already there get NULL."""
     with engine.connect() as conn:
-        columns = {c["name"] for c in inspect(conn).get_columns("events")}
-    if "dedupe_key" in columns:
+        columns = {c["name"] for c in inspect(conn).get_columns(table)}
+    if column in columns:
         return
     try:
         with engine.begin() as conn:
             # IF NOT EXISTS (PostgreSQL): replicas starting at once on an old store both
             # get here; SQLite has no such clause, and says so instead (below).
             exists = " IF NOT EXISTS" if engine.dialect.name == "postgresql" else ""
-            conn.exec_driver_sql(f"ALTER TABLE events ADD COLUMN{exists} dedupe_key VARCHAR(32)")
+            conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN{exists} {column} {ddl_type}")
     except SQLAlchemyError as e:
         if "duplicate column" not in str(e):
             raise
@@ -591,7 +603,15 @@ class Store:
         self.url = url
         # (max and count of the devices' reported versions, adopted_claim of them): judged
         # again only when those change (next_manifest_version).
-        self._claims: tuple[tuple[int, int] | None, int] = (None, 0)
+        self._claims: tuple[tuple[int, int, int] | None, int] = (None, 0)
+        # Version proofs checked by next_manifest_version: (version, proof) → it held; and
+        # whether one ever held here (from then on, claims without one do not count).
+        self._proofs: dict[tuple[int, str], bool] = {}
+        self._certified = False
+        self._recheck_certified = -1e18
+        # Devices claiming a version above the last one drawn: claims that did not count
+        # (exported: devices lying, or a proof from a key since retired).
+        self.version_claims_ignored = 0
         try:
             # A pooled PostgreSQL connection may have been closed by the server or the
             # network: checked on checkout. A SQLite file cannot be (and the ping would
@@ -621,7 +641,9 @@ class Store:
         try:
             Base.metadata.create_all(self.engine)
             _upgrade_telemetry(self.engine)
-            _upgrade_events(self.engine)
+            # Events from before their keys keep none: they are not compared.
+            _add_column(self.engine, "events", "dedupe_key", "VARCHAR(32)")
+            _add_column(self.engine, "devices", "version_proof", "JSON")
             with self.engine.begin() as conn:
                 for name in _REDUNDANT_INDEXES:
                     conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
@@ -949,14 +971,19 @@ class Store:
     def _set_reported(self, s: Session, r: ReportedState, rows: _Rows | None = None) -> None:
         rows = rows or _Rows(s)
         d = self._touch(s, r.device_id, online=r.online, rows=rows)
+        proof = [p.model_dump() for p in r.version_proof] or None
         if not r.online and r.manifest_version is not None:
             # A goodbye or Last Will naming the version it accepted: versions only rise on
             # a device, and a will may be older than the last report (it names the version
             # at its last report).
-            d.manifest_version = max(d.manifest_version or 0, r.manifest_version)
+            if r.manifest_version > (d.manifest_version or 0):
+                d.manifest_version, d.version_proof = r.manifest_version, proof
+            elif r.manifest_version == d.manifest_version and proof:
+                d.version_proof = proof
         if r.online:
             d.agent_version = r.agent_version
             d.manifest_version = r.manifest_version
+            d.version_proof = proof if r.manifest_version is not None else None
             d.active_variant = r.active_variant
             d.installed = [v.model_dump() for v in r.installed]
             d.last_error = r.last_error
@@ -1028,29 +1055,86 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(VariantRow).order_by(VariantRow.created_at)))
 
-    def next_manifest_version(self) -> int:
+    def next_manifest_version(self, certifies: Certifier | None = None) -> int:
         """Above every manifest this store issued and every version devices report they
-        accepted, as far as :func:`adopted_claim` believes them: a new or restored store
-        must not sign what agents refuse as rollbacks, and one lying device must not push
-        the counter where agents refuse every later version as too large a jump. Raises
-        :class:`StoreError` when this store has signed its last version."""
+        accepted, as far as the claims are believed: a new or restored store must not sign
+        what agents refuse as rollbacks, and lying devices must not push the counter where
+        agents refuse every later version as too large a jump.
+
+        ``certifies(version, proof)`` checks a device's version certificates with the
+        signer's keys (``shared/signing.py``). A claim counts in full when its proof holds.
+        Once any device's proof holds, claims without one (or with one that fails) count
+        for nothing: a server that certifies signs every version with a certificate, so
+        only versions from before certificates lack one, and they are below every
+        certified version. While none holds (agents or a server that predate
+        certificates, or no ``certifies``), the claims are judged by :func:`adopted_claim`.
+        Raises :class:`StoreError` when this store has signed its last version."""
         with self.session() as s:
             cur = int(s.scalar(select(func.max(ManifestRow.version))) or 0)
-            top, n = s.execute(select(func.max(Device.manifest_version),
-                                      func.count(Device.manifest_version))).one()
-            floor = cur
-            if top is not None and top > cur:  # devices ahead of this store
-                key = (int(top), int(n))
+            rows = s.execute(select(Device.manifest_version, Device.version_proof)
+                             .where(Device.manifest_version > cur)).all()
+        floor = cur
+        if rows:  # devices ahead of this store
+            proven = self._proven_claim(rows, certifies) if certifies is not None else 0
+            if proven or (certifies is not None and self._fleet_certified(certifies)):
+                floor = max(cur, proven)
+            else:
+                key = (max(int(v) for v, _ in rows), len(rows), cur)
                 if self._claims[0] != key:  # the claims changed: judge them again
-                    claims = sorted(int(v) for v in s.scalars(
-                        select(Device.manifest_version)
-                        .where(Device.manifest_version.is_not(None))) if v is not None)
+                    with self.session() as s:
+                        claims = sorted(int(v) for v in s.scalars(
+                            select(Device.manifest_version)
+                            .where(Device.manifest_version.is_not(None))) if v is not None)
                     self._claims = (key, adopted_claim(claims))
                 floor = max(cur, self._claims[1])
+        ignored = sum(1 for v, _ in rows if v > floor)
+        if ignored != self.version_claims_ignored:  # said once per change, not per draw
+            self.version_claims_ignored = ignored
+            if ignored:
+                log.warning("%d devices claim a manifest version above %d, the highest "
+                            "this store signed or a claim it believes; their claims do not "
+                            "count", ignored, floor)
         if floor >= MAX_VERSION:
             raise StoreError(f"desired-state versions are exhausted: this store has signed "
                              f"version {MAX_VERSION}, the largest a device accepts")
         return floor + 1
+
+    def _proven_claim(self, rows: Iterable[Any], certifies: Certifier) -> int:
+        """The highest claimed version in ``rows`` (version, proof) whose proof
+        ``certifies`` holds; 0 for none. Each distinct (version, proof) is checked once
+        per process (remembered, up to PROOFS_REMEMBERED), highest first, until one holds:
+        most devices report the same few."""
+        distinct: dict[tuple[int, str], list] = {}
+        for version, proof in rows:
+            if proof:
+                distinct.setdefault((int(version), json.dumps(proof, sort_keys=True)), proof)
+        for (version, text), proof in sorted(distinct.items(), reverse=True):
+            ok = self._proofs.get((version, text))
+            if ok is None:
+                try:
+                    ok = certifies(version, [Signature.model_validate(p) for p in proof])
+                except (ValidationError, TypeError):
+                    ok = False
+                if len(self._proofs) >= PROOFS_REMEMBERED:
+                    self._proofs.clear()
+                self._proofs[(version, text)] = ok
+            if ok:
+                self._certified = True
+                return version
+        return 0
+
+    def _fleet_certified(self, certifies: Certifier) -> bool:
+        """Some device, at any version, reports a proof that holds (remembered once seen,
+        for the life of this store object)."""
+        if not self._certified and time.monotonic() >= self._recheck_certified:
+            # Not again for a while: a rollout draws a version per device.
+            self._recheck_certified = time.monotonic() + 60.0
+            with self.session() as s:
+                rows = s.execute(select(Device.manifest_version, Device.version_proof)
+                                 .where(Device.version_proof.is_not(None))
+                                 .where(Device.manifest_version.is_not(None))).all()
+            self._proven_claim(rows, certifies)
+        return self._certified
 
     def save_manifest(self, version: int, target: str, signed: str) -> None:
         with self.session() as s:

@@ -354,6 +354,10 @@ class ReportedState(WireModel):
     group: Name | None = None  # the group in the agent's own configuration
     agent_version: str | None = Field(default=None, max_length=32)
     manifest_version: int | None = Field(default=None, ge=1, le=MAX_VERSION)
+    # The server's certificates that it signed ``manifest_version`` (shared/signing.py):
+    # what makes the claim count when the server's store is new or restored. Empty for a
+    # manifest from a server that predates them.
+    version_proof: list[Signature] = Field(default_factory=list, max_length=8)
     active_variant: Name | None = None
     installed: list[InstalledVariant] = Field(default_factory=list, max_length=MAX_VARIANTS)
     downloading: dict[Name, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = (

@@ -3,6 +3,15 @@
 The server signs the exact JSON text of a :class:`Manifest`; the agent checks the
 signature with keys it pins, then parses that same text, so what was verified is exactly
 what is acted on. Key ids are the SHA-256 of the raw public key.
+
+Each signing key also signs a **version certificate**: the statement "this key signed
+manifest version N", short enough for a device to report with every state
+(``ReportedState.version_proof``). It rides in the manifest's ``signatures`` list under
+its own id (:func:`certificate_keyid`, derived from the key's), which no agent pins, so an
+agent that predates certificates skips it as the signature of an unknown key. The message
+it signs (:func:`certificate_message`) carries its own context, so it can never pass for
+a manifest's signature, nor one for it. A new or restored store trusts a device's
+accepted version only as far as a certificate proves it (``Store.next_manifest_version``).
 """
 
 from __future__ import annotations
@@ -10,7 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -27,6 +36,19 @@ from .messages import Manifest, Signature, SignedManifest, decode
 def keyid_of(public: Ed25519PublicKey) -> str:
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
+
+
+CERTIFICATE_CONTEXT = b"prunefleet manifest version certificate v1\n"
+
+
+def certificate_keyid(keyid: str) -> str:
+    """The id a key's version certificates go under: never the id of a key."""
+    return hashlib.sha256(CERTIFICATE_CONTEXT + keyid.encode()).hexdigest()
+
+
+def certificate_message(version: int) -> bytes:
+    """What a version certificate signs: its context, then the version in decimal."""
+    return CERTIFICATE_CONTEXT + str(int(version)).encode()
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,14 @@ class SigningKey:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
 
+    def certify(self, version: int) -> Signature:
+        """This key's certificate that it signed manifest ``version``."""
+        sig = self.private.sign(certificate_message(version))
+        return Signature(keyid=certificate_keyid(self.keyid),
+                         sig=base64.b64encode(sig).decode())
+
     def sign(self, manifest: Manifest) -> SignedManifest:
+        """The manifest's signature, then this key's certificate of its version."""
         # Without revocations (profile-only variants) the field is left out, so agents of
         # the previous release (which forbid unknown fields) still accept the manifest; one
         # with profile-only variants they refuse, rather than serve them.
@@ -79,7 +108,8 @@ class SigningKey:
         sig = self.private.sign(payload.encode())
         return SignedManifest(
             payload=payload,
-            signatures=[Signature(keyid=self.keyid, sig=base64.b64encode(sig).decode())],
+            signatures=[Signature(keyid=self.keyid, sig=base64.b64encode(sig).decode()),
+                        self.certify(manifest.version)],
         )
 
 
@@ -107,6 +137,7 @@ class TrustedKeys:
         self.revoked = frozenset(revoked)
         self._all = pinned
         self._keys = {i: k for i, k in pinned.items() if i not in self.revoked}
+        self._certifiers = {certificate_keyid(i): k for i, k in self._keys.items()}
 
     @property
     def keyids(self) -> frozenset[str]:
@@ -116,6 +147,27 @@ class TrustedKeys:
     def without(self, keyids: Iterable[str]) -> TrustedKeys:
         """The same pins with ``keyids`` revoked as well."""
         return TrustedKeys(self._all.values(), self.revoked | frozenset(keyids))
+
+    def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
+        """A trusted key's certificate in ``proof`` says it signed manifest ``version``."""
+        message = certificate_message(version)
+        for s in proof:
+            key = self._certifiers.get(s.keyid)
+            if key is None:
+                continue
+            try:
+                key.verify(base64.b64decode(s.sig, validate=True), message)
+            except (InvalidSignature, ValueError):
+                continue
+            return True
+        return False
+
+    def proof_of(self, signed: SignedManifest, version: int) -> tuple[Signature, ...]:
+        """The certificates in ``signed`` (a manifest of ``version`` that verified) that a
+        trusted key made: what the device reports with that version. Empty for a manifest
+        from a server that predates certificates."""
+        return tuple(s for s in signed.signatures
+                     if s.keyid in self._certifiers and self.certifies(version, [s]))
 
     def verify(
         self,

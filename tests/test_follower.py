@@ -19,9 +19,10 @@ from prunefleet.agent.follower import (
     Stale,
 )
 from prunefleet.shared import chunks
-from prunefleet.shared.messages import Manifest, SignedManifest, VariantSpec
+from prunefleet.shared.errors import SignatureError
+from prunefleet.shared.messages import Manifest, Signature, SignedManifest, VariantSpec
 from prunefleet.shared.policy import PolicyConfig, PolicyOverrideError
-from prunefleet.shared.signing import SigningKey, TrustedKeys
+from prunefleet.shared.signing import SigningKey, TrustedKeys, certificate_keyid
 
 NOW = 1_700_000_000.0
 KEY = SigningKey.generate()
@@ -387,3 +388,42 @@ def test_retire_keeps_the_last_known_good_until_one_new_variant_serves(installed
     f.offer(signed(1, variants=[A, B]), "device", NOW)
     assert f.retire(installed) == retired
 
+
+
+# -- version certificates ------------------------------------------------------------------------
+
+
+def test_the_followed_manifests_version_certificate_is_what_the_device_reports() -> None:
+    """The server certifies each version it signs (``SigningKey.certify``); the follower
+    keeps the certificate of the manifest it follows, which the agent reports with its
+    version, and keeps it across a restart. A manifest from a server that predates
+    certificates follows as before, with no proof."""
+    f = follower()
+    m = signed(3)
+    assert isinstance(f.offer(m, "device", NOW), Follow)
+    assert f.proof and TrustedKeys([KEY.public]).certifies(3, f.proof)
+    assert not TrustedKeys([KEY.public]).certifies(4, f.proof), "it proves version 3 only"
+    assert not TrustedKeys([OTHER_KEY.public]).certifies(3, f.proof), "and only for its key"
+    again = follower()
+    assert again.restore(m, NOW) is not None and again.proof == f.proof
+
+    older = SignedManifest(payload=m.payload, signatures=m.signatures[:1])  # no certificate
+    g = follower()
+    assert isinstance(g.offer(older, "device", NOW), Follow) and g.proof == ()
+
+
+def test_a_certificate_never_passes_for_a_manifests_signature_nor_the_reverse() -> None:
+    """A certificate signs another message, under an id no agent pins: a manifest whose
+    only signature is a certificate is refused, and a manifest signature filed as a
+    certificate proves nothing. An agent that predates certificates (the same check of
+    the same list) skips them as an unknown key's and accepts the manifest."""
+    m = signed(5)
+    sig, cert = m.signatures
+    with pytest.raises(SignatureError, match="no trusted key"):
+        TrustedKeys([KEY.public]).verify(SignedManifest(payload=m.payload, signatures=[cert]),
+                                         now=NOW)
+    forged = Signature(keyid=certificate_keyid(KEY.keyid), sig=sig.sig)
+    assert not TrustedKeys([KEY.public]).certifies(5, [forged])
+    assert TrustedKeys([KEY.public]).verify(m, now=NOW).version == 5
+    # A retired (revoked) key's certificates prove nothing either.
+    assert not TrustedKeys([KEY.public], revoked=[KEY.keyid]).certifies(5, [cert])

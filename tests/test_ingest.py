@@ -765,6 +765,10 @@ def test_production_acl_lets_a_device_read_only_its_own_cursor(
 
 
 def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto):
+    """A new store signs above the version the agent accepted from the one before, as
+    the agent's version certificate proves it; devices with valid credentials claiming
+    far more, more of them than honest ones, with no certificate or with the honest
+    agent's (a proof of another version), move nothing and are counted."""
     f = Fleet(tmp_path, mosquitto.url)
     f.start_server()
     try:
@@ -786,10 +790,22 @@ def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto)
         store = f.svc.store
         wait_for(lambda: (d := store.device("kept-1")) is not None
                  and d.manifest_version == 5, 20, what="the reported version known")
+        proof = store.device("kept-1").version_proof
+        assert proof, "the agent reports its version's certificate"
+        topics = Topics(f.prefix)
+        liars = {"liar-a": [], "liar-b": proof, "liar-c": proof}
+        with connected(mosquitto) as (client, _):
+            for name, p in liars.items():
+                client.publish(topics.reported(name), json.dumps(
+                    {"device_id": name, "online": True, "manifest_version": 3 * 10**6,
+                     "version_proof": p}), qos=1, retain=True).wait_for_publish(10)
+        wait_for(lambda: all((d := store.device(n)) is not None and d.manifest_version
+                             for n in liars), 20, what="the liars' claims stored")
         m = f.svc.fleet.deploy("kept-1", [variant])
         assert m.version == 6
         wait_for(lambda: agent.manifest.version == 6, 30, what="the new store's manifest")
         assert agent.counters.rejected_manifests == 0
+        assert metrics(f.svc)[("prunefleet_version_claims_ignored", ())] == len(liars)
     finally:
         f.close()
 
@@ -846,6 +862,55 @@ def test_a_lying_device_cannot_push_the_fleets_desired_states_out_of_reach(tmp_p
         store.save_manifest(MAX_VERSION, "honest-2", "{}")  # its own last: nothing above
         with pytest.raises(StoreError, match="versions are exhausted"):
             store.next_manifest_version()
+    finally:
+        store.close()
+        if schema is not None:
+            schema.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_majority_of_lying_devices_cannot_lift_the_counter_past_a_certified_version(
+        tmp_path, backend):
+    """With version certificates, a claim counts only as far as the server's own keys
+    proved it: a majority of devices with valid credentials claiming a higher version,
+    with no certificate, a certificate of another version, of another key, of a retired
+    key or a forged one, moves nothing, and each is counted as ignored. A real
+    certificate counts whoever reports it: that version was signed. Without a way to
+    check (``certifies`` not given) the same claims carry the majority, as before."""
+    from prunefleet.server.keys import KeyRing
+    from prunefleet.shared.signing import SigningKey
+
+    key, retired, stranger = (SigningKey.generate() for _ in range(3))
+    ring = KeyRing(key, revoked=(retired.keyid,))
+    certifies = ring.trusted().certifies
+    schema = pg_schema_url() if backend == "postgresql" else None
+    store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+    try:
+        # A new store: three honest devices followed versions 6 and 7 from the one before.
+        for i, v in enumerate((6, 7, 7)):
+            store.set_reported(ReportedState(device_id=f"honest-{i}", online=True,
+                                             manifest_version=v, version_proof=[key.certify(v)]))
+        claim = 3 * 10**6
+        bad = {"none": [], "other-version": [key.certify(7)],
+               "other-key": [stranger.certify(claim)], "retired-key": [retired.certify(claim)],
+               "forged": [key.certify(claim).model_copy(update={"sig": key.certify(8).sig})]}
+        for name, proof in bad.items():
+            store.set_reported(ReportedState(device_id=f"liar-{name}", online=True,
+                                             manifest_version=claim, version_proof=proof))
+        assert store.next_manifest_version() == claim + 1, "unchecked, the majority wins"
+        assert store.next_manifest_version(certifies) == 8
+        assert store.version_claims_ignored == len(bad)
+        store.save_manifest(8, "honest-2", "{}")
+        assert store.next_manifest_version(certifies) == 9
+        # A real certificate of a version the key signed: it counts, and nothing is lost.
+        store.set_reported(ReportedState(device_id="liar-none", online=True,
+                                         manifest_version=12, version_proof=[key.certify(12)]))
+        assert store.next_manifest_version(certifies) == 13
+        assert store.version_claims_ignored == len(bad) - 1
+        # A Last Will names the version, with its proof, where the device went away.
+        store.set_reported(ReportedState(device_id="away", online=False,
+                                         manifest_version=20, version_proof=[key.certify(20)]))
+        assert store.next_manifest_version(certifies) == 21
     finally:
         store.close()
         if schema is not None:
