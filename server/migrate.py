@@ -7,6 +7,11 @@ store. Rows go in batches, parents before children, in one transaction on the ta
 copy that fails leaves the target as it was. The counts are compared afterwards. A target
 that holds anything is refused unless ``force``, which empties it first. Stop the server
 first: what it writes during the copy is not carried over.
+
+PostgreSQL stores no NUL character in a text column, and SQLite took them before ingest
+refused them at the door (a device's error text, an event's detail): going to PostgreSQL,
+each NUL in a text value becomes U+FFFD (the replacement character), and the values so
+changed are counted per column and printed, rather than failing the whole copy.
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ def _counts(store: Store) -> dict[str, int]:
 
 
 def migrate(src_url: str, dst_url: str, *, force: bool = False, batch_rows: int = BATCH_ROWS,
-            progress: Callable[[str, int], None] | None = None) -> dict[str, int]:
-    """Copy every table of ``src_url`` to ``dst_url``; the rows copied per table."""
+            progress: Callable[[str, int], None] | None = None,
+            nul_replaced: dict[str, int] | None = None) -> dict[str, int]:
+    """Copy every table of ``src_url`` to ``dst_url``; the rows copied per table.
+    ``nul_replaced`` gets, per ``table.column``, the text values whose NUL characters were
+    replaced for a PostgreSQL target."""
+    replaced = nul_replaced if nul_replaced is not None else {}
     src, dst = Store(src_url), Store(dst_url)  # each gets the current schema
     try:
         if src.engine.url == dst.engine.url:
@@ -52,12 +61,16 @@ def migrate(src_url: str, dst_url: str, *, force: bool = False, batch_rows: int 
                 if force:
                     for t in reversed(_tables()):
                         out.execute(t.delete())
+                pg = out.dialect.name == "postgresql"
                 for t in _tables():
                     n = 0
                     rows = inp.execution_options(yield_per=batch_rows).execute(
                         select(t).order_by(*t.primary_key.columns))
                     for part in rows.partitions(batch_rows):
-                        out.execute(t.insert(), [dict(r._mapping) for r in part])
+                        batch = [dict(r._mapping) for r in part]
+                        if pg:
+                            _replace_nul(t.name, batch, replaced)
+                        out.execute(t.insert(), batch)
                         n += len(part)
                     if progress is not None:
                         progress(t.name, n)
@@ -75,6 +88,17 @@ def migrate(src_url: str, dst_url: str, *, force: bool = False, batch_rows: int 
     finally:
         src.close()
         dst.close()
+
+
+def _replace_nul(table: str, rows: list[dict], replaced: dict[str, int]) -> None:
+    """NUL characters in the text values of ``rows`` become U+FFFD, counted per column
+    (PostgreSQL refuses them; JSON values are sent escaped, which it takes)."""
+    for row in rows:
+        for column, value in row.items():
+            if isinstance(value, str) and "\x00" in value:
+                row[column] = value.replace("\x00", "\ufffd")
+                key = f"{table}.{column}"
+                replaced[key] = replaced.get(key, 0) + 1
 
 
 def _reset_sequences(conn) -> None:
@@ -122,8 +146,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
                          "or --state-dir")
     src = db_url_for(args.src, Path(args.state_dir))
     dst = db_url_for(args.to, Path(args.state_dir))
+    replaced: dict[str, int] = {}
     counts = migrate(src, dst, force=args.force, batch_rows=args.batch,
-                     progress=lambda table, n: print(f"{table}: {n} rows", flush=True))
+                     progress=lambda table, n: print(f"{table}: {n} rows", flush=True),
+                     nul_replaced=replaced)
+    for column, n in sorted(replaced.items()):
+        print(f"{column}: {n} values held NUL characters, which PostgreSQL does not store: "
+              "each is now U+FFFD", flush=True)
     print(f"copied {sum(counts.values())} rows in {len(counts)} tables; counts match. "
           "Start the server with --db on the new store.")
     return 0

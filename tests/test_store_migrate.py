@@ -97,3 +97,35 @@ def test_migrate_refuses_a_missing_default_store(tmp_path, capsys):
                  sqlite_url(tmp_path / "new.db")])
     assert code == 2
     assert "no store at" in capsys.readouterr().err
+
+
+def test_text_with_nul_characters_that_sqlite_took_reaches_postgresql_marked(
+        tmp_path, pg_url, capsys):
+    """Before ingest refused them at the door, SQLite stored a device's NUL characters (an
+    error text, an event's detail), and PostgreSQL stores none in a text column: the copy
+    failed as a whole. Each NUL now becomes U+FFFD, counted per column and printed; a NUL
+    inside a JSON value needs nothing (it goes escaped), and every row is carried."""
+    from prunefleet.shared.messages import ReportedState
+
+    url = sqlite_url(tmp_path / "fleet.db")
+    s = Store(url)
+    try:
+        s.set_reported(ReportedState(device_id="n-0", online=True, last_error="bad\x00input",
+                                     counters={"odd\x00key": 3}))
+        s.add_event(Event(device_id="n-0", ts=5.0, kind="error", detail="x\x00y\x00z"))
+        s.add_event(Event(device_id="n-0", ts=6.0, kind="error", detail="clean"))
+    finally:
+        s.close()
+    assert main(["store", "migrate", "--from", url, "--to", pg_url]) == 0
+    out = capsys.readouterr().out
+    assert "counts match" in out
+    assert "devices.last_error: 1 values held NUL" in out
+    assert "events.detail: 1 values held NUL" in out
+    new = Store(pg_url)
+    try:
+        d = new.device("n-0")
+        assert d is not None and d.last_error == "bad\ufffdinput"
+        assert d.counters == {"odd\x00key": 3}
+        assert sorted(e.detail for e in new.events("n-0")) == ["clean", "x\ufffdy\ufffdz"]
+    finally:
+        new.close()
