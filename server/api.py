@@ -708,7 +708,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
         ctx.store, lambda: ctx.fleet.counters,
         broker_connected=ctx.fleet.transport.connected.is_set, prime=True,
         http_refused=lambda: dict(http_refused),
-        controller=lambda: (ctx.controller.holds_lease, ctx.controller.lease_lost),
+        controller=lambda: (ctx.controller.holds_lease, ctx.controller.lease_lost,
+                            ctx.controller.republished),
     ))
     metrics_deps = [] if ctx.metrics_public else [Depends(require_token)]
 

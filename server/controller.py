@@ -180,6 +180,9 @@ class RolloutController:
         self.lease_ttl_s = lease_ttl_s
         self._lease_until = 0.0
         self.lease_lost = 0  # steps refused by the fence: the lease went while one ran
+        # Desired states published again by repair_desired, and which (target, version).
+        self.republished = 0
+        self._republished: set[tuple[str, int]] = set()
         # One writer: API requests and the background tick never interleave.
         self._lock = threading.RLock()
         # Desired states published under the lock, waited for after it is released.
@@ -614,6 +617,57 @@ class RolloutController:
                 return
             self.store.retarget_offers(dev.device_id, version, new.version)
             done.append(dev.device_id)
+
+    def repair_desired(self, settle_s: float = 30.0) -> int:
+        """Publish again, as stored, the newest desired state of each online device that
+        reports an older version than it, once per (target, version) in this process.
+
+        The broker's retained desired state can be older than the store's newest: a
+        replica that saved a desired state, then stalled past its lease (a frozen VM)
+        before publishing it, publishes it when it wakes, over the newer one the next
+        holder published meanwhile; or it died between the save and the publish, and the
+        newest state never reached the broker at all. The store's fence cannot reach the
+        broker (docs/scaling.md). A device that comes online then follows the older state
+        and reports its version: this puts the newest one back. A state signed less than
+        ``settle_s`` ago may still be on its way, and one the device answered (its
+        rollout report names that version: refused, failed) is not sent again. Only on
+        the replica holding the controller lease; returns how many were sent."""
+        if not self.holds_lease:
+            return 0
+        # Read without the controller's lock (this reads the whole fleet; an operator's
+        # request must not wait on it): each state is checked again against the store,
+        # under the lock that orders deploys, as it is sent (FleetServer.republish_newest).
+        now = self.clock()
+        latest = self.store.latest_manifest_versions()
+        groups = self.store.device_groups()
+        sent: list[mqtt.MQTTMessageInfo] = []
+        count = 0
+        for device_id, reported in self.store.online_versions():
+            options = [(latest[t][0], latest[t][1], t, t != device_id)
+                       for t in (device_id, *groups.get(device_id, ())) if t in latest]
+            if not options:
+                continue
+            version, created_at, target, group = max(options)
+            if ((reported or 0) >= version or now - created_at < settle_s
+                    or (target, version) in self._republished):
+                continue
+            report = self.store.rollout_report(device_id)
+            if report is not None and report.manifest_version >= version:
+                continue  # it answered that version: sending it again changes nothing
+            try:
+                if not self.fleet.republish_newest(target, version, group, sent=sent):
+                    continue
+            except _PUBLISH_ERRORS as e:
+                log.warning("cannot publish the desired state of %s again: %s", target, e)
+                break
+            self._republished.add((target, version))
+            count += 1
+            log.warning("%s reports desired-state version %s, but the newest for %s %s is "
+                        "%d: published it again", device_id, reported,
+                        "group" if group else "device", target, version)
+        self._confirm(sent)
+        self.republished += count
+        return count
 
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:

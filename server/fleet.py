@@ -329,6 +329,25 @@ class FleetServer:
             raise DistributionError(f"broker did not acknowledge the manifest for {target}")
         return manifest
 
+    def republish_newest(self, target: str, version: int, group: bool,
+                         sent: list | None = None) -> bool:
+        """Publish again, retained and as stored, ``target``'s desired state of ``version``
+        if it is still the newest the store holds for it (False, and nothing sent,
+        otherwise). Checked and sent under the lock that orders a deploy's save, so a
+        deploy saving a newer one meanwhile publishes after this, never before."""
+        with self._deploy_lock:
+            row = self.store.latest_manifest(target)
+            if row is None or row.version != version:
+                return False
+            topic = self.topics.group_desired(target) if group else self.topics.desired(target)
+            data = row.signed.encode()
+            with self._publish_lock:
+                info = self.transport.publish_info(topic, data, qos=1, retain=True)
+        self.bytes_published += len(data)
+        if sent is not None:
+            sent.append(info)
+        return True
+
     def clear_device_topics(self, device_id: str, timeout_s: float = 30.0) -> None:
         """Remove a decommissioned device's retained messages from the broker (its desired
         state, reported state and telemetry cursor): an empty retained message clears one."""

@@ -211,9 +211,10 @@ class FleetCollector(Collector):
                  options: MetricsOptions | None = None,
                  clock: Callable[[], float] = time.time, prime: bool = False,
                  http_refused: Callable[[], dict[int, int]] | None = None,
-                 controller: Callable[[], tuple[bool, int]] | None = None):
-        """``controller``: whether this replica holds the rollout controller lease, and how
-        many of its steps the lease's fence refused. ``prime``: read the stored telemetry
+                 controller: Callable[[], tuple[bool, int, int]] | None = None):
+        """``controller``: whether this replica holds the rollout controller lease, how
+        many of its steps the lease's fence refused, and how many desired states it
+        published again because a device reported an older one. ``prime``: read the stored telemetry
         into the totals now, on a thread of its own, so that the first scrape after a
         server start does not pay for the whole store."""
         self.store = store
@@ -254,7 +255,7 @@ class FleetCollector(Collector):
                 r.add_metric([str(status)], float(n))
             yield r
         if self.controller is not None:
-            held, fenced = self.controller()
+            held, fenced, republished = self.controller()
             g = GaugeMetricFamily("prunefleet_rollout_controller_lease_held",
                                   "1 when this replica holds the rollout controller lease")
             g.add_metric([], 1.0 if held else 0.0)
@@ -265,6 +266,13 @@ class FleetCollector(Collector):
                 "while it ran one (it stalled past the lease's expiry): nothing was written")
             f.add_metric([], float(fenced))
             yield f
+            r = CounterMetricFamily(
+                "prunefleet_desired_states_republished",
+                "desired states published again, as stored, because an online device "
+                "reported an older version than the newest (a stale retained state: a "
+                "replica that stalled between saving and publishing, or died there)")
+            r.add_metric([], float(republished))
+            yield r
         g = GaugeMetricFamily(
             "prunefleet_version_claims_ignored",
             "devices claiming a manifest version above the one this server drew last, whose "

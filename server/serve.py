@@ -62,6 +62,11 @@ class ServeOptions:
     share_group: str | None = None
     tick_s: float = 1.0
     refresh_check_s: float = 600.0
+    # Every repair_check_s, the lease holder publishes again the newest desired state of
+    # an online device that reports an older one, signed at least repair_settle_s ago
+    # (RolloutController.repair_desired).
+    repair_check_s: float = 60.0
+    repair_settle_s: float = 30.0
     client_id: str | None = None  # None: kept in <state_dir>/client-id
     metrics_public: bool = False  # GET /metrics without the bearer token
     device_rate_per_s: float = 20.0  # messages a device may send per second (0: no limit)
@@ -247,7 +252,7 @@ class FleetService:
     def _tick_loop(self) -> None:
         controller, fleet = self.controller, self.fleet
         assert controller is not None and fleet is not None  # start() sets them first
-        next_refresh = next_prune = 0.0
+        next_refresh = next_prune = next_repair = 0.0
         while not self._stop.wait(self.opts.tick_s):
             try:
                 self._reload_keys()
@@ -257,6 +262,9 @@ class FleetService:
                     # Re-sign desired states past half their lifetime, well before expiry.
                     controller.refresh_desired(older_than_s=fleet.manifest_ttl_s / 2)
                     next_refresh = now + self.opts.refresh_check_s
+                if now >= next_repair:
+                    next_repair = now + self.opts.repair_check_s
+                    controller.repair_desired(settle_s=self.opts.repair_settle_s)
                 if self.opts.retention_s and now >= next_prune and self.store is not None:
                     next_prune = now + self.opts.retention_check_s
                     gone = self.store.prune_telemetry(time.time() - self.opts.retention_s)

@@ -1210,6 +1210,12 @@ class Store:
             return s.get(Lease, name)
 
     # -- queries ------------------------------------------------------------------------
+    def online_versions(self) -> list[tuple[str, int | None]]:
+        """(device id, the desired-state version it reports) of each online device."""
+        with self.session() as s:
+            return [(d, v) for d, v in s.execute(
+                select(Device.device_id, Device.manifest_version).where(Device.online))]
+
     def devices(self) -> list[Device]:
         with self.session() as s:
             return list(s.scalars(select(Device).order_by(Device.device_id)))

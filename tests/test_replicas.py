@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import textwrap
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,68 @@ def test_a_holder_that_stalls_mid_step_writes_nothing_after_the_takeover(
         wake.set()
         f.close()
         a.stop(release=False)
+
+
+def _saved_not_published(svc: FleetService, device_id: str, variant) -> tuple[int, bytes]:
+    """A desired state saved and signed as a rollout step does, never published: what a
+    replica leaves behind when it dies, or stalls past its lease, between the two."""
+    from prunefleet.shared.messages import Manifest
+
+    fleet = svc.fleet
+    with fleet._deploy_lock:
+        version = svc.store.next_manifest_version(fleet.certifies)
+        now = time.time()
+        data = fleet.key.sign(Manifest(target=device_id, version=version, issued_at=now,
+                                       expires_at=now + 3600, variants=[variant])).encode()
+        svc.store.save_manifest(version, device_id, data.decode())
+    return version, data
+
+
+def test_a_stale_or_missing_retained_desired_state_is_put_right_by_the_holder(
+        tmp_path, mosquitto):
+    """What the lease's fence cannot reach is the broker. A replica that dies between
+    saving a desired state and publishing it leaves the newest one unpublished; one that
+    stalls there past its lease publishes it when it wakes, over the newer state the next
+    holder published. A device then keeps its older state, or follows the stale one when
+    it comes back, and reports that version: the holder publishes the newest again, as
+    stored, and the device follows it."""
+    from prunefleet.shared.messages import VariantSpec
+    from prunefleet.shared.topics import Topics
+
+    f = Fleet(tmp_path, mosquitto.url)
+    f.start_server()
+    f.stop_server()
+    svc = f.svc = replica(f, "a", repair_check_s=0.2, repair_settle_s=1.0)
+    try:
+        agent = f.start_agent("gap-1")
+        f.wait_known(["gap-1"])
+        spec = f.register_mlp("small", hidden=8)
+        variant = VariantSpec.model_validate(svc.store.variant(spec["sha256"]).spec)
+        first = svc.fleet.deploy("gap-1", [variant]).version
+        wait_for(lambda: agent.manifest is not None and agent.manifest.version == first, 30,
+                 what="the first desired state followed")
+
+        # 1. Saved and never published: the device reports the one before.
+        unpublished, _ = _saved_not_published(svc, "gap-1", variant)
+        wait_for(lambda: agent.manifest.version == unpublished, 20,
+                 what="the saved desired state published again and followed")
+
+        # 2. While the device is away: a stalled replica's state is saved, the next
+        # holder publishes a newer one, and the stalled one wakes and publishes its own
+        # over it. The device comes back to the stale state, follows it, and reports it.
+        f.stop_agent("gap-1")
+        wait_for(lambda: not svc.store.device("gap-1").online, 20, what="the device away")
+        stale, stale_data = _saved_not_published(svc, "gap-1", variant)
+        newest = svc.fleet.deploy("gap-1", [variant]).version
+        assert stale < newest
+        svc.fleet.publish_raw(Topics(f.prefix).desired("gap-1"), stale_data, retain=True)
+        agent = f.start_agent("gap-1")
+        wait_for(lambda: agent.manifest is not None and agent.manifest.version == newest, 20,
+                 what="the newest desired state published again and followed")
+        assert agent.counters.rejected_manifests == 0
+        assert "prunefleet_desired_states_republished_total 2.0" in _metrics(svc)
+    finally:
+        f.close()
 
 
 def test_one_controller_applies_steps_and_another_takes_over_when_it_dies(
