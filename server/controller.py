@@ -516,7 +516,7 @@ class RolloutController:
         with self._locked():
             kind, devices = self._members(req.target, req.kind)
             groups = self.store.device_groups()
-            epoch = self.store.next_manifest_version(self.fleet.certifies)
+            epoch = self.fleet.next_manifest_version()
             done: list[dict] = []
             skipped: list[dict] = []
             for device_id in devices:
@@ -632,16 +632,15 @@ class RolloutController:
         ``settle_s`` ago may still be on its way, and one the device answered (its
         rollout report names that version: refused, failed) is not sent again. Only on
         the replica holding the controller lease; returns how many were sent."""
-        if not self.holds_lease:
-            return 0
+        if not self.holds_lease or not self.fleet.transport.connected.is_set():
+            return 0  # not while the broker is away: paho would queue them, blind
         # Read without the controller's lock (this reads the whole fleet; an operator's
         # request must not wait on it): each state is checked again against the store,
         # under the lock that orders deploys, as it is sent (FleetServer.republish_newest).
         now = self.clock()
         latest = self.store.latest_manifest_versions()
         groups = self.store.device_groups()
-        sent: list[mqtt.MQTTMessageInfo] = []
-        count = 0
+        sent: list[tuple[mqtt.MQTTMessageInfo, tuple[str, int]]] = []
         for device_id, reported in self.store.online_versions():
             options = [(latest[t][0], latest[t][1], t, t != device_id)
                        for t in (device_id, *groups.get(device_id, ())) if t in latest]
@@ -649,23 +648,36 @@ class RolloutController:
                 continue
             version, created_at, target, group = max(options)
             if ((reported or 0) >= version or now - created_at < settle_s
-                    or (target, version) in self._republished):
+                    or (target, version) in self._republished
+                    or any(k == (target, version) for _, k in sent)):
                 continue
             report = self.store.rollout_report(device_id)
             if report is not None and report.manifest_version >= version:
                 continue  # it answered that version: sending it again changes nothing
+            infos: list[mqtt.MQTTMessageInfo] = []
             try:
-                if not self.fleet.republish_newest(target, version, group, sent=sent):
+                if not self.fleet.republish_newest(target, version, group, sent=infos):
                     continue
             except _PUBLISH_ERRORS as e:
                 log.warning("cannot publish the desired state of %s again: %s", target, e)
                 break
-            self._republished.add((target, version))
-            count += 1
+            sent += [(info, (target, version)) for info in infos]
             log.warning("%s reports desired-state version %s, but the newest for %s %s is "
-                        "%d: published it again", device_id, reported,
+                        "%d: publishing it again", device_id, reported,
                         "group" if group else "device", target, version)
-        self._confirm(sent)
+        # Counted, and not sent again, once the broker has it; otherwise the next pass
+        # tries again.
+        count = 0
+        deadline = time.monotonic() + 30.0
+        for info, key in sent:
+            try:
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+                done = info.is_published()
+            except (RuntimeError, ValueError):
+                done = False
+            if done:
+                self._republished.add(key)
+                count += 1
         self.republished += count
         return count
 

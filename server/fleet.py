@@ -92,6 +92,11 @@ def spec_from_file(
     )
 
 
+# How a claimed version without a certificate counts (Store.next_manifest_version).
+VERSION_CLAIMS = ("majority", "certified")
+PROOFS_REMEMBERED = 4096
+
+
 class FleetServer:
     def __init__(
         self,
@@ -109,6 +114,7 @@ class FleetServer:
         group_max: int = 1000,
         ingest_processes: int = 0,
         held_dir: Path | None = None,
+        version_claims: str = "majority",
     ):
         """``persistent_session`` keeps the ingest subscription at the broker while this
         server is away (MQTT clean session off, stable ``client_id``), so telemetry that
@@ -121,8 +127,14 @@ class FleetServer:
         that work to N worker processes (``server/ingestwork.py``), this process keeping
         the MQTT connection, the acknowledgements and the cursors' publishing.
         ``held_dir``: where reported states and events the store refused are kept until
-        it takes them (``ingest-held*.json``; None: in memory only)."""
+        it takes them (``ingest-held*.json``; None: in memory only).
+        ``version_claims``: how a device's claimed version counts without a certificate
+        ("majority": within the fleet's median; "certified": not at all)."""
         self.store = store
+        if version_claims not in VERSION_CLAIMS:
+            raise ValueError(f"version_claims must be one of {', '.join(VERSION_CLAIMS)}")
+        self.version_claims = version_claims
+        self._proofs: dict[tuple, bool] = {}  # certifies: (key ids, version, proof) → held
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
         self.topics = Topics(prefix)
@@ -248,10 +260,26 @@ class FleetServer:
     # -- distribution ---------------------------------------------------------------------
     def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
         """A device's proof that this server's keys (the current ones, not the revoked)
-        signed manifest ``version`` (``Store.next_manifest_version``)."""
+        signed manifest ``version`` (``Store.next_manifest_version``). Answers are kept
+        (up to PROOFS_REMEMBERED) under the key ids they were checked with, so a key
+        retired since is asked again."""
         key = self.key
         trusted = key.trusted() if isinstance(key, KeyRing) else TrustedKeys([key.public])
-        return trusted.certifies(version, proof)
+        memo = (tuple(sorted(trusted.keyids)), version,
+                tuple((s.keyid, s.sig) for s in proof))
+        ok = self._proofs.get(memo)
+        if ok is None:
+            ok = trusted.certifies(version, proof)
+            if len(self._proofs) >= PROOFS_REMEMBERED:
+                self._proofs.pop(next(iter(self._proofs)))  # the oldest
+            self._proofs[memo] = ok
+        return ok
+
+    def next_manifest_version(self) -> int:
+        """The version the next desired state takes (``Store.next_manifest_version``,
+        with this server's certificates and its ``version_claims`` rule)."""
+        return self.store.next_manifest_version(
+            self.certifies, unproven=self.version_claims == "majority")
 
     def publish_artifact(self, spec: VariantSpec, data: bytes, timeout_s: float = 120.0) -> int:
         """Publish the artifact's chunks, retained; returns the bytes sent."""
@@ -306,7 +334,7 @@ class FleetServer:
                 raise DistributionError(f"invalid policy override: {e}") from e
         with self._deploy_lock:  # versions only increase, one manifest at a time
             now = time.time()
-            version = self.store.next_manifest_version(self.certifies)
+            version = self.next_manifest_version()
             manifest = Manifest(
                 target=target, version=version, issued_at=now,
                 expires_at=now + self.manifest_ttl_s, variants=variants,
@@ -332,12 +360,17 @@ class FleetServer:
     def republish_newest(self, target: str, version: int, group: bool,
                          sent: list | None = None) -> bool:
         """Publish again, retained and as stored, ``target``'s desired state of ``version``
-        if it is still the newest the store holds for it (False, and nothing sent,
-        otherwise). Checked and sent under the lock that orders a deploy's save, so a
-        deploy saving a newer one meanwhile publishes after this, never before."""
+        if it is still the newest the store holds for it and, for a device, the device is
+        online (False, and nothing sent, otherwise). Checked and sent under the lock
+        that orders a deploy's save, so a deploy of this process saving a newer one
+        meanwhile publishes after this, never before."""
         with self._deploy_lock:
             row = self.store.latest_manifest(target)
             if row is None or row.version != version:
+                return False
+            if not group and not getattr(self.store.device(target), "online", False):
+                # Gone or going: a decommission (refused while a device is online) may be
+                # clearing its topics for good; sent after that, this would undo it.
                 return False
             topic = self.topics.group_desired(target) if group else self.topics.desired(target)
             data = row.signed.encode()

@@ -67,6 +67,10 @@ class ServeOptions:
     # (RolloutController.repair_desired).
     repair_check_s: float = 60.0
     repair_settle_s: float = 30.0
+    # How a device's claimed version counts without a version certificate when a new or
+    # restored store numbers desired states: "majority" (within the fleet's median) or
+    # "certified" (not at all: every agent reports certificates). docs/security.md.
+    version_claims: str = "majority"
     client_id: str | None = None  # None: kept in <state_dir>/client-id
     metrics_public: bool = False  # GET /metrics without the bearer token
     device_rate_per_s: float = 20.0  # messages a device may send per second (0: no limit)
@@ -170,6 +174,7 @@ class FleetService:
                 persistent_session=self.opts.share_group is None,
                 device_rate_per_s=self.opts.device_rate_per_s,
                 device_burst=self.opts.device_burst,
+                version_claims=self.opts.version_claims,
                 ingest_processes=self.opts.ingest_processes,
                 held_dir=self.state_dir,
             )

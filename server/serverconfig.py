@@ -12,7 +12,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
@@ -101,6 +101,12 @@ class ServerConfig(_Strict):
     """A replica that stops renewing its rollout lease hands rollouts over after this."""
     probe_s: float = Field(default=5.0, ge=0, le=600, allow_inf_nan=False)
     """On start, prove within this that the ingest subscription delivers (0: skip)."""
+    version_claims: Literal["majority", "certified"] = "majority"
+    """How a device's claimed desired-state version counts without the server's version
+    certificate, when a new or restored store numbers desired states: "majority" (only
+    within the fleet's median claim: agents of an earlier release send none) or
+    "certified" (not at all, so no number of lying devices moves the counter: once every
+    agent reports certificates)."""
     retention: RetentionConfig = RetentionConfig()
 
     @field_validator("broker")
@@ -167,7 +173,8 @@ class ServerConfig(_Strict):
             metrics_public=v["metrics_public"], device_rate_per_s=v["device_rate_per_s"],
             device_burst=v["device_burst"], lease_ttl_s=v["lease_ttl_s"],
             ingest_processes=v["ingest_processes"],
-            probe_s=v["probe_s"], retention_s=v["retention.older_than"],
+            probe_s=v["probe_s"], version_claims=v["version_claims"],
+            retention_s=v["retention.older_than"],
             retention_check_s=v["retention.check_every"],
         )
 

@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
-PROOFS_REMEMBERED = 4096
 # Checks a device's version certificates: TrustedKeys.certifies of the signer's keys.
 Certifier = Callable[[int, Sequence[Signature]], bool]
 MAX_ADOPTED_CLAIM = 5 * 10**7
@@ -604,11 +603,6 @@ class Store:
         # (max and count of the devices' reported versions, adopted_claim of them): judged
         # again only when those change (next_manifest_version).
         self._claims: tuple[tuple[int, int, int] | None, int] = (None, 0)
-        # Version proofs checked by next_manifest_version: (version, proof) → it held; and
-        # whether one ever held here (from then on, claims without one do not count).
-        self._proofs: dict[tuple[int, str], bool] = {}
-        self._certified = False
-        self._recheck_certified = -1e18
         # Devices claiming a version above the last one drawn: claims that did not count
         # (exported: devices lying, or a proof from a key since retired).
         self.version_claims_ignored = 0
@@ -1055,30 +1049,31 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(VariantRow).order_by(VariantRow.created_at)))
 
-    def next_manifest_version(self, certifies: Certifier | None = None) -> int:
+    def next_manifest_version(self, certifies: Certifier | None = None, *,
+                              unproven: bool = True) -> int:
         """Above every manifest this store issued and every version devices report they
         accepted, as far as the claims are believed: a new or restored store must not sign
         what agents refuse as rollbacks, and lying devices must not push the counter where
         agents refuse every later version as too large a jump.
 
         ``certifies(version, proof)`` checks a device's version certificates with the
-        signer's keys (``shared/signing.py``). A claim counts in full when its proof holds.
-        Once any device's proof holds, claims without one (or with one that fails) count
-        for nothing: a server that certifies signs every version with a certificate, so
-        only versions from before certificates lack one, and they are below every
-        certified version. While none holds (agents or a server that predate
-        certificates, or no ``certifies``), the claims are judged by :func:`adopted_claim`.
-        Raises :class:`StoreError` when this store has signed its last version."""
+        signer's keys (``shared/signing.py``): a claim whose proof holds counts in full,
+        whoever reports it (that version was signed). A claim without one (an agent of an
+        earlier release, a manifest from before certificates, or a lie) counts, with
+        ``unproven``, only as :func:`adopted_claim` judges the fleet's claims (within
+        CLAIM_MARGIN of their median), and not at all without it: the server's
+        ``version_claims = "certified"``, for a fleet whose every agent reports
+        certificates. Certificates only ever raise the floor. Raises :class:`StoreError`
+        when this store has signed its last version."""
         with self.session() as s:
             cur = int(s.scalar(select(func.max(ManifestRow.version))) or 0)
             rows = s.execute(select(Device.manifest_version, Device.version_proof)
                              .where(Device.manifest_version > cur)).all()
         floor = cur
         if rows:  # devices ahead of this store
-            proven = self._proven_claim(rows, certifies) if certifies is not None else 0
-            if proven or (certifies is not None and self._fleet_certified(certifies)):
-                floor = max(cur, proven)
-            else:
+            if certifies is not None:
+                floor = max(floor, self._proven_claim(rows, certifies))
+            if unproven:
                 key = (max(int(v) for v, _ in rows), len(rows), cur)
                 if self._claims[0] != key:  # the claims changed: judge them again
                     with self.session() as s:
@@ -1086,7 +1081,7 @@ class Store:
                             select(Device.manifest_version)
                             .where(Device.manifest_version.is_not(None))) if v is not None)
                     self._claims = (key, adopted_claim(claims))
-                floor = max(cur, self._claims[1])
+                floor = max(floor, self._claims[1])
         ignored = sum(1 for v, _ in rows if v > floor)
         if ignored != self.version_claims_ignored:  # said once per change, not per draw
             self.version_claims_ignored = ignored
@@ -1099,42 +1094,24 @@ class Store:
                              f"version {MAX_VERSION}, the largest a device accepts")
         return floor + 1
 
-    def _proven_claim(self, rows: Iterable[Any], certifies: Certifier) -> int:
+    @staticmethod
+    def _proven_claim(rows: Iterable[Any], certifies: Certifier) -> int:
         """The highest claimed version in ``rows`` (version, proof) whose proof
-        ``certifies`` holds; 0 for none. Each distinct (version, proof) is checked once
-        per process (remembered, up to PROOFS_REMEMBERED), highest first, until one holds:
-        most devices report the same few."""
+        ``certifies`` holds; 0 for none. Each distinct (version, proof) is checked once,
+        highest first, until one holds: most devices report the same few (``certifies``
+        remembers its answers)."""
         distinct: dict[tuple[int, str], list] = {}
         for version, proof in rows:
             if proof:
                 distinct.setdefault((int(version), json.dumps(proof, sort_keys=True)), proof)
-        for (version, text), proof in sorted(distinct.items(), reverse=True):
-            ok = self._proofs.get((version, text))
-            if ok is None:
-                try:
-                    ok = certifies(version, [Signature.model_validate(p) for p in proof])
-                except (ValidationError, TypeError):
-                    ok = False
-                if len(self._proofs) >= PROOFS_REMEMBERED:
-                    self._proofs.clear()
-                self._proofs[(version, text)] = ok
+        for (version, _), proof in sorted(distinct.items(), reverse=True):
+            try:
+                ok = certifies(version, [Signature.model_validate(p) for p in proof])
+            except (ValidationError, TypeError):
+                ok = False
             if ok:
-                self._certified = True
                 return version
         return 0
-
-    def _fleet_certified(self, certifies: Certifier) -> bool:
-        """Some device, at any version, reports a proof that holds (remembered once seen,
-        for the life of this store object)."""
-        if not self._certified and time.monotonic() >= self._recheck_certified:
-            # Not again for a while: a rollout draws a version per device.
-            self._recheck_certified = time.monotonic() + 60.0
-            with self.session() as s:
-                rows = s.execute(select(Device.manifest_version, Device.version_proof)
-                                 .where(Device.version_proof.is_not(None))
-                                 .where(Device.manifest_version.is_not(None))).all()
-            self._proven_claim(rows, certifies)
-        return self._certified
 
     def save_manifest(self, version: int, target: str, signed: str) -> None:
         with self.session() as s:

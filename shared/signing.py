@@ -151,10 +151,12 @@ class TrustedKeys:
     def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
         """A trusted key's certificate in ``proof`` says it signed manifest ``version``."""
         message = certificate_message(version)
+        tried: set[str] = set()
         for s in proof:
             key = self._certifiers.get(s.keyid)
-            if key is None:
-                continue
+            if key is None or s.keyid in tried:
+                continue  # one check per key, however many entries name it
+            tried.add(s.keyid)
             try:
                 key.verify(base64.b64decode(s.sig, validate=True), message)
             except (InvalidSignature, ValueError):

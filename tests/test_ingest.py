@@ -766,9 +766,10 @@ def test_production_acl_lets_a_device_read_only_its_own_cursor(
 
 def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto):
     """A new store signs above the version the agent accepted from the one before, as
-    the agent's version certificate proves it; devices with valid credentials claiming
-    far more, more of them than honest ones, with no certificate or with the honest
-    agent's (a proof of another version), move nothing and are counted."""
+    the agent's version certificate proves it; with ``version_claims = "certified"``,
+    devices with valid credentials claiming far more, more of them than honest ones, with
+    no certificate or with the honest agent's (a proof of another version), move nothing
+    and are counted."""
     f = Fleet(tmp_path, mosquitto.url)
     f.start_server()
     try:
@@ -786,7 +787,8 @@ def test_a_fresh_store_signs_above_what_the_agents_accepted(tmp_path, mosquitto)
         # A new store (a migration, a restored backup), the same keys and broker.
         f.svc = FleetService(ServeOptions(
             state_dir=tmp_path / "new-server", key_dir=f.state_dir / "keys",
-            broker_url=f.broker_url, listen="127.0.0.1:0", prefix=f.prefix)).start()
+            broker_url=f.broker_url, listen="127.0.0.1:0", prefix=f.prefix,
+            version_claims="certified")).start()
         store = f.svc.store
         wait_for(lambda: (d := store.device("kept-1")) is not None
                  and d.manifest_version == 5, 20, what="the reported version known")
@@ -869,14 +871,15 @@ def test_a_lying_device_cannot_push_the_fleets_desired_states_out_of_reach(tmp_p
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_majority_of_lying_devices_cannot_lift_the_counter_past_a_certified_version(
+def test_a_certified_claim_counts_in_full_and_lying_ones_only_as_the_rule_allows(
         tmp_path, backend):
-    """With version certificates, a claim counts only as far as the server's own keys
-    proved it: a majority of devices with valid credentials claiming a higher version,
-    with no certificate, a certificate of another version, of another key, of a retired
-    key or a forged one, moves nothing, and each is counted as ignored. A real
-    certificate counts whoever reports it: that version was signed. Without a way to
-    check (``certifies`` not given) the same claims carry the majority, as before."""
+    """A claim counts in full when the server's version certificate proves it, whoever
+    reports it: that version was signed. One without a valid proof (none, a certificate
+    of another version, of another key, of a retired key, or forged) counts only as the
+    median rule allows (agents of an earlier release send none), and not at all with
+    ``unproven=False`` (``version_claims = "certified"``): there no majority of lying
+    devices moves the counter. A genuine certificate of a low version, which any device
+    may hold, never keeps honest unproven claims from counting."""
     from prunefleet.server.keys import KeyRing
     from prunefleet.shared.signing import SigningKey
 
@@ -885,32 +888,40 @@ def test_a_majority_of_lying_devices_cannot_lift_the_counter_past_a_certified_ve
     certifies = ring.trusted().certifies
     schema = pg_schema_url() if backend == "postgresql" else None
     store = Store(next(schema) if schema else sqlite_url(tmp_path / "s.db"))
+
+    def report(device: str, version: int, proof: list, online: bool = True) -> None:
+        store.set_reported(ReportedState(device_id=device, online=online,
+                                         manifest_version=version, version_proof=proof))
     try:
-        # A new store: three honest devices followed versions 6 and 7 from the one before.
-        for i, v in enumerate((6, 7, 7)):
-            store.set_reported(ReportedState(device_id=f"honest-{i}", online=True,
-                                             manifest_version=v, version_proof=[key.certify(v)]))
+        # Agents of an earlier release followed version 100 from the store before (no
+        # proofs); one device holds a genuine certificate of version 3.
+        for i in range(20):
+            report(f"old-{i}", 100, [])
+        report("low", 3, [key.certify(3)])
+        assert store.next_manifest_version(certifies) == 101
+        assert store.next_manifest_version(certifies, unproven=False) == 4
+
+        # Five liars against the rest, each kind of bad proof, all claiming 3·10⁶.
         claim = 3 * 10**6
-        bad = {"none": [], "other-version": [key.certify(7)],
+        bad = {"none": [], "other-version": [key.certify(100)],
                "other-key": [stranger.certify(claim)], "retired-key": [retired.certify(claim)],
                "forged": [key.certify(claim).model_copy(update={"sig": key.certify(8).sig})]}
         for name, proof in bad.items():
-            store.set_reported(ReportedState(device_id=f"liar-{name}", online=True,
-                                             manifest_version=claim, version_proof=proof))
-        assert store.next_manifest_version() == claim + 1, "unchecked, the majority wins"
-        assert store.next_manifest_version(certifies) == 8
-        assert store.version_claims_ignored == len(bad)
-        store.save_manifest(8, "honest-2", "{}")
-        assert store.next_manifest_version(certifies) == 9
-        # A real certificate of a version the key signed: it counts, and nothing is lost.
-        store.set_reported(ReportedState(device_id="liar-none", online=True,
-                                         manifest_version=12, version_proof=[key.certify(12)]))
-        assert store.next_manifest_version(certifies) == 13
-        assert store.version_claims_ignored == len(bad) - 1
+            report(f"liar-{name}", claim, proof)
+        assert store.next_manifest_version(certifies) == 101, "a minority moves nothing"
+        for i in range(20):  # the earlier agents upgraded and followed 120, with proofs
+            report(f"old-{i}", 120, [key.certify(120)])
+        for i in range(30):  # now the liars are the majority
+            report(f"liar-{i}", claim, [])
+        assert store.next_manifest_version(certifies) == claim + 1, "the median rule"
+        assert store.next_manifest_version(certifies, unproven=False) == 121
+        assert store.version_claims_ignored == len(bad) + 30
+        # A real certificate of a version the key signed counts, whoever reports it.
+        report("liar-none", 150, [key.certify(150)])
+        assert store.next_manifest_version(certifies, unproven=False) == 151
         # A Last Will names the version, with its proof, where the device went away.
-        store.set_reported(ReportedState(device_id="away", online=False,
-                                         manifest_version=20, version_proof=[key.certify(20)]))
-        assert store.next_manifest_version(certifies) == 21
+        report("away", 200, [key.certify(200)], online=False)
+        assert store.next_manifest_version(certifies, unproven=False) == 201
     finally:
         store.close()
         if schema is not None:
