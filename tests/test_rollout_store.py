@@ -343,6 +343,45 @@ def test_a_store_from_before_event_keys_takes_them_and_keeps_its_events(store):
         s.close()
 
 
+def test_replicas_upgrading_an_older_store_at_once_both_start(store, monkeypatch):
+    """Two replicas starting at once on a store from before a column both find it
+    missing, and both add it: the second's ALTER then meets the first's column, which
+    must not stop it ("column already exists"). The race is forced: the second's check
+    is made to answer "missing" after the first replica added the column."""
+    from prunefleet.server import store as store_module
+    from prunefleet.shared.signing import SigningKey
+
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE devices DROP COLUMN version_proof")
+    url = store.engine.url.render_as_string(hide_password=False)
+    Store(url).close()  # the first replica adds it
+    real = store_module.inspect
+
+    class Stale:
+        """The second replica's view, taken before the first replica's ALTER."""
+
+        def __init__(self, target: object) -> None:
+            self._target = real(target)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._target, name)
+
+        def get_columns(self, table: str) -> list:
+            return [c for c in self._target.get_columns(table) if c["name"] != "version_proof"]
+
+    with monkeypatch.context() as m:
+        m.setattr(store_module, "inspect", Stale)
+        second = Store(url)
+    try:
+        key = SigningKey.generate()
+        second.set_reported(ReportedState(device_id="d1", online=True, manifest_version=4,
+                                          version_proof=[key.certify(4)]))
+        d = second.device("d1")
+        assert d is not None and d.version_proof and d.version_proof[0]["keyid"]
+    finally:
+        second.close()
+
+
 @pytest.mark.parametrize("operation", ["decommission", "approve"])
 def test_an_operator_change_while_a_group_of_states_is_written_waits_its_turn(operation):
     """Ingest takes a device's row (its upsert) before the rows about it. A decommission
