@@ -180,9 +180,11 @@ class RolloutController:
         self.lease_ttl_s = lease_ttl_s
         self._lease_until = 0.0
         self.lease_lost = 0  # steps refused by the fence: the lease went while one ran
-        # Desired states published again by repair_desired, and which (target, version).
+        # Desired states published again by repair_desired (acknowledged by the broker),
+        # which (target, version), and those sent and not yet acknowledged.
         self.republished = 0
         self._republished: set[tuple[str, int]] = set()
+        self._repairs_pending: dict[tuple[str, int], mqtt.MQTTMessageInfo] = {}
         # One writer: API requests and the background tick never interleave.
         self._lock = threading.RLock()
         # Desired states published under the lock, waited for after it is released.
@@ -596,6 +598,7 @@ class RolloutController:
         # One query for every device's newest manifest, and only the old enough ones are
         # read and decoded (this runs every few minutes, for the whole fleet).
         latest = self.store.latest_manifest_versions()
+        groups = self.store.device_groups()
         for dev in self.store.devices():
             newest = latest.get(dev.device_id)
             if newest is None:
@@ -603,6 +606,8 @@ class RolloutController:
             version, created_at = newest
             if dev.manifest_version is not None and dev.manifest_version > version:
                 continue  # it follows a newer (group) manifest: leave that in charge
+            if any(latest[g][0] > version for g in groups.get(dev.device_id, ()) if g in latest):
+                continue  # a newer group state is on its way: re-signing would override it
             if older_than_s is not None and now - created_at < older_than_s:
                 continue  # signed at its save: not old enough (checked again below)
             m = self._manifest(version)
@@ -631,7 +636,10 @@ class RolloutController:
         and reports its version: this puts the newest one back. A state signed less than
         ``settle_s`` ago may still be on its way, and one the device answered (its
         rollout report names that version: refused, failed) is not sent again. Only on
-        the replica holding the controller lease; returns how many were sent."""
+        the replica holding the controller lease, and while the broker is connected;
+        returns how many were sent (``republished`` counts those the broker
+        acknowledged)."""
+        self._settle_repairs()
         if not self.holds_lease or not self.fleet.transport.connected.is_set():
             return 0  # not while the broker is away: paho would queue them, blind
         # Read without the controller's lock (this reads the whole fleet; an operator's
@@ -640,16 +648,16 @@ class RolloutController:
         now = self.clock()
         latest = self.store.latest_manifest_versions()
         groups = self.store.device_groups()
-        sent: list[tuple[mqtt.MQTTMessageInfo, tuple[str, int]]] = []
+        sent = 0
         for device_id, reported in self.store.online_versions():
             options = [(latest[t][0], latest[t][1], t, t != device_id)
                        for t in (device_id, *groups.get(device_id, ())) if t in latest]
             if not options:
                 continue
             version, created_at, target, group = max(options)
+            key = (target, version)
             if ((reported or 0) >= version or now - created_at < settle_s
-                    or (target, version) in self._republished
-                    or any(k == (target, version) for _, k in sent)):
+                    or key in self._republished or key in self._repairs_pending):
                 continue
             report = self.store.rollout_report(device_id)
             if report is not None and report.manifest_version >= version:
@@ -658,28 +666,32 @@ class RolloutController:
             try:
                 if not self.fleet.republish_newest(target, version, group, sent=infos):
                     continue
-            except _PUBLISH_ERRORS as e:
+            except _PUBLISH_ERRORS as e:  # the broker went away meanwhile: next pass
                 log.warning("cannot publish the desired state of %s again: %s", target, e)
                 break
-            sent += [(info, (target, version)) for info in infos]
+            self._repairs_pending.update((key, info) for info in infos)
+            sent += 1
             log.warning("%s reports desired-state version %s, but the newest for %s %s is "
                         "%d: publishing it again", device_id, reported,
                         "group" if group else "device", target, version)
-        # Counted, and not sent again, once the broker has it; otherwise the next pass
-        # tries again.
-        count = 0
-        deadline = time.monotonic() + 30.0
-        for info, key in sent:
+        self._settle_repairs()
+        return sent
+
+    def _settle_repairs(self) -> dict[tuple[str, int], mqtt.MQTTMessageInfo]:
+        """Count the repairs the broker has acknowledged (never waiting: the pass runs on
+        the tick's thread, which renews the lease); those it has not stay pending, not
+        sent again by this process until it does or they fail. Returns the pending."""
+        for key, info in list(self._repairs_pending.items()):
             try:
-                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
-                done = info.is_published()
+                done, failed = info.is_published(), info.rc != mqtt.MQTT_ERR_SUCCESS
             except (RuntimeError, ValueError):
-                done = False
+                done, failed = False, True
             if done:
                 self._republished.add(key)
-                count += 1
-        self.republished += count
-        return count
+                self.republished += 1
+            if done or failed:
+                del self._repairs_pending[key]
+        return self._repairs_pending
 
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:

@@ -94,7 +94,6 @@ def spec_from_file(
 
 # How a claimed version without a certificate counts (Store.next_manifest_version).
 VERSION_CLAIMS = ("majority", "certified")
-PROOFS_REMEMBERED = 4096
 
 
 class FleetServer:
@@ -134,7 +133,7 @@ class FleetServer:
         if version_claims not in VERSION_CLAIMS:
             raise ValueError(f"version_claims must be one of {', '.join(VERSION_CLAIMS)}")
         self.version_claims = version_claims
-        self._proofs: dict[tuple, bool] = {}  # certifies: (key ids, version, proof) → held
+        self._trusted: tuple[object, TrustedKeys | None] = (None, None)  # see trusted()
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
         self.topics = Topics(prefix)
@@ -258,28 +257,28 @@ class FleetServer:
         self.transport.stop()
 
     # -- distribution ---------------------------------------------------------------------
+    def trusted(self) -> TrustedKeys:
+        """This server's current keys, the revoked excluded: whose version certificates it
+        believes (made once per key set)."""
+        key = self.key
+        if self._trusted[0] is not key or self._trusted[1] is None:
+            self._trusted = (key, key.trusted() if isinstance(key, KeyRing)
+                             else TrustedKeys([key.public]))
+        trusted = self._trusted[1]
+        assert trusted is not None
+        return trusted
+
     def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
         """A device's proof that this server's keys (the current ones, not the revoked)
-        signed manifest ``version`` (``Store.next_manifest_version``). Answers are kept
-        (up to PROOFS_REMEMBERED) under the key ids they were checked with, so a key
-        retired since is asked again."""
-        key = self.key
-        trusted = key.trusted() if isinstance(key, KeyRing) else TrustedKeys([key.public])
-        memo = (tuple(sorted(trusted.keyids)), version,
-                tuple((s.keyid, s.sig) for s in proof))
-        ok = self._proofs.get(memo)
-        if ok is None:
-            ok = trusted.certifies(version, proof)
-            if len(self._proofs) >= PROOFS_REMEMBERED:
-                self._proofs.pop(next(iter(self._proofs)))  # the oldest
-            self._proofs[memo] = ok
-        return ok
+        signed manifest ``version`` (``Store.next_manifest_version``)."""
+        return self.trusted().certifies(version, proof)
 
     def next_manifest_version(self) -> int:
         """The version the next desired state takes (``Store.next_manifest_version``,
         with this server's certificates and its ``version_claims`` rule)."""
         return self.store.next_manifest_version(
-            self.certifies, unproven=self.version_claims == "majority")
+            self.certifies, unproven=self.version_claims == "majority",
+            keyset=tuple(sorted(self.trusted().keyids)))
 
     def publish_artifact(self, spec: VariantSpec, data: bytes, timeout_s: float = 120.0) -> int:
         """Publish the artifact's chunks, retained; returns the bytes sent."""
@@ -375,6 +374,10 @@ class FleetServer:
             topic = self.topics.group_desired(target) if group else self.topics.desired(target)
             data = row.signed.encode()
             with self._publish_lock:
+                if not self.transport.connected.is_set():
+                    # Paho would queue it and send it after a reconnect, blind, after what
+                    # another replica published meanwhile.
+                    raise DistributionError("not connected to the broker")
                 info = self.transport.publish_info(topic, data, qos=1, retain=True)
         self.bytes_published += len(data)
         if sent is not None:
@@ -386,7 +389,9 @@ class FleetServer:
         state, reported state and telemetry cursor): an empty retained message clears one."""
         topics = (self.topics.desired(device_id), self.topics.reported(device_id),
                   self.topics.acked(device_id))
-        with self._publish_lock:
+        # Under the deploy lock too: a repair that found the device online publishes
+        # before this clear, never after it (republish_newest).
+        with self._deploy_lock, self._publish_lock:
             infos = [self.transport.publish_info(t, b"", qos=1, retain=True) for t in topics]
         for info in infos:
             info.wait_for_publish(timeout_s)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
+PROOFS_REMEMBERED = 1 << 16
 # Checks a device's version certificates: TrustedKeys.certifies of the signer's keys.
 Certifier = Callable[[int, Sequence[Signature]], bool]
 MAX_ADOPTED_CLAIM = 5 * 10**7
@@ -602,7 +603,9 @@ class Store:
         self.url = url
         # (max and count of the devices' reported versions, adopted_claim of them): judged
         # again only when those change (next_manifest_version).
-        self._claims: tuple[tuple[int, int, int] | None, int] = (None, 0)
+        self._claims: tuple[tuple[int, int] | None, int] = (None, 0)
+        # Version proofs checked by next_manifest_version: (key ids, version, proof) → held.
+        self._proofs: dict[tuple[tuple[str, ...], int, str], bool] = {}
         # Devices claiming a version above the last one drawn: claims that did not count
         # (exported: devices lying, or a proof from a key since retired).
         self.version_claims_ignored = 0
@@ -1050,31 +1053,36 @@ class Store:
             return list(s.scalars(select(VariantRow).order_by(VariantRow.created_at)))
 
     def next_manifest_version(self, certifies: Certifier | None = None, *,
-                              unproven: bool = True) -> int:
+                              unproven: bool = True, keyset: tuple[str, ...] = ()) -> int:
         """Above every manifest this store issued and every version devices report they
         accepted, as far as the claims are believed: a new or restored store must not sign
         what agents refuse as rollbacks, and lying devices must not push the counter where
         agents refuse every later version as too large a jump.
 
         ``certifies(version, proof)`` checks a device's version certificates with the
-        signer's keys (``shared/signing.py``): a claim whose proof holds counts in full,
-        whoever reports it (that version was signed). A claim without one (an agent of an
-        earlier release, a manifest from before certificates, or a lie) counts, with
-        ``unproven``, only as :func:`adopted_claim` judges the fleet's claims (within
-        CLAIM_MARGIN of their median), and not at all without it: the server's
-        ``version_claims = "certified"``, for a fleet whose every agent reports
+        signer's keys (``shared/signing.py``; ``keyset`` names those keys: answers are
+        remembered under it, so a key retired since is asked again): a claim whose proof
+        holds counts in full, whoever reports it (that version was signed). A claim without
+        one (an agent of an earlier release, a manifest from before certificates, or a
+        lie) counts, with ``unproven``, only as :func:`adopted_claim` judges the fleet's
+        claims (within CLAIM_MARGIN of their median), and not at all without it: the
+        server's ``version_claims = "certified"``, for a fleet whose every agent reports
         certificates. Certificates only ever raise the floor. Raises :class:`StoreError`
         when this store has signed its last version."""
         with self.session() as s:
             cur = int(s.scalar(select(func.max(ManifestRow.version))) or 0)
             rows = s.execute(select(Device.manifest_version, Device.version_proof)
                              .where(Device.manifest_version > cur)).all()
+            # The claims' shape: they are judged again (all of them) only when it changes.
+            shape = s.execute(select(func.max(Device.manifest_version),
+                                     func.count(Device.manifest_version))).one() if (
+                rows and unproven) else (0, 0)
         floor = cur
         if rows:  # devices ahead of this store
             if certifies is not None:
-                floor = max(floor, self._proven_claim(rows, certifies))
+                floor = max(floor, self._proven_claim(rows, certifies, keyset))
             if unproven:
-                key = (max(int(v) for v, _ in rows), len(rows), cur)
+                key = (int(shape[0] or 0), int(shape[1] or 0))
                 if self._claims[0] != key:  # the claims changed: judge them again
                     with self.session() as s:
                         claims = sorted(int(v) for v in s.scalars(
@@ -1094,21 +1102,28 @@ class Store:
                              f"version {MAX_VERSION}, the largest a device accepts")
         return floor + 1
 
-    @staticmethod
-    def _proven_claim(rows: Iterable[Any], certifies: Certifier) -> int:
+    def _proven_claim(self, rows: Iterable[Any], certifies: Certifier,
+                      keyset: tuple[str, ...]) -> int:
         """The highest claimed version in ``rows`` (version, proof) whose proof
-        ``certifies`` holds; 0 for none. Each distinct (version, proof) is checked once,
-        highest first, until one holds: most devices report the same few (``certifies``
-        remembers its answers)."""
+        ``certifies`` holds; 0 for none. Each distinct (version, proof) is checked at most
+        once per ``keyset`` (remembered, up to PROOFS_REMEMBERED, the oldest forgotten
+        first), highest first, until one holds: most devices report the same few, and a
+        device's junk proof costs one check, not one per version drawn."""
         distinct: dict[tuple[int, str], list] = {}
         for version, proof in rows:
             if proof:
                 distinct.setdefault((int(version), json.dumps(proof, sort_keys=True)), proof)
-        for (version, _), proof in sorted(distinct.items(), reverse=True):
-            try:
-                ok = certifies(version, [Signature.model_validate(p) for p in proof])
-            except (ValidationError, TypeError):
-                ok = False
+        memo = self._proofs
+        for (version, text), proof in sorted(distinct.items(), reverse=True):
+            ok = memo.get((keyset, version, text))
+            if ok is None:
+                try:
+                    ok = certifies(version, [Signature.model_validate(p) for p in proof])
+                except (ValidationError, TypeError):
+                    ok = False
+                if len(memo) >= PROOFS_REMEMBERED:
+                    memo.pop(next(iter(memo)))
+                memo[(keyset, version, text)] = ok
             if ok:
                 return version
         return 0

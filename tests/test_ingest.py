@@ -928,6 +928,35 @@ def test_a_certified_claim_counts_in_full_and_lying_ones_only_as_the_rule_allows
             schema.close()
 
 
+def test_a_junk_proof_costs_one_check_however_many_versions_are_drawn(tmp_path):
+    """Every deploy draws a version, under the controller's lock; devices reporting junk
+    proofs above the store's versions must not cost a signature check each at every
+    draw (a 1,000-device wave would hold the lock for minutes): each distinct proof is
+    checked once per key set, and again only when the keys change."""
+    from prunefleet.shared.signing import SigningKey, TrustedKeys
+
+    key, other = SigningKey.generate(), SigningKey.generate()
+    store = Store(sqlite_url(tmp_path / "s.db"))
+    checks: list[int] = []
+
+    def certifies(version, proof):
+        checks.append(version)
+        return TrustedKeys([key.public]).certifies(version, proof)
+    try:
+        for i in range(100):
+            store.set_reported(ReportedState(
+                device_id=f"liar-{i}", online=True, manifest_version=10**6 + i,
+                version_proof=[other.certify(10**6 + i)]))
+        for _ in range(5):
+            v = store.next_manifest_version(certifies, unproven=False, keyset=("k1",))
+            store.save_manifest(v, "d", "{}")
+        assert v == 5 and len(checks) == 100
+        store.next_manifest_version(certifies, unproven=False, keyset=("k2",))
+        assert len(checks) == 200, "another key set asks again"
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_an_offline_devices_goodbye_or_will_still_lifts_the_next_version(tmp_path, backend):
     """A device away while its server moves to a restored store is known there only by

@@ -24,8 +24,9 @@ SPEC = VariantSpec(name="v1", sha256=_P.sha256, size=_P.size, chunk_bytes=1024,
 
 
 class _Info:
-    def __init__(self, published: bool) -> None:
+    def __init__(self, published: bool, rc: int = 0) -> None:
         self.published = published
+        self.rc = rc
 
     def wait_for_publish(self, timeout: float | None = None) -> None:
         pass
@@ -40,13 +41,16 @@ class RecordingBroker:
 
     def __init__(self) -> None:
         self.log: list[tuple[str, bytes]] = []
+        self.infos: list[_Info] = []
         self.connected = threading.Event()
         self.connected.set()
         self.acknowledge = True
+        self.rc = 0
 
     def publish_info(self, topic: str, data: bytes, qos: int = 1, retain: bool = False):
         self.log.append((topic, data))
-        return _Info(self.acknowledge)
+        self.infos.append(_Info(self.acknowledge, self.rc))
+        return self.infos[-1]
 
 
 def _setup(tmp_path) -> tuple[Store, FleetServer, RecordingBroker, RolloutController]:
@@ -96,15 +100,24 @@ def test_nothing_is_sent_while_the_broker_is_away_and_it_is_sent_after(tmp_path)
         store.close()
 
 
-def test_a_state_the_broker_did_not_acknowledge_is_sent_again_on_the_next_pass(tmp_path):
+def test_a_repair_counts_once_acknowledged_and_one_that_failed_is_sent_again(tmp_path):
+    """The pass never waits for the broker (it runs on the thread that renews the lease):
+    a state the broker has not acknowledged yet stays pending, is not sent again, and is
+    counted when the acknowledgement comes; one whose publish failed is sent again."""
     store, _, broker, ctl = _setup(tmp_path)
     try:
         _behind(store, "d1")
         broker.acknowledge = False
+        assert ctl.repair_desired(settle_s=30) == 1 and ctl.republished == 0
         assert ctl.repair_desired(settle_s=30) == 0 and len(broker.log) == 1
-        broker.acknowledge = True
-        assert ctl.repair_desired(settle_s=30) == 1 and len(broker.log) == 2
-        assert ctl.republished == 1
+        broker.infos[0].published = True  # the PUBACK comes
+        assert ctl.repair_desired(settle_s=30) == 0 and ctl.republished == 1
+        _behind(store, "d2")
+        broker.rc = 4  # the connection dropped under this publish
+        assert ctl.repair_desired(settle_s=30) == 1 and ctl.republished == 1
+        broker.acknowledge, broker.rc = True, 0
+        assert ctl.repair_desired(settle_s=30) == 1 and ctl.republished == 2
+        assert [t for t, _ in broker.log].count(ctl.fleet.topics.desired("d2")) == 2
     finally:
         store.close()
 
@@ -146,5 +159,24 @@ def test_a_device_decommissioned_during_a_pass_keeps_its_topics_cleared(tmp_path
         store.rollout_report = decommissioned_meanwhile  # type: ignore[method-assign]
         assert ctl.repair_desired(settle_s=30) == 0
         assert [d for t, d in broker.log if t == fleet.topics.desired("gone")] == [b""]
+    finally:
+        store.close()
+
+
+def test_re_signing_leaves_a_device_behind_its_groups_newer_state_to_that_state(tmp_path):
+    """A device in a group whose newer state it has not taken yet: re-signing its own,
+    older state (after a key change, or near its expiry) under a new version would put
+    that above the group's and override it, and the repair would then send it."""
+    store, fleet, broker, ctl = _setup(tmp_path)
+    try:
+        store.set_device_groups("m1", ["g"])
+        own = _save(store, "m1")
+        group = _save(store, "g")
+        store.set_reported(ReportedState(device_id="m1", online=True, manifest_version=own))
+        ctl.refresh_desired()  # what a key change runs
+        assert store.latest_manifest("m1").version == own, "not re-signed over the group's"
+        assert ctl.repair_desired(settle_s=30) == 1
+        assert broker.log[-1] == (fleet.topics.group_desired("g"),
+                                  store.manifest(group).signed.encode())
     finally:
         store.close()

@@ -232,7 +232,8 @@ def test_a_stale_or_missing_retained_desired_state_is_put_right_by_the_holder(
         wait_for(lambda: agent.manifest is not None and agent.manifest.version == newest, 20,
                  what="the newest desired state published again and followed")
         assert agent.counters.rejected_manifests == 0
-        assert "prunefleet_desired_states_republished_total 2.0" in _metrics(svc)
+        wait_for(lambda: "prunefleet_desired_states_republished_total 2.0" in _metrics(svc),
+                 10, what="both repairs acknowledged and counted")
     finally:
         f.close()
 
