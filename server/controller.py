@@ -157,6 +157,8 @@ class PinRequest(BaseModel):
 
 
 _PUBLISH_ERRORS = (DistributionError, TransportError, RuntimeError, ValueError)
+# A group state younger than this that a device has not taken yet is still on its way to it.
+GROUP_STATE_ON_ITS_WAY_S = 600.0
 
 
 class RolloutController:
@@ -606,8 +608,13 @@ class RolloutController:
             version, created_at = newest
             if dev.manifest_version is not None and dev.manifest_version > version:
                 continue  # it follows a newer (group) manifest: leave that in charge
-            if any(latest[g][0] > version for g in groups.get(dev.device_id, ()) if g in latest):
-                continue  # a newer group state is on its way: re-signing would override it
+            if any(latest[g][0] > version and now - latest[g][1] < GROUP_STATE_ON_ITS_WAY_S
+                   for g in groups.get(dev.device_id, ()) if g in latest):
+                # A newer group state, published moments ago, is on its way: re-signed,
+                # the device's own state would be newer still and override it. (One the
+                # device has not taken for longer, it does not follow: a group the server
+                # gave it that its agent does not ask for. Its own state is re-signed.)
+                continue
             if older_than_s is not None and now - created_at < older_than_s:
                 continue  # signed at its save: not old enough (checked again below)
             m = self._manifest(version)

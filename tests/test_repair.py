@@ -164,9 +164,11 @@ def test_a_device_decommissioned_during_a_pass_keeps_its_topics_cleared(tmp_path
 
 
 def test_re_signing_leaves_a_device_behind_its_groups_newer_state_to_that_state(tmp_path):
-    """A device in a group whose newer state it has not taken yet: re-signing its own,
-    older state (after a key change, or near its expiry) under a new version would put
-    that above the group's and override it, and the repair would then send it."""
+    """A device in a group whose newer state, published moments ago, it has not taken
+    yet: re-signing its own, older state (after a key change) under a new version would
+    put that above the group's and override it, and the repair would then send it. A
+    group state it has not taken for long it does not follow (a group its agent does not
+    ask for): its own state is still re-signed, or it would expire."""
     store, fleet, broker, ctl = _setup(tmp_path)
     try:
         store.set_device_groups("m1", ["g"])
@@ -178,5 +180,9 @@ def test_re_signing_leaves_a_device_behind_its_groups_newer_state_to_that_state(
         assert ctl.repair_desired(settle_s=30) == 1
         assert broker.log[-1] == (fleet.topics.group_desired("g"),
                                   store.manifest(group).signed.encode())
+        with store.session() as s:  # an hour later, still not taken
+            s.get(ManifestRow, group).created_at -= 3600
+        ctl.refresh_desired()
+        assert store.latest_manifest("m1").version > group
     finally:
         store.close()
