@@ -684,10 +684,10 @@ class RolloutController:
         self._settle_repairs()
         return sent
 
-    def _settle_repairs(self) -> dict[tuple[str, int], mqtt.MQTTMessageInfo]:
+    def _settle_repairs(self) -> None:
         """Count the repairs the broker has acknowledged (never waiting: the pass runs on
         the tick's thread, which renews the lease); those it has not stay pending, not
-        sent again by this process until it does or they fail. Returns the pending."""
+        sent again by this process until it does or they fail."""
         for key, info in list(self._repairs_pending.items()):
             try:
                 done, failed = info.is_published(), info.rc != mqtt.MQTT_ERR_SUCCESS
@@ -698,7 +698,6 @@ class RolloutController:
                 self.republished += 1
             if done or failed:
                 del self._repairs_pending[key]
-        return self._repairs_pending
 
     # -- background -------------------------------------------------------------------------
     def tick(self) -> None:

@@ -22,7 +22,6 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from prunefleet.shared.messages import (
     Golden,
     Manifest,
     ShadowSpec,
-    Signature,
     TelemetryAck,
     VariantSpec,
 )
@@ -133,7 +131,6 @@ class FleetServer:
         if version_claims not in VERSION_CLAIMS:
             raise ValueError(f"version_claims must be one of {', '.join(VERSION_CLAIMS)}")
         self.version_claims = version_claims
-        self._trusted: tuple[object, TrustedKeys | None] = (None, None)  # see trusted()
         # A KeyRing signs with the previous key too while a rotation is in progress.
         self.key = key
         self.topics = Topics(prefix)
@@ -259,26 +256,17 @@ class FleetServer:
     # -- distribution ---------------------------------------------------------------------
     def trusted(self) -> TrustedKeys:
         """This server's current keys, the revoked excluded: whose version certificates it
-        believes (made once per key set)."""
+        believes (``Store.next_manifest_version``)."""
         key = self.key
-        if self._trusted[0] is not key or self._trusted[1] is None:
-            self._trusted = (key, key.trusted() if isinstance(key, KeyRing)
-                             else TrustedKeys([key.public]))
-        trusted = self._trusted[1]
-        assert trusted is not None
-        return trusted
-
-    def certifies(self, version: int, proof: Sequence[Signature]) -> bool:
-        """A device's proof that this server's keys (the current ones, not the revoked)
-        signed manifest ``version`` (``Store.next_manifest_version``)."""
-        return self.trusted().certifies(version, proof)
+        return key.trusted() if isinstance(key, KeyRing) else TrustedKeys([key.public])
 
     def next_manifest_version(self) -> int:
         """The version the next desired state takes (``Store.next_manifest_version``,
         with this server's certificates and its ``version_claims`` rule)."""
+        trusted = self.trusted()
         return self.store.next_manifest_version(
-            self.certifies, unproven=self.version_claims == "majority",
-            keyset=tuple(sorted(self.trusted().keyids)))
+            trusted.certifies, unproven=self.version_claims == "majority",
+            keyset=tuple(sorted(trusted.keyids)))
 
     def publish_artifact(self, spec: VariantSpec, data: bytes, timeout_s: float = 120.0) -> int:
         """Publish the artifact's chunks, retained; returns the bytes sent."""

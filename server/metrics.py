@@ -276,8 +276,9 @@ class FleetCollector(Collector):
         g = GaugeMetricFamily(
             "prunefleet_version_claims_ignored",
             "devices claiming a manifest version above the one this server drew last, whose "
-            "claims did not count (no valid version certificate, or past the fleet's median "
-            "where no device has one): lying devices, or certificates of a retired key")
+            "claims did not count (no valid version certificate, and past the fleet's median "
+            "claim or version_claims = certified): lying devices, agents of an earlier "
+            "release, or certificates of a retired key")
         g.add_metric([], float(self.store.version_claims_ignored))
         yield g
         up = GaugeMetricFamily("prunefleet_store_up",

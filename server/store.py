@@ -65,10 +65,10 @@ log = logging.getLogger(__name__)
 # MAX_ADOPTED_CLAIM: an agent refuses a version more than its max_version_jump (10**8 by
 # default) above the last it accepted, a brand-new one above 0 (agent/follower.py).
 CLAIM_MARGIN = 10**6
-PROOFS_REMEMBERED = 1 << 16
+MAX_ADOPTED_CLAIM = 5 * 10**7
 # Checks a device's version certificates: TrustedKeys.certifies of the signer's keys.
 Certifier = Callable[[int, Sequence[Signature]], bool]
-MAX_ADOPTED_CLAIM = 5 * 10**7
+PROOFS_REMEMBERED = 1 << 16  # certificate checks next_manifest_version keeps
 # Retention takes a batch dated further ahead than this by when it was received.
 FUTURE_SKEW_S = 86_400.0
 PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,

@@ -182,7 +182,7 @@ def _saved_not_published(svc: FleetService, device_id: str, variant) -> tuple[in
 
     fleet = svc.fleet
     with fleet._deploy_lock:
-        version = svc.store.next_manifest_version(fleet.certifies)
+        version = fleet.next_manifest_version()
         now = time.time()
         data = fleet.key.sign(Manifest(target=device_id, version=version, issued_at=now,
                                        expires_at=now + 3600, variants=[variant])).encode()
