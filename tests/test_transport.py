@@ -142,6 +142,63 @@ def test_read_ahead_hands_over_every_packet_however_the_bytes_arrive():
         mine.close()
 
 
+class _TakingSocket:
+    """A socket whose send() takes the next scripted number of bytes (None: would block)."""
+
+    def __init__(self, takes: list[int | None]) -> None:
+        self.takes = takes
+        self.sent: list[bytes] = []
+        self.closed = False
+
+    def send(self, data: bytes) -> int:
+        take = self.takes.pop(0) if self.takes else len(data)
+        if take is None:
+            raise BlockingIOError
+        self.sent.append(bytes(data[:take]))
+        return min(take, len(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_queued_packets_go_whole_and_in_order_in_few_writes_however_the_socket_takes_them():
+    """A device sending its backlog queues several publishes at once: they leave in one
+    write (paho: one system call per packet), split wherever the socket stops taking
+    bytes, in order, and a QoS 0 publish counts as published only once it is all out."""
+    t = _transport(report_published=False)
+    c = t._client
+    c.on_socket_register_write = lambda *_: None  # written when this test says
+    published: list[int] = []
+    c.on_publish = lambda _c, _u, mid, _rc, _p: published.append(mid)
+    sock = _TakingSocket([7, None, 60, None])
+    c._sock = sock
+    packets = [_publish_packet(b"p/devices/d1/telemetry", mid, bytes([mid]) * 20)
+               for mid in (1, 2, 3, 4)]
+    qos0 = bytes((0x30, 5)) + b"\x00\x01a" + b"xy"
+    info = mqtt.MQTTMessageInfo(9)
+    for mid, packet in enumerate(packets, 1):
+        c._packet_queue(mqtt.PUBLISH, packet, mid, 1)
+    c._packet_queue(mqtt.PUBLISH, qos0, 9, 0, info)
+    try:
+        assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # 7 bytes, then it would block
+        assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # 60 more, then it would block
+        assert not info.is_published() and not published
+        assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # the rest
+        assert b"".join(sock.sent) == b"".join(packets) + qos0
+        assert len(sock.sent) == 3  # paho's own writes: 5 (one per packet) and more
+        assert info.is_published() and published == [9]
+        assert not c._out_packet and not c.want_write()
+        # A DISCONNECT is paho's own: what comes before it is joined, then it goes alone.
+        c._packet_queue(mqtt.PUBLISH, packets[0], 1, 1)
+        c._packet_queue(mqtt.PUBLISH, packets[1], 2, 1)
+        c._packet_queue(mqtt.DISCONNECT, b"\xe0\x00", 0, 0)
+        sock.sent.clear()
+        c.loop_write()
+        assert sock.sent == [packets[0] + packets[1], b"\xe0\x00"] and sock.closed
+    finally:
+        c._sock = None
+
+
 def test_a_group_taken_at_once_wakes_a_network_thread_waiting_for_room_once():
     """The ingest loop takes a group in one call: in order, up to the most asked for, and
     the network thread blocked on the full queue is woken once, not once per item."""
