@@ -44,3 +44,19 @@ def test_a_setting_less_frequent_than_ours_is_kept():
         print(gc.get_threshold()[0])
     """)
     assert out.split() == ["50000", "0"]
+
+
+def test_the_interpreter_lock_changes_hands_sooner_and_a_shorter_setting_is_kept():
+    """A thread back from SQLite or a socket waits for the lock at most this long while
+    another computes (the commit thread beside ingest's checks)."""
+    out = _run("""
+        import sys
+        from prunefleet.shared.gctune import SWITCH_INTERVAL_S, tune_for_throughput
+        print(sys.getswitchinterval() > SWITCH_INTERVAL_S)
+        tune_for_throughput()
+        print(sys.getswitchinterval() == SWITCH_INTERVAL_S)
+        sys.setswitchinterval(0.0002)
+        tune_for_throughput()
+        print(sys.getswitchinterval() < SWITCH_INTERVAL_S)
+    """)
+    assert out.split() == ["True", "True", "True"]
