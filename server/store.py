@@ -344,6 +344,18 @@ _TELEMETRY_COLUMNS = (
     "batches_dropped", "switches_dropped", "received_at")
 _ROWS_PER_INSERT = 64  # 15 parameters each: under SQLite's oldest limit of 999
 _SQLITE_MAX_ROWID = 2**63 - 1
+# The oldest SQLite the store's statements run on: upserts (ON CONFLICT … DO, 3.24) and
+# window functions (3.25, the device history), with its JSON functions (json_each,
+# json_group_array: built in since 3.38, an option before that every distribution turns
+# on). RETURNING (3.35) is needed only past the largest row id.
+SQLITE_MIN_VERSION = (3, 25, 0)
+# WAL pages past which a commit copies the WAL back into the database (SQLite's default:
+# 1,000). Each transaction of telemetry rewrites one leaf per device of each index keyed
+# by device, the same leaves transaction after transaction: checkpointed every 1,000
+# pages, each was copied back after nearly every commit; every 10,000 (about 40 MB of
+# WAL), once per ten or so. 0.82 of the time per group of 300 batches at 36,000-48,000
+# rows (docs/ingest.md).
+SQLITE_WAL_CHECKPOINT_PAGES = 10_000
 _KEYS_PER_QUERY = 200  # (device, incarnation) keys in one query of stored seqs
 
 
@@ -447,6 +459,26 @@ def _upgrade_telemetry(engine) -> None:
             conn.commit()
         finally:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+def _check_sqlite() -> None:
+    """Refuse, saying why, an SQLite this store's statements do not run on (they would
+    fail one by one, ingest's among them)."""
+    have = sqlite3.sqlite_version_info
+    if have < SQLITE_MIN_VERSION:
+        raise StoreError(
+            f"SQLite {sqlite3.sqlite_version} is too old for the store: it needs "
+            f"{'.'.join(map(str, SQLITE_MIN_VERSION))} or newer (the library Python's "
+            "sqlite3 module is linked with), or use PostgreSQL (--db)")
+    probe = sqlite3.connect(":memory:")
+    try:
+        probe.execute("SELECT json_group_array(value) FROM json_each('[1]')").fetchone()
+    except sqlite3.OperationalError as e:
+        raise StoreError(f"SQLite {sqlite3.sqlite_version} lacks its JSON functions ({e}), "
+                         "which the store needs: a build with JSON1, or PostgreSQL (--db)"
+                         ) from e
+    finally:
+        probe.close()
 
 
 def _add_column(engine, table: str, column: str, ddl_type: str) -> None:
@@ -631,6 +663,8 @@ class Store:
         except (SQLAlchemyError, ImportError, ValueError) as e:
             raise StoreError(f"cannot open store {_shown(url)!r}: {e}") from e
         if self.engine.dialect.name == "sqlite":
+            _check_sqlite()
+
             @event.listens_for(self.engine, "connect")
             def _pragmas(conn, _record):  # WAL: ingest and readers do not block each other
                 cur = conn.cursor()
@@ -639,6 +673,7 @@ class Store:
                 # ingest acknowledges after the commit and the agent then deletes its copy;
                 # NORMAL would survive a crash of this process but not of the machine.
                 cur.execute("PRAGMA synchronous=FULL")
+                cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         try:

@@ -374,6 +374,41 @@ def test_a_store_drops_the_per_device_index_of_variant_rows_and_reads_them_per_d
         reopened.close()
 
 
+def test_an_sqlite_too_old_for_the_store_is_refused_saying_so_and_nothing_is_made(
+        tmp_path, monkeypatch):
+    from prunefleet.server import store as store_module
+
+    monkeypatch.setattr(store_module.sqlite3, "sqlite_version_info", (3, 22, 0))
+    monkeypatch.setattr(store_module.sqlite3, "sqlite_version", "3.22.0")
+    with pytest.raises(StoreError, match=r"SQLite 3\.22\.0 is too old.*3\.25\.0 or newer"):
+        Store(sqlite_url(tmp_path / "fleet.db"))
+    assert not (tmp_path / "fleet.db").exists()
+
+
+def test_the_wal_is_copied_back_in_larger_steps_than_sqlites_default(tmp_path):
+    """Each telemetry transaction rewrites the same leaves (one per device and index by
+    device): copied back into the database every 1,000 WAL pages (SQLite's default), each
+    was copied after nearly every commit. A transaction of about 1,500 pages is still in
+    the WAL after the next one."""
+    store = Store(sqlite_url(tmp_path / "fleet.db"))
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE bulk (x BLOB)")
+        with store.engine.begin() as conn:  # about 1,500 pages of 4 KiB
+            conn.exec_driver_sql(
+                "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c"
+                " WHERE n < 1500) INSERT INTO bulk SELECT randomblob(3500) FROM c")
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO bulk VALUES (x'00')")
+        with store.engine.connect() as conn:
+            _busy, in_wal, _copied = conn.exec_driver_sql(
+                "PRAGMA wal_checkpoint(PASSIVE)").one()
+        # SQLite's default would have copied the first back and begun the WAL again.
+        assert in_wal > 1500
+    finally:
+        store.close()
+
+
 def test_replicas_upgrading_an_older_store_at_once_both_start(store, monkeypatch):
     """Two replicas starting at once on a store from before a column both find it
     missing, and both add it: the second's ALTER then meets the first's column, which
