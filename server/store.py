@@ -356,6 +356,7 @@ SQLITE_MIN_VERSION = (3, 25, 0)
 # WAL), once per ten or so. 0.82 of the time per group of 300 batches at 36,000-48,000
 # rows (docs/ingest.md).
 SQLITE_WAL_CHECKPOINT_PAGES = 10_000
+SQLITE_WAL_KEEP_BYTES = 64 * 1024 * 1024
 _KEYS_PER_QUERY = 200  # (device, incarnation) keys in one query of stored seqs
 
 
@@ -416,7 +417,8 @@ def _insert_rows(execute: Callable[[str, Any], Any], pg: bool, table: str,
     else:
         # Multi-row statements, not executemany: Python's sqlite3 lets go of the GIL
         # around every row's step, and with ingest's other threads busy, each time it
-        # takes it back can wait a switch interval (5 ms) (docs/ingest.md).
+        # takes it back can wait a switch interval (1 ms in the processes that ingest,
+        # shared/gctune.py; CPython's default is 5) (docs/ingest.md).
         row = "(" + ", ".join(["?"] * len(columns)) + ")"
         for part in _sqlite_parts(rows):
             execute(f"INSERT INTO {table} ({names}) VALUES " + ", ".join([row] * len(part)),
@@ -459,6 +461,41 @@ def _upgrade_telemetry(engine) -> None:
             conn.commit()
         finally:
             conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+
+
+# How long a replica's start waits to drop an old index on PostgreSQL before it leaves
+# it for its next start.
+DROP_INDEX_LOCK_TIMEOUT = "5s"
+
+
+def _drop_indexes(engine, names: Sequence[str]) -> None:
+    """Drop these indexes where they exist, each on its own. On PostgreSQL without
+    blocking the table (``CONCURRENTLY``): a plain DROP INDEX waits for an exclusive lock
+    behind any long read (a ``pg_dump``), and every replica's ingest then queues behind
+    it; several in one transaction could deadlock with a reader taking the tables in the
+    other order. One that cannot be dropped within ``DROP_INDEX_LOCK_TIMEOUT`` (or that
+    another replica is dropping) is left, logged, for the next start: it costs writes,
+    not correctness."""
+    if engine.dialect.name != "postgresql":
+        for name in names:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+        return
+    for name in names:
+        with engine.connect() as conn:
+            exists = conn.exec_driver_sql("SELECT to_regclass(%s)", (name,)).scalar()
+        if exists is None:
+            continue
+        try:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(f"SET lock_timeout = '{DROP_INDEX_LOCK_TIMEOUT}'")
+                try:
+                    conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+                finally:  # the pooled connection goes back as it came
+                    conn.exec_driver_sql("RESET lock_timeout")
+        except SQLAlchemyError as e:
+            log.warning("the old index %s stays until the next start: %s", name,
+                        str(e).splitlines()[0])
 
 
 def _check_sqlite() -> None:
@@ -674,6 +711,9 @@ class Store:
                 # NORMAL would survive a crash of this process but not of the machine.
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.execute(f"PRAGMA wal_autocheckpoint={SQLITE_WAL_CHECKPOINT_PAGES}")
+                # A WAL grown past that (a reader held its snapshot over many commits)
+                # is cut back to this once copied back, not kept at its largest.
+                cur.execute(f"PRAGMA journal_size_limit={SQLITE_WAL_KEEP_BYTES}")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
         try:
@@ -682,9 +722,7 @@ class Store:
             # Events from before their keys keep none: they are not compared.
             _add_column(self.engine, "events", "dedupe_key", "VARCHAR(32)")
             _add_column(self.engine, "devices", "version_proof", "JSON")
-            with self.engine.begin() as conn:
-                for name in _REDUNDANT_INDEXES:
-                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            _drop_indexes(self.engine, _REDUNDANT_INDEXES)
             # create_all skips tables that exist: add indexes a newer version declares.
             with self.engine.begin() as conn:
                 for table in Base.metadata.sorted_tables:

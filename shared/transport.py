@@ -581,38 +581,51 @@ class _JitterClient(mqtt.Client):
                 out.extendleft(reversed(taken))
                 self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
                 return mqtt.MQTT_ERR_CONN_LOST
-            for i, packet in enumerate(taken):
+            whole = 0
+            for packet in taken:
                 part = min(written, packet["to_process"])
                 written -= part
                 packet["to_process"] -= part
                 packet["pos"] += part
                 if packet["to_process"]:
-                    out.extendleft(reversed(taken[i:]))
                     break
-                self._packet_written(packet)
+                whole += 1
+            out.extendleft(reversed(taken[whole:]))  # the queue is right before callbacks
             with self._msgtime_mutex:
                 self._last_msg_out = mqtt.time_func()
+            error: Exception | None = None
+            for packet in taken[:whole]:  # each written one published, whatever raises
+                try:
+                    self._packet_written(packet)
+                except Exception as e:
+                    error = error or e
+            if error is not None:
+                raise error
         return super()._packet_write()
 
     def _packet_written(self, packet: _OutPacket) -> None:
         """What paho does once a packet other than DISCONNECT is written whole: a QoS 0
-        publish is published (its callback, its info)."""
+        publish is published (its callback, its info: the info even when the callback
+        raises, since the message went)."""
         if packet["command"] & 0xF0 != mqtt.PUBLISH or packet["qos"] != 0:
             return
         with self._callback_mutex:
             on_publish = self.on_publish
-        if on_publish:
-            with self._in_callback_mutex:
-                try:
-                    cast("mqtt.CallbackOnPublish_v2", on_publish)(
-                        self, self._userdata, packet["mid"], _PUBACK_SUCCESS, _NO_PROPERTIES)
-                except Exception as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_publish: %s",
-                                   err)
-                    if not self.suppress_exceptions:
-                        raise
-        if packet["info"] is not None:
-            packet["info"]._set_as_published()
+        try:
+            if on_publish:
+                with self._in_callback_mutex:
+                    try:
+                        cast("mqtt.CallbackOnPublish_v2", on_publish)(
+                            self, self._userdata, packet["mid"], _PUBACK_SUCCESS,
+                            _NO_PROPERTIES)
+                    except Exception as err:
+                        self._easy_log(mqtt.MQTT_LOG_ERR,
+                                       "Caught exception in on_publish: %s", err)
+                        if not self.suppress_exceptions:
+                            raise
+        finally:
+            if packet["info"] is not None:
+                packet["info"]._set_as_published()
 
     def _handle_pubackcomp(  # overrides paho's
             self, cmd: Literal["PUBACK", "PUBCOMP"]) -> mqtt.MQTTErrorCode:

@@ -374,6 +374,76 @@ def test_a_store_drops_the_per_device_index_of_variant_rows_and_reads_them_per_d
         reopened.close()
 
 
+def test_a_replica_dropping_an_old_index_behind_a_long_read_never_stalls_ingest(
+        monkeypatch, caplog):
+    """PostgreSQL: a replica of this version opens a store that still has the old index
+    while a long read (a pg_dump, say) holds the variant rows. A plain DROP INDEX waited
+    for that read, and every replica's ingest queued behind the drop (found by a
+    review). Now the drop does not block writes, gives up after its timeout, and the
+    index goes at a later start."""
+    import threading
+
+    from sqlalchemy import inspect
+
+    from prunefleet.server import store as store_module
+
+    monkeypatch.setattr(store_module, "DROP_INDEX_LOCK_TIMEOUT", "1s")
+    gen = pg_schema_url()
+    url = next(gen)
+    ingest = Store(url)
+    try:
+        with ingest.engine.begin() as conn:  # as an earlier version made it
+            conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_telemetry_variants_device_id"
+                                 " ON telemetry_variants (device_id)")
+
+        def batch(seq: int) -> TelemetryBatch:
+            return TelemetryBatch(device_id="d1", seq=seq, interval_start=float(seq),
+                                  interval_end=seq + 1.0,
+                                  variants={"v": VariantStats(requests=1)})
+
+        ingest.add_telemetry(batch(0))
+        reader = ingest.engine.connect()  # the long read: open until this test ends it
+        reader.begin()
+        reader.exec_driver_sql("SELECT count(*) FROM telemetry_variants").one()
+        opened: list[Store] = []
+        replica = threading.Thread(target=lambda: opened.append(Store(url)), daemon=True)
+        stored = threading.Event()
+        writer = threading.Thread(
+            target=lambda: (ingest.add_telemetry(batch(1)), stored.set()), daemon=True)
+        try:
+            replica.start()
+            deadline = time.monotonic() + 20
+            with ingest.engine.connect() as watch:  # until its drop waits for the read
+                while not watch.exec_driver_sql(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DROP INDEX%%'").scalar():
+                    assert time.monotonic() < deadline, "the replica never tried the drop"
+                    watch.rollback()
+                    time.sleep(0.01)
+            writer.start()
+            # The other replica's ingest is stored while the read still runs.
+            assert stored.wait(30), "ingest waited behind the index drop"
+            replica.join(30)
+            assert opened, "the replica did not start"
+        finally:
+            reader.rollback()
+            reader.close()
+        with opened[0].engine.connect() as conn:
+            names = {i["name"] for i in inspect(conn).get_indexes("telemetry_variants")}
+        assert "ix_telemetry_variants_device_id" in names  # left for the next start
+        assert "stays until the next start" in caplog.text
+        opened[0].close()
+        later = Store(url)  # no read in the way now
+        with later.engine.connect() as conn:
+            names = {i["name"] for i in inspect(conn).get_indexes("telemetry_variants")}
+        later.close()
+        assert "ix_telemetry_variants_device_id" not in names
+        assert ingest.usage("d1")["v"]["requests"] == 2
+    finally:
+        ingest.close()
+        gen.close()
+
+
 def test_an_sqlite_too_old_for_the_store_is_refused_saying_so_and_nothing_is_made(
         tmp_path, monkeypatch):
     from prunefleet.server import store as store_module
@@ -405,6 +475,46 @@ def test_the_wal_is_copied_back_in_larger_steps_than_sqlites_default(tmp_path):
                 "PRAGMA wal_checkpoint(PASSIVE)").one()
         # SQLite's default would have copied the first back and begun the WAL again.
         assert in_wal > 1500
+    finally:
+        store.close()
+
+
+def test_a_wal_grown_behind_a_long_read_is_cut_back_once_copied(tmp_path, monkeypatch):
+    """A reader holding its snapshot keeps the WAL from being copied back, so it grows
+    past the checkpoint size; once copied, the file is cut back to the store's limit
+    rather than kept at its largest for the life of the process (found by a review).
+    Sizes scaled down: checkpoints every 200 pages, 256 KiB kept."""
+    import sqlite3
+
+    from prunefleet.server import store as store_module
+
+    monkeypatch.setattr(store_module, "SQLITE_WAL_CHECKPOINT_PAGES", 200)
+    monkeypatch.setattr(store_module, "SQLITE_WAL_KEEP_BYTES", 256 * 1024)
+    store = Store(sqlite_url(tmp_path / "fleet.db"))
+    wal = tmp_path / "fleet.db-wal"
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE bulk (x BLOB)")
+        reader = sqlite3.connect(tmp_path / "fleet.db", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM bulk").fetchone()  # its snapshot, held
+        try:
+            for _ in range(3):  # about 1,500 pages the checkpoints cannot copy past it
+                with store.engine.begin() as conn:
+                    conn.exec_driver_sql(
+                        "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c"
+                        " WHERE n < 500) INSERT INTO bulk SELECT randomblob(3500) FROM c")
+            assert wal.stat().st_size > 4_000_000
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        for _ in range(2):  # a checkpoint copies it all back; the next write begins again
+            with store.engine.begin() as conn:
+                conn.exec_driver_sql("INSERT INTO bulk SELECT randomblob(3500) FROM"
+                                     " (SELECT 1 UNION ALL SELECT 2)")
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        assert wal.stat().st_size <= 256 * 1024 + 2 * 4120
     finally:
         store.close()
 

@@ -199,6 +199,36 @@ def test_queued_packets_go_whole_and_in_order_in_few_writes_however_the_socket_t
         c._sock = None
 
 
+def test_a_raising_publish_callback_loses_no_packet_and_no_other_completion():
+    """An ``on_publish`` that raises (paho passes it on) while a joined write is being
+    accounted for: the bytes not yet written stay queued in order and go next time, and
+    every QoS 0 publish that was written is still published (found by a review)."""
+    t = _transport(report_published=False)
+    c = t._client
+    c.on_socket_register_write = lambda *_: None
+
+    def on_publish(_c, _u, mid, _rc, _p):
+        if mid == 1:
+            raise RuntimeError("a callback's bug")
+
+    c.on_publish = on_publish
+    sock = _TakingSocket([20])  # the first call takes 20 bytes: two packets and a part
+    c._sock = sock
+    packets = [bytes((0x30, 5)) + b"\x00\x01a" + bytes([k]) * 2 for k in (1, 2, 3)]
+    infos = [mqtt.MQTTMessageInfo(k) for k in (1, 2, 3)]
+    for k, (packet, info) in enumerate(zip(packets, infos, strict=True), 1):
+        c._packet_queue(mqtt.PUBLISH, packet, k, 0, info)
+    try:
+        with pytest.raises(RuntimeError):
+            c.loop_write()
+        assert [i.is_published() for i in infos] == [True, True, False]
+        c.loop_write()
+        assert b"".join(sock.sent) == b"".join(packets)  # whole and in order
+        assert infos[2].is_published() and not c._out_packet
+    finally:
+        c._sock = None
+
+
 def test_a_group_taken_at_once_wakes_a_network_thread_waiting_for_room_once():
     """The ingest loop takes a group in one call: in order, up to the most asked for, and
     the network thread blocked on the full queue is woken once, not once per item."""
