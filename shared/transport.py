@@ -581,6 +581,9 @@ class _JitterClient(mqtt.Client):
                 out.extendleft(reversed(taken))
                 self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
                 return mqtt.MQTT_ERR_CONN_LOST
+            if written <= 0:  # nothing taken (a websocket's frame half sent): as paho
+                out.extendleft(reversed(taken))
+                return mqtt.MQTT_ERR_SUCCESS
             whole = 0
             for packet in taken:
                 part = min(written, packet["to_process"])

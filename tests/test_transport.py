@@ -170,7 +170,7 @@ def test_queued_packets_go_whole_and_in_order_in_few_writes_however_the_socket_t
     c.on_socket_register_write = lambda *_: None  # written when this test says
     published: list[int] = []
     c.on_publish = lambda _c, _u, mid, _rc, _p: published.append(mid)
-    sock = _TakingSocket([7, None, 60, None])
+    sock = _TakingSocket([0, 7, None, 60, None])
     c._sock = sock
     packets = [_publish_packet(b"p/devices/d1/telemetry", mid, bytes([mid]) * 20)
                for mid in (1, 2, 3, 4)]
@@ -180,12 +180,13 @@ def test_queued_packets_go_whole_and_in_order_in_few_writes_however_the_socket_t
         c._packet_queue(mqtt.PUBLISH, packet, mid, 1)
     c._packet_queue(mqtt.PUBLISH, qos0, 9, 0, info)
     try:
+        assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # nothing taken: next time
         assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # 7 bytes, then it would block
         assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # 60 more, then it would block
         assert not info.is_published() and not published
         assert c.loop_write() == mqtt.MQTT_ERR_SUCCESS  # the rest
         assert b"".join(sock.sent) == b"".join(packets) + qos0
-        assert len(sock.sent) == 3  # paho's own writes: 5 (one per packet) and more
+        assert len(sock.sent) == 4  # paho's own writes: 5 (one per packet) and more
         assert info.is_published() and published == [9]
         assert not c._out_packet and not c.want_write()
         # A DISCONNECT is paho's own: what comes before it is joined, then it goes alone.
