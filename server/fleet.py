@@ -46,7 +46,6 @@ from .ingestwork import (
     PROBE_MAGIC,
     Admitted,
     CoreOptions,
-    Cursor,
     GroupOutcome,
     IngestCore,
     IngestCounters,
@@ -473,28 +472,31 @@ class FleetServer:
         return items
 
     def _done(self, items: list[Inbound], out: GroupOutcome) -> None:
-        """A group's outcome is known: the broker's acknowledgements go first, since they
-        are what lets it hand this server its next messages; then the devices' cursors."""
+        """A group's outcome is known: the broker's acknowledgements, which let it hand
+        this server its next messages, then the devices' cursors (docs/ingest.md: retained
+        at QoS 0; a lost one costs a re-send, which the next cursor confirms), all in one
+        write and one wake-up of the network thread."""
         if out.probe_seen:
             # Any message on the ingest subscription proves that it delivers; after an
             # outage the session's backlog comes before the probe, however long it takes.
             self._probe_seen.set()
-        self._ack(items)
-        if out.cursors:
-            self._publish_acks(out.cursors, time.time())
+        if items or out.cursors:
+            ts = time.time()
+            with self._publish_lock:
+                cursors = [(self.topics.acked(device_id),
+                            TelemetryAck(device_id=device_id, incarnation=incarnation,
+                                         stored_through=through, ts=ts).encode(), True)
+                           for device_id, incarnation, through in out.cursors]
+                try:
+                    self._own.acks_published += self.transport.ack_and_publish(
+                        [(i.mid, i.qos, i.connection) for i in items], cursors)
+                except TransportError as e:
+                    # The broker resends the messages after the reconnect (dedupe drops
+                    # them); the agents send the batches again whose cursor was lost.
+                    log.warning("acknowledgements and telemetry cursors not sent: %s", e)
         self._own.dropped["inbound_full"] = self.transport.dropped_inbound
         if out.store_failed:
             self._stop.wait(0.5)  # a store that is down is not hammered
-
-    def _ack(self, items: list[Inbound]) -> None:
-        """Acknowledge the broker's messages: they are stored, or dropped for good."""
-        if not items:
-            return
-        with self._publish_lock:
-            try:  # one write of the group's PUBACKs, one wake-up of the network thread
-                self.transport.ack_many([(i.mid, i.qos, i.connection) for i in items])
-            except TransportError as e:
-                log.warning("%s", e)  # resent after the reconnect; dedupe drops it
 
     def revoked(self, now: float | None = None) -> frozenset[str]:
         """The revoked devices (from the store, cached for a few seconds)."""
@@ -505,21 +507,6 @@ class FleetServer:
         self.core.forget_revocations()
         if self.workers is not None:
             self.workers.forget_revocations()
-
-    def _publish_acks(self, cursors: list[Cursor], ts: float) -> None:
-        """Each device's cursor, retained at QoS 0 (docs/ingest.md: a lost one costs a
-        re-send, which the next cursor confirms), the group's cursors as one write."""
-        with self._publish_lock:
-            messages = [(self.topics.acked(device_id),
-                         TelemetryAck(device_id=device_id, incarnation=incarnation,
-                                      stored_through=through, ts=ts).encode(), True)
-                        for device_id, incarnation, through in cursors]
-            if not messages:
-                return
-            try:
-                self._own.acks_published += self.transport.publish_many(messages)
-            except TransportError as e:
-                log.warning("telemetry acknowledgements not published: %s", e)
 
 
 def b64(data: bytes) -> str:

@@ -946,30 +946,9 @@ class MqttTransport:
     def ack_many(self, acks: Iterable[tuple[int, int, int | None]]) -> None:
         """:meth:`ack` for many ``(mid, qos, connection)``: the QoS 1 ones go as one packet
         of their PUBACKs together (one write, one wake-up of the network thread), not one
-        packet and one wake-up each."""
-        if not self.options.manual_ack or not self.connected.is_set():
-            return  # the broker resends them on the next connection
-        current = self.connection
-        pubacks: list[bytes] = []
-        others: list[tuple[int, int]] = []
-        for mid, qos, connection in acks:
-            if qos == 0 or (connection is not None and connection != current):
-                continue
-            if qos == 1:
-                pubacks.append(_PUBACK.pack(_PUBACK_BYTE, 2, mid))
-            else:
-                others.append((mid, qos))
-        if not pubacks and not others:
-            return
-        c = self._client
-        try:
-            if pubacks:  # paho's own ack() queues a packet and wakes its thread per message
-                c._packet_queue(mqtt.PUBACK, b"".join(pubacks), 0, 0)
-            for mid, qos in others:
-                c.ack(mid, qos)
-        except (OSError, ValueError) as e:
-            raise TransportError(f"acknowledging {len(pubacks) + len(others)} messages "
-                                 f"failed: {e}") from e
+        packet and one wake-up each. Nothing while disconnected: the broker resends them
+        on the next connection, as it does those of an earlier connection."""
+        self.ack_and_publish(acks, ())
 
     def publish_many(self, messages: Iterable[tuple[str, bytes, bool]]) -> int:
         """QoS 0 publishes, ``(topic, payload, retain)`` each, written as one packet with
@@ -978,20 +957,48 @@ class MqttTransport:
         each. Returns how many were queued. Raises while disconnected (QoS 0 is not kept).
         With ``report_published`` the block is reported as one ``published`` item, mid 0.
         """
-        if not self.connected.is_set():
-            raise TransportError(f"not connected to {self.address.url}")
+        return self.ack_and_publish((), messages)
+
+    def ack_and_publish(self, acks: Iterable[tuple[int, int, int | None]],
+                        messages: Iterable[tuple[str, bytes, bool]]) -> int:
+        """:meth:`ack_many` and then :meth:`publish_many` as one packet: a group's
+        acknowledgements and the cursors it moved cost one write and one wake-up of the
+        network thread, not two (each wake-up a system call, and the interpreter lock to
+        take back after it). The PUBACKs go first. Returns how many publishes were
+        queued; raises, queueing nothing, while disconnected if there are any, or if a
+        topic is not one to publish to."""
         parts: list[bytes] = []
         for topic, payload, retain in messages:
             name = check_topic(topic).encode("utf-8")
             parts.append(bytes((_PUBLISH_BYTE | (1 if retain else 0),))
                          + _remaining_length(2 + len(name) + len(payload))
                          + _TOPIC_LEN.pack(len(name)) + name + payload)
-        if parts:
-            try:
-                self._client._packet_queue(mqtt.PUBLISH, b"".join(parts), 0, 0,
-                                           mqtt.MQTTMessageInfo(0))
-            except (OSError, ValueError) as e:
-                raise TransportError(f"publishing {len(parts)} messages failed: {e}") from e
+        if not self.connected.is_set():
+            if parts:
+                raise TransportError(f"not connected to {self.address.url}")
+            return 0  # the broker resends the messages on the next connection
+        pubacks: list[bytes] = []
+        others: list[tuple[int, int]] = []
+        current = self.connection
+        for mid, qos, connection in acks if self.options.manual_ack else ():
+            if qos == 0 or (connection is not None and connection != current):
+                continue
+            if qos == 1:
+                pubacks.append(_PUBACK.pack(_PUBACK_BYTE, 2, mid))
+            else:
+                others.append((mid, qos))
+        c = self._client
+        try:
+            if parts:  # completed as a QoS 0 PUBLISH: one ``published`` item, mid 0
+                c._packet_queue(mqtt.PUBLISH, b"".join(pubacks + parts), 0, 0,
+                                mqtt.MQTTMessageInfo(0))
+            elif pubacks:  # paho's own ack() queues a packet and wakes its thread per message
+                c._packet_queue(mqtt.PUBACK, b"".join(pubacks), 0, 0)
+            for mid, qos in others:
+                c.ack(mid, qos)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"acknowledging {len(pubacks) + len(others)} messages and "
+                                 f"publishing {len(parts)} failed: {e}") from e
         return len(parts)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
@@ -1093,14 +1100,39 @@ class EpollLoop:
         events = selectors.EVENT_READ
         if t._client.want_write():
             events |= selectors.EVENT_WRITE
+        if t._registered is sock and t._events == events:
+            return  # unchanged: the selector's own check cost a tenth of this thread
         try:
             if t._registered is sock:
                 self._sel.modify(sock, events, t)
             else:
                 self._sel.register(sock, events, t)
                 t._registered = sock
+            t._events = events
         except (OSError, ValueError, KeyError):
             t._registered = None
+
+    def _drive(self, t: EpollMqttTransport, read: bool) -> None:
+        """Read what is ready (``read``), then write what is queued at once: the socket
+        almost always takes it, and waiting for ``epoll`` to say so cost two changes of
+        the connection's mask and a pass of the loop for every burst of publishes. What
+        the socket does not take waits for it to be writable."""
+        c = t._client
+        try:
+            if read:
+                c.loop_read()
+            if c.want_write() and c.socket() is not None:
+                c.loop_write()
+        except Exception:  # counted as a lost connection; the others go on
+            log.exception("MQTT connection %s: unexpected error", t.options.client_id)
+            with contextlib.suppress(OSError):
+                c.drop_socket()
+            t._mark_disconnected()
+        sock = c.socket()
+        if sock is None:
+            self.unregister(t)
+        elif isinstance(sock, socket.socket):
+            self._mask(t, sock)
 
     def unregister(self, t: EpollMqttTransport) -> None:
         if t._registered is not None:
@@ -1175,22 +1207,7 @@ class EpollLoop:
                 # whoever finds the flag clear from now on sends one.
                 self._wake_pending = False
                 continue
-            c = t._client
-            try:
-                if events & selectors.EVENT_READ:
-                    c.loop_read()
-                if events & selectors.EVENT_WRITE and c.socket() is not None:
-                    c.loop_write()
-            except Exception:  # counted as a lost connection; the others go on
-                log.exception("MQTT connection %s: unexpected error", t.options.client_id)
-                with contextlib.suppress(OSError):
-                    c.drop_socket()
-                t._mark_disconnected()
-            sock = c.socket()
-            if sock is None:
-                self.unregister(t)
-            elif isinstance(sock, socket.socket):
-                self._mask(t, sock)
+            self._drive(t, bool(events & selectors.EVENT_READ))
         with self._lock:
             commands, self._commands = self._commands, []
             writers, self._want_write = self._want_write, set()
@@ -1205,9 +1222,8 @@ class EpollLoop:
                 if done is not None:
                     done.set()
         for t in writers:
-            sock = t._client.socket()
-            if isinstance(sock, socket.socket):
-                self._mask(t, sock)
+            if isinstance(t._client.socket(), socket.socket):
+                self._drive(t, read=False)
         if now >= self._next_misc:
             self._next_misc = now + 0.5
             connects = 0
@@ -1230,7 +1246,7 @@ class EpollLoop:
                 elif c.want_write() and isinstance(sock, socket.socket):
                     # A publish queued while this thread finished a write may have
                     # found paho's "write registered" flag still set: not left waiting.
-                    self._mask(t, sock)
+                    self._drive(t, read=False)
 
 
 class EpollMqttTransport(MqttTransport):
@@ -1241,6 +1257,7 @@ class EpollMqttTransport(MqttTransport):
         super().__init__(address, options)
         self.loop = loop  # the EpollLoop that drives this connection
         self._registered: socket.socket | None = None
+        self._events = 0  # the mask ``_registered`` has in the loop's epoll set
         self._next_try = 0.0
         c = self._client
         c.on_socket_register_write = lambda client, userdata, sock: loop.want_write(self)

@@ -252,17 +252,17 @@ def test_a_lost_cursor_costs_a_resend_and_nothing_else(tmp_path, mosquitto):
     svc = f.start_server()
     assert svc.fleet is not None
     server = svc.fleet
-    publish = server._publish_acks
+    send = server.transport.ack_and_publish
     agent: Agent | None = None
     lost: list[object] = []
 
-    def lossy(keys, ts):
-        if agent is None or agent.sender.resent_total == 0:
-            lost.append(keys)  # a cursor that never reached the broker
-            return
-        publish(keys, ts)
+    def lossy(acks, cursors):
+        if cursors and (agent is None or agent.sender.resent_total == 0):
+            lost.append(cursors)  # cursors that never reached the broker
+            cursors = []
+        return send(acks, cursors)
 
-    server._publish_acks = lossy
+    server.transport.ack_and_publish = lossy
     agent, stop, t = start_agent(f, "lossy-1", telemetry_ack_timeout_s=1.0)
     try:
         wait_for(lambda: agent.sender.resent_total > 0 and agent.sender.acked_total >= 5, 30,
@@ -654,7 +654,8 @@ def test_an_event_delivered_again_after_a_kill_before_the_acknowledgement_is_sto
             prefix=f.prefix)).start()
 
     f.svc = start()
-    f.svc.fleet._ack = lambda items: None  # it dies after the commit, before the PUBACKs
+    # It dies after the commit, before the PUBACKs.
+    f.svc.fleet.transport.ack_and_publish = lambda acks, cursors: 0
     raw = RawDevice(f.broker_url, f.prefix, "twice-1")
     try:
         ev = Event(device_id="twice-1", ts=time.time(), kind=EventKind.INSTALLED, variant="v2")

@@ -85,6 +85,28 @@ def test_qos0_publishes_go_as_one_packet_paho_would_have_written():
         t.publish_many([("a/+", b"", False)])  # no wildcards in a topic
 
 
+def test_a_groups_acks_and_cursors_go_as_one_write_acks_first():
+    """``ack_and_publish``: what the server sends once a group is stored (the broker's
+    PUBACKs, then the devices' cursors) is one packet, so one send and one wake-up of the
+    network thread; a bad topic or a lost connection queues none of it."""
+    t = _transport(manual_ack=True)
+    c = t._client
+    cursor = ("p/devices/d1/acked", b"{}", True)
+    with pytest.raises(TransportError):
+        t.ack_and_publish([(5, 1, None)], [cursor])  # QoS 0 is not kept while disconnected
+    assert t.ack_and_publish([(5, 1, None)], []) == 0
+    assert not c._out_packet
+    t.connected.set()
+    t.connection = 3
+    with pytest.raises(TransportError):
+        t.ack_and_publish([(5, 1, 3)], [cursor, ("p/devices/+/acked", b"", True)])
+    assert not c._out_packet  # the acks did not go without their cursors
+    assert t.ack_and_publish([(5, 1, 3), (6, 0, 3), (7, 1, 2), (8, 1, 3)], [cursor]) == 1
+    [packet] = c._out_packet
+    assert packet["packet"] == (b"\x40\x02\x00\x05" b"\x40\x02\x00\x08"
+                                + b"\x31\x16\x00\x12p/devices/d1/acked{}")
+
+
 def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
     body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
     return bytes((0x32, len(body))) + body  # PUBLISH, QoS 1; bodies under 128 bytes here
