@@ -76,6 +76,31 @@ def test_many_connections_on_one_thread_exchange_messages(mosquitto, loop):
             t.stop()
 
 
+def test_a_publish_larger_than_the_socket_takes_at_once_arrives_whole(mosquitto, loop):
+    """The loop writes a connection's queued packets as soon as they are queued; what the
+    socket does not take then (8 MB is more than its buffer) must wait for room and go on
+    from where it stopped, while the other connections are served."""
+    base = f"ep/{uuid.uuid4().hex[:8]}"
+    sink = _transport(mosquitto.url, loop, subscriptions={f"{base}/up/+": 1})
+    big, small = _transport(mosquitto.url, loop), _transport(mosquitto.url, loop)
+    payload = bytes(range(256)) * (8 * 1024 * 1024 // 256)
+    try:
+        for t in (sink, big, small):
+            t.start()
+        assert all(t.wait_connected(10) for t in (sink, big, small))
+        sink.publish(f"{base}/up/probe", b"probe")
+        assert _next(sink, "message").topic == f"{base}/up/probe"
+        mid = big.publish(f"{base}/up/big", payload)
+        small.publish(f"{base}/up/small", b"meanwhile")
+        got = {m.topic: m.payload for m in (_next(sink, "message", 30),
+                                              _next(sink, "message", 30))}
+        assert got == {f"{base}/up/big": payload, f"{base}/up/small": b"meanwhile"}
+        assert _next(big, "published").mid == mid
+    finally:
+        for t in (sink, big, small):
+            t.stop()
+
+
 def test_a_dropped_connection_sends_the_last_will_and_a_clean_stop_does_not(mosquitto, loop):
     base = f"ep/{uuid.uuid4().hex[:8]}"
     watcher = _transport(mosquitto.url, loop, subscriptions={f"{base}/will/+": 1})
