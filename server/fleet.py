@@ -487,13 +487,18 @@ class FleetServer:
                             TelemetryAck(device_id=device_id, incarnation=incarnation,
                                          stored_through=through, ts=ts).encode(), True)
                            for device_id, incarnation, through in out.cursors]
+                acks = [(i.mid, i.qos, i.connection) for i in items]
                 try:
-                    self._own.acks_published += self.transport.ack_and_publish(
-                        [(i.mid, i.qos, i.connection) for i in items], cursors)
+                    self._own.acks_published += self.transport.ack_and_publish(acks, cursors)
                 except TransportError as e:
-                    # The broker resends the messages after the reconnect (dedupe drops
-                    # them); the agents send the batches again whose cursor was lost.
-                    log.warning("acknowledgements and telemetry cursors not sent: %s", e)
+                    # The agents send the batches again whose cursor was lost. The
+                    # acknowledgements never wait on the cursors: without them the broker
+                    # would stop handing this server messages (its in-flight window).
+                    log.warning("telemetry cursors not published: %s", e)
+                    try:
+                        self.transport.ack_many(acks)
+                    except TransportError as e2:
+                        log.warning("%s", e2)  # resent after the reconnect; dedupe drops it
         self._own.dropped["inbound_full"] = self.transport.dropped_inbound
         if out.store_failed:
             self._stop.wait(0.5)  # a store that is down is not hammered

@@ -935,13 +935,17 @@ class MqttTransport:
         """Acknowledge a received message (``manual_ack``); see :meth:`Transport.ack`."""
         if not self.options.manual_ack or qos == 0:
             return
-        if (connection is not None and connection != self.connection) or (
-                not self.connected.is_set()):
-            return  # the broker resends it on the next connection
-        try:
-            self._client.ack(mid, qos)
-        except (OSError, ValueError) as e:
-            raise TransportError(f"acknowledging message {mid} failed: {e}") from e
+        # Under the lock that a lost connection takes before paho reconnects: the PUBACK
+        # is queued on the connection it checked (and dropped with it) or not at all,
+        # never sent on the next one, where the same id may name another message.
+        with self._lock:
+            if (connection is not None and connection != self.connection) or (
+                    not self.connected.is_set()):
+                return  # the broker resends it on the next connection
+            try:
+                self._client.ack(mid, qos)
+            except (OSError, ValueError) as e:
+                raise TransportError(f"acknowledging message {mid} failed: {e}") from e
 
     def ack_many(self, acks: Iterable[tuple[int, int, int | None]]) -> None:
         """:meth:`ack` for many ``(mid, qos, connection)``: the QoS 1 ones go as one packet
@@ -973,32 +977,39 @@ class MqttTransport:
             parts.append(bytes((_PUBLISH_BYTE | (1 if retain else 0),))
                          + _remaining_length(2 + len(name) + len(payload))
                          + _TOPIC_LEN.pack(len(name)) + name + payload)
-        if not self.connected.is_set():
-            if parts:
-                raise TransportError(f"not connected to {self.address.url}")
-            return 0  # the broker resends the messages on the next connection
+        acks = [a for a in acks if a[1]] if self.options.manual_ack else []
         pubacks: list[bytes] = []
         others: list[tuple[int, int]] = []
-        current = self.connection
-        for mid, qos, connection in acks if self.options.manual_ack else ():
-            if qos == 0 or (connection is not None and connection != current):
-                continue
-            if qos == 1:
-                pubacks.append(_PUBACK.pack(_PUBACK_BYTE, 2, mid))
-            else:
-                others.append((mid, qos))
         c = self._client
-        try:
-            if parts:  # completed as a QoS 0 PUBLISH: one ``published`` item, mid 0
-                c._packet_queue(mqtt.PUBLISH, b"".join(pubacks + parts), 0, 0,
-                                mqtt.MQTTMessageInfo(0))
-            elif pubacks:  # paho's own ack() queues a packet and wakes its thread per message
-                c._packet_queue(mqtt.PUBACK, b"".join(pubacks), 0, 0)
-            for mid, qos in others:
-                c.ack(mid, qos)
-        except (OSError, ValueError) as e:
-            raise TransportError(f"acknowledging {len(pubacks) + len(others)} messages and "
-                                 f"publishing {len(parts)} failed: {e}") from e
+        # Checked and queued under the lock that a lost connection takes before paho
+        # reconnects (``_mark_disconnected``): the packet goes on the connection its
+        # acknowledgements came on, or is dropped with it, never sent on the next one,
+        # where the same message id may name a message not stored yet.
+        with self._lock:
+            if not self.connected.is_set():
+                if parts:
+                    raise TransportError(f"not connected to {self.address.url}")
+                return 0  # the broker resends the messages on the next connection
+            current = self.connection
+            for mid, qos, connection in acks:
+                if connection is not None and connection != current:
+                    continue
+                if qos == 1:
+                    pubacks.append(_PUBACK.pack(_PUBACK_BYTE, 2, mid))
+                else:
+                    others.append((mid, qos))
+            try:
+                if parts:  # completed as a QoS 0 PUBLISH: one ``published`` item, mid 0
+                    c._packet_queue(mqtt.PUBLISH, b"".join(pubacks + parts), 0, 0,
+                                    mqtt.MQTTMessageInfo(0))
+                elif pubacks:  # paho's ack() queues a packet and wakes its thread per message
+                    c._packet_queue(mqtt.PUBACK, b"".join(pubacks), 0, 0)
+                for mid, qos in others:
+                    c.ack(mid, qos)
+            except (OSError, ValueError) as e:
+                raise TransportError(
+                    f"acknowledging {len(pubacks) + len(others)} messages and publishing "
+                    f"{len(parts)} failed: {e}") from e
         return len(parts)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int:
@@ -1121,6 +1132,11 @@ class EpollLoop:
         try:
             if read:
                 c.loop_read()
+            # paho's "write registered" flag, set by a publishing thread after this thread
+            # had written its packet and cleared it, would stay set over an empty queue,
+            # and the next publish would then not wake this thread: it would wait for the
+            # keepalive pass. Cleared here, the next publish wakes the loop again.
+            c._registered_write = False
             if c.want_write() and c.socket() is not None:
                 c.loop_write()
         except Exception:  # counted as a lost connection; the others go on

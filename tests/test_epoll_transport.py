@@ -101,6 +101,39 @@ def test_a_publish_larger_than_the_socket_takes_at_once_arrives_whole(mosquitto,
             t.stop()
 
 
+def test_a_publish_always_wakes_the_loop_even_after_a_racing_one_left_paho_flagged(
+        mosquitto, loop):
+    """paho's "write registered" flag, checked and set without a lock by a publishing
+    thread, can end up set over an empty queue (the loop wrote the packet and cleared the
+    flag in between). The next publish then asked nobody to write it, and waited for the
+    loop's keepalive pass. The loop clears the flag whenever it serves the connection."""
+    base = f"ep/{uuid.uuid4().hex[:8]}"
+    t = _transport(mosquitto.url, loop)
+    asked: list[object] = []
+    ask = loop.want_write
+
+    def counting(tr):
+        asked.append(tr)
+        ask(tr)
+
+    loop.want_write = counting  # type: ignore[method-assign]
+    try:
+        t.start()
+        assert t.wait_connected(10)
+        c = t._client
+        assert not c.want_write()
+        c._registered_write = True  # where the race leaves it, the queue empty
+        c.on_socket_register_write(c, None, c.socket())  # the racing publish's wake-up
+        assert loop.sync(5) and loop.sync(5)  # a pass with that connection among writers
+        asked.clear()
+        t.publish(f"{base}/x", b"next")
+        assert asked == [t]
+        assert _next(t, "published").kind == "published"
+    finally:
+        loop.want_write = ask  # type: ignore[method-assign]
+        t.stop()
+
+
 def test_a_dropped_connection_sends_the_last_will_and_a_clean_stop_does_not(mosquitto, loop):
     base = f"ep/{uuid.uuid4().hex[:8]}"
     watcher = _transport(mosquitto.url, loop, subscriptions={f"{base}/will/+": 1})

@@ -41,7 +41,12 @@ from prunefleet.shared.messages import (
     VariantStats,
 )
 from prunefleet.shared.topics import Topics
-from prunefleet.shared.transport import BrokerAddress, MqttTransport, TransportOptions
+from prunefleet.shared.transport import (
+    BrokerAddress,
+    MqttTransport,
+    TransportError,
+    TransportOptions,
+)
 
 
 def refuse_writes(store: Store, error: str = "database is locked",
@@ -274,6 +279,40 @@ def test_a_lost_cursor_costs_a_resend_and_nothing_else(tmp_path, mosquitto):
         assert server.counters.duplicates > 0  # the re-sent copies, not stored twice
     finally:
         stop.set()
+        f.close()
+
+
+def test_the_brokers_acknowledgements_never_wait_on_cursors_that_cannot_be_sent(
+        tmp_path, mosquitto):
+    """The group's PUBACKs and cursors go as one packet. Should the transport refuse the
+    cursors, the PUBACKs still go: without them the broker stops handing this server
+    messages once its in-flight window (100 here) is full, and ingest stops."""
+    f = Fleet(tmp_path, mosquitto.url)
+    f.svc = FleetService(ServeOptions(
+        state_dir=f.state_dir, broker_url=f.broker_url, listen="127.0.0.1:0",
+        prefix=f.prefix, device_rate_per_s=0.0)).start()
+    assert f.svc.fleet is not None
+    send = f.svc.fleet.transport.ack_and_publish
+    refused: list[int] = []
+
+    def refusing(acks, cursors):
+        if cursors:
+            refused.append(len(cursors))
+            raise TransportError("cannot publish to this topic")
+        return send(acks, cursors)
+
+    f.svc.fleet.transport.ack_and_publish = refusing
+    raw = RawDevice(f.broker_url, f.prefix, "uncursored-1")
+    try:
+        n = 300
+        for info in [raw.publish(json.dumps(raw.batch(seq)).encode()) for seq in range(n)]:
+            info.wait_for_publish(30)
+        wait_for(lambda: len(f.svc.store.telemetry_seqs("uncursored-1")) == n, 30,
+                 what="every batch stored, past the broker's in-flight window")
+        assert refused
+        assert sum(f.svc.fleet.counters.dropped.values()) == 0
+    finally:
+        raw.close()
         f.close()
 
 

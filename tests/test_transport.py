@@ -107,6 +107,28 @@ def test_a_groups_acks_and_cursors_go_as_one_write_acks_first():
                                 + b"\x31\x16\x00\x12p/devices/d1/acked{}")
 
 
+def test_acks_of_a_connection_lost_meanwhile_are_never_sent_on_the_next_one():
+    """A commit thread that stalls while paho reconnects: its PUBACKs name message ids of
+    the old connection, which on the new one (a broker restarted without persistence)
+    may name messages not stored yet. They are checked against the connection as they
+    are queued, not as the call began."""
+    t = _transport(manual_ack=True)
+    c = t._client
+    t.connected.set()
+    t.connection = 1
+
+    def stalled():  # the reconnect happens while the group's acknowledgements are listed
+        t._mark_disconnected()
+        c._out_packet.clear()  # what paho's reconnect() does
+        t.connection = 2
+        t.connected.set()
+        yield (1, 1, 1)
+        yield (2, 1, 2)
+
+    t.ack_and_publish(stalled(), [])
+    assert [p["packet"] for p in c._out_packet] == [b"\x40\x02\x00\x02"]
+
+
 def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
     body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
     return bytes((0x32, len(body))) + body  # PUBLISH, QoS 1; bodies under 128 bytes here
