@@ -694,7 +694,9 @@ class MqttTransport:
         self._subs: dict[str, int] = {}
         for topic_filter, qos in options.subscriptions.items():
             self._subs[check_filter(topic_filter)] = qos
-        self._lock = threading.Lock()
+        # Re-entrant: paho may call on_disconnect (which takes it) from within a write
+        # queued under it, when no network thread runs (a stopping transport).
+        self._lock = threading.RLock()
         self._client = _JitterClient(
             CallbackAPIVersion.VERSION2,
             client_id=options.client_id,

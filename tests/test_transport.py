@@ -129,6 +129,40 @@ def test_acks_of_a_connection_lost_meanwhile_are_never_sent_on_the_next_one():
     assert [p["packet"] for p in c._out_packet] == [b"\x40\x02\x00\x02"]
 
 
+def test_a_write_that_finds_the_connection_gone_without_a_network_thread_does_not_hang():
+    """Without paho's network thread (a transport stopping), paho writes a queued packet
+    at once on the calling thread; a connection found broken then calls on_disconnect
+    there, which takes the lock the acknowledgements are queued under."""
+
+    class Broken:
+        def send(self, data: bytes) -> int:
+            raise ConnectionResetError("reset by peer")
+
+        def close(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return -1
+
+    t = _transport(manual_ack=True)
+    c = t._client
+    t.connected.set()
+    t.connection = 1
+    c._sock = Broken()
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    done = threading.Event()
+
+    def ack() -> None:
+        t.ack_and_publish([(5, 1, 1)], [])
+        done.set()
+
+    worker = threading.Thread(target=ack, daemon=True)
+    worker.start()
+    assert done.wait(10), "ack_and_publish hung on its own lock"
+    assert not t.connected.is_set()  # the lost connection was seen
+    assert t.inbound.get_nowait() == Inbound("disconnected")
+
+
 def _publish_packet(topic: bytes, mid: int, payload: bytes) -> bytes:
     body = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + payload
     return bytes((0x32, len(body))) + body  # PUBLISH, QoS 1; bodies under 128 bytes here
