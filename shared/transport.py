@@ -934,20 +934,9 @@ class MqttTransport:
             self._client.unsubscribe(topic)
 
     def ack(self, mid: int, qos: int, connection: int | None = None) -> None:
-        """Acknowledge a received message (``manual_ack``); see :meth:`Transport.ack`."""
-        if not self.options.manual_ack or qos == 0:
-            return
-        # Under the lock that a lost connection takes before paho reconnects: the PUBACK
-        # is queued on the connection it checked (and dropped with it) or not at all,
-        # never sent on the next one, where the same id may name another message.
-        with self._lock:
-            if (connection is not None and connection != self.connection) or (
-                    not self.connected.is_set()):
-                return  # the broker resends it on the next connection
-            try:
-                self._client.ack(mid, qos)
-            except (OSError, ValueError) as e:
-                raise TransportError(f"acknowledging message {mid} failed: {e}") from e
+        """Acknowledge a received message (``manual_ack``); see :meth:`Transport.ack`.
+        Checked against the connection as :meth:`ack_and_publish` does."""
+        self.ack_and_publish([(mid, qos, connection)], ())
 
     def ack_many(self, acks: Iterable[tuple[int, int, int | None]]) -> None:
         """:meth:`ack` for many ``(mid, qos, connection)``: the QoS 1 ones go as one packet
